@@ -1,0 +1,279 @@
+"""KFACConfig: every K-FAC option in one keyword-only dataclass, validated on construction.
+
+Standard library only (no torch, no Lightning, no Hydra), so that configuration errors are cheap
+to raise and the schema can be mirrored by Hydra's ConfigStore.
+
+Every invalid value raises ``ValueError`` with a message of the form
+``Invalid damping=-1.0: must be a finite number > 0.`` naming the option, the value given and
+what is allowed. Strings are accepted wherever an enum exists (YAML-friendly).
+
+Example:
+    >>> cfg = KFACConfig(damping=1e-2, compute_method="inverse")
+    >>> cfg.compute_method
+    <ComputeMethod.INVERSE: 'inverse'>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import warnings
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+
+class _StrEnum(str, enum.Enum):
+    """An enum whose members compare equal to their string value ("eigen" == ComputeMethod.EIGEN)."""
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.value
+
+
+class ComputeMethod(_StrEnum):
+    """How ``(A (x) G + damping I)^-1`` is applied (CONTRACT.md, "The mathematics")."""
+
+    EIGEN = "eigen"
+    INVERSE = "inverse"
+    EKFAC = "ekfac"
+
+
+class FisherType(_StrEnum):
+    """Which gradients form the G factor: the user's loss, or labels sampled from the model."""
+
+    EMPIRICAL = "empirical"
+    MC = "mc"
+
+
+class Likelihood(_StrEnum):
+    """Predictive distribution used to sample labels for ``fisher_type="mc"``."""
+
+    CATEGORICAL = "categorical"
+    BERNOULLI = "bernoulli"
+    GAUSSIAN = "gaussian"
+
+
+class LossReduction(_StrEnum):
+    """How the user's loss reduces per-example terms: ``mean`` (L = 1/N sum l_n) or ``sum``."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class DampingMode(_StrEnum):
+    """``absolute``: damping as given; ``relative``: multiplied per layer by (tr A/dim A)(tr G/dim G)."""
+
+    ABSOLUTE = "absolute"
+    RELATIVE = "relative"
+
+
+class NonFinitePolicy(_StrEnum):
+    """What to do with a NaN/inf batch estimate or preconditioned gradient."""
+
+    SKIP = "skip"
+    RAISE = "raise"
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"Invalid {name}={value!r}: {allowed}.")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_float(name: str, value: Any, *, low: float, high: float = math.inf,
+                 low_inclusive: bool = False, high_inclusive: bool = True) -> float:
+    if math.isinf(high):
+        allowed = f"must be a finite number {'>=' if low_inclusive else '>'} {low:g}"
+    else:
+        allowed = (f"must be a number in {'[' if low_inclusive else '('}{low:g}, "
+                   f"{high:g}{']' if high_inclusive else ')'}")
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise _invalid(name, value, allowed)
+    number = float(value)
+    too_low = number < low if low_inclusive else number <= low
+    too_high = number > high if high_inclusive else number >= high
+    if too_low or too_high:
+        raise _invalid(name, value, allowed)
+    return number
+
+
+def _check_int(name: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise _invalid(name, value, f"must be an integer >= {low}")
+    if value < low:
+        raise _invalid(name, value, f"must be an integer >= {low}")
+    return value
+
+
+def _check_enum(name: str, value: Any, enum_cls: type) -> Any:
+    try:
+        return enum_cls(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise _invalid(name, value, f"must be one of {allowed}") from None
+
+
+def _check_regex_list(name: str, value: Any) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise _invalid(name, value, "must be a list of regular-expression strings")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise _invalid(name, pattern, f"is not a valid regular expression ({err})") from None
+    return list(value)
+
+
+_OVERRIDE_KEYS = {"regex", "damping", "factor_update_steps", "inv_update_steps", "compute_method"}
+
+
+@dataclasses.dataclass(kw_only=True)
+class KFACConfig:
+    """All K-FAC options (CONTRACT.md, "Options"). Keyword-only; validated in ``__post_init__``.
+
+    Attributes:
+        damping: Tikhonov damping lambda > 0 added to the Kronecker-factored Fisher.
+        factor_update_steps: update the Kronecker factors every N optimizer steps.
+        inv_update_steps: recompute eigendecompositions / inverses every M optimizer steps.
+        factor_decay: running-average weight of the old factor, in [0, 1).
+        kl_clip: trust-region scale ``min(1, sqrt(c / |sum P*grad| lr^2))``; None disables it.
+        compute_method: "eigen" (exact damping), "inverse" (factored damping, M&G 2015 sec. 6.3)
+            or "ekfac" (eigenvalue-corrected K-FAC, George et al. 2018).
+        fisher_type: "empirical" (the user's loss) or "mc" (labels sampled from the model).
+        likelihood: for ``fisher_type="mc"``: "categorical", "bernoulli" or "gaussian".
+        output_module: for ``fisher_type="mc"``: qualified name of the submodule whose output is
+            the model output; None means the LightningModule's (or model's) own forward output.
+        mc_samples: number of sampled labels per example for ``fisher_type="mc"``.
+        gaussian_variance: variance of the Gaussian likelihood for ``fisher_type="mc"``.
+        skip_layers: regexes searched in each module's qualified name and class name.
+        loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
+        damping_mode: "absolute" (default) or "relative" (scaled by the factors' mean eigenvalues).
+        warmup_steps: steps during which factors are estimated but gradients are left raw.
+        layer_overrides: ordered list of {regex, damping, factor_update_steps, inv_update_steps,
+            compute_method} dicts; ``compute_method: skip`` leaves matching layers out.
+        nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
+        max_decomposition_failures: consecutive failed decompositions of one layer before an error.
+    """
+
+    damping: float = 1e-3
+    factor_update_steps: int = 10
+    inv_update_steps: int = 100
+    factor_decay: float = 0.95
+    kl_clip: Optional[float] = 1e-3
+    compute_method: ComputeMethod = ComputeMethod.EIGEN
+    fisher_type: FisherType = FisherType.EMPIRICAL
+    likelihood: Likelihood = Likelihood.CATEGORICAL
+    output_module: Optional[str] = None
+    mc_samples: int = 1
+    gaussian_variance: float = 1.0
+    skip_layers: List[str] = dataclasses.field(default_factory=list)
+    loss_reduction: LossReduction = LossReduction.MEAN
+    damping_mode: DampingMode = DampingMode.ABSOLUTE
+    warmup_steps: int = 0
+    layer_overrides: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    nonfinite: NonFinitePolicy = NonFinitePolicy.SKIP
+    max_decomposition_failures: int = 3
+
+    def __post_init__(self) -> None:
+        self.damping = _check_float("damping", self.damping, low=0.0)
+        self.factor_update_steps = _check_int("factor_update_steps", self.factor_update_steps, low=1)
+        self.inv_update_steps = _check_int("inv_update_steps", self.inv_update_steps, low=1)
+        self.factor_decay = _check_float("factor_decay", self.factor_decay, low=0.0, high=1.0,
+                                         low_inclusive=True, high_inclusive=False)
+        if self.kl_clip is not None:
+            self.kl_clip = _check_float("kl_clip", self.kl_clip, low=0.0)
+        self.compute_method = _check_enum("compute_method", self.compute_method, ComputeMethod)
+        self.fisher_type = _check_enum("fisher_type", self.fisher_type, FisherType)
+        self.likelihood = _check_enum("likelihood", self.likelihood, Likelihood)
+        if self.output_module is not None and not isinstance(self.output_module, str):
+            raise _invalid("output_module", self.output_module,
+                           "must be None or the qualified name of a submodule (a string)")
+        self.mc_samples = _check_int("mc_samples", self.mc_samples, low=1)
+        self.gaussian_variance = _check_float("gaussian_variance", self.gaussian_variance, low=0.0)
+        self.skip_layers = _check_regex_list("skip_layers", self.skip_layers)
+        self.loss_reduction = _check_enum("loss_reduction", self.loss_reduction, LossReduction)
+        self.damping_mode = _check_enum("damping_mode", self.damping_mode, DampingMode)
+        self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, low=0)
+        self.layer_overrides = self._check_overrides(self.layer_overrides)
+        self.nonfinite = _check_enum("nonfinite", self.nonfinite, NonFinitePolicy)
+        self.max_decomposition_failures = _check_int(
+            "max_decomposition_failures", self.max_decomposition_failures, low=1)
+        if self.inv_update_steps % self.factor_update_steps != 0:
+            warnings.warn(
+                f"inv_update_steps={self.inv_update_steps} is not a multiple of "
+                f"factor_update_steps={self.factor_update_steps}: some decompositions will be "
+                "recomputed from factors that have not changed since the last one.",
+                UserWarning, stacklevel=3)
+
+    @staticmethod
+    def _check_overrides(value: Any) -> List[Dict[str, Any]]:
+        if value is None:
+            return []
+        if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+            raise _invalid("layer_overrides", value, "must be a list of dicts with a 'regex' key")
+        checked = []
+        for i, item in enumerate(value):
+            name = f"layer_overrides[{i}]"
+            if not isinstance(item, Mapping) or "regex" not in item:
+                raise _invalid(name, item, "must be a dict with a 'regex' key")
+            unknown = set(item) - _OVERRIDE_KEYS
+            if unknown:
+                raise _invalid(name, item, f"has unknown keys {sorted(unknown)}; allowed keys are "
+                               f"{sorted(_OVERRIDE_KEYS)}")
+            entry = dict(item)
+            entry["regex"] = _check_regex_list(f"{name}.regex", entry["regex"])[0]
+            if "damping" in entry:
+                entry["damping"] = _check_float(f"{name}.damping", entry["damping"], low=0.0)
+            for key in ("factor_update_steps", "inv_update_steps"):
+                if key in entry:
+                    entry[key] = _check_int(f"{name}.{key}", entry[key], low=1)
+            if "compute_method" in entry:
+                method = entry["compute_method"]
+                if not (isinstance(method, str) and method.lower() == "skip"):
+                    entry["compute_method"] = _check_enum(
+                        f"{name}.compute_method", method, ComputeMethod).value
+                else:
+                    entry["compute_method"] = "skip"
+            checked.append(entry)
+        return checked
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-Python view (enums as strings), suitable for checkpoints and logging."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, list):
+                value = [dict(v) if isinstance(v, Mapping) else v for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_any(cls, config: Any = None, **options: Any) -> "KFACConfig":
+        """Build a config from a KFACConfig, a mapping (e.g. a Hydra DictConfig) and/or keywords."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+        if config is None:
+            return cls(**options)
+        if isinstance(config, cls):
+            return dataclasses.replace(config, **options) if options else config
+        if isinstance(config, Mapping) or hasattr(config, "items"):
+            merged = {k: v for k, v in dict(config.items()).items() if not str(k).startswith("_")}
+            merged.update(options)
+            unknown = sorted(set(merged) - set(allowed))
+            if unknown:
+                raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+            return cls(**merged)
+        raise ValueError(f"Invalid config={config!r}: must be a KFACConfig, a mapping or None.")
