@@ -1,0 +1,1 @@
+"""Test helpers: dense brute-force references (``dense``), independent of ``lightning_kfac``."""
