@@ -1,0 +1,22 @@
+"""lightning-kfac: K-FAC second-order preconditioning for PyTorch Lightning in one line.
+
+    trainer = Trainer(callbacks=[KFACCallback(damping=1e-3)])
+
+``KFACPreconditioner`` is the same engine for plain PyTorch loops; ``KFACConfig`` holds every
+option. Importing this package does not import Hydra; Lightning is imported lazily, only when
+``KFACCallback`` is first accessed.
+"""
+
+from lightning_kfac.config import KFACConfig
+from lightning_kfac.preconditioner import KFACOptimizer, KFACPreconditioner
+
+__all__ = ["KFACCallback", "KFACConfig", "KFACOptimizer", "KFACPreconditioner"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "KFACCallback":
+        from lightning_kfac.callback import KFACCallback
+
+        return KFACCallback
+    raise AttributeError(f"module 'lightning_kfac' has no attribute {name!r}")

@@ -1,0 +1,105 @@
+"""KFACBlock: one preconditioned layer's factors, accumulators and decomposition.
+
+Accumulators hold the row sums ``sum a a^T`` and ``sum g g^T`` (and their divisors) of every
+captured micro-batch since the last factor update; ``batch_estimates()`` turns them into
+``A^ = sum a a^T / div_A`` and ``G^ = sum g g^T / div_G``. Running averages (CONTRACT.md): the
+first update sets ``A = A^`` (no bias toward zero or identity), later ones
+``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.core.layers import LayerKind
+
+
+class KFACBlock:
+    """State of one layer. ``A``/``G`` are None until the first factor update."""
+
+    def __init__(self, name: str, kind: LayerKind, dtype: torch.dtype, *, damping: float,
+                 compute_method: str, factor_update_steps: int, inv_update_steps: int):
+        self.name = name
+        self.kind = kind
+        self.dtype = dtype
+        self.damping = damping
+        self.compute_method = compute_method
+        self.factor_update_steps = factor_update_steps
+        self.inv_update_steps = inv_update_steps
+        self.capturing = False  # switched by the preconditioner's factor clock
+        self.failures = 0  # consecutive failed decompositions
+        self.A: Optional[Tensor] = None
+        self.G: Optional[Tensor] = None
+        self.decomposition: Dict[str, Tensor] = {}
+        self.seen = False  # the forward hook fired at least once in a training forward
+        self.reset_accumulators()
+
+    # -- accumulation --------------------------------------------------------------------------
+    def reset_accumulators(self) -> None:
+        self.a_sum: Optional[Tensor] = None
+        self.a_div = 0
+        self.g_sum: Optional[Tensor] = None
+        self.g_div = 0
+
+    def add_a(self, rows: Tensor, divisor: int) -> None:
+        rows = rows.to(self.dtype)
+        outer = rows.T @ rows
+        self.a_sum = outer if self.a_sum is None else self.a_sum.add_(outer)
+        self.a_div += divisor
+
+    def add_g(self, rows: Tensor, divisor: int, scale: float) -> None:
+        rows = rows.to(self.dtype)
+        outer = rows.T @ rows
+        if scale != 1.0:
+            outer.mul_(scale * scale)
+        self.g_sum = outer if self.g_sum is None else self.g_sum.add_(outer)
+        self.g_div += divisor
+
+    def has_estimates(self) -> bool:
+        return self.a_sum is not None and self.g_sum is not None
+
+    def batch_estimates(self) -> Tuple[Tensor, Tensor]:
+        """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
+        device = self.kind.module.weight.device
+        if not self.has_estimates():
+            a_dim, g_dim = self.kind.a_dim(), self.kind.g_dim()
+            return (torch.zeros(a_dim, a_dim, dtype=self.dtype, device=device),
+                    torch.zeros(g_dim, g_dim, dtype=self.dtype, device=device))
+        return self.a_sum / self.a_div, self.g_sum / self.g_div
+
+    # -- running averages ----------------------------------------------------------------------
+    def update_factors(self, a_hat: Tensor, g_hat: Tensor, decay: float) -> None:
+        if self.A is None:
+            self.A, self.G = a_hat.clone(), g_hat.clone()
+        else:
+            self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
+            self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
+
+    def dense_fisher(self) -> Tensor:
+        """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
+        return torch.kron(self.A, self.G)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the running factors and the decomposition."""
+        tensors = [t for t in (self.A, self.G) if t is not None] + list(self.decomposition.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"damping": self.damping}
+        if self.A is not None:
+            state["A"], state["G"] = self.A.clone(), self.G.clone()
+        state["decomposition"] = {k: v.clone() for k, v in self.decomposition.items()}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        device = self.kind.module.weight.device
+        self.damping = float(state.get("damping", self.damping))
+        if "A" in state:
+            self.A = state["A"].to(device=device, dtype=self.dtype).clone()
+            self.G = state["G"].to(device=device, dtype=self.dtype).clone()
+        self.decomposition = {k: v.to(device).clone()
+                              for k, v in state.get("decomposition", {}).items()}

@@ -1,0 +1,94 @@
+"""Hooks that capture layer inputs ``a`` and output gradients ``g`` in training passes only.
+
+One forward hook per module (it sees both the input and the output): it adds ``sum a a^T`` to
+the block's accumulator and registers a tensor hook on the output, which adds ``sum g g^T`` when
+backward reaches it. Tensor hooks on outputs, not module full-backward hooks: those break with
+in-place activations (``ReLU(inplace=True)``) after the layer.
+
+Per-example scale (CONTRACT.md): with a mean-reduced loss over N examples autograd delivers
+``(1/N) dl_n/ds_n``, so ``g_n = N * grad / grad_scale``, where ``grad_scale`` is whatever the
+loss was multiplied by before backward (AMP loss scale times 1/accumulation steps).
+
+Nothing but the running sums is kept: captured tensors are released when the hook returns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from lightning_kfac.core.blocks import KFACBlock
+
+
+class Capture:
+    """Installs and removes the capture hooks of a set of blocks.
+
+    Attributes:
+        grad_scale: multiplier applied to the loss before the current backward (default 1).
+        mean_reduction: True when the loss is a mean over examples (scale g by N).
+        output_sink: when set (``fisher_type="mc"``), the forward hook hands each captured output
+            to it instead of registering the empirical tensor hook.
+    """
+
+    def __init__(self, blocks: Dict[str, KFACBlock], *, mean_reduction: bool = True):
+        self.blocks = blocks
+        self.mean_reduction = mean_reduction
+        self.grad_scale = 1.0
+        self.output_sink: Callable[[KFACBlock, Tensor], None] | None = None
+        self._handles: Dict[str, RemovableHandle] = {}
+
+    def install(self) -> None:
+        for name, block in self.blocks.items():
+            if name not in self._handles:
+                self._handles[name] = block.kind.module.register_forward_hook(
+                    self._make_forward_hook(block), with_kwargs=True)
+
+    def remove(self, names: List[str] | None = None) -> None:
+        for name in list(self._handles) if names is None else names:
+            handle = self._handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._handles)
+
+    def _make_forward_hook(self, block: KFACBlock):
+        def hook(module, args, kwargs, output):
+            if not (block.capturing and module.training and torch.is_grad_enabled()):
+                return None
+            if not isinstance(output, Tensor):
+                return None
+            x = args[0] if args else kwargs.get("input")
+            block.seen = True
+            rows, divisor = block.kind.input_rows(x.detach())
+            block.add_a(rows, divisor)
+            if not output.requires_grad:
+                return None
+            if self.output_sink is not None:
+                self.output_sink(block, output)
+            else:
+                output.register_hook(self._make_grad_hook(block))
+            return None
+        return hook
+
+    def _make_grad_hook(self, block: KFACBlock):
+        def hook(grad: Tensor) -> None:
+            self.add_output_grad(block, grad)
+        return hook
+
+    def add_output_grad(self, block: KFACBlock, grad: Tensor, per_example: bool = False) -> None:
+        """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
+
+        ``per_example=True`` means ``grad`` already holds per-example gradients ``d l_n / d s_n``
+        (e.g. from the sampled loss of ``fisher_type="mc"``), so no rescaling is applied.
+        """
+        rows, divisor, examples = block.kind.grad_rows(grad.detach())
+        if per_example:
+            scale = 1.0
+        else:
+            scale = (examples if self.mean_reduction else 1.0) / self.grad_scale
+        block.add_g(rows, divisor, scale)

@@ -1,0 +1,98 @@
+"""Which modules are preconditioned: supported type, trainable weight, not skipped, not tied.
+
+Every module that owns trainable parameters but is not preconditioned is listed with the
+reason (unsupported type, frozen, matched ``skip_layers``, tied weight), for the registration
+summary.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.layers import make_kind
+
+
+@dataclass
+class Skipped:
+    """A module with trainable parameters that K-FAC leaves alone, and why."""
+
+    name: str
+    type_name: str
+    reason: str
+    num_params: int
+
+
+def _own_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+
+
+def _matches(patterns: List[str], name: str, type_name: str) -> str:
+    for pattern in patterns:
+        if re.search(pattern, name) or re.search(pattern, type_name):
+            return pattern
+    return ""
+
+
+def layer_settings(config: KFACConfig, name: str, type_name: str) -> Dict[str, Any]:
+    """Per-layer damping / clocks / method after applying ``layer_overrides`` in order."""
+    settings = {
+        "damping": config.damping,
+        "factor_update_steps": config.factor_update_steps,
+        "inv_update_steps": config.inv_update_steps,
+        "compute_method": config.compute_method.value,
+    }
+    for override in config.layer_overrides:
+        if re.search(override["regex"], name) or re.search(override["regex"], type_name):
+            settings.update({k: v for k, v in override.items() if k != "regex"})
+    return settings
+
+
+def factor_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32, or the weight's dtype when it is wider (float64 models keep float64 factors)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock], List[Skipped]]:
+    """Blocks for the preconditioned modules (in ``named_modules`` order) and the skipped list."""
+    blocks: Dict[str, KFACBlock] = {}
+    skipped: List[Skipped] = []
+    weight_owner: Dict[int, str] = {}
+    for name, module in model.named_modules():
+        trainable = _own_trainable(module)
+        type_name = type(module).__name__
+        kind, reason = make_kind(module)
+        if kind is None:
+            if trainable:
+                skipped.append(Skipped(name, type_name, reason, trainable))
+            continue
+        weight = module.weight
+        if not weight.requires_grad:
+            continue  # frozen: nothing to precondition (not listed: it is not trained)
+        pattern = _matches(config.skip_layers, name, type_name)
+        if pattern:
+            skipped.append(Skipped(name, type_name, f"matched skip_layers {pattern!r}", trainable))
+            continue
+        settings = layer_settings(config, name, type_name)
+        if settings["compute_method"] == "skip":
+            skipped.append(Skipped(name, type_name, "layer_overrides: compute_method=skip", trainable))
+            continue
+        if id(weight) in weight_owner:
+            other = weight_owner[id(weight)]
+            reason = f"weight tied to {other!r}: tied weights are not preconditioned"
+            skipped.append(Skipped(name, type_name, reason, trainable))
+            if other in blocks:
+                first = blocks.pop(other)
+                skipped.append(Skipped(other, type(first.kind.module).__name__,
+                                       f"weight tied to {name!r}: tied weights are not preconditioned",
+                                       _own_trainable(first.kind.module)))
+            continue
+        weight_owner[id(weight)] = name
+        blocks[name] = KFACBlock(name, kind, factor_dtype(weight), **settings)
+    return blocks, skipped

@@ -1,0 +1,113 @@
+"""Pure linear algebra for K-FAC: damped decompositions and their application to a gradient.
+
+Layout: ``grad`` is ``grad W~`` (g_dim x a_dim); ``A`` is (a_dim x a_dim), ``G`` (g_dim x g_dim).
+With column-stacking vec, ``(A (x) G) vec(X) = vec(G X A)``, so every formula below is two
+(or four) matmuls per layer.
+
+- eigen (exact damping): ``P = Q_G [(Q_G^T grad Q_A) / (e_G e_A^T + damping)] Q_A^T``
+- inverse (factored Tikhonov damping, Martens & Grosse 2015, sec. 6.3):
+  ``P = (G + sqrt(damping)/pi I)^-1 grad (A + pi sqrt(damping) I)^-1``,
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))``.
+
+Decompositions are computed in the factor dtype; a failure (exception or non-finite output) is
+retried once in float64 with a small diagonal jitter before ``DecompositionError`` is raised.
+Eigenvalues are clamped at zero (factors are PSD; round-off can make them slightly negative).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+from torch import Tensor
+
+
+class DecompositionError(RuntimeError):
+    """An eigendecomposition or inverse failed even after the float64 retry."""
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str) -> Dict[str, Tensor]:
+    """Run ``fn(matrix)``; on failure retry in float64 with jitter; cast back to matrix.dtype."""
+    try:
+        out = fn(matrix)
+        if _finite(*out.values()):
+            return out
+    except RuntimeError:
+        pass
+    if not torch.isfinite(matrix).all():
+        raise DecompositionError(f"{what}: the factor has non-finite entries")
+    m64 = matrix.double()
+    scale = float(m64.diagonal().abs().mean()) if m64.numel() else 0.0
+    jitter = max(scale, 1.0) * 1e-10
+    m64 = m64 + jitter * torch.eye(m64.shape[0], dtype=m64.dtype, device=m64.device)
+    try:
+        out = fn(m64)
+    except RuntimeError as err:
+        raise DecompositionError(f"{what} failed in float64 with jitter: {err}") from err
+    if not _finite(*out.values()):
+        raise DecompositionError(f"{what} returned non-finite values in float64 with jitter")
+    return {k: v.to(matrix.dtype) for k, v in out.items()}
+
+
+def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
+    """``{"e": eigenvalues clamped >= 0, "Q": eigenvectors}`` of a symmetric PSD matrix."""
+    def fn(m: Tensor) -> Dict[str, Tensor]:
+        sym = (m + m.T) * 0.5
+        e, q = torch.linalg.eigh(sym)
+        return {"e": e.clamp_min(0.0), "Q": q}
+    return _retry(fn, matrix, "eigendecomposition")
+
+
+def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
+    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU)."""
+    def fn(m: Tensor) -> Dict[str, Tensor]:
+        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        damped = (m + m.T) * 0.5 + damping * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        inv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(damped)
+        return {"inv": inv}
+    return _retry(fn, matrix, "inverse")["inv"]
+
+
+def mean_eigenvalue(matrix: Tensor) -> float:
+    """``tr(M) / dim(M)``."""
+    return float(matrix.diagonal().sum()) / matrix.shape[0]
+
+
+def pi_correction(A: Tensor, G: Tensor) -> float:
+    """``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, eq. 11); 1 if degenerate."""
+    a_mean, g_mean = mean_eigenvalue(A), mean_eigenvalue(G)
+    if a_mean <= 0.0 or g_mean <= 0.0 or not math.isfinite(a_mean / g_mean):
+        return 1.0
+    return math.sqrt(a_mean / g_mean)
+
+
+def eigen_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
+    """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time)."""
+    a, g = eigh_psd(A), eigh_psd(G)
+    return {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"]}
+
+
+def inverse_decomposition(A: Tensor, G: Tensor, damping: float) -> Dict[str, Tensor]:
+    """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
+    pi = pi_correction(A, G)
+    root = math.sqrt(damping)
+    return {"A_inv": damped_inverse(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
+
+
+def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+    """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
+    QA, QG = dec["QA"], dec["QG"]
+    rotated = QG.T @ grad @ QA
+    rotated = rotated / (torch.outer(dec["eG"], dec["eA"]) + damping)
+    return QG @ rotated @ QA.T
+
+
+def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
+    """``G_inv grad A_inv``."""
+    return dec["G_inv"] @ grad @ dec["A_inv"]

@@ -1,0 +1,55 @@
+"""The registration summary: which modules K-FAC preconditions, which it skips and why.
+
+Memory per preconditioned layer: the running factors hold ``(d_A^2 + d_G^2)`` numbers; the
+decomposition in use holds as many again (eigen: eigenvectors + eigenvalues; inverse: inverses).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+from torch import nn
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def predicted_memory_bytes(blocks: Dict) -> int:
+    """Factors + decompositions: ``sum (d_A^2 + d_G^2) * bytes * 2`` (+ eigenvalue vectors)."""
+    total = 0
+    for block in blocks.values():
+        a, g = block.kind.a_dim(), block.kind.g_dim()
+        item = 8 if str(block.dtype) == "torch.float64" else 4
+        extra = (a + g) if block.compute_method == "eigen" else 0
+        total += (2 * (a * a + g * g) + extra) * item
+    return total
+
+
+def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
+    """A plain-text table of covered and skipped modules, with the share of parameters covered."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows = [("module", "type", "A", "G", "params", "status")]
+    covered = 0
+    for name, block in blocks.items():
+        module = block.kind.module
+        n = sum(p.numel() for p in block.kind.params)
+        covered += n
+        a, g = block.kind.a_dim(), block.kind.g_dim()
+        rows.append((name or "<root>", type(module).__name__, f"{a}x{a}", f"{g}x{g}", f"{n:,}",
+                     f"K-FAC ({block.compute_method})"))
+    for s in skipped:
+        rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",
+                     f"skipped: {s.reason}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    share = 100.0 * covered / trainable if trainable else 0.0
+    lines.append(f"K-FAC preconditions {len(blocks)} layers: {covered:,} of {trainable:,} trainable "
+                 f"parameters ({share:.1f}%); factor + decomposition memory "
+                 f"{_bytes(predicted_memory_bytes(blocks))}.")
+    return "\n".join(lines)
