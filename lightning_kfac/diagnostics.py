@@ -1,0 +1,402 @@
+"""Diagnostics: how good is the Kronecker approximation, and how far is ``E[g]`` from zero.
+
+Seed notes (``kfac-notes.md``; Martens & Grosse 2015, sec. 3): for one layer with per-example
+gradient ``J_n = g_n a_n^T`` the exact Fisher block of ``vec(W~)`` is
+
+    M = E_n[vec(J_n) vec(J_n)^T] = E_n[(a_n a_n^T) (x) (g_n g_n^T)],
+
+and K-FAC replaces it by ``K = A (x) G`` with ``A = E[a a^T]``, ``G = E[g g^T]``. The entrywise
+error ``E[a1 a2 g1 g2] - E[a1 a2] E[g1 g2]`` is a sum of third- and fourth-order cumulants
+(``kappa(a1,a2,g1,g2) + kappa(a1) kappa(a2,g1,g2) + kappa(a2) kappa(a1,g1,g2)``), which vanish
+when ``a`` and ``g`` are independent and ``E[g] = 0``. We report the relative Frobenius error
+``||M - K||_F / ||M||_F`` per layer, and the mean gradient ``E[g]`` (zero in expectation under
+the true Fisher, i.e. labels sampled from the model; not under the empirical Fisher).
+
+Conventions are those of CONTRACT.md and the engine (``lightning_kfac.core.layers``): ``a`` has
+a trailing 1 when the layer has a bias; with a mean-reduced loss ``g_n = N x`` autograd's gradient
+(N = rows for Linear, B for conv); conv layers follow KFC: example n owns T rows
+``(a_{n,t}, g_{n,t})``, ``J_n = sum_t g_{n,t} a_{n,t}^T``, ``A = (1/B) sum a a^T``,
+``G = (1/(BT)) sum g g^T``.
+
+Three ways to get the error, chosen by ``method`` ("auto" picks the cheapest exact one that fits):
+
+- ``"dense"``: form ``M`` and ``torch.kron(A, G)`` and subtract (exact; (d_in d_out)^2 memory).
+- ``"gram"``: exact at cost O(B^2 (d_in + d_out)) without forming the block, from
+  ``||M||^2 = E_{n,m}[<J_n, J_m>^2]`` (for Linear ``<J_n, J_m> = (a_n^T a_m)(g_n^T g_m)``),
+  ``<K, M> = E_n[<J_n, G J_n A>] = E_n[(a_n^T A a_n)(g_n^T G g_n)]`` and
+  ``||K||^2 = ||A||^2 ||G||^2``. The subtraction ``||M||^2 - 2<K,M> + ||K||^2`` cancels, so the
+  relative error is only resolved down to about sqrt(machine eps) (~1e-8 in float64).
+- ``"probe"``: unbiased estimates of ``||M - K||^2`` and ``||M||^2`` as ``E_v ||X v||^2`` over
+  standard normal ``v = vec(V)``, with ``M vec(V) = E_n[<J_n, V> vec(J_n)]`` (for Linear
+  ``<J_n, V> = g_n^T V a_n``) and ``K vec(V) = vec(G V A)``: O(k B T d_in d_out) for k probes,
+  never forming the block. ``std`` is the delta-method standard error of the ratio.
+
+Example:
+    >>> import torch.nn.functional as F
+    >>> stats = diagnose(model, x, lambda out: F.cross_entropy(out, y))
+    >>> stats["fc1"]["kronecker_error"], stats["fc1"]["mean_grad_norm"]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_kfac.core.layers import make_kind
+
+__all__ = ["LayerRows", "KroneckerError", "record_rows", "kronecker_error", "mean_gradient",
+           "diagnose", "sampled_nll", "to_scalars"]
+
+_METHODS = ("auto", "dense", "gram", "probe")
+_DENSE_MAX_PARAMS = 1024  # "auto": form the dense block when d_in * d_out <= this
+_GRAM_MAX_FLOPS = 4e9  # "auto": exact (dense or Gram) when it costs at most this many flops
+_PROBE_CHUNK_ELEMENTS = 1 << 24  # bound on the temporaries of one chunk of probes
+
+
+@dataclass
+class LayerRows:
+    """Per-row layer inputs and output gradients of one layer for one batch.
+
+    Attributes:
+        a: (R, d_in) input rows, trailing 1 for a bias (conv: unfolded patches).
+        g: (R, d_out) per-example output gradients (``N x`` autograd's for a mean loss).
+        num_examples: B; the rows of example n are ``n*T ... n*T + T - 1`` with ``T = R / B``
+            (T = 1 for Linear, the number of output locations for conv).
+    """
+
+    a: Tensor
+    g: Tensor
+    num_examples: int
+
+    @property
+    def rows_per_example(self) -> int:
+        return self.a.shape[0] // self.num_examples
+
+
+@dataclass
+class KroneckerError:
+    """Result of :func:`kronecker_error`: ``relative = error_norm / block_norm``.
+
+    ``error_norm`` = ``||M - A (x) G||_F``, ``block_norm`` = ``||M||_F`` (estimates for the probe
+    method), ``std`` the standard error of ``relative`` (0 for the exact methods), ``method`` the
+    method used and ``probes`` the number of probes (0 when exact).
+    """
+
+    relative: float
+    error_norm: float
+    block_norm: float
+    std: float
+    method: str
+    probes: int
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"Invalid {name}={value!r}: must be one of {', '.join(map(repr, allowed))}.")
+    return str(value)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}={value!r}: must be an integer >= 1.")
+    return value
+
+
+def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    if layers is not None:
+        names = list(layers)
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise ValueError(f"Invalid layers={names!r}: no modules named {unknown} in the model.")
+    else:
+        names = list(modules)
+    out = {}
+    for name in names:
+        module = modules[name]
+        kind, _ = make_kind(module)
+        if kind is not None and module.weight.requires_grad:
+            out[name] = module
+    if layers is not None and len(out) != len(names):
+        bad = [n for n in names if n not in out]
+        raise ValueError(f"Invalid layers={names!r}: {bad} are not trainable Linear/Conv layers.")
+    return out
+
+
+def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
+                loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
+                loss_reduction: str = "mean", dtype: torch.dtype = torch.float64,
+                ) -> Dict[str, LayerRows]:
+    """Per-example ``a`` and ``g`` rows of every Linear/Conv layer for one batch.
+
+    Runs ``loss = loss_fn(model(inputs))`` (``model(*inputs)`` for a tuple/list) with forward
+    hooks and output tensor hooks, then ``torch.autograd.grad(loss, weights)``: parameters'
+    ``.grad`` fields are left untouched, so this is safe in the middle of training. The model's
+    train/eval mode is used as is.
+
+    Args:
+        model: any ``nn.Module``.
+        inputs: the batch inputs.
+        loss_fn: maps the model output to the scalar loss (bind targets with a closure).
+        layers: qualified module names to record; None records every trainable Linear/Conv.
+        loss_reduction: "mean" (``g_n = N x grad``, CONTRACT.md) or "sum" (``g_n = grad``).
+        dtype: dtype of the returned rows (float64 by default, for exact error figures).
+
+    Returns:
+        name -> :class:`LayerRows`. A module called several times contributes all its calls'
+        rows (examples = sum over calls); a module whose forward never ran is absent.
+    """
+    _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+    covered = _covered_modules(model, layers)
+    a_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
+    g_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
+    n_store: Dict[str, List[int]] = {n: [] for n in covered}
+    handles = []
+
+    for name, module in covered.items():
+        kind, _ = make_kind(module)
+
+        def forward_hook(mod, args, output, name=name, kind=kind):
+            rows, _ = kind.input_rows(args[0].detach())
+            a_store[name].append(rows.to(dtype))
+            if output.requires_grad:
+                slot = len(a_store[name]) - 1
+
+                def tensor_hook(grad, name=name, slot=slot, kind=kind):
+                    g_rows, _, examples = kind.grad_rows(grad.detach())
+                    g_store[name].append((slot, g_rows.to(dtype)))
+                    n_store[name].append((slot, examples))
+
+                output.register_hook(tensor_hook)
+
+        handles.append(module.register_forward_hook(forward_hook))
+    try:
+        with torch.enable_grad():
+            output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+            loss = loss_fn(output)
+            if not (isinstance(loss, Tensor) and loss.dim() == 0):
+                raise ValueError(f"Invalid loss_fn: must return a scalar tensor, got {loss!r}.")
+            weights = [m.weight for n, m in covered.items() if a_store[n]]
+            if weights:
+                torch.autograd.grad(loss, weights, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    result = {}
+    for name in covered:
+        if not a_store[name] or not g_store[name]:
+            continue
+        g_by_slot = dict(g_store[name])
+        n_by_slot = dict(n_store[name])
+        slots = sorted(g_by_slot)
+        examples = sum(n_by_slot[s] for s in slots)
+        scale = float(examples) if loss_reduction == "mean" else 1.0
+        a = torch.cat([a_store[name][s] for s in slots])
+        g = torch.cat([g_by_slot[s] for s in slots]) * scale
+        result[name] = LayerRows(a=a, g=g, num_examples=examples)
+    return result
+
+
+def _factors(a: Tensor, g: Tensor, B: int):
+    return a.T @ a / B, g.T @ g / g.shape[0]
+
+
+def _per_example_grads(a: Tensor, g: Tensor, B: int) -> Tensor:
+    """``J_n = sum_t g_{n,t} a_{n,t}^T``, shape (B, d_out, d_in)."""
+    T = a.shape[0] // B
+    return torch.einsum("bto,bti->boi", g.reshape(B, T, -1), a.reshape(B, T, -1))
+
+
+def _dense(a: Tensor, g: Tensor, B: int):
+    A, G = _factors(a, g, B)
+    J = _per_example_grads(a, g, B)
+    vecJ = J.transpose(1, 2).reshape(B, -1)  # column-stacking vec: vec(g a^T) = a (x) g
+    M = vecJ.T @ vecJ / B
+    return float(torch.linalg.norm(M - torch.kron(A, G))), float(torch.linalg.norm(M))
+
+
+def _gram(a: Tensor, g: Tensor, B: int):
+    A, G = _factors(a, g, B)
+    if a.shape[0] == B:  # one row per example: <J_n, J_m> = (a_n.a_m)(g_n.g_m)
+        C = (a @ a.T) * (g @ g.T)
+        cross = ((a @ A) * a).sum(1) * ((g @ G) * g).sum(1)
+    else:
+        J = _per_example_grads(a, g, B)
+        flat = J.reshape(B, -1)
+        C = flat @ flat.T
+        cross = (torch.matmul(torch.matmul(G, J), A) * J).sum((1, 2))
+    m2 = float((C * C).sum()) / B ** 2
+    k2 = float((A * A).sum()) * float((G * G).sum())
+    e2 = max(m2 - 2.0 * float(cross.mean()) + k2, 0.0)
+    return math.sqrt(e2), math.sqrt(m2)
+
+
+def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Generator):
+    A, G = _factors(a, g, B)
+    R, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
+    T = R // B
+    chunk = max(1, _PROBE_CHUNK_ELEMENTS // (R * max(d_in, d_out) + d_in * d_out))
+    y_err, y_blk = [], []
+    for start in range(0, num_probes, chunk):
+        k = min(chunk, num_probes - start)
+        V = torch.randn(k, d_out, d_in, dtype=a.dtype, generator=generator).to(a.device)
+        s = (torch.matmul(g, V) * a).sum(-1)  # (k, R): g_r^T V a_r
+        s = s.reshape(k, B, T).sum(-1).repeat_interleave(T, dim=1)  # <J_n, V> on each row of n
+        Mv = torch.matmul((g * s.unsqueeze(-1)).transpose(1, 2), a) / B  # E_n[<J_n,V> J_n]
+        Kv = torch.matmul(torch.matmul(G, V), A)
+        y_err.append(((Mv - Kv) ** 2).sum((1, 2)))
+        y_blk.append((Mv ** 2).sum((1, 2)))
+    y_err, y_blk = torch.cat(y_err), torch.cat(y_blk)
+    e2, m2 = float(y_err.mean()), float(y_blk.mean())
+    ratio = e2 / m2 if m2 > 0 else 0.0
+    rel = math.sqrt(max(ratio, 0.0))
+    if num_probes > 1 and m2 > 0 and rel > 0:
+        # delta method: Var(e2/m2) ~ Var(y_err - ratio * y_blk) / (k m2^2); d sqrt(r) = dr / 2 sqrt(r)
+        var_ratio = float((y_err - ratio * y_blk).var()) / (num_probes * m2 ** 2)
+        std = math.sqrt(var_ratio) / (2.0 * rel)
+    else:
+        std = 0.0
+    return math.sqrt(max(e2, 0.0)), math.sqrt(max(m2, 0.0)), std
+
+
+def kronecker_error(a: Tensor, g: Tensor, num_examples: Optional[int] = None, *,
+                    method: str = "auto", num_probes: int = 64,
+                    generator: Optional[torch.Generator] = None) -> KroneckerError:
+    """Relative Frobenius error ``||M - A (x) G|| / ||M||`` of one layer's Kronecker factors.
+
+    Args:
+        a: (R, d_in) input rows (see :class:`LayerRows`).
+        g: (R, d_out) per-example output-gradient rows.
+        num_examples: B, with ``T = R / B`` consecutive rows per example; None means R (Linear).
+        method: "auto", "dense", "gram" or "probe" (see the module docstring).
+        num_probes: Gaussian probes for ``method="probe"`` (standard error ~ 1/sqrt(num_probes)).
+        generator: random source for the probes (a fixed-seed one by default).
+    """
+    _check_choice("method", method, _METHODS)
+    _check_positive_int("num_probes", num_probes)
+    if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0] or a.shape[0] == 0:
+        raise ValueError(f"Invalid rows: a {tuple(a.shape)} and g {tuple(g.shape)} must be 2-D "
+                         "with the same, nonzero number of rows.")
+    R = a.shape[0]
+    B = R if num_examples is None else num_examples
+    if isinstance(B, bool) or not isinstance(B, int) or B < 1 or R % B:
+        raise ValueError(f"Invalid num_examples={num_examples!r}: must be a positive divisor of "
+                         f"the number of rows ({R}).")
+    if g.dtype != a.dtype:
+        g = g.to(a.dtype)
+    d_in, d_out = a.shape[1], g.shape[1]
+    if method == "auto":
+        per_example = R == B
+        gram_flops = (B * B * (d_in + d_out) if per_example
+                      else B * B * d_in * d_out + 2 * B * d_in * d_out * (d_in + d_out))
+        if d_in * d_out <= _DENSE_MAX_PARAMS and B * (d_in * d_out) ** 2 <= _GRAM_MAX_FLOPS:
+            method = "dense"
+        elif gram_flops <= _GRAM_MAX_FLOPS:
+            method = "gram"
+        else:
+            method = "probe"
+    if method == "dense":
+        err, blk = _dense(a, g, B)
+        std, probes = 0.0, 0
+    elif method == "gram":
+        err, blk = _gram(a, g, B)
+        std, probes = 0.0, 0
+    else:
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        err, blk, std = _probe(a, g, B, num_probes, generator)
+        probes = num_probes
+    rel = err / blk if blk > 0 else 0.0
+    return KroneckerError(relative=rel, error_norm=err, block_norm=blk, std=std, method=method,
+                          probes=probes)
+
+
+def mean_gradient(rows: LayerRows) -> Tensor:
+    """``E[g]`` over all rows, shape (d_out,).
+
+    Under the true Fisher (labels drawn from the model) ``E_y[g] = E_y[grad_s log p(y|s)] = 0``
+    (seed notes); under the empirical Fisher it is the bias gradient times rows per example, so
+    it measures how far the empirical Fisher's ``G`` is from a covariance.
+    """
+    return rows.g.mean(0)
+
+
+def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
+             loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
+             loss_reduction: str = "mean", method: str = "auto", num_probes: int = 64,
+             seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments).
+
+    Returns name -> dict of floats:
+        ``kronecker_error``: ``||M - A (x) G||_F / ||M||_F``; ``kronecker_error_std``: its
+        standard error (0 when exact); ``probes``: probes used (0 when exact);
+        ``mean_grad_norm``: ``||E[g]||``; ``mean_grad_ratio``: ``||E[g]|| / sqrt(E||g||^2)`` in
+        [0, 1] (scale-free); ``num_examples``: B; ``rows``: R.
+
+    Example (the true-Fisher view, labels sampled from the model):
+        >>> diagnose(model, x, sampled_nll("categorical"))
+    """
+    _check_choice("method", method, _METHODS)
+    rows = record_rows(model, inputs, loss_fn, layers=layers, loss_reduction=loss_reduction)
+    generator = torch.Generator().manual_seed(int(seed))
+    out: Dict[str, Dict[str, float]] = {}
+    for name, r in rows.items():
+        err = kronecker_error(r.a, r.g, r.num_examples, method=method, num_probes=num_probes,
+                              generator=generator)
+        mean_g = mean_gradient(r)
+        rms = float(r.g.pow(2).sum(1).mean().sqrt())
+        norm = float(torch.linalg.norm(mean_g))
+        out[name] = {
+            "kronecker_error": err.relative,
+            "kronecker_error_std": err.std,
+            "probes": float(err.probes),
+            "mean_grad_norm": norm,
+            "mean_grad_ratio": norm / rms if rms > 0 else 0.0,
+            "num_examples": float(r.num_examples),
+            "rows": float(r.a.shape[0]),
+        }
+    return out
+
+
+def sampled_nll(likelihood: str = "categorical", *, variance: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> Callable[[Tensor], Tensor]:
+    """A ``loss_fn`` for the true Fisher: the mean NLL of labels sampled from the model output.
+
+    "categorical": logits over the last dimension; "bernoulli": logits, summed over features;
+    "gaussian": the output is the mean of ``N(mean, variance I)``, summed over features.
+    The loss is a mean over the leading (batch) dimension, so ``g`` follows CONTRACT.md.
+    """
+    _check_choice("likelihood", likelihood, ("categorical", "bernoulli", "gaussian"))
+    if not (isinstance(variance, (int, float)) and variance > 0 and math.isfinite(variance)):
+        raise ValueError(f"Invalid variance={variance!r}: must be a finite number > 0.")
+
+    def loss_fn(output: Tensor) -> Tensor:
+        with torch.no_grad():
+            if likelihood == "categorical":
+                probs = torch.softmax(output.detach().reshape(-1, output.shape[-1]), -1)
+                y = torch.multinomial(probs, 1, generator=generator).reshape(output.shape[:-1])
+            elif likelihood == "bernoulli":
+                y = torch.bernoulli(torch.sigmoid(output.detach()), generator=generator)
+            else:
+                noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+                y = output.detach() + math.sqrt(variance) * noise.to(output.device)
+        batch = output.shape[0]
+        if likelihood == "categorical":
+            return F.cross_entropy(output.reshape(-1, output.shape[-1]), y.reshape(-1))
+        if likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(output, y, reduction="sum") / batch
+        return 0.5 * ((output - y) ** 2).sum() / (variance * batch)
+
+    return loss_fn
+
+
+def to_scalars(result: Dict[str, Dict[str, float]], prefix: str = "kfac_diag") -> Dict[str, float]:
+    """Flatten :func:`diagnose`'s output to ``{"<prefix>/<layer>/<stat>": value}`` for loggers."""
+    return {f"{prefix}/{layer}/{key}": value
+            for layer, stats in result.items() for key, value in stats.items()}
