@@ -23,6 +23,13 @@ from torch.utils.hooks import RemovableHandle
 from lightning_kfac.core.blocks import KFACBlock
 
 
+def _is_transformed(x: Tensor) -> bool:
+    """True for tensors wrapped by a torch.func transform (vmap, grad, jvp)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    check = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
+
+
 class Capture:
     """Installs and removes the capture hooks of a set of blocks.
 
@@ -63,6 +70,8 @@ class Capture:
             if not isinstance(output, Tensor):
                 return None
             x = args[0] if args else kwargs.get("input")
+            if _is_transformed(x):
+                return None  # a torch.func (vmap/grad) pass, not a training forward
             block.seen = True
             rows, divisor = block.kind.input_rows(x.detach())
             block.add_a(rows, divisor)
