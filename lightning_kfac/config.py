@@ -67,11 +67,28 @@ class DampingMode(_StrEnum):
     RELATIVE = "relative"
 
 
+class DampingSchedule(_StrEnum):
+    """Damping over optimizer steps t (core/damping.py): ``constant``, ``exponential``
+    (``damping * decay ** (t / step_size)``) or ``step`` (``damping * decay ** (t // step_size)``)."""
+
+    CONSTANT = "constant"
+    EXPONENTIAL = "exponential"
+    STEP = "step"
+
+
 class NonFinitePolicy(_StrEnum):
     """What to do with a NaN/inf batch estimate or preconditioned gradient."""
 
     SKIP = "skip"
     RAISE = "raise"
+
+
+class Distribute(_StrEnum):
+    """Who does the second-order work under data parallelism (core/kaisa.py, KAISA SC'21)."""
+
+    REPLICATE = "replicate"
+    DECOMPOSITIONS = "decompositions"
+    GRADIENTS = "gradients"
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
@@ -158,10 +175,30 @@ class KFACConfig:
         loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
         damping_mode: "absolute" (default) or "relative" (scaled by the factors' mean eigenvalues).
         warmup_steps: steps during which factors are estimated but gradients are left raw.
+        damping_schedule: "constant" (default), "exponential" or "step" (see DampingSchedule).
+        damping_decay: the schedule's factor per ``damping_step_size`` steps, in (0, 1].
+        damping_step_size: steps per ``damping_decay`` factor of the schedule (>= 1).
+        adaptive_damping: Levenberg-Marquardt adaptation (Martens & Grosse 2015, sec. 6.5),
+            off by default; needs ``pre.update_damping(...)`` after each adaptation step.
+        adaptive_damping_interval: T, adapt every T optimizer steps.
+        adaptive_damping_factor: omega in (0, 1); None means (19/20)**T as in the paper.
+        min_damping: lower bound (>= 0) for scheduled / adapted damping.
+        max_damping: upper bound for scheduled / adapted damping; None means unbounded.
         layer_overrides: ordered list of {regex, damping, factor_update_steps, inv_update_steps,
             compute_method} dicts; ``compute_method: skip`` leaves matching layers out.
         nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
         max_decomposition_failures: consecutive failed decompositions of one layer before an error.
+        distribute: under DDP (world > 1), who decomposes (core/kaisa.py, KAISA, Pauloski et al.
+            SC'21). "decompositions" (default): each layer's owner rank decomposes it and
+            broadcasts the result, every rank preconditions (memory: all decompositions per
+            rank; traffic: the decompositions once per refresh). "gradients": the owner keeps
+            the decomposition and broadcasts the preconditioned gradient every step (memory:
+            1/world of the decompositions; traffic: a gradient's size every step; checkpointing
+            becomes collective). "replicate": every rank decomposes every layer (no traffic,
+            world x the compute). Ignored with one process.
+        low_rank: precondition Linear layers at rank R (the step's example rows) when R is small
+            against the layer width and Freivalds' check proves ``grad W~ == Gm^T Am``
+            (core/lowrank.py); exact, falls back to the full computation otherwise.
     """
 
     damping: float = 1e-3
@@ -179,9 +216,19 @@ class KFACConfig:
     loss_reduction: LossReduction = LossReduction.MEAN
     damping_mode: DampingMode = DampingMode.ABSOLUTE
     warmup_steps: int = 0
+    damping_schedule: DampingSchedule = DampingSchedule.CONSTANT
+    damping_decay: float = 0.5
+    damping_step_size: int = 1000
+    adaptive_damping: bool = False
+    adaptive_damping_interval: int = 5
+    adaptive_damping_factor: Optional[float] = None
+    min_damping: float = 0.0
+    max_damping: Optional[float] = None
     layer_overrides: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     nonfinite: NonFinitePolicy = NonFinitePolicy.SKIP
     max_decomposition_failures: int = 3
+    distribute: Distribute = Distribute.DECOMPOSITIONS
+    low_rank: bool = True
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
@@ -203,16 +250,51 @@ class KFACConfig:
         self.loss_reduction = _check_enum("loss_reduction", self.loss_reduction, LossReduction)
         self.damping_mode = _check_enum("damping_mode", self.damping_mode, DampingMode)
         self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, low=0)
+        self._check_damping_over_time()
         self.layer_overrides = self._check_overrides(self.layer_overrides)
         self.nonfinite = _check_enum("nonfinite", self.nonfinite, NonFinitePolicy)
+        if not isinstance(self.low_rank, bool):
+            raise _invalid("low_rank", self.low_rank, "must be true or false")
         self.max_decomposition_failures = _check_int(
             "max_decomposition_failures", self.max_decomposition_failures, low=1)
+        self.distribute = _check_enum("distribute", self.distribute, Distribute)
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "
                 f"factor_update_steps={self.factor_update_steps}: some decompositions will be "
                 "recomputed from factors that have not changed since the last one.",
                 UserWarning, stacklevel=3)
+
+    def _check_damping_over_time(self) -> None:
+        """Schedule / adaptive-damping options (core/damping.py) and their cross-checks."""
+        self.damping_schedule = _check_enum("damping_schedule", self.damping_schedule,
+                                            DampingSchedule)
+        self.damping_decay = _check_float("damping_decay", self.damping_decay, low=0.0, high=1.0)
+        self.damping_step_size = _check_int("damping_step_size", self.damping_step_size, low=1)
+        if not isinstance(self.adaptive_damping, bool):
+            raise _invalid("adaptive_damping", self.adaptive_damping, "must be true or false")
+        self.adaptive_damping_interval = _check_int(
+            "adaptive_damping_interval", self.adaptive_damping_interval, low=1)
+        if self.adaptive_damping_factor is not None:
+            self.adaptive_damping_factor = _check_float(
+                "adaptive_damping_factor", self.adaptive_damping_factor, low=0.0, high=1.0,
+                high_inclusive=False)
+        self.min_damping = _check_float("min_damping", self.min_damping, low=0.0,
+                                        low_inclusive=True)
+        if self.max_damping is not None:
+            self.max_damping = _check_float("max_damping", self.max_damping, low=self.min_damping)
+        high = math.inf if self.max_damping is None else self.max_damping
+        if not self.min_damping <= self.damping <= high:
+            raise _invalid("damping", self.damping, "must lie within [min_damping, max_damping] = "
+                           f"[{self.min_damping:g}, {high:g}]")
+        if self.adaptive_damping and self.damping_schedule != DampingSchedule.CONSTANT:
+            raise _invalid("damping_schedule", self.damping_schedule.value,
+                           "must be 'constant' when adaptive_damping=True (a schedule and the "
+                           "adaptation would both set the damping)")
+        if self.adaptive_damping and self.loss_reduction == LossReduction.SUM:
+            raise _invalid("loss_reduction", self.loss_reduction.value,
+                           "must be 'mean' when adaptive_damping=True (the quadratic model uses "
+                           "the K-FAC curvature of the mean loss)")
 
     @staticmethod
     def _check_overrides(value: Any) -> List[Dict[str, Any]]:

@@ -25,11 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import linalg
+from lightning_kfac.core import linalg, lowrank
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import Capture
+from lightning_kfac.core.damping import DampingControl, Loss
 from lightning_kfac.core.discovery import discover
-from lightning_kfac.core.distributed import Communicator, default_communicator
+from lightning_kfac.core.ekfac import EKFACScaling, ekfac_decomposition, precondition_ekfac
+from lightning_kfac.core.mc import MCFisher
+from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
+from lightning_kfac.core.kaisa import DistributedWork
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -62,10 +66,21 @@ class KFACPreconditioner:
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
         self.comm = communicator if communicator is not None else default_communicator()
+        self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
+        self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
+        if self.config.fisher_type == "mc":
+            self.mc = MCFisher(self.model, self.capture, self.config, self._any_capturing,
+                               rank=self.comm.rank)
+        self.ekfac: Optional[EKFACScaling] = None  # compute_method="ekfac" (core/ekfac.py)
+        if any(b.compute_method == "ekfac" for b in self.blocks.values()):
+            self.ekfac = EKFACScaling(lambda: self.steps)
+            self.capture.pair_sink = self.ekfac.add_pair
         self.capture.install()
+        self._enable_low_rank()
         self.optimizer = optimizer
         self.steps = 0
+        self.damping_control = DampingControl(self.config)  # schedule / LM rule (core/damping.py)
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
@@ -89,37 +104,93 @@ class KFACPreconditioner:
             raise ValueError(f"Invalid grad_scale={value!r}: must be a finite number > 0.")
         self.capture.grad_scale = value
 
+    @property
+    def damping(self) -> float:
+        """The current global damping (``damping`` moved by the schedule or the LM rule)."""
+        return self.damping_control.value
+
+    @property
+    def adaptation_pending(self) -> bool:
+        """True after an adaptation step's ``step()`` until ``update_damping`` is called."""
+        return self.damping_control.pending is not None
+
+    def update_damping(self, loss_before: Loss, loss_after: Loss) -> Optional[float]:
+        """Levenberg-Marquardt damping update (``adaptive_damping=True``; M&G 2015, sec. 6.5).
+
+        Call it after ``optimizer.step()`` on every step; it acts only after the adaptation steps
+        (every ``adaptive_damping_interval``-th) and returns rho there, None elsewhere.
+        ``loss_before`` is the loss at the old parameters, ``loss_after`` the loss at the new
+        ones on the same batch: numbers, scalar tensors or closures (evaluated under no_grad,
+        only on adaptation steps)::
+
+            loss = loss_fn(model(x), y); loss.backward(); pre.step(opt); opt.step()
+            pre.update_damping(loss, lambda: loss_fn(model(x), y))
+        """
+        return self.damping_control.adapt(self, loss_before, loss_after)
+
     def set_step(self, step: int) -> None:
         """Set the optimizer-step clock t (e.g. ``trainer.global_step``); switches capture."""
         self.steps = int(step)
         self._set_capture()
+
+    def mc_backward(self, output: Optional[Tensor] = None) -> None:
+        """``fisher_type="mc"``: G from labels sampled from the model's predictive distribution.
+
+        Call it after the forward and BEFORE ``loss.backward()`` (the graph must be alive)::
+
+            out = model(x); pre.mc_backward(); loss_fn(out, y).backward(); pre.step(opt)
+
+        On factor-update steps it samples ``y~ ~ p(y|f(x))`` (``likelihood``), back-propagates
+        ``sum_n -log p(y~_n|f(x_n))`` to the captured layer outputs only (parameter ``.grad`` is
+        untouched) and adds the per-example ``g g^T`` to G; on other steps it does nothing. ``f(x)``
+        is the model's forward output (or ``output_module``'s), or ``output`` when given. With
+        ``KFACCallback`` it is called automatically in ``on_before_backward``. See core/mc.py.
+        """
+        if self.mc is None:
+            raise ValueError(f"Invalid fisher_type={self.config.fisher_type.value!r} for "
+                             "mc_backward(): it needs fisher_type='mc'.")
+        self.mc.backward(output)
 
     def step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Update factors / decompositions on their clocks, then precondition the gradients."""
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         t = self.steps
+        self.damping_control.at_step(t)
+        if self.mc is not None:
+            self.mc.finish_step(any(b.kind.module.weight.grad is not None
+                                    for b in self.blocks.values()))
         self._update_factors([b for b in self.blocks.values() if t % b.factor_update_steps == 0])
         self._update_decompositions([b for b in self.blocks.values()
-                                     if t % b.inv_update_steps == 0 and b.A is not None])
+                                     if self._decomposition_due(b, t) and b.A is not None])
+        if self.ekfac is not None:
+            self._update_ekfac_scaling(t)
         if t >= self.config.warmup_steps:
+            if self.damping_control.due(t):
+                self.damping_control.snapshot(self, optimizer, t)
             self._precondition(optimizer)
         else:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
+        for block in self.blocks.values():
+            block.clear_rows()
         self.steps = t + 1
         self._set_capture()
         self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
         self.last_stats["layers"] = float(len(self.blocks))
-        self.last_stats["damping"] = self.config.damping
+        self.last_stats["damping"] = self.damping_control.value
 
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Name -> ``(A, G)``: detached copies of the running factors of every updated layer."""
-        return {name: (b.A.detach().clone(), b.G.detach().clone())
+        # A diagonal A (nn.Embedding, stored as a vector) is returned as the matrix diag(A).
+        return {name: (torch.diag(b.A.detach()) if b.A.dim() == 1 else b.A.detach().clone(),
+                       b.G.detach().clone())
                 for name, b in self.blocks.items() if b.A is not None}
 
     def remove(self) -> None:
         """Take every hook off the model (the factors stay available)."""
         self.capture.remove()
+        if self.mc is not None:
+            self.mc.remove()
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> "KFACOptimizer":
         """An optimizer-like object whose ``step()`` preconditions, then steps ``optimizer``."""
@@ -137,13 +208,17 @@ class KFACPreconditioner:
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Everything a bit-identical resume needs; tensors and Python primitives only."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "steps": self.steps,
             "counters": dict(self.counters),
             "config": self.config.to_dict(),
             "layers": {name: b.state_dict() for name, b in self.blocks.items()},
+            "damping": self.damping_control.state_dict(),
+            **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
         }
+        self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a ``state_dict``; every saved layer must exist here (no silent partial load)."""
@@ -155,15 +230,54 @@ class KFACPreconditioner:
                 f"(preconditioned here: {sorted(self.blocks)}). Was the checkpoint made with "
                 "another model or other skip_layers?")
         self.steps = int(state.get("steps", 0))
+        if "damping" in state:
+            self.damping_control.load_state_dict(state["damping"])
         self.counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
         for name, block_state in layers.items():
             self.blocks[name].load_state_dict(block_state)
+        if self.mc is not None and "mc" in state:
+            self.mc.load_state_dict(state["mc"])
         self._set_capture()
 
     # -- internals -------------------------------------------------------------------------------
+    def _enable_low_rank(self) -> None:
+        """Keep per-step rows of Linear layers where the rank-R path can pay (core/lowrank.py).
+
+        Not under DDP: there the gradient is the average over ranks, not the local rows' product.
+        """
+        if not self.config.low_rank or self.comm.world_size > 1:
+            return
+        for block in self.blocks.values():
+            if block.kind.name == "Linear" and block.compute_method in ("eigen", "inverse"):
+                block.row_limit = lowrank.max_rows(block.kind.a_dim(), block.kind.g_dim())
+
+    def _low_rank_rows(self, block: KFACBlock, grad: Tensor):
+        """``(Am, Gm)`` when this step's rows reproduce ``grad`` exactly, else None."""
+        if not block.a_rows:
+            return None
+        pair = lowrank.stack_rows(block.a_rows, block.g_rows, grad.dtype)
+        if pair is None or not lowrank.gradient_matches(grad, *pair):
+            return None
+        self.counters["low_rank_steps"] = self.counters.get("low_rank_steps", 0) + 1
+        return pair
+
     def _set_capture(self) -> None:
         for block in self.blocks.values():
             block.capturing = self.steps % block.factor_update_steps == 0
+
+    def _any_capturing(self) -> bool:
+        return any(block.capturing for block in self.blocks.values())
+
+    def _update_ekfac_scaling(self, t: int) -> None:
+        """EKFAC: running average of the eigenbasis scaling on factor-update steps."""
+        due = [b for b in self.blocks.values() if t % b.factor_update_steps == 0]
+        for name in self.ekfac.update(due, self.config.factor_decay, self.comm):
+            self.counters["nonfinite_estimates"] += 1
+            message = (f"K-FAC: non-finite EKFAC scaling estimate for layer {name!r} at step "
+                       f"{t}; this scaling update is skipped (previous scaling kept).")
+            if self.config.nonfinite == "raise":
+                raise FloatingPointError(message)
+            self._warn_once(f"nonfinite-ekfac:{name}", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -182,21 +296,19 @@ class KFACPreconditioner:
             finite = seen and bool(torch.isfinite(a_hat).all() and torch.isfinite(g_hat).all())
             if seen and not finite:
                 a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
-            flags[2 * i], flags[2 * i + 1] = float(seen), float(finite)
+            flags[2 * i], flags[2 * i + 1] = float(seen), float(seen and not finite)
             estimates += [a_hat, g_hat]
             block.reset_accumulators()
-        world = self.comm.world_size
-        if world > 1:
-            self.comm.all_reduce_sum_([flags] + estimates)
+        all_reduce_factors_(self.comm, flags, estimates)  # upper triangles + flags, one call
         dropped = []
         for i, block in enumerate(due):
-            seen, finite = int(flags[2 * i]), int(flags[2 * i + 1])
+            seen, bad = int(flags[2 * i]), int(flags[2 * i + 1])  # ranks that saw it / non-finite
             a_hat, g_hat = estimates[2 * i], estimates[2 * i + 1]
             if seen == 0:
                 if block.A is None:
                     dropped.append(block.name)
                 continue
-            if finite < world:
+            if bad > 0:
                 self.counters["nonfinite_estimates"] += 1
                 message = (f"K-FAC: non-finite factor estimate for layer {block.name!r} at step "
                            f"{self.steps}; this factor update is skipped (running factors kept).")
@@ -204,9 +316,9 @@ class KFACPreconditioner:
                     raise FloatingPointError(message)
                 self._warn_once(f"nonfinite-est:{block.name}", message)
                 continue
-            if world > 1:
-                a_hat.div_(world)
-                g_hat.div_(world)
+            if seen > 1:  # mean over the ranks that ran the layer this step
+                a_hat.div_(seen)
+                g_hat.div_(seen)
             block.update_factors(a_hat, g_hat, self.config.factor_decay)
             self.counters["factor_updates"] += 1
         if dropped:
@@ -230,6 +342,8 @@ class KFACPreconditioner:
             dec = linalg.eigen_decomposition(block.A, block.G)
         elif method == "inverse":
             dec = linalg.inverse_decomposition(block.A, block.G, self._damping(block))
+        elif method == "ekfac":
+            dec = ekfac_decomposition(block.A, block.G)
         else:
             raise NotImplementedError(f"compute_method={method!r} is not implemented yet")
         if self.config.damping_mode == "relative":
@@ -239,18 +353,30 @@ class KFACPreconditioner:
 
     def _damping(self, block: KFACBlock) -> float:
         """Absolute damping of a block (relative mode: times (tr A/dim A)(tr G/dim G))."""
+        damping = block.damping * self.damping_control.multiplier
         if self.config.damping_mode != "relative":
-            return block.damping
+            return damping
         scale = linalg.mean_eigenvalue(block.A) * linalg.mean_eigenvalue(block.G)
-        return block.damping * scale if scale > 0 else block.damping
+        return damping * scale if scale > 0 else damping
+
+    def _effective_damping(self, block: KFACBlock) -> float:
+        """The absolute damping the block's decomposition in use is applied with."""
+        damping = block.damping * self.damping_control.multiplier
+        scale = block.decomposition.get("damping_scale")
+        return damping * float(scale) if scale is not None and float(scale) > 0 else damping
+
+    def _decomposition_due(self, block: KFACBlock, t: int) -> bool:
+        """On the block's clock, and once at the end of warm-up (t == warmup_steps > 0), so the
+        first preconditioned step uses the warmed-up factors, not those of step 0."""
+        return t % block.inv_update_steps == 0 or t == self.config.warmup_steps > 0
 
     def _update_decompositions(self, due: List[KFACBlock]) -> None:
-        for block in due:
-            try:
-                block.decomposition = self._decompose(block)
+        # core/kaisa.py: owner ranks decompose and share; a failure anywhere fails everywhere.
+        for block, err in self.kaisa.decompose(due, self._decompose):
+            if err is None:
                 block.failures = 0
                 self.counters["decompositions"] += 1
-            except linalg.DecompositionError as err:
+            else:
                 block.failures += 1
                 self.counters["decomposition_failures"] += 1
                 if block.failures >= self.config.max_decomposition_failures:
@@ -265,11 +391,17 @@ class KFACPreconditioner:
 
     def _precondition_block(self, block: KFACBlock, grad: Tensor) -> Tensor:
         dec = block.decomposition
-        if block.compute_method == "eigen":
-            damping = block.damping
-            if "damping_scale" in dec and float(dec["damping_scale"]) > 0:
-                damping = damping * float(dec["damping_scale"])
+        rows = self._low_rank_rows(block, grad)
+        if block.compute_method in ("eigen", "ekfac"):
+            damping = self._effective_damping(block)
+            if block.compute_method == "ekfac":
+                return precondition_ekfac(grad, dec, damping)
+            if rows is not None:
+                rotated = lowrank.rotated_gradient(dec, *rows)
+                return linalg.precondition_eigen_rotated(rotated, dec, damping)
             return linalg.precondition_eigen(grad, dec, damping)
+        if rows is not None:
+            return lowrank.inverse_product(dec, *rows)
         return linalg.precondition_inverse(grad, dec)
 
     def _precondition(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -288,6 +420,7 @@ class KFACPreconditioner:
             grad = raw.to(block.dtype)
             work.append((block, grad, self._precondition_block(block, grad),
                          1.0 if lr_of is None else lr_of[id(weight)]))
+        work = self.kaisa.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
         if not work:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
             return
@@ -295,7 +428,10 @@ class KFACPreconditioner:
         vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
         for (block, grad, pre, lr), ok in zip(work, finite):
             if ok:
-                vg_sum += float((pre * grad).sum()) * lr * lr
+                vg = float((pre * grad).sum())
+                if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
+                    vg = float((pre.double() * grad.double()).sum())
+                vg_sum += vg * lr * lr
         nu = 1.0
         if self.config.kl_clip is not None and vg_sum != 0.0:
             nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))

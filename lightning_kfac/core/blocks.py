@@ -31,11 +31,19 @@ class KFACBlock:
         self.inv_update_steps = inv_update_steps
         self.capturing = False  # switched by the preconditioner's factor clock
         self.failures = 0  # consecutive failed decompositions
+        self.row_limit = 0  # > 0: keep this step's a/g rows for low-rank preconditioning
+        self.clear_rows()
         self.A: Optional[Tensor] = None
         self.G: Optional[Tensor] = None
         self.decomposition: Dict[str, Tensor] = {}
         self.seen = False  # the forward hook fired at least once in a training forward
         self.reset_accumulators()
+
+    def clear_rows(self) -> None:
+        """Drop the rows kept for the low-rank path (core/lowrank.py)."""
+        self.a_rows: list = []
+        self.g_rows: list = []
+        self.kept_rows = 0
 
     # -- accumulation --------------------------------------------------------------------------
     def reset_accumulators(self) -> None:
@@ -45,8 +53,7 @@ class KFACBlock:
         self.g_div = 0
 
     def add_a(self, rows: Tensor, divisor: int) -> None:
-        rows = rows.to(self.dtype)
-        outer = rows.T @ rows
+        outer = self.kind.a_outer(rows, self.dtype)
         self.a_sum = outer if self.a_sum is None else self.a_sum.add_(outer)
         self.a_div += divisor
 
@@ -66,7 +73,8 @@ class KFACBlock:
         device = self.kind.module.weight.device
         if not self.has_estimates():
             a_dim, g_dim = self.kind.a_dim(), self.kind.g_dim()
-            return (torch.zeros(a_dim, a_dim, dtype=self.dtype, device=device),
+            a_shape = (a_dim,) if self.kind.diagonal_a else (a_dim, a_dim)
+            return (torch.zeros(a_shape, dtype=self.dtype, device=device),
                     torch.zeros(g_dim, g_dim, dtype=self.dtype, device=device))
         return self.a_sum / self.a_div, self.g_sum / self.g_div
 
@@ -80,7 +88,8 @@ class KFACBlock:
 
     def dense_fisher(self) -> Tensor:
         """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
-        return torch.kron(self.A, self.G)
+        A = torch.diag(self.A) if self.A.dim() == 1 else self.A
+        return torch.kron(A, self.G)
 
     def memory_bytes(self) -> int:
         """Bytes held by the running factors and the decomposition."""

@@ -38,13 +38,17 @@ class Capture:
         mean_reduction: True when the loss is a mean over examples (scale g by N).
         output_sink: when set (``fisher_type="mc"``), the forward hook hands each captured output
             to it instead of registering the empirical tensor hook.
+        pair_sink: when set (``compute_method="ekfac"``, core/ekfac.py), a forward's input rows
+            of an ekfac block are kept and handed with its output-gradient rows to
+            ``pair_sink(block, a_rows, g_rows, scale, examples)``.
     """
 
     def __init__(self, blocks: Dict[str, KFACBlock], *, mean_reduction: bool = True):
         self.blocks = blocks
         self.mean_reduction = mean_reduction
         self.grad_scale = 1.0
-        self.output_sink: Callable[[KFACBlock, Tensor], None] | None = None
+        self.output_sink: Callable[..., None] | None = None
+        self.pair_sink: Callable[..., None] | None = None
         self._handles: Dict[str, RemovableHandle] = {}
 
     def install(self) -> None:
@@ -65,35 +69,58 @@ class Capture:
 
     def _make_forward_hook(self, block: KFACBlock):
         def hook(module, args, kwargs, output):
-            if not (block.capturing and module.training and torch.is_grad_enabled()):
+            capturing, keep_rows = block.capturing, block.row_limit > 0
+            if not ((capturing or keep_rows) and module.training and torch.is_grad_enabled()):
                 return None
             if not isinstance(output, Tensor):
                 return None
             x = args[0] if args else kwargs.get("input")
             if _is_transformed(x):
                 return None  # a torch.func (vmap/grad) pass, not a training forward
-            block.seen = True
             rows, divisor = block.kind.input_rows(x.detach())
-            block.add_a(rows, divisor)
+            if capturing:
+                block.seen = True
+                block.add_a(rows, divisor)
+            pair = rows if (capturing and self.pair_sink is not None
+                            and block.compute_method == "ekfac") else None
+            if keep_rows:
+                keep_rows = self._keep_a_rows(block, rows)
             if not output.requires_grad:
                 return None
-            if self.output_sink is not None:
-                self.output_sink(block, output)
-            else:
-                output.register_hook(self._make_grad_hook(block))
+            empirical = capturing and self.output_sink is None
+            if capturing and self.output_sink is not None:
+                self.output_sink(block, output, pair)
+            if empirical or keep_rows:
+                output.register_hook(self._make_grad_hook(block, empirical, keep_rows, pair))
             return None
         return hook
 
-    def _make_grad_hook(self, block: KFACBlock):
+    @staticmethod
+    def _keep_a_rows(block: KFACBlock, rows: Tensor) -> bool:
+        """Keep a micro-batch's input rows for the low-rank path while they stay few enough."""
+        block.kept_rows += rows.shape[0]
+        if block.kept_rows > block.row_limit:
+            block.a_rows, block.g_rows = [], []  # too many rows this step: full path
+            return False
+        block.a_rows.append(rows)
+        return True
+
+    def _make_grad_hook(self, block: KFACBlock, empirical: bool, keep_rows: bool,
+                        pair: Tensor | None = None):
         def hook(grad: Tensor) -> None:
-            self.add_output_grad(block, grad)
+            if empirical:
+                self.add_output_grad(block, grad, a_rows=pair)
+            if keep_rows and block.kept_rows <= block.row_limit:
+                block.g_rows.append(grad.detach().reshape(-1, grad.shape[-1]))
         return hook
 
-    def add_output_grad(self, block: KFACBlock, grad: Tensor, per_example: bool = False) -> None:
+    def add_output_grad(self, block: KFACBlock, grad: Tensor, per_example: bool = False,
+                        a_rows: Tensor | None = None) -> None:
         """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
 
         ``per_example=True`` means ``grad`` already holds per-example gradients ``d l_n / d s_n``
         (e.g. from the sampled loss of ``fisher_type="mc"``), so no rescaling is applied.
+        ``a_rows``: the same forward's input rows, handed on to ``pair_sink`` (EKFAC).
         """
         rows, divisor, examples = block.kind.grad_rows(grad.detach())
         if per_example:
@@ -101,3 +128,5 @@ class Capture:
         else:
             scale = (examples if self.mean_reduction else 1.0) / self.grad_scale
         block.add_g(rows, divisor, scale)
+        if a_rows is not None and self.pair_sink is not None:
+            self.pair_sink(block, a_rows, rows, scale, examples)

@@ -12,6 +12,8 @@ With column-stacking vec, ``(A (x) G) vec(X) = vec(G X A)``, so every formula be
 Decompositions are computed in the factor dtype; a failure (exception or non-finite output) is
 retried once in float64 with a small diagonal jitter before ``DecompositionError`` is raised.
 Eigenvalues are clamped at zero (factors are PSD; round-off can make them slightly negative).
+A 1-D ``A`` is a diagonal factor (nn.Embedding): its eigenbasis is the identity (no ``QA`` is
+stored), its eigenvalues are its entries and its damped inverse is a vector.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
 
 def mean_eigenvalue(matrix: Tensor) -> float:
     """``tr(M) / dim(M)``."""
-    return float(matrix.diagonal().sum()) / matrix.shape[0]
+    diagonal = matrix if matrix.dim() == 1 else matrix.diagonal()
+    return float(diagonal.sum()) / matrix.shape[0]
 
 
 def pi_correction(A: Tensor, G: Tensor) -> float:
@@ -89,25 +92,45 @@ def pi_correction(A: Tensor, G: Tensor) -> float:
 
 def eigen_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
     """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time)."""
-    a, g = eigh_psd(A), eigh_psd(G)
-    return {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"]}
+    a, g = (_diagonal_eigen(A) if A.dim() == 1 else eigh_psd(A)), eigh_psd(G)
+    dec = {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"]}
+    return {k: v for k, v in dec.items() if v is not None}
+
+
+def _diagonal_eigen(diagonal: Tensor) -> Dict[str, Tensor]:
+    if not torch.isfinite(diagonal).all():
+        raise DecompositionError("eigendecomposition: the factor has non-finite entries")
+    return {"e": diagonal.clamp_min(0.0), "Q": None}
+
+
+def _damped_inverse_any(matrix: Tensor, damping: float) -> Tensor:
+    if matrix.dim() == 2:
+        return damped_inverse(matrix, damping)
+    _diagonal_eigen(matrix)
+    return 1.0 / (matrix.clamp_min(0.0) + damping)
 
 
 def inverse_decomposition(A: Tensor, G: Tensor, damping: float) -> Dict[str, Tensor]:
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
     pi = pi_correction(A, G)
     root = math.sqrt(damping)
-    return {"A_inv": damped_inverse(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
+    return {"A_inv": _damped_inverse_any(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
 
 
 def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
-    QA, QG = dec["QA"], dec["QG"]
-    rotated = QG.T @ grad @ QA
+    rotated = dec["QG"].T @ grad
+    return precondition_eigen_rotated(rotated @ dec["QA"] if "QA" in dec else rotated, dec, damping)
+
+
+def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+    """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
     rotated = rotated / (torch.outer(dec["eG"], dec["eA"]) + damping)
-    return QG @ rotated @ QA.T
+    out = dec["QG"] @ rotated
+    return out @ dec["QA"].T if "QA" in dec else out
 
 
 def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
     """``G_inv grad A_inv``."""
-    return dec["G_inv"] @ grad @ dec["A_inv"]
+    A_inv = dec["A_inv"]
+    return dec["G_inv"] @ grad @ A_inv if A_inv.dim() == 2 else (dec["G_inv"] @ grad) * A_inv
