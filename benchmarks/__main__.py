@@ -1,0 +1,38 @@
+"""Run every benchmark: ``python -m benchmarks [--tiny] [--out DIR] [--only NAME ...]``.
+
+Each benchmark prints a plain-text table and writes ``DIR/<name>.json`` and ``DIR/<name>.png``
+(default ``bench_results/``). ``--tiny`` runs small sizes for a smoke test (well under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Dict, List, Optional
+
+from benchmarks import common, scaling, step_overhead, time_to_target
+
+BENCHMARKS = {"step_overhead": step_overhead, "time_to_target": time_to_target,
+              "scaling": scaling}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--out", default=common.DEFAULT_OUT, help="output directory")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None,
+                        help="run only these benchmarks")
+    args = parser.parse_args(argv)
+    results = {}
+    for name, module in BENCHMARKS.items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        results[name] = module.run(tiny=args.tiny, out=args.out)
+        print(f"[{name}: {time.perf_counter() - start:.1f} s; wrote {results[name]['json']} and "
+              f"{results[name]['png']}]\n", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
