@@ -1,0 +1,359 @@
+"""Distributed second-order work (KAISA, Pauloski et al., SC'21): who decomposes, who preconditions.
+
+Under data parallelism every rank holds the same averaged factors, so the d^3 decompositions need
+not be repeated on every rank. Each shared layer gets one owner rank
+(``assignment.greedy_assignment`` on ``d_A^3 + d_G^3``), which decomposes it. Then
+(``KFACConfig.distribute``):
+
+- ``"replicate"``: no sharing, every rank decomposes every layer. Memory: all decompositions on
+  every rank; communication: one tiny flag all-reduce per refresh; compute: all of it, everywhere.
+- ``"decompositions"`` (KAISA's COMM-OPT, grad_worker_fraction = 1): the owner broadcasts the
+  decomposition, every rank keeps all of them and preconditions every layer itself. Memory: as
+  replicate; communication: the decompositions once per refresh (eigen: ``d_A^2 + d_A + d_G^2 + d_G``
+  numbers a layer); compute: 1/world of the decompositions.
+- ``"gradients"`` (KAISA's MEM-OPT, grad_worker_fraction = 1/world): only the owner keeps the
+  decomposition and computes the layer's preconditioned gradient, which it broadcasts every step
+  (``d_G x d_A`` numbers a layer, like a second gradient all-reduce). Memory: 1/world of the
+  decompositions; communication: every step; compute: 1/world of decompositions and of
+  preconditioning. Checkpointing (``state_dict``) is then collective: the owners broadcast their
+  decompositions so that rank 0 can write them (Lightning calls ``state_dict`` on every rank).
+
+Decisions are collective: a decomposition that fails on the rank computing it fails on every rank
+(a flag all-reduce precedes the transfer), so all ranks keep the same previous decomposition and
+count the same failures. A preconditioned gradient travels with an "ok" flag set by its owner.
+
+Layers whose decomposition layout is not known here (``compute_method`` other than "eigen" and
+"inverse") are always replicated. Transfers use one flattened broadcast per source rank
+(``transport="broadcast"``) or one all-reduce of zero-filled buffers (``"all_reduce"``); both
+deliver the owner's values exactly (x + 0 = x).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.core.assignment import greedy_assignment, layer_cost
+from lightning_kfac.core.distributed import symmetric_numel
+
+Layout = List[Tuple[str, Tuple[int, ...], torch.dtype, bool]]  # key, shape, dtype, column-major
+TRANSPORTS = ("broadcast", "all_reduce")
+
+
+@functools.lru_cache(maxsize=None)
+def _column_major(method: str, dtype: torch.dtype) -> FrozenSet[str]:
+    """Keys that torch's eigh / inverse return column-major (probed once per method and dtype).
+
+    Receivers allocate those buffers column-major too, so that every rank's matmuls see the same
+    memory layout as on the owner and give bit-identical results to replicated decompositions.
+    """
+    from lightning_kfac.core import linalg
+
+    m = torch.eye(3, dtype=dtype) + 0.1
+    dec = (linalg.eigen_decomposition(m, m) if method == "eigen"
+           else linalg.inverse_decomposition(m, m, 1.0))
+    return frozenset(k for k, v in dec.items() if v.dim() == 2 and not v.is_contiguous()
+                     and v.T.is_contiguous())
+
+
+def decomposition_layout(block, relative: bool) -> Optional[Layout]:
+    """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
+    a, g, dtype = block.kind.a_dim(), block.kind.g_dim(), block.dtype
+    method = str(getattr(block.compute_method, "value", block.compute_method))
+    if method == "eigen":
+        items = [("QA", (a, a)), ("eA", (a,)), ("QG", (g, g)), ("eG", (g,))]
+    elif method == "inverse":
+        items = [("A_inv", (a, a)), ("G_inv", (g, g))]
+    else:
+        return None
+    cols = _column_major(method, dtype)
+    layout: Layout = [(key, shape, dtype, key in cols) for key, shape in items]
+    if relative:
+        layout.append(("damping_scale", (), torch.float64, False))
+    return layout
+
+
+def _wire(t: Tensor, column_major: bool) -> Tensor:
+    """The contiguous tensor that travels for ``t`` (its transpose when column-major)."""
+    return t.T.contiguous() if column_major else t.contiguous()
+
+
+def _nbytes(layout: Layout) -> int:
+    total = 0
+    for _, shape, dtype, _ in layout:
+        n = 1
+        for s in shape:
+            n *= s
+        total += n * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+class DistributedWork:
+    """Per-preconditioner KAISA bookkeeping: the owner map, the transfers, collective decisions.
+
+    Args:
+        pre: the ``KFACPreconditioner`` (its ``comm``, ``config`` and ``blocks`` are read at
+            each call, so a communicator set after construction is picked up).
+        transport: "broadcast" (one flattened broadcast per source rank) or "all_reduce".
+    """
+
+    def __init__(self, pre: Any, transport: str = "broadcast"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"Invalid transport={transport!r}: must be one of {TRANSPORTS}.")
+        self.pre = pre
+        self.transport = transport
+        self.local_decompositions = 0  # decompositions computed on this rank (for figures/tests)
+        self._owners: Dict[str, int] = {}
+        self._owners_world = 0
+
+    # -- who does what -----------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        mode = getattr(self.pre.config, "distribute", "replicate")
+        return str(getattr(mode, "value", mode))
+
+    @property
+    def comm(self):
+        return self.pre.comm
+
+    def _relative(self) -> bool:
+        mode = self.pre.config.damping_mode
+        return str(getattr(mode, "value", mode)) == "relative"
+
+    def layout(self, block) -> Optional[Layout]:
+        return decomposition_layout(block, self._relative())
+
+    def is_shared(self, block) -> bool:
+        """True when one owner rank decomposes this block (world > 1, mode != replicate)."""
+        return (self.comm.world_size > 1 and self.mode != "replicate"
+                and self.layout(block) is not None)
+
+    def owners(self) -> Dict[str, int]:
+        """``{name: rank}`` for the shareable blocks; fixed once computed (per world size)."""
+        world = self.comm.world_size
+        names = [n for n, b in self.pre.blocks.items() if self.layout(b) is not None]
+        if world != self._owners_world or any(n not in self._owners for n in names):
+            costs = [(n, layer_cost(self.pre.blocks[n].kind.a_dim(), self.pre.blocks[n].kind.g_dim()))
+                     for n in names]
+            self._owners = greedy_assignment(costs, world)
+            self._owners_world = world
+        return self._owners
+
+    def owner(self, block) -> Optional[int]:
+        """The rank that decomposes ``block``, or None when every rank does."""
+        return self.owners()[block.name] if self.is_shared(block) else None
+
+    # -- transfers ---------------------------------------------------------------------------
+    def _transfer(self, per_src: Dict[int, List[Tensor]]) -> None:
+        """Make every rank's tensors equal to the source rank's, for each source."""
+        if not per_src:
+            return
+        if self.transport == "broadcast":
+            for src in sorted(per_src):
+                self.comm.broadcast_(per_src[src], src)
+        else:
+            rank = self.comm.rank
+            everything = []
+            for src in sorted(per_src):
+                if src != rank:
+                    for t in per_src[src]:
+                        t.zero_()
+                everything += per_src[src]
+            self.comm.all_reduce_sum_(everything)
+
+    def _send_decompositions(self, blocks: Sequence[Any]) -> Dict[str, Dict[str, Tensor]]:
+        """Owners' decompositions of ``blocks`` on every rank: ``{name: decomposition}``."""
+        rank = self.comm.rank
+        per_src: Dict[int, List[Tensor]] = {}
+        out: Dict[str, Dict[str, Tensor]] = {}
+        for block in blocks:
+            src, layout = self.owners()[block.name], self.layout(block)
+            device = block.kind.module.weight.device
+            if src == rank:
+                dec = block.decomposition
+                _check_layout(block, dec, layout)
+                out[block.name] = {k: dec[k] for k, _, _, _ in layout}
+                wire = [_wire(dec[k], col) for k, _, _, col in layout]
+            else:
+                dec = {k: (torch.zeros(shape[::-1], dtype=dtype, device=device).T if col
+                           else torch.zeros(shape, dtype=dtype, device=device))
+                       for k, shape, dtype, col in layout}
+                out[block.name] = dec
+                wire = [dec[k].T if col else dec[k] for k, _, _, col in layout]
+            per_src.setdefault(src, []).extend(wire)
+        self._transfer(per_src)
+        return out
+
+    # -- engine entry points -----------------------------------------------------------------
+    def decompose(self, due: Sequence[Any], fn) -> List[Tuple[Any, Optional[Exception]]]:
+        """Refresh the decompositions of ``due`` with ``fn(block) -> dict``, collectively.
+
+        Returns ``[(block, error or None)]`` in ``due`` order, identical on every rank; on
+        success ``block.decomposition`` is set (empty on non-owners in "gradients" mode), on
+        failure it is left as it was.
+        """
+        from lightning_kfac.core.linalg import DecompositionError
+
+        comm, rank = self.comm, self.comm.rank
+        owners = [self.owner(block) for block in due]
+        failed = torch.zeros(len(due), dtype=torch.float64)
+        local: Dict[int, Any] = {}
+        for i, (block, src) in enumerate(zip(due, owners)):
+            if src is None or src == rank:
+                try:
+                    local[i] = fn(block)
+                    self.local_decompositions += 1
+                except DecompositionError as err:
+                    local[i] = err
+                    failed[i] = 1.0
+        if comm.world_size > 1 and len(due):
+            comm.all_reduce_sum_([failed])
+        results: List[Tuple[Any, Optional[Exception]]] = []
+        to_send = []
+        for i, (block, src) in enumerate(zip(due, owners)):
+            if failed[i] > 0:
+                err = local.get(i)
+                if not isinstance(err, Exception):
+                    where = "another rank" if src is None else f"rank {src}"
+                    err = DecompositionError(f"the decomposition failed on {where}")
+                results.append((block, err))
+                continue
+            if src is None or src == rank:
+                block.decomposition = local[i]
+            elif self.mode == "gradients":
+                block.decomposition = {}
+            if src is not None and self.mode == "decompositions":
+                to_send.append(block)
+            results.append((block, None))
+        if to_send:
+            for name, dec in self._send_decompositions(to_send).items():
+                self.pre.blocks[name].decomposition = dec
+        return results
+
+    def exchange_gradients(self, work: List[tuple], lr_of: Optional[Dict[int, float]]) -> List[tuple]:
+        """"gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
+
+        ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
+        the result holds every layer whose owner produced a P (in ``blocks`` order).
+        """
+        blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)]
+        if self.mode != "gradients" or not blocks:
+            return work
+        rank = self.comm.rank
+        local = {item[0].name: item for item in work}
+        per_src: Dict[int, List[Tensor]] = {}
+        received: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for block in blocks:
+            src = self.owners()[block.name]
+            device = block.kind.module.weight.device
+            shape = (block.kind.g_dim(), block.kind.a_dim())
+            item = local.get(block.name) if src == rank else None
+            if item is not None:
+                pre_grad = item[2].contiguous()
+                flag = torch.ones(1, dtype=pre_grad.dtype, device=device)
+            else:
+                pre_grad = torch.zeros(shape, dtype=block.dtype, device=device)
+                flag = torch.zeros(1, dtype=block.dtype, device=device)
+            received[block.name] = (pre_grad, flag)
+            per_src.setdefault(src, []).extend([pre_grad, flag])
+        self._transfer(per_src)
+        shared = {b.name for b in blocks}
+        out = []
+        for block in self.pre.blocks.values():
+            if block.name not in shared:
+                if block.name in local:
+                    out.append(local[block.name])
+                continue
+            if self.owners()[block.name] != rank:
+                block.decomposition = {}  # e.g. loaded from a checkpoint: the owner's copy is used
+            pre_grad, flag = received[block.name]
+            if float(flag) != 1.0:
+                continue
+            item = local.get(block.name) or _work_item(block, lr_of)
+            if item is not None:
+                out.append((block, item[1], pre_grad, item[3]))
+        return out
+
+    def complete_state(self, layers: Dict[str, Dict[str, Any]]) -> None:
+        """"gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
+        blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)]
+        if self.mode != "gradients" or not blocks:
+            return
+        rank = self.comm.rank
+        have = torch.tensor([1.0 if self.owners()[b.name] == rank and b.decomposition else 0.0
+                             for b in blocks], dtype=torch.float64)
+        self.comm.all_reduce_sum_([have])
+        ready = [b for b, h in zip(blocks, have.tolist()) if h > 0]
+        for name, dec in self._send_decompositions(ready).items():
+            layers[name]["decomposition"] = {k: v.clone() for k, v in dec.items()}
+
+
+def _work_item(block, lr_of):
+    weight = block.kind.module.weight
+    if lr_of is not None and id(weight) not in lr_of:
+        return None
+    raw = block.kind.grad_matrix()
+    if raw is None:
+        return None
+    return (block, raw.to(block.dtype), None, 1.0 if lr_of is None else lr_of[id(weight)])
+
+
+def _check_layout(block, dec: Dict[str, Tensor], layout: Layout) -> None:
+    for key, shape, dtype, _ in layout:
+        value = dec.get(key)
+        if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+            got = None if value is None else (tuple(value.shape), value.dtype)
+            raise RuntimeError(
+                f"K-FAC: decomposition of layer {block.name!r} does not match its transfer layout "
+                f"({key}: expected {tuple(shape)} {dtype}, got {got}); set distribute='replicate'.")
+
+
+def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str, int]:
+    """Payload bytes each rank hands to collectives, for every layer due at once.
+
+    Returns a dict with ``factor_update`` (upper triangles of A^, G^ and two flags a layer),
+    ``decomposition_refresh`` (failure flags, plus the decompositions in "decompositions" mode),
+    ``per_step`` (the preconditioned gradients in "gradients" mode, else 0), ``state_dict``
+    (the collective gather of "gradients" mode) and ``decomposition_memory_per_rank`` (bytes of
+    decompositions held by the busiest rank).
+
+    Example:
+        >>> communication_bytes(KFACPreconditioner(model), world_size=2)["factor_update"]
+    """
+    world = pre.comm.world_size if world_size is None else int(world_size)
+    work = DistributedWork(pre)
+    relative = work._relative()
+    mode = work.mode
+    blocks = list(pre.blocks.values())
+    layouts = {b.name: decomposition_layout(b, relative) for b in blocks}
+    shared = [b for b in blocks if world > 1 and mode != "replicate" and layouts[b.name] is not None]
+    costs = [(b.name, layer_cost(b.kind.a_dim(), b.kind.g_dim())) for b in shared]
+    owner = greedy_assignment(costs, max(world, 1))
+    dec_bytes = {b.name: _nbytes(layouts[b.name]) for b in blocks if layouts[b.name] is not None}
+
+    def elsize(b) -> int:
+        return torch.empty((), dtype=b.dtype).element_size()
+
+    out = {"factor_update": 0, "decomposition_refresh": 0, "per_step": 0, "state_dict": 0}
+    if world > 1 and blocks:
+        out["factor_update"] = sum(
+            (symmetric_numel(b.kind.a_dim()) + symmetric_numel(b.kind.g_dim()) + 2) * elsize(b)
+            for b in blocks)
+        out["decomposition_refresh"] = 8 * len(blocks)
+        if mode == "decompositions":
+            out["decomposition_refresh"] += sum(dec_bytes[b.name] for b in shared)
+        if mode == "gradients":
+            out["per_step"] = sum((b.kind.g_dim() * b.kind.a_dim() + 1) * elsize(b) for b in shared)
+            out["state_dict"] = 8 * len(shared) + sum(dec_bytes[b.name] for b in shared)
+    held = [0] * max(world, 1)
+    for b in blocks:
+        size = dec_bytes.get(b.name, 0)
+        if b in shared and mode == "gradients":
+            held[owner[b.name]] += size
+        else:
+            held = [h + size for h in held]
+    out["decomposition_memory_per_rank"] = max(held)
+    return out

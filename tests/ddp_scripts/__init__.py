@@ -1,0 +1,1 @@
+"""Standalone multi-process scripts and spawn targets for the distributed tests."""
