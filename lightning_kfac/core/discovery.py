@@ -54,6 +54,22 @@ def layer_settings(config: KFACConfig, name: str, type_name: str) -> Dict[str, A
     return settings
 
 
+def _param_owners(model: nn.Module) -> Dict[int, List[str]]:
+    """id(trainable parameter) -> names of the modules that hold it directly."""
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def _tied_to(owners: Dict[int, List[str]], module: nn.Module, name: str) -> List[str]:
+    """Other modules holding one of ``module``'s trainable parameters (tied weights)."""
+    others = {o for p in module.parameters(recurse=False) for o in owners.get(id(p), ())}
+    return sorted(others - {name})
+
+
 def factor_dtype(weight: torch.Tensor) -> torch.dtype:
     """float32, or the weight's dtype when it is wider (float64 models keep float64 factors)."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -63,7 +79,7 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
     """Blocks for the preconditioned modules (in ``named_modules`` order) and the skipped list."""
     blocks: Dict[str, KFACBlock] = {}
     skipped: List[Skipped] = []
-    weight_owner: Dict[int, str] = {}
+    owners = _param_owners(model)
     for name, module in model.named_modules():
         trainable = _own_trainable(module)
         type_name = type(module).__name__
@@ -83,16 +99,11 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
         if settings["compute_method"] == "skip":
             skipped.append(Skipped(name, type_name, "layer_overrides: compute_method=skip", trainable))
             continue
-        if id(weight) in weight_owner:
-            other = weight_owner[id(weight)]
-            reason = f"weight tied to {other!r}: tied weights are not preconditioned"
+        tied = _tied_to(owners, module, name)
+        if tied:
+            reason = (f"parameters tied to {', '.join(map(repr, tied))}: tied weights are not "
+                      "preconditioned (their gradient sums several layers' uses)")
             skipped.append(Skipped(name, type_name, reason, trainable))
-            if other in blocks:
-                first = blocks.pop(other)
-                skipped.append(Skipped(other, type(first.kind.module).__name__,
-                                       f"weight tied to {name!r}: tied weights are not preconditioned",
-                                       _own_trainable(first.kind.module)))
             continue
-        weight_owner[id(weight)] = name
         blocks[name] = KFACBlock(name, kind, factor_dtype(weight), **settings)
     return blocks, skipped

@@ -6,6 +6,10 @@ Tensor layout (CONTRACT.md, "The mathematics"):
   (..., in) gives ``N = prod(...)`` rows ``a_n`` (with a trailing 1 when there is a bias); the
   output gradient (..., out) gives ``N`` rows ``g_n``. Every leading position is an example
   ("KFAC-expand"): ``A^ = (1/N) sum_n a a^T``, ``G^ = (1/N) sum_n g g^T``.
+- Embedding (a Linear layer on one-hot inputs, ``s = W^T e_i``): in the Linear layout the weight is
+  ``W^T`` (embedding_dim x num_embeddings), so ``grad W~ = weight.grad^T``, no bias. Every index
+  position is an example; ``A^ = (1/N) sum_n e_{i_n} e_{i_n}^T`` is diagonal (token counts / N)
+  and is kept as its diagonal, a vector (``LayerKind.diagonal_a``), ``G^`` as for Linear.
 - ConvNd (KFC, Grosse & Martens 2016, sec. 3): the input patch at output location t of example n,
   ``a_{n,t}`` (in_channels * prod(kernel) (+1)), in the same order as ``W.view(out, -1)``;
   ``A^ = (1/B) sum_{n,t} a a^T``, ``G^ = (1/(B T)) sum_{n,t} g g^T``.
@@ -30,6 +34,7 @@ class LayerKind:
     """Base class: how one module type maps to K-FAC rows and back."""
 
     name = "layer"
+    diagonal_a = False  # True: A is kept as its diagonal, a vector (nn.Embedding)
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -56,6 +61,20 @@ class LayerKind:
     def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
         """Rows ``g`` (R x g_dim), the divisor of ``sum g g^T`` and the example count N."""
         raise NotImplementedError
+
+    def a_outer(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        """``sum_n a_n a_n^T`` of the rows from ``input_rows`` (its diagonal when diagonal_a)."""
+        rows = rows.to(dtype)
+        return rows.T @ rows
+
+    def as_matrix(self, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Weight- and bias-shaped tensors (e.g. a parameter step) in the ``W~`` layout."""
+        matrix = weight.reshape(weight.shape[0], -1)
+        if self.has_bias:
+            bias = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device) \
+                if bias is None else bias
+            matrix = torch.cat([matrix, bias.reshape(-1, 1)], dim=1)
+        return matrix
 
     def _append_ones(self, rows: Tensor) -> Tensor:
         if not self.has_bias:
@@ -151,10 +170,59 @@ class ConvKind(LayerKind):
         return rows, rows.shape[0], batch
 
 
+class EmbeddingKind(LayerKind):
+    """``nn.Embedding``: rows are the flattened indices, ``A`` is the vector of token counts / N."""
+
+    name = "Embedding"
+    diagonal_a = True
+
+    def a_dim(self) -> int:
+        return self.module.num_embeddings
+
+    def g_dim(self) -> int:
+        return self.module.embedding_dim
+
+    def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
+        rows = x.reshape(-1)
+        return rows, rows.shape[0]
+
+    def a_outer(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
+        return torch.bincount(rows.long(), minlength=self.a_dim()).to(dtype)
+
+    def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
+        rows = g.reshape(-1, g.shape[-1])
+        return rows, rows.shape[0], rows.shape[0]
+
+    def as_matrix(self, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return weight.T
+
+    def grad_matrix(self) -> Optional[Tensor]:
+        grad = self.module.weight.grad
+        return None if grad is None else grad.T
+
+    def set_grad(self, matrix: Tensor) -> None:
+        self.module.weight.grad.copy_(matrix.T)
+
+
+def _embedding_refusal(module: nn.Embedding) -> str:
+    if module.sparse:
+        return "nn.Embedding(sparse=True): sparse gradients are not supported"
+    if module.padding_idx is not None:
+        return ("nn.Embedding(padding_idx=...) is not supported (padding positions would enter "
+                "the factors while their gradient is masked)")
+    if module.scale_grad_by_freq:
+        return ("nn.Embedding(scale_grad_by_freq=True) is not supported (its gradient is not "
+                "sum_n g_n a_n^T)")
+    return ""
+
+
 def make_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
     """Return ``(kind, "")`` for a supported module, else ``(None, reason)``."""
     if isinstance(module, nn.Linear):
         return LinearKind(module), ""
+    if isinstance(module, nn.Embedding):
+        reason = _embedding_refusal(module)
+        return (None, reason) if reason else (EmbeddingKind(module), "")
     if isinstance(module, _CONV_TYPES):
         if module.groups != 1:
             return None, f"grouped convolution (groups={module.groups}) is not supported"

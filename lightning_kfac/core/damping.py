@@ -1,0 +1,255 @@
+"""Damping over time: schedules and Levenberg-Marquardt adaptation (Martens & Grosse 2015, sec. 6.5).
+
+The engine keeps one global damping ``lambda_t`` (``pre.damping``). A layer whose
+``layer_overrides`` give it its own damping ``d_l`` uses ``d_l * lambda_t / lambda_0`` (every group
+moves by the same factor), times its scale ``(tr A/dim A)(tr G/dim G)`` in
+``damping_mode="relative"``. ``compute_method="eigen"`` applies the current damping at every step;
+``"inverse"`` bakes it into the inverses, so a change takes effect at the next decomposition.
+
+Schedules, by name and numbers (serializable), on the 0-based optimizer-step clock t:
+
+- ``constant``:    ``lambda_t = lambda_0``
+- ``exponential``: ``lambda_t = lambda_0 * decay ** (t / step_size)``
+- ``step``:        ``lambda_t = lambda_0 * decay ** floor(t / step_size)``
+
+always clamped to ``[min_damping, max_damping]``.
+
+Adaptive damping (LM rule, M&G sec. 6.5): on every T-th preconditioned step the engine keeps the
+raw gradient and the parameters; after the optimizer step the caller passes the loss before and
+after the step on the same batch, and
+
+    rho = (L(theta + delta) - L(theta)) / M(delta),
+    M(delta) = sum_layers [ <grad W~, D> + 1/2 <D, G D A> + 1/2 lambda_l |D|^2 ]
+               + sum_other params <grad p, delta_p>,
+
+with ``D`` the layer's step in the ``W~`` layout (``vec(G D A) = (A (x) G) vec(D)``, the K-FAC
+curvature of the mean loss; parameters that are not preconditioned enter to first order).
+``rho > 3/4``: ``lambda *= omega``; ``rho < 1/4``: ``lambda /= omega``; ``omega = (19/20)**T`` unless
+``adaptive_damping_factor`` is set. A step whose new loss is not finite counts as ``rho = -inf``
+(damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a zero
+step) leaves the damping alone and returns ``nan``. Under DDP the two losses are averaged over
+ranks first, so every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kfac.config import KFACConfig
+
+Loss = Union[float, Tensor, Callable[[], Any]]
+
+
+def scheduled_damping(config: KFACConfig, step: int) -> float:
+    """``lambda_t`` of the configured schedule at optimizer step ``step``, clamped."""
+    schedule = str(config.damping_schedule)
+    if schedule == "constant":
+        value = config.damping
+    elif schedule == "exponential":
+        value = config.damping * config.damping_decay ** (step / config.damping_step_size)
+    elif schedule == "step":
+        value = config.damping * config.damping_decay ** (step // config.damping_step_size)
+    else:  # pragma: no cover - KFACConfig validates the name
+        raise ValueError(f"Invalid damping_schedule={schedule!r}")
+    return clamp(config, value)
+
+
+def clamp(config: KFACConfig, value: float) -> float:
+    """``value`` limited to ``[min_damping, max_damping]``."""
+    high = math.inf if config.max_damping is None else config.max_damping
+    return min(max(value, config.min_damping), high)
+
+
+def omega(config: KFACConfig) -> float:
+    """The LM factor: ``adaptive_damping_factor`` or ``(19/20) ** T`` (M&G sec. 6.5)."""
+    if config.adaptive_damping_factor is not None:
+        return config.adaptive_damping_factor
+    return (19.0 / 20.0) ** config.adaptive_damping_interval
+
+
+def lm_update(damping: float, rho: float, factor: float) -> float:
+    """``damping * factor`` if ``rho > 3/4``, ``damping / factor`` if ``rho < 1/4`` (or -inf)."""
+    if math.isnan(rho):
+        return damping
+    if rho > 0.75:
+        return damping * factor
+    if rho < 0.25:
+        return damping / factor
+    return damping
+
+
+def curvature_product(A: Tensor, G: Tensor, D: Tensor) -> Tensor:
+    """``G D A``, i.e. ``(A (x) G) vec(D)``; a 1-D ``A`` is a diagonal (nn.Embedding)."""
+    GD = G @ D
+    return GD * A if A.dim() == 1 else GD @ A
+
+
+def block_model(grad: Tensor, delta: Tensor, A: Tensor, G: Tensor, damping: float) -> float:
+    """``<grad, D> + 1/2 <D, G D A> + 1/2 damping |D|^2`` for one layer (float64 sums)."""
+    grad, delta = grad.double(), delta.double()
+    curv = curvature_product(A.double(), G.double(), delta)
+    quad = float((delta * curv).sum()) + damping * float(delta.square().sum())
+    return float((grad * delta).sum()) + 0.5 * quad
+
+
+@dataclass
+class _LayerTerm:
+    block: Any  # KFACBlock
+    grad: Tensor  # raw grad W~ at theta
+    before: List[Tensor]  # the layer's parameters at theta
+    damping: float  # absolute damping the step was preconditioned with
+
+
+@dataclass
+class _ParamTerm:
+    param: nn.Parameter
+    grad: Tensor
+    before: Tensor
+
+
+class DampingControl:
+    """The current global damping: schedule or LM adaptation, plus its checkpoint state.
+
+    Attributes:
+        value: the current global damping ``lambda_t``.
+        last_rho: the last reduction ratio (nan before the first adaptation).
+        adaptations: how many times the LM rule ran.
+    """
+
+    def __init__(self, config: KFACConfig):
+        self.config = config
+        self.value = config.damping
+        self.last_rho = math.nan
+        self.adaptations = 0
+        self.pending: Optional[Tuple[int, List[_LayerTerm], List[_ParamTerm]]] = None
+        self._warned = False
+
+    @property
+    def multiplier(self) -> float:
+        """``lambda_t / lambda_0``: the factor every layer's own damping is scaled by."""
+        return self.value / self.config.damping
+
+    def at_step(self, step: int) -> None:
+        """Move a scheduled damping to step ``step`` (no-op for constant / adaptive)."""
+        if str(self.config.damping_schedule) != "constant":
+            self.value = scheduled_damping(self.config, step)
+
+    def due(self, step: int) -> bool:
+        """True on the adaptation steps: every ``adaptive_damping_interval``-th step."""
+        return self.config.adaptive_damping and step % self.config.adaptive_damping_interval == 0
+
+    # -- adaptation ------------------------------------------------------------------------------
+    def snapshot(self, pre: Any, optimizer: Optional[torch.optim.Optimizer], step: int) -> None:
+        """Keep raw gradients and parameters before this step's preconditioning (memory: 2x the
+        trained parameters, released by :meth:`adapt`)."""
+        if self.pending is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"K-FAC: adaptive_damping=True but update_damping() was not called after step "
+                f"{self.pending[0]}; that adaptation is dropped. Call "
+                "pre.update_damping(loss_before, loss_after) after optimizer.step() (the "
+                "Lightning callback does it for you).", RuntimeWarning, stacklevel=4)
+        params = _trained_params(pre.model, optimizer)
+        wanted = {id(p) for p in params}
+        layers, covered = [], set()
+        for block in pre.blocks.values():
+            kind = block.kind
+            if id(kind.module.weight) not in wanted or not block.decomposition:
+                continue
+            grad = kind.grad_matrix()
+            if grad is None:
+                continue
+            layers.append(_LayerTerm(block, grad.detach().to(block.dtype).clone(),
+                                     [p.detach().clone() for p in kind.params],
+                                     pre._effective_damping(block)))
+            covered.update(id(p) for p in kind.params)
+        others = [_ParamTerm(p, p.grad.detach().clone(), p.detach().clone())
+                  for p in params if id(p) not in covered and p.grad is not None]
+        self.pending = (step, layers, others)
+
+    def model_decrease(self) -> float:
+        """``M(delta)`` for the pending snapshot, with delta = parameters now - at the snapshot."""
+        assert self.pending is not None
+        _, layers, others = self.pending
+        total = 0.0
+        for term in layers:
+            kind, block = term.block.kind, term.block
+            now = [p.detach() for p in kind.params]
+            diffs = [n.to(b.dtype) - b for n, b in zip(now, term.before)]
+            delta = kind.as_matrix(diffs[0], diffs[1] if len(diffs) > 1 else None)
+            total += block_model(term.grad, delta.to(block.dtype), block.A, block.G, term.damping)
+        for term in others:
+            delta = term.param.detach() - term.before
+            total += float((term.grad.double() * delta.double()).sum())
+        return total
+
+    def adapt(self, pre: Any, loss_before: Loss, loss_after: Loss) -> Optional[float]:
+        """Apply the LM rule after an adaptation step; None when no snapshot is pending."""
+        if self.pending is None:
+            return None
+        before, after = _as_float(loss_before), _as_float(loss_after)
+        comm = pre.comm
+        if comm.world_size > 1:
+            device = next((p.device for p in pre.model.parameters()), torch.device("cpu"))
+            losses = torch.tensor([before, after], dtype=torch.float64, device=device)
+            comm.all_reduce_sum_([losses])
+            before, after = (float(v) / comm.world_size for v in losses.tolist())
+        predicted = self.model_decrease()
+        self.pending = None
+        if not math.isfinite(before):
+            rho = math.nan
+        elif not math.isfinite(after):
+            rho = -math.inf
+        elif not (math.isfinite(predicted) and predicted < 0.0):
+            rho = math.nan
+        else:
+            rho = (after - before) / predicted
+        self.last_rho = rho
+        self.adaptations += 1
+        self.value = clamp(self.config, lm_update(self.value, rho, omega(self.config)))
+        return rho
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"value": self.value, "last_rho": self.last_rho, "adaptations": self.adaptations}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.value = float(state.get("value", self.value))
+        self.last_rho = float(state.get("last_rho", self.last_rho))
+        self.adaptations = int(state.get("adaptations", self.adaptations))
+        self.pending = None
+
+
+def _trained_params(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> List[nn.Parameter]:
+    if optimizer is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    else:
+        params = list(model.parameters())
+    seen, out = set(), []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _as_float(loss: Loss) -> float:
+    """A loss given as a number, a tensor or a closure (called under ``torch.no_grad``)."""
+    if callable(loss):
+        with torch.no_grad():
+            loss = loss()
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"Invalid loss of shape {tuple(loss.shape)}: update_damping needs a "
+                             "scalar loss (a number, a 0-d tensor or a closure returning one).")
+        return float(loss.detach())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise ValueError(f"Invalid loss={loss!r}: update_damping needs a number, a scalar tensor or a "
+                     "closure returning one.")
