@@ -1,0 +1,308 @@
+"""KFACCallback: K-FAC preconditioning for any LightningModule, as one Lightning callback.
+
+A thin adapter that maps Lightning's hooks to the engine (``KFACPreconditioner``, Martens &
+Grosse 2015; KFC for convolutions, Grosse & Martens 2016). This is the only module of the package
+that imports ``pytorch_lightning``.
+
+Hook map (one optimizer step t = ``trainer.global_step`` before the step):
+
+- ``on_fit_start``: refuse FSDP / DeepSpeed / model-parallel, discover the layers of
+  ``trainer.lightning_module`` (names without DDP prefixes), install the capture hooks, apply a
+  checkpoint's K-FAC state, print the registration summary on rank zero.
+- ``on_train_batch_start``: ``pre.set_step(t)``; capture is on only on factor-update steps, so the
+  k micro-batches of ``accumulate_grad_batches=k`` feed one estimate.
+- ``on_before_backward``: ``pre.grad_scale = loss_scale * (1/k)``: the AMP loss scale (16-mixed)
+  times Lightning's ``1/k`` loss normalisation (automatic optimization only), so that captured
+  ``g`` is the gradient of the user's own loss.
+- ``on_before_optimizer_step``: ``pre.step(optimizer)`` after DDP averaging and AMP unscaling,
+  before Lightning's gradient clipping and the optimizer's ``step``; only the optimizer's params.
+  A 16-mixed overflow step (non-finite gradients, which the scaler skips) leaves the factors and
+  gradients untouched.
+- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists;
+  Lightning writes them every ``log_every_n_steps``).
+- ``on_fit_end`` / ``teardown`` / ``on_exception``: remove every hook; ``factors()`` stays
+  available.
+
+Manual optimization: ``on_before_optimizer_step`` fires inside each ``opt.step()``. There
+``trainer.global_step`` counts the steps of every optimizer, so the K-FAC clock counts training
+batches that stepped instead: every optimizer of one batch is preconditioned at the same t, each
+with its own params.
+
+Example:
+    >>> trainer = Trainer(max_epochs=5, callbacks=[KFACCallback(damping=1e-2)])
+    >>> trainer.fit(model)
+    >>> A, G = trainer.callbacks[0].factors()["layer"]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
+from lightning_kfac.preconditioner import KFACPreconditioner
+
+_UNSUPPORTED_STRATEGIES = (
+    (FSDPStrategy, "FSDP"),
+    (DeepSpeedStrategy, "DeepSpeed"),
+    (ModelParallelStrategy, "ModelParallel"),
+)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise ``MisconfigurationException`` for strategies that shard parameters or gradients.
+
+    K-FAC needs each layer's full weight gradient and its full input/output on every rank.
+    """
+    for cls, label in _UNSUPPORTED_STRATEGIES:
+        if isinstance(strategy, cls):
+            raise MisconfigurationException(
+                f"KFACCallback does not support the {label} strategy ({type(strategy).__name__}): "
+                "it shards parameters and gradients, while K-FAC needs every layer's full weight "
+                "gradient. Use strategy='ddp' (or a single device), or remove KFACCallback.")
+
+
+class KFACCallback(Callback):
+    """K-FAC second-order preconditioning for any LightningModule, with no model changes.
+
+    Args:
+        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig``) or None.
+        **options: any ``KFACConfig`` option; overrides ``config``.
+
+    Raises:
+        MisconfigurationException: an invalid option (same message as ``KFACConfig``'s
+            ``ValueError``), an unsupported strategy, or a model without a supported layer.
+
+    Example:
+        >>> trainer = Trainer(callbacks=[KFACCallback(damping=1e-3, inv_update_steps=50)])
+    """
+
+    def __init__(self, config: Any = None, **options: Any) -> None:
+        try:
+            self.config = KFACConfig.from_any(config, **options)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self._state_key = self._generate_state_key(**self.config.to_dict())
+        self.preconditioner: Optional[KFACPreconditioner] = None
+        self._pending_state: Optional[Dict[str, Any]] = None
+        self._fit_module: Optional[pl.LightningModule] = None
+        self._active = False
+        self._clock = 0
+        self._stepped = False
+        self._batch_stats: Dict[str, float] = {}
+
+    # -- identity and state -------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """Unique per settings, so two instances with different options coexist in a checkpoint."""
+        return self._state_key
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The preconditioner's state (factors, decompositions in use, clock, counters, config).
+
+        Never empty (Lightning does not save an empty state): without a preconditioner yet, the
+        stashed checkpoint state or at least the config is returned.
+        """
+        if self.preconditioner is not None:
+            state = self.preconditioner.state_dict()
+        elif self._pending_state is not None:
+            return dict(self._pending_state)
+        else:
+            state = {}
+        state["config"] = self.config.to_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Stash the state: Lightning calls this before ``on_fit_start`` (no hooks yet)."""
+        self._pending_state = dict(state_dict)
+        if self._active and self.preconditioner is not None:
+            self._apply_pending_state()
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: Dict[str, Any]) -> None:
+        """Adopt the K-FAC state of a checkpoint saved with other options, with a warning.
+
+        The state key encodes the options, so after changing e.g. ``damping`` the key no longer
+        matches and Lightning would silently restore nothing. When exactly one unclaimed
+        KFACCallback state is in the checkpoint, it is loaded (the current options win).
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = type(self).__qualname__ + "{"
+        claimed = {cb.state_key for cb in trainer.callbacks}
+        others = [k for k in states if isinstance(k, str) and k.startswith(prefix)
+                  and k not in claimed]
+        if len(others) == 1 and states[others[0]]:
+            rank_zero_warn(
+                "KFACCallback: the checkpoint's K-FAC state was saved with other options "
+                f"({others[0]}); restoring its factors and clock with the current options "
+                f"({self.state_key}).")
+            self._pending_state = dict(states[others[0]])
+        elif others:
+            rank_zero_warn(
+                f"KFACCallback: the checkpoint holds {len(others)} K-FAC states saved with other "
+                "options and none matches this callback's; K-FAC restarts from empty factors.")
+
+    # -- fit lifecycle ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        check_strategy(trainer.strategy)
+        self._remove_hooks()
+        module = trainer.lightning_module
+        previous = self.preconditioner
+        communicator = (TorchDistributedCommunicator() if trainer.world_size > 1
+                        else Communicator())
+        pre = KFACPreconditioner(module, self.config, communicator=communicator)
+        if not pre.layers:
+            pre.remove()
+            raise MisconfigurationException(
+                f"KFACCallback found no layer to precondition in {type(module).__name__}: K-FAC "
+                "supports nn.Linear and nn.Conv1d/2d/3d with a trainable weight not matched by "
+                f"skip_layers={self.config.skip_layers}. Add such a layer, relax skip_layers, or "
+                f"remove KFACCallback.\n{pre.summary()}")
+        self.preconditioner = pre
+        self._active = True
+        if self._pending_state is None and previous is not None \
+                and self._fit_module is module and trainer.global_step > 0:
+            # A second fit() on the same trainer continues training: keep the K-FAC state.
+            self._pending_state = previous.state_dict()
+        self._fit_module = module
+        self._apply_pending_state()
+        self._clock = trainer.global_step if module.automatic_optimization else pre.steps
+        rank_zero_info(f"KFACCallback registration summary:\n{pre.summary()}")
+        in_eval = [name for name, block in pre.layers.items() if not block.kind.module.training]
+        if in_eval:
+            # Lightning (2.2+) does not call model.train() at fit start; capture needs it.
+            rank_zero_warn(
+                f"KFACCallback: {len(in_eval)} preconditioned module(s) are in eval mode at fit "
+                f"start ({', '.join(in_eval[:5])}{', ...' if len(in_eval) > 5 else ''}); K-FAC "
+                "only captures training forwards (module.training), so they will be dropped "
+                "unless they run in train mode. Call model.train() before fit.")
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                     exception: BaseException) -> None:
+        self._remove_hooks()
+
+    # -- clocks and scales -----------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                             batch: Any, batch_idx: int) -> None:
+        pre = self._live()
+        if pre is None:
+            return
+        # Manual optimization: global_step counts every optimizer's steps; use batches that stepped.
+        self._clock = trainer.global_step if pl_module.automatic_optimization else pre.steps
+        pre.set_step(self._clock)
+
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           loss: Tensor) -> None:
+        pre = self._live()
+        if pre is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        # Automatic optimization divides the loss by k before backward (AutomaticOptimization's
+        # ClosureResult); manual optimization leaves the user's loss alone.
+        k = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        pre.grad_scale = loss_scale / k
+
+    # -- preconditioning -------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                 optimizer: torch.optim.Optimizer) -> None:
+        pre = self._live()
+        if pre is None:
+            return
+        manual = not pl_module.automatic_optimization
+        if manual:
+            pre.set_step(self._clock)  # every optimizer of this batch steps at the same t
+        if getattr(trainer.precision_plugin, "scaler", None) is not None \
+                and _has_nonfinite_grad(optimizer):
+            # The GradScaler skips this optimizer step: keep factors and gradients untouched,
+            # and drop what was captured for it.
+            for block in pre.layers.values():
+                block.reset_accumulators()
+            pre.counters["overflow_steps"] = pre.counters.get("overflow_steps", 0) + 1
+        else:
+            pre.step(optimizer)
+            self._record_stats(pre.last_stats)
+        if manual:
+            # Keep capturing at t for the rest of the batch; the clock advances at batch end.
+            pre.set_step(self._clock)
+            self._stepped = True
+        else:
+            pre.set_step(self._clock + 1)  # = trainer.global_step after this step
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def _record_stats(self, stats: Mapping[str, float]) -> None:
+        """Merge the engine's per-step statistics over the optimizer steps of one batch."""
+        merged = self._batch_stats
+        merged["kfac/time_ms"] = merged.get("kfac/time_ms", 0.0) + float(stats.get("time_ms", 0.0))
+        nu = float(stats.get("kl_clip_factor", 1.0))
+        merged["kfac/kl_clip_factor"] = min(nu, merged.get("kfac/kl_clip_factor", math.inf))
+        merged["kfac/grad_norm_ratio"] = float(stats.get("grad_norm_ratio", 1.0))
+        merged["kfac/damping"] = float(stats.get("damping", self.config.damping))
+        merged["kfac/layers"] = float(stats.get("layers", 0.0))
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        pre = self._live()
+        if pre is not None and self._stepped:
+            self._stepped = False
+            pre.set_step(self._clock + 1)  # manual optimization: one K-FAC step per batch
+        stats, self._batch_stats = self._batch_stats, {}
+        if not stats or not trainer.loggers:
+            return
+        for name, value in stats.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+    # -- results ---------------------------------------------------------------------------------------
+    def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Qualified module name -> ``(A, G)`` running factors (detached copies); after fit too."""
+        if self.preconditioner is None:
+            return {}
+        return self.preconditioner.factors()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _live(self) -> Optional[KFACPreconditioner]:
+        return self.preconditioner if self._active else None
+
+    def _apply_pending_state(self) -> None:
+        if self._pending_state is None or self.preconditioner is None:
+            return
+        state, self._pending_state = self._pending_state, None
+        try:
+            self.preconditioner.load_state_dict(state)
+        except ValueError as err:
+            raise MisconfigurationException(f"KFACCallback could not restore its state: {err}") \
+                from err
+
+    def _remove_hooks(self) -> None:
+        if self.preconditioner is not None:
+            self.preconditioner.remove()
+        self._active = False
+        self._stepped = False
+        self._batch_stats = {}
+
+
+def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
+    """True when any gradient of the optimizer's params is inf/NaN (what the GradScaler checks)."""
+    grads: List[Tensor] = [p.grad for group in optimizer.param_groups for p in group["params"]
+                           if p.grad is not None]
+    if not grads:
+        return False
+    return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
