@@ -157,12 +157,14 @@ def test_greedy_assignment_balances_and_is_deterministic() -> None:
         greedy_assignment(costs, 0)
 
 
-def test_symmetric_packing_round_trip() -> None:
-    m = torch.randn(6, 6, dtype=torch.float64)
-    m = m + m.T
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 7])
+def test_symmetric_packing_round_trip(n) -> None:
+    """d(d+1)/2 numbers travel; unpacking mirrors the upper triangle exactly."""
+    m = torch.randn(n, n, dtype=torch.float64)
     packed = pack_symmetric(m)
-    assert packed.numel() == 21
-    assert torch.equal(unpack_symmetric_(torch.zeros_like(m), packed), m)
+    assert packed.numel() == n * (n + 1) // 2
+    assert torch.equal(unpack_symmetric_(torch.zeros_like(m), packed), m.triu() + m.triu(1).T)
+    assert sorted(packed.tolist()) == sorted(m[tuple(torch.triu_indices(n, n))].tolist())
 
 
 def test_distribute_option_validated() -> None:

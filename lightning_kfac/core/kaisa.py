@@ -63,14 +63,15 @@ def decomposition_layout(block, relative: bool) -> Optional[Layout]:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
     a, g, dtype = block.kind.a_dim(), block.kind.g_dim(), block.dtype
     method = str(getattr(block.compute_method, "value", block.compute_method))
+    diagonal = getattr(block.kind, "diagonal_a", False)  # nn.Embedding: A kept as a vector
     if method == "eigen":
-        items = [("QA", (a, a)), ("eA", (a,)), ("QG", (g, g)), ("eG", (g,))]
+        items = ([] if diagonal else [("QA", (a, a))]) + [("eA", (a,)), ("QG", (g, g)), ("eG", (g,))]
     elif method == "inverse":
-        items = [("A_inv", (a, a)), ("G_inv", (g, g))]
+        items = [("A_inv", (a,) if diagonal else (a, a)), ("G_inv", (g, g))]
     else:
         return None
     cols = _column_major(method, dtype)
-    layout: Layout = [(key, shape, dtype, key in cols) for key, shape in items]
+    layout: Layout = [(key, shape, dtype, key in cols and len(shape) == 2) for key, shape in items]
     if relative:
         layout.append(("damping_scale", (), torch.float64, False))
     return layout
@@ -291,6 +292,12 @@ class DistributedWork:
             layers[name]["decomposition"] = {k: v.clone() for k, v in dec.items()}
 
 
+def _a_numel(block) -> int:
+    """Numbers sent for A^: its upper triangle, or its diagonal (nn.Embedding's 1-D A)."""
+    a = block.kind.a_dim()
+    return a if getattr(block.kind, "diagonal_a", False) else symmetric_numel(a)
+
+
 def _work_item(block, lr_of):
     weight = block.kind.module.weight
     if lr_of is not None and id(weight) not in lr_of:
@@ -340,8 +347,7 @@ def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str,
     out = {"factor_update": 0, "decomposition_refresh": 0, "per_step": 0, "state_dict": 0}
     if world > 1 and blocks:
         out["factor_update"] = sum(
-            (symmetric_numel(b.kind.a_dim()) + symmetric_numel(b.kind.g_dim()) + 2) * elsize(b)
-            for b in blocks)
+            (_a_numel(b) + symmetric_numel(b.kind.g_dim()) + 2) * elsize(b) for b in blocks)
         out["decomposition_refresh"] = 8 * len(blocks)
         if mode == "decompositions":
             out["decomposition_refresh"] += sum(dec_bytes[b.name] for b in shared)
