@@ -1,0 +1,143 @@
+"""EKFAC: K-FAC with the scaling re-estimated in the Kronecker eigenbasis (George et al. 2018).
+
+"Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", sec. 3-4. With
+``A = Q_A diag(e_A) Q_A^T`` and ``G = Q_G diag(e_G) Q_G^T`` (refreshed every ``inv_update_steps``),
+K-FAC's Fisher block is ``(Q_A (x) Q_G) diag(vec(e_G e_A^T)) (Q_A (x) Q_G)^T``. EKFAC keeps the
+eigenbasis but replaces the diagonal by the second moment of the per-example gradients in it:
+
+    s = E_n[(Q_G^T dW~_n Q_A)^2]        (elementwise, g_dim x a_dim)
+    P = Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T
+
+- Per-example gradients: for Linear every row is an example (CONTRACT.md, KFAC-expand), so
+  ``dW~_n = g_n a_n^T`` and ``(Q_G^T g_n a_n^T Q_A)^2 = (Q_G^T g_n)^2 ((Q_A^T a_n)^2)^T``: the sum over
+  rows is one matmul of squared rotated rows. For convolutions ``dW~_n = sum_t g_{n,t} a_{n,t}^T``
+  (the sum over output locations, as in the paper, sec. 4), averaged over the B examples.
+- Clocks: at a refresh the scaling is initialised to K-FAC's own ``e_G e_A^T`` in the new basis
+  (EKFAC starts where K-FAC is); on every factor-update step it is then updated with the batch
+  estimate ``s^`` as a running average, ``s <- decay s + (1 - decay) s^``. Since a refresh step
+  decomposes before its gradients can be rotated, the rows captured on such a step are kept until
+  ``update`` and rotated in the new basis; on other factor-update steps they are rotated as soon
+  as the backward delivers them and only the (g_dim x a_dim) sum is kept.
+- ``s`` lives in the block's decomposition (``"scale"``), so state_dict / resume keep it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.core import linalg
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.distributed import Communicator
+from lightning_kfac.core.layers import ConvKind
+
+
+def ekfac_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
+    """Eigenbases of A and G and the initial scaling ``e_G e_A^T`` (K-FAC's own eigenvalues)."""
+    dec = linalg.eigen_decomposition(A, G)
+    dec["scale"] = torch.outer(dec["eG"], dec["eA"])
+    return dec
+
+
+def precondition_ekfac(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+    """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T``."""
+    QA, QG = dec["QA"], dec["QG"]
+    scale = dec["scale"] if "scale" in dec else torch.outer(dec["eG"], dec["eA"])
+    return QG @ ((QG.T @ grad @ QA) / (scale + damping)) @ QA.T
+
+
+class _Acc:
+    """Scaling sums of one block between two updates."""
+
+    __slots__ = ("rotated", "count", "basis", "raw")
+
+    def __init__(self) -> None:
+        self.rotated: Optional[Tensor] = None  # sum of squared rotated per-example grads
+        self.count = 0  # examples in ``rotated``
+        self.basis: Optional[Tensor] = None  # the Q_A that ``rotated`` was computed in
+        self.raw: List[Tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
+
+
+def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, examples: int,
+                        QA: Tensor, QG: Tensor) -> Tensor:
+    """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor."""
+    a = a_rows.to(QA.dtype) @ QA
+    g = g_rows.to(QG.dtype) @ QG
+    if isinstance(block.kind, ConvKind):
+        a = a.reshape(examples, -1, a.shape[1])
+        g = g.reshape(examples, -1, g.shape[1])
+        return (g.transpose(1, 2) @ a).square().sum(0)
+    return g.square().T @ a.square()
+
+
+class EKFACScaling:
+    """Collects matched ``(a, g)`` rows of EKFAC blocks and maintains their scaling ``s``.
+
+    Args:
+        clock: returns the optimizer-step clock t (a refresh is due when ``t % inv == 0``).
+    """
+
+    def __init__(self, clock: Callable[[], int]):
+        self._clock = clock
+        self._acc: Dict[str, _Acc] = {}
+
+    def add_pair(self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float,
+                 examples: int) -> None:
+        """Capture's ``pair_sink``: rows of one forward's input and of its output gradient."""
+        if block.compute_method != "ekfac":
+            return
+        acc = self._acc.setdefault(block.name, _Acc())
+        g_rows = g_rows.to(block.dtype)
+        if scale != 1.0:
+            g_rows = g_rows * scale
+        a_rows = a_rows.to(block.dtype)
+        dec = block.decomposition
+        refresh_due = self._clock() % block.inv_update_steps == 0 or "QA" not in dec
+        if refresh_due:
+            acc.raw.append((a_rows, g_rows, examples))
+            return
+        if acc.basis is not None and acc.basis is not dec["QA"]:
+            acc.rotated, acc.count = None, 0
+        part = squared_rotated_sum(block, a_rows, g_rows, examples, dec["QA"], dec["QG"])
+        acc.rotated = part if acc.rotated is None else acc.rotated.add_(part)
+        acc.count += examples
+        acc.basis = dec["QA"]
+
+    def discard(self) -> None:
+        self._acc.clear()
+
+    def update(self, due: List[KFACBlock], decay: float, comm: Communicator) -> List[str]:
+        """Batch estimates ``s^`` -> all-reduce -> running average of ``dec["scale"]``.
+
+        Returns the names of blocks whose estimate was not finite (their scaling is kept).
+        """
+        due = [b for b in due if b.compute_method == "ekfac" and "QA" in b.decomposition]
+        sums: List[Tensor] = []
+        counts = torch.zeros(len(due), dtype=torch.float64)
+        for i, block in enumerate(due):
+            dec, acc = block.decomposition, self._acc.get(block.name)
+            total = torch.zeros_like(dec["scale"])
+            if acc is not None:
+                if acc.rotated is not None and acc.basis is dec["QA"]:
+                    total.add_(acc.rotated)
+                    counts[i] += acc.count
+                for a_rows, g_rows, examples in acc.raw:
+                    total.add_(squared_rotated_sum(block, a_rows, g_rows, examples,
+                                                   dec["QA"], dec["QG"]))
+                    counts[i] += examples
+            sums.append(total)
+        self._acc.clear()
+        if comm.world_size > 1 and due:
+            comm.all_reduce_sum_([counts] + sums)
+        bad = []
+        for block, total, count in zip(due, sums, counts.tolist()):
+            if count == 0:
+                continue
+            s_hat = total / count
+            if not bool(torch.isfinite(s_hat).all()):
+                bad.append(block.name)
+                continue
+            block.decomposition["scale"].mul_(decay).add_(s_hat, alpha=1.0 - decay)
+        return bad

@@ -1,0 +1,200 @@
+"""compute_method="ekfac" (George et al. 2018) against brute force (core/ekfac.py).
+
+The scaling is ``s = E_n[(Q_G^T dW~_n Q_A)^2]`` with per-example gradients ``dW~_n`` from
+``torch.func`` (Linear: one row per example; conv: the whole example, i.e. summed over output
+locations; Linear on sequences: every position is an example, CONTRACT.md). ``P`` is checked
+against a dense solve of ``(Q_A (x) Q_G) diag(vec s) (Q_A (x) Q_G)^T + damping I``. Everything in
+float64; the engine's own eigenbases are used where only the scaling is under test (eigenvectors
+are unique up to sign, and squares do not see the sign).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_kfac import KFACPreconditioner
+from tests.helpers.dense import (brute_factors, grad_matrix, linear_rows, per_example_grads,
+                                 record, rel_err, unvec, vec)
+
+DT = torch.float64
+DAMPING = 1e-2
+
+
+def _per_example(model: nn.Module, x: Tensor, y: Tensor, layer: str, out: int) -> Tensor:
+    """``dW~_n`` as (B, out, a_dim) matrices, from torch.func."""
+    per = per_example_grads(model, F.cross_entropy, x, y, layer)
+    return torch.stack([unvec(v, out) for v in per])
+
+
+def _rotated_sq_mean(dW: Tensor, QA: Tensor, QG: Tensor) -> Tensor:
+    return (QG.T @ dW @ QA).square().mean(0)
+
+
+def _dense_ekfac_solve(QA: Tensor, QG: Tensor, s: Tensor, grad: Tensor, damping: float) -> Tensor:
+    Q = torch.kron(QA, QG)
+    F_ekfac = Q @ torch.diag(vec(s)) @ Q.T
+    eye = torch.eye(F_ekfac.shape[0], dtype=DT)
+    return unvec(torch.linalg.solve(F_ekfac + damping * eye, vec(grad)), grad.shape[0])
+
+
+def _one_step(model: nn.Module, x: Tensor, y: Tensor, names, **options):
+    """One factor step with decay 0 and a refresh; returns pre, raw grads, recorded store."""
+    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, damping=DAMPING,
+                             factor_update_steps=1, inv_update_steps=1, kl_clip=None, **options)
+    modules = dict(model.named_modules())
+    with record(model, names) as store:
+        F.cross_entropy(model(x), y).backward()
+    raw = {n: grad_matrix(modules[n]) for n in names}
+    pre.step()
+    return pre, raw, store
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_scaling_and_step_equal_brute_force_after_refresh(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).to(DT)
+        x = torch.randn(12, 5, dtype=DT)
+        names = {"0": 7, "2": 4}
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(3 * 16, 4)).to(DT)
+        x = torch.randn(6, 2, 4, 4, dtype=DT)
+        names = {"0": 3, "3": 4}
+    y = torch.randint(0, 4, (x.shape[0],))
+    pre, raw, store = _one_step(model, x, y, list(names))
+    factors = brute_factors(model, store)
+    modules = dict(model.named_modules())
+    for name, out in names.items():
+        dW = _per_example(model, x, y, name, out)
+        dec = pre.blocks[name].decomposition
+        # 1) the scaling, in the engine's basis, equals its definition
+        s_engine_basis = _rotated_sq_mean(dW, dec["QA"], dec["QG"])
+        assert torch.allclose(dec["scale"], s_engine_basis, rtol=1e-9, atol=1e-14), name
+        # 2) the preconditioned gradient equals the fully independent dense solve
+        A, G = factors[name]
+        QA, QG = torch.linalg.eigh(A)[1], torch.linalg.eigh(G)[1]
+        s = _rotated_sq_mean(dW, QA, QG)
+        expected = _dense_ekfac_solve(QA, QG, s, raw[name], DAMPING)
+        assert rel_err(grad_matrix(modules[name]), expected) < 1e-8, name
+
+
+def test_sequence_linear_uses_one_example_per_position() -> None:
+    """Linear on (B, T, d): every position is an example (CONTRACT.md), g = N x autograd grad."""
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inner(x)).mean(1))
+
+    torch.manual_seed(1)
+    model = Seq().to(DT)
+    x, y = torch.randn(4, 6, 3, dtype=DT), torch.randint(0, 4, (4,))
+    pre, _, store = _one_step(model, x, y, ["inner"])
+    (inp, out), = store["inner"]
+    a, g = linear_rows(model.inner, inp, out)
+    dec = pre.blocks["inner"].decomposition
+    rows = g[:, :, None] * a[:, None, :]  # per-position g a^T, N = B T rows
+    assert torch.allclose(dec["scale"], _rotated_sq_mean(rows, dec["QA"], dec["QG"]),
+                          rtol=1e-9, atol=1e-14)
+
+
+def test_single_example_ekfac_equals_kfac() -> None:
+    """One example: dW = g a^T, A = a a^T, G = g g^T, so s = e_G e_A^T and EKFAC == K-FAC."""
+    torch.manual_seed(2)
+    x, y = torch.randn(1, 5, dtype=DT), torch.tensor([1])
+    grads = {}
+    for method in ("eigen", "ekfac"):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+        pre = KFACPreconditioner(model, compute_method=method, damping=DAMPING, kl_clip=None)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        grads[method] = [p.grad.clone() for p in model.parameters()]
+    for p, q in zip(grads["eigen"], grads["ekfac"]):
+        assert rel_err(q, p) < 1e-8
+
+
+def test_running_average_between_refreshes() -> None:
+    """s <- decay s + (1-decay) s^ every factor step; a refresh restarts it at e_G e_A^T."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    decay = 0.5
+    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=decay, damping=DAMPING,
+                             factor_update_steps=1, inv_update_steps=3)
+    expected: Dict[str, Tensor] = {}
+    for t in range(5):
+        x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+        per = {n: _per_example(model, x, y, n, o) for n, o in (("0", 5), ("2", 3))}
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step(opt)
+        for name, dW in per.items():
+            dec = pre.blocks[name].decomposition
+            if t % 3 == 0:  # refresh: restart from K-FAC's eigenvalues in the new basis
+                expected[name] = torch.outer(dec["eG"], dec["eA"])
+            s_hat = _rotated_sq_mean(dW, dec["QA"], dec["QG"])
+            expected[name] = decay * expected[name] + (1 - decay) * s_hat
+            assert torch.allclose(dec["scale"], expected[name], rtol=1e-9, atol=1e-14), (t, name)
+        opt.step()
+
+
+def test_micro_batches_equal_one_batch() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 3)).to(DT)
+    x, y = torch.randn(8, 2, 6, dtype=DT), torch.randint(0, 3, (8,))
+    scales = []
+    for k in (1, 2):
+        pre = KFACPreconditioner(model, compute_method="ekfac", factor_update_steps=1)
+        pre.grad_scale = 1.0 / k
+        for xs, ys in zip(x.chunk(k), y.chunk(k)):
+            (F.cross_entropy(model(xs), ys) / k).backward()
+        pre.step()
+        scales.append({n: b.decomposition["scale"].clone() for n, b in pre.blocks.items()})
+        pre.remove()
+        model.zero_grad()
+    for name, s in scales[0].items():
+        assert torch.allclose(s, scales[1][name], rtol=1e-10, atol=1e-15), name
+
+
+def test_mc_enumerated_scaling_is_the_true_fisher_diagonal() -> None:
+    """With fisher_type="mc" and all classes enumerated, s = E_n E_{c~p}[(Q_G^T dW_nc Q_A)^2]."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
+    x = torch.randn(7, 4, dtype=DT)
+    pre = KFACPreconditioner(model, compute_method="ekfac", fisher_type="mc", factor_decay=0.0,
+                             factor_update_steps=1, inv_update_steps=1)
+    model(x)
+    pre.mc.backward(enumerate_classes=True)
+    pre.step()
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    for name, out in (("0", 5), ("2", 3)):
+        dec = pre.blocks[name].decomposition
+        s = 0
+        for c in range(3):
+            dW = _per_example(model, x, torch.full((7,), c), name, out)
+            s = s + (probs[:, c, None, None] * (dec["QG"].T @ dW @ dec["QA"]).square()).mean(0)
+        assert torch.allclose(dec["scale"], s, rtol=1e-9, atol=1e-14), name
+
+
+def test_ekfac_config_and_state() -> None:
+    """The scaling is part of the saved decomposition; eigen layers carry no scaling."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    pre = KFACPreconditioner(model, compute_method="eigen",
+                             layer_overrides=[{"regex": "^2$", "compute_method": "ekfac"}])
+    F.cross_entropy(model(torch.randn(5, 3, dtype=DT)), torch.randint(0, 2, (5,))).backward()
+    pre.step()
+    state = pre.state_dict()["layers"]
+    assert "scale" in state["2"]["decomposition"] and "scale" not in state["0"]["decomposition"]
+    assert state["2"]["decomposition"]["scale"].shape == (2, 5)
