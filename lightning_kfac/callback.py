@@ -48,6 +48,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
 from lightning_kfac.preconditioner import KFACPreconditioner
@@ -159,6 +160,12 @@ class KFACCallback(Callback):
         check_strategy(trainer.strategy)
         self._remove_hooks()
         module = trainer.lightning_module
+        if self.config.adaptive_damping and not module.automatic_optimization:
+            raise MisconfigurationException(
+                "KFACCallback(adaptive_damping=True) needs automatic optimization: it re-evaluates "
+                "training_step after the optimizer step, which under manual optimization would "
+                "step the optimizers again. Use a damping_schedule, or call "
+                "callback.preconditioner.update_damping(loss_before, loss_after) yourself.")
         previous = self.preconditioner
         communicator = (TorchDistributedCommunicator() if trainer.world_size > 1
                         else Communicator())
@@ -167,7 +174,8 @@ class KFACCallback(Callback):
             pre.remove()
             raise MisconfigurationException(
                 f"KFACCallback found no layer to precondition in {type(module).__name__}: K-FAC "
-                "supports nn.Linear and nn.Conv1d/2d/3d with a trainable weight not matched by "
+                "supports nn.Linear, nn.Conv1d/2d/3d and nn.Embedding with a trainable weight "
+                "not matched by "
                 f"skip_layers={self.config.skip_layers}. Add such a layer, relax skip_layers, or "
                 f"remove KFACCallback.\n{pre.summary()}")
         self.preconditioner = pre
@@ -264,6 +272,10 @@ class KFACCallback(Callback):
         if pre is not None and self._stepped:
             self._stepped = False
             pre.set_step(self._clock + 1)  # manual optimization: one K-FAC step per batch
+        if pre is not None and pre.adaptation_pending:  # adaptive_damping (adaptive_damping.py)
+            rho = adapt_damping(pre, trainer, pl_module, outputs, batch, batch_idx)
+            if self._batch_stats:
+                self._batch_stats["kfac/rho"] = float(rho)
         stats, self._batch_stats = self._batch_stats, {}
         if not stats or not trainer.loggers:
             return

@@ -362,3 +362,102 @@ def test_relative_damping_formula(method):
         lam = 0.1 * float(torch.trace(A) / A.shape[0]) * float(torch.trace(G) / G.shape[0])
         P_ref = solve(A, G, raw[name], lam)
         assert D.rel_err(D.grad_matrix(model[int(name)]), P_ref) <= 1e-8, name
+
+
+# --------------------------------------------------------------------------------------------
+# adaptive damping through KFACCallback: re-evaluation of training_step after the step
+
+
+def _lightning():
+    pl = pytest.importorskip("pytorch_lightning")
+    from tests import test_callback_support as S
+
+    return pl, S
+
+
+ADAPTIVE = dict(damping=1e-2, adaptive_damping=True, adaptive_damping_interval=2,
+                factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
+
+
+def test_callback_adaptive_damping_equals_hand_loop(tmp_path):
+    """Trainer.fit == zero_grad; backward; pre.step; opt.step; pre.update_damping(loss, closure)
+    on the same batches: same damping after every step and bit-identical parameters."""
+    pl, S = _lightning()
+    from lightning_kfac.callback import KFACCallback
+
+    data = S.loader(S.make_dataset(8 * 8), batch_size=8)
+    model = S.MLP(lr=0.5)
+    reference = S.clone_module(model)
+    callback = KFACCallback(**ADAPTIVE)
+    seen = S.Recorder(lambda trainer, module: callback.preconditioner.damping)
+    S.make_trainer(tmp_path, max_steps=8, callbacks=[callback, seen]).fit(model, data)
+
+    pre = KFACPreconditioner(reference, **ADAPTIVE)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    dampings = []
+    for batch in data:
+        opt.zero_grad()
+        loss = reference.loss(batch)
+        loss.backward()
+        pre.step(opt)
+        opt.step()
+        pre.update_damping(loss, lambda: reference.loss(batch))
+        dampings.append(pre.damping)
+    assert seen.records == dampings
+    assert len(set(dampings)) > 1
+    assert callback.preconditioner.damping_control.adaptations == 4  # steps 0, 2, 4, 6
+    S.assert_params_equal(model, reference)
+
+
+def test_callback_reevaluation_has_no_side_effects(tmp_path):
+    """Every step adapts, yet BatchNorm counts each batch once and the epoch mean of a logged
+    metric is the mean of the training losses only."""
+    pl, S = _lightning()
+    from lightning_kfac.callback import KFACCallback
+
+    class LoggingBN(S.MLP):
+        def __init__(self):
+            super().__init__(lr=0.2)
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                                     nn.Linear(8, 3)).double()
+
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            self.log("train_loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+    class Losses(pl.Callback):
+        values = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+
+    model, losses = LoggingBN(), Losses()
+    callback = KFACCallback(**dict(ADAPTIVE, adaptive_damping_interval=1))
+    S.make_trainer(tmp_path, max_epochs=1, callbacks=[callback, losses]).fit(
+        model, S.loader(S.make_dataset(4 * 8), batch_size=8))
+    assert callback.preconditioner.damping_control.adaptations == 4
+    assert int(model.net[1].num_batches_tracked) == 4
+    mean = sum(losses.values) / len(losses.values)
+    assert float(model.trainer.callback_metrics["train_loss"]) == pytest.approx(mean, rel=1e-12)
+
+
+def test_callback_adaptive_damping_refuses_manual_optimization(tmp_path):
+    pl, S = _lightning()
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+    from lightning_kfac.callback import KFACCallback
+
+    class Manual(S.MLP):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self.loss(batch))
+            opt.step()
+
+    with pytest.raises(MisconfigurationException, match=r"adaptive_damping=True\) needs automatic"):
+        S.make_trainer(tmp_path, max_steps=1, callbacks=[KFACCallback(**ADAPTIVE)]).fit(
+            Manual(), S.loader(S.make_dataset(8), 8))
