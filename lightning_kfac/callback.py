@@ -13,7 +13,7 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   k micro-batches of ``accumulate_grad_batches=k`` feed one estimate.
 - ``on_before_backward``: ``pre.grad_scale = loss_scale * (1/k)``: the AMP loss scale (16-mixed)
   times Lightning's ``1/k`` loss normalisation (automatic optimization only), so that captured
-  ``g`` is the gradient of the user's own loss.
+  ``g`` is the gradient of the user's own loss; with ``fisher_type="mc"``, ``pre.mc_backward()``.
 - ``on_before_optimizer_step``: ``pre.step(optimizer)`` after DDP averaging and AMP unscaling,
   before Lightning's gradient clipping and the optimizer's ``step``; only the optimizer's params.
   A 16-mixed overflow step (non-finite gradients, which the scaler skips) leaves the factors and
@@ -228,6 +228,10 @@ class KFACCallback(Callback):
         # ClosureResult); manual optimization leaves the user's loss alone.
         k = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         pre.grad_scale = loss_scale / k
+        if self.config.fisher_type == "mc":
+            # G from labels sampled from the model (core/mc.py): after the forward, before the
+            # user's backward, while the graph is alive; a no-op off factor-update steps.
+            pre.mc_backward()
 
     # -- preconditioning -------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",

@@ -14,6 +14,7 @@ from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.callback import KFACCallback, check_strategy
 from tests.test_callback_support import (MLP, Recorder, assert_factors_equal, assert_params_equal,
                                          clone_module, count_hooks, hand_loop, loader,
@@ -37,6 +38,33 @@ def test_fit_equals_hand_written_loop(tmp_path, optimizer):
     assert callback.preconditioner.steps == pre.steps == 20
     assert callback.preconditioner.counters == pre.counters
     assert callback.preconditioner.counters["factor_updates"] == 10 * 2  # 2 layers, t = 0,2,..,18
+
+
+def test_mc_fisher_equals_hand_written_loop(tmp_path):
+    """fisher_type="mc": the callback calls pre.mc_backward() after the forward and before the
+    backward, as a hand loop does; same RNG stream -> bit-identical parameters and factors."""
+    options = dict(CLOCKS, fisher_type="mc")
+    data = loader(make_dataset(6 * 8), batch_size=8)
+    model = MLP()
+    reference = clone_module(model)
+    callback = KFACCallback(**options)
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[callback])
+    torch.manual_seed(1)
+    trainer.fit(model, data)
+
+    torch.manual_seed(1)
+    pre = KFACPreconditioner(reference, **options)
+    opt = torch.optim.SGD(reference.parameters(), lr=reference.lr)
+    for batch in data:
+        opt.zero_grad()
+        x, y = batch
+        logits = reference(x)
+        pre.mc_backward()
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        pre.step(opt)
+        opt.step()
+    assert_params_equal(model, reference)
+    assert_factors_equal(callback.factors(), pre.factors())
 
 
 def test_accumulation_equals_one_big_batch(tmp_path):
@@ -91,6 +119,7 @@ def test_resume_is_bit_identical(tmp_path, batches_per_epoch, resume_step):
 def test_checkpoint_state_round_trip(tmp_path):
     """The saved state holds factors, decompositions, clock and config; it is never empty."""
     callback = KFACCallback(**CLOCKS)
+    assert callback.preconditioner is None and callback.factors() == {}
     assert callback.state_dict()["config"]["damping"] == CLOCKS["damping"]  # before fit: not empty
     trainer = make_trainer(tmp_path, max_steps=3, callbacks=[callback])
     trainer.fit(MLP(), loader(make_dataset(24), 8))
@@ -125,6 +154,27 @@ def test_validation_test_predict_change_no_factor(tmp_path):
     assert_factors_equal(before, cb_noisy.factors())
     assert cb_noisy.preconditioner.counters == counters
     assert count_hooks(noisy) == 0
+
+
+def test_training_step_returning_none_leaves_params_and_factors(tmp_path):
+    """A skipped step (training_step returns None: no backward, grads None) changes neither the
+    parameters nor the factors; the clock still advances with trainer.global_step."""
+
+    class Skipping(MLP):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    callback = KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=1)
+    snapshots = Recorder(lambda trainer, module: (
+        callback.factors(), {k: v.clone() for k, v in module.state_dict().items()}))
+    make_trainer(tmp_path, max_steps=3, callbacks=[callback, snapshots]).fit(
+        Skipping(), loader(make_dataset(24), 8))
+    (f0, p0), (f1, p1), (f2, p2) = snapshots.records
+    assert_factors_equal(f0, f1)
+    for key in p0:
+        assert torch.equal(p0[key], p1[key]) and not torch.equal(p1[key], p2[key])
+    assert not torch.equal(f1["net.2"][1], f2["net.2"][1])
+    assert callback.preconditioner.steps == 3
 
 
 def test_hooks_removed_and_fit_twice_continues(tmp_path):
