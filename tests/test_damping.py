@@ -461,3 +461,29 @@ def test_callback_adaptive_damping_refuses_manual_optimization(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"adaptive_damping=True\) needs automatic"):
         S.make_trainer(tmp_path, max_steps=1, callbacks=[KFACCallback(**ADAPTIVE)]).fit(
             Manual(), S.loader(S.make_dataset(8), 8))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_resume_with_another_damping_option(adaptive):
+    """The current options win for a constant damping (and a group's override); an adapted
+    damping is state and continues where it was. Either way it is applied once, not twice."""
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    opts = dict(adaptive_damping=adaptive, adaptive_damping_interval=1, **EXACT)
+    pre = KFACPreconditioner(layer, damping=1e-3, **opts)
+    layer(x).square().mean().backward()
+    pre.step()
+    if adaptive:
+        pre.damping_control.value = 7e-4  # as if adapted
+    pre.remove()
+    layer2 = nn.Linear(3, 2).double()
+    pre2 = KFACPreconditioner(layer2, damping=1e-2, **opts)
+    pre2.load_state_dict(pre.state_dict())
+    expected = 7e-4 if adaptive else 1e-2
+    assert pre2.damping == expected
+    assert pre2._effective_damping(pre2.layers[""]) == pytest.approx(expected, rel=1e-15)
+    layer2(x).square().mean().backward()
+    raw = D.grad_matrix(layer2)
+    pre2.step()
+    A, G = pre2.factors()[""]
+    assert D.rel_err(D.grad_matrix(layer2), D.eigen_precondition(A, G, raw, expected)) <= 1e-8

@@ -106,7 +106,8 @@ class KFACBlock:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         device = self.kind.module.weight.device
-        self.damping = float(state.get("damping", self.damping))
+        # "damping" is saved for inspection only: a layer's damping is configuration (damping,
+        # layer_overrides); its adaptation over time is the preconditioner's DampingControl state.
         if "A" in state:
             self.A = state["A"].to(device=device, dtype=self.dtype).clone()
             self.G = state["G"].to(device=device, dtype=self.dtype).clone()

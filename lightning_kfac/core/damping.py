@@ -220,7 +220,10 @@ class DampingControl:
         return {"value": self.value, "last_rho": self.last_rho, "adaptations": self.adaptations}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.value = float(state.get("value", self.value))
+        """Restore an adapted damping; a constant or scheduled one follows the current options
+        (``damping`` and the clock), so resuming with another ``damping`` uses the new value."""
+        if self.config.adaptive_damping:
+            self.value = float(state.get("value", self.value))
         self.last_rho = float(state.get("last_rho", self.last_rho))
         self.adaptations = int(state.get("adaptations", self.adaptations))
         self.pending = None
