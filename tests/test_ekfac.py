@@ -36,7 +36,7 @@ def _rotated_sq_mean(dW: Tensor, QA: Tensor, QG: Tensor) -> Tensor:
 
 
 def _dense_ekfac_solve(QA: Tensor, QG: Tensor, s: Tensor, grad: Tensor, damping: float) -> Tensor:
-    Q = torch.kron(QA, QG)
+    Q = torch.kron(QA.contiguous(), QG.contiguous())  # kron can fail on mixed layouts
     F_ekfac = Q @ torch.diag(vec(s)) @ Q.T
     eye = torch.eye(F_ekfac.shape[0], dtype=DT)
     return unvec(torch.linalg.solve(F_ekfac + damping * eye, vec(grad)), grad.shape[0])
@@ -198,3 +198,31 @@ def test_ekfac_config_and_state() -> None:
     state = pre.state_dict()["layers"]
     assert "scale" in state["2"]["decomposition"] and "scale" not in state["0"]["decomposition"]
     assert state["2"]["decomposition"]["scale"].shape == (2, 5)
+
+
+def test_embedding_scaling_and_step_equal_brute_force() -> None:
+    """nn.Embedding: A is diagonal (no Q_A), dW~_n = g_n e_{i_n}^T in the weight^T layout."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    idx, y = torch.tensor([0, 2, 2, 5, 1, 2, 0, 3]), torch.randint(0, 3, (8,))
+    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, damping=DAMPING,
+                             factor_update_steps=1, inv_update_steps=1, kl_clip=None)
+    assert "0" in pre.blocks
+    F.cross_entropy(model(idx), y).backward()
+    raw = model[0].weight.grad.T.clone()  # g_dim x a_dim = embedding_dim x num_embeddings
+    pre.step()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, i, t):
+        return F.cross_entropy(functional_call(model, p, (i[None],)), t[None])
+
+    dW = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, idx, y)["0.weight"].transpose(1, 2)
+    dec = pre.blocks["0"].decomposition
+    assert "QA" not in dec
+    s = (dec["QG"].T @ dW).square().mean(0)
+    assert torch.allclose(dec["scale"], s, rtol=1e-9, atol=1e-14)
+    eye = torch.eye(6, dtype=DT)
+    expected = _dense_ekfac_solve(eye, dec["QG"], s, raw, DAMPING)
+    assert rel_err(model[0].weight.grad.T, expected) < 1e-8

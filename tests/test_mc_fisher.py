@@ -357,3 +357,141 @@ def _digits_loss(fisher: str | None) -> float:
 def test_digits_mc_fisher_beats_sgd() -> None:
     sgd, mc = _digits_loss(None), _digits_loss("mc")
     assert mc < sgd, f"training loss after 100 steps: K-FAC (mc) + SGD {mc:.4f}, SGD {sgd:.4f}"
+
+
+# -- through Lightning (KFACCallback calls pre.mc_backward() in on_before_backward) -------------
+pl = pytest.importorskip("pytorch_lightning", reason="the callback tests need pytorch_lightning")
+from lightning_kfac.callback import KFACCallback  # noqa: E402
+from tests.test_callback_support import (MLP, assert_factors_equal, assert_params_equal,  # noqa: E402
+                                         clone_module, loader, make_dataset, make_trainer)
+from torch.utils.data import TensorDataset  # noqa: E402
+
+CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
+
+
+class BernoulliAutoencoder(pl.LightningModule):
+    """8 -> 3 -> 8 autoencoder of binary vectors, BCE with logits (bernoulli likelihood)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 8)).to(DT)
+        self.lr, self.optimizer_name = 0.1, "sgd"
+
+    def forward(self, x):
+        return self.net(x)
+
+    def loss(self, batch):
+        (x,) = batch
+        return F.binary_cross_entropy_with_logits(self(x), x)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class SkipsBatchOne(MLP):
+    """training_step returns None on batch 1: forward ran, no backward (Lightning skips it)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        return None if batch_idx == 1 else loss
+
+
+def _mc_hand_loop(model, batches, micro: int = 1, skip=(), **options) -> KFACPreconditioner:
+    """zero_grad; per micro-batch: forward, pre.mc_backward(), (loss / k).backward(); step."""
+    torch.manual_seed(1)
+    pre = KFACPreconditioner(model.train(), **options)
+    pre.grad_scale = 1.0 / micro
+    opt = torch.optim.SGD(model.parameters(), lr=model.lr)
+    batches = list(batches)
+    for t in range(len(batches) // micro):
+        opt.zero_grad()
+        for batch in batches[t * micro:(t + 1) * micro]:
+            loss = model.loss(batch)
+            if t in skip:
+                continue
+            pre.mc_backward()
+            (loss / micro).backward()
+        pre.step(opt)
+        opt.step()
+    pre.remove()
+    return pre
+
+
+def _fit(tmp_path, model, data, callback, **trainer_options):
+    trainer = make_trainer(tmp_path, max_steps=len(data) // trainer_options.get(
+        "accumulate_grad_batches", 1), callbacks=[callback], **trainer_options)
+    torch.manual_seed(1)
+    trainer.fit(model, data)
+
+
+@pytest.mark.parametrize("method", ["eigen", "ekfac"])
+def test_lightning_bernoulli_autoencoder_equals_hand_loop(tmp_path, method: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = loader(TensorDataset(torch.bernoulli(torch.full((5 * 8, 8), 0.3, dtype=DT),
+                                                generator=gen)), batch_size=8)
+    options = dict(CLOCKS, fisher_type="mc", likelihood="bernoulli", compute_method=method)
+    model = BernoulliAutoencoder()
+    reference = clone_module(model)
+    callback = KFACCallback(**options)
+    _fit(tmp_path, model, data, callback)
+    pre = _mc_hand_loop(reference, data, **options)
+    assert_params_equal(model, reference)
+    assert_factors_equal(callback.factors(), pre.factors())
+    if method == "ekfac":
+        for name, block in pre.layers.items():
+            live = callback.preconditioner.layers[name].decomposition["scale"]
+            assert torch.equal(live, block.decomposition["scale"])
+
+
+def test_lightning_mc_accumulation_equals_hand_loop(tmp_path) -> None:
+    data = loader(make_dataset(4 * 8), batch_size=8)
+    options = dict(CLOCKS, fisher_type="mc")
+    model = MLP()
+    reference = clone_module(model)
+    callback = KFACCallback(**options)
+    _fit(tmp_path, model, data, callback, accumulate_grad_batches=2)
+    pre = _mc_hand_loop(reference, data, micro=2, **options)
+    assert callback.preconditioner.steps == pre.steps == 2
+    assert_params_equal(model, reference)
+    assert_factors_equal(callback.factors(), pre.factors())
+
+
+def test_lightning_mc_step_without_backward_is_skipped_quietly(tmp_path) -> None:
+    """A training_step returning None (no backward, no on_before_backward) drops that step's
+    kept outputs instead of raising 'mc_backward() was never called'."""
+    data = loader(make_dataset(3 * 8), batch_size=8)
+    options = dict(CLOCKS, fisher_type="mc")
+    model = SkipsBatchOne()
+    reference = clone_module(model)
+    callback = KFACCallback(**options)
+    _fit(tmp_path, model, data, callback)
+    pre = _mc_hand_loop(reference, data, skip=(1,), **options)
+    assert_params_equal(model, reference)
+    assert_factors_equal(callback.factors(), pre.factors())
+    assert callback.preconditioner.counters["factor_updates"] == 2 * 2  # steps 0 and 2 only
+
+
+def test_mc_keeps_the_low_rank_path_exact() -> None:
+    """The sampled-loss backward must not feed the low-rank rows (core/lowrank.py) with its
+    gradients: with fisher_type="mc" the rank-R path still runs and equals the full path."""
+    grads = {}
+    for low_rank in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(DT)
+        torch.manual_seed(5)
+        pre = KFACPreconditioner(model, fisher_type="mc", low_rank=low_rank,
+                                 factor_update_steps=1, inv_update_steps=1)
+        x, y = torch.randn(4, 64, dtype=DT), torch.randint(0, 10, (4,))
+        out = model(x)
+        pre.mc_backward()
+        F.cross_entropy(out, y).backward()
+        pre.step()
+        grads[low_rank] = [p.grad.clone() for p in model.parameters()]
+        if low_rank:
+            assert pre.counters.get("low_rank_steps", 0) == 2
+    for fast, full in zip(grads[True], grads[False]):
+        assert torch.allclose(fast, full, rtol=1e-10, atol=1e-14)

@@ -41,6 +41,8 @@ class Capture:
         pair_sink: when set (``compute_method="ekfac"``, core/ekfac.py), a forward's input rows
             of an ekfac block are kept and handed with its output-gradient rows to
             ``pair_sink(block, a_rows, g_rows, scale, examples)``.
+        sampling: True while the MC Fisher back-propagates its sampled loss; tensor hooks that
+            fire then (e.g. the low-rank rows) must not take those gradients for the user's.
     """
 
     def __init__(self, blocks: Dict[str, KFACBlock], *, mean_reduction: bool = True):
@@ -49,6 +51,7 @@ class Capture:
         self.grad_scale = 1.0
         self.output_sink: Callable[..., None] | None = None
         self.pair_sink: Callable[..., None] | None = None
+        self.sampling = False  # True during the MC Fisher's extra backward (core/mc.py)
         self._handles: Dict[str, RemovableHandle] = {}
 
     def install(self) -> None:
@@ -110,7 +113,7 @@ class Capture:
         def hook(grad: Tensor) -> None:
             if empirical:
                 self.add_output_grad(block, grad, a_rows=pair)
-            if keep_rows and block.kept_rows <= block.row_limit:
+            if keep_rows and not self.sampling and block.kept_rows <= block.row_limit:
                 block.g_rows.append(grad.detach().reshape(-1, grad.shape[-1]))
         return hook
 

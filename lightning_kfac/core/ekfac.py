@@ -19,6 +19,8 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
   ``update`` and rotated in the new basis; on other factor-update steps they are rotated as soon
   as the backward delivers them and only the (g_dim x a_dim) sum is kept.
 - ``s`` lives in the block's decomposition (``"scale"``), so state_dict / resume keep it.
+- nn.Embedding (diagonal A, no ``Q_A``: the basis is the identity): ``dW~_n = g_n e_{i_n}^T``, so
+  the squared rotated gradient lands in column ``i_n`` (an index_add over the token ids).
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ def ekfac_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
 
 
 def precondition_ekfac(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
-    """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T``."""
-    QA, QG = dec["QA"], dec["QG"]
+    """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T`` (no ``Q_A`` for a diagonal A)."""
+    QA, QG = dec.get("QA"), dec["QG"]
     scale = dec["scale"] if "scale" in dec else torch.outer(dec["eG"], dec["eA"])
-    return QG @ ((QG.T @ grad @ QA) / (scale + damping)) @ QA.T
+    rotated = QG.T @ grad if QA is None else QG.T @ grad @ QA
+    out = QG @ (rotated / (scale + damping))
+    return out if QA is None else out @ QA.T
 
 
 class _Acc:
@@ -56,15 +60,18 @@ class _Acc:
     def __init__(self) -> None:
         self.rotated: Optional[Tensor] = None  # sum of squared rotated per-example grads
         self.count = 0  # examples in ``rotated``
-        self.basis: Optional[Tensor] = None  # the Q_A that ``rotated`` was computed in
+        self.basis: Optional[Tensor] = None  # the Q_G that ``rotated`` was computed in
         self.raw: List[Tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
 
 
 def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, examples: int,
-                        QA: Tensor, QG: Tensor) -> Tensor:
+                        QA: Optional[Tensor], QG: Tensor) -> Tensor:
     """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor."""
-    a = a_rows.to(QA.dtype) @ QA
     g = g_rows.to(QG.dtype) @ QG
+    if QA is None:  # diagonal A (nn.Embedding): a_rows are the token ids
+        out = g.new_zeros(g.shape[1], block.kind.a_dim())
+        return out.index_add_(1, a_rows.long(), g.square().T)
+    a = a_rows.to(QA.dtype) @ QA
     if isinstance(block.kind, ConvKind):
         a = a.reshape(examples, -1, a.shape[1])
         g = g.reshape(examples, -1, g.shape[1])
@@ -92,18 +99,19 @@ class EKFACScaling:
         g_rows = g_rows.to(block.dtype)
         if scale != 1.0:
             g_rows = g_rows * scale
-        a_rows = a_rows.to(block.dtype)
+        if not block.kind.diagonal_a:
+            a_rows = a_rows.to(block.dtype)
         dec = block.decomposition
-        refresh_due = self._clock() % block.inv_update_steps == 0 or "QA" not in dec
+        refresh_due = self._clock() % block.inv_update_steps == 0 or "QG" not in dec
         if refresh_due:
             acc.raw.append((a_rows, g_rows, examples))
             return
-        if acc.basis is not None and acc.basis is not dec["QA"]:
+        if acc.basis is not None and acc.basis is not dec["QG"]:
             acc.rotated, acc.count = None, 0
-        part = squared_rotated_sum(block, a_rows, g_rows, examples, dec["QA"], dec["QG"])
+        part = squared_rotated_sum(block, a_rows, g_rows, examples, dec.get("QA"), dec["QG"])
         acc.rotated = part if acc.rotated is None else acc.rotated.add_(part)
         acc.count += examples
-        acc.basis = dec["QA"]
+        acc.basis = dec["QG"]
 
     def discard(self) -> None:
         self._acc.clear()
@@ -113,19 +121,19 @@ class EKFACScaling:
 
         Returns the names of blocks whose estimate was not finite (their scaling is kept).
         """
-        due = [b for b in due if b.compute_method == "ekfac" and "QA" in b.decomposition]
+        due = [b for b in due if b.compute_method == "ekfac" and "QG" in b.decomposition]
         sums: List[Tensor] = []
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             dec, acc = block.decomposition, self._acc.get(block.name)
             total = torch.zeros_like(dec["scale"])
             if acc is not None:
-                if acc.rotated is not None and acc.basis is dec["QA"]:
+                if acc.rotated is not None and acc.basis is dec["QG"]:
                     total.add_(acc.rotated)
                     counts[i] += acc.count
                 for a_rows, g_rows, examples in acc.raw:
                     total.add_(squared_rotated_sum(block, a_rows, g_rows, examples,
-                                                   dec["QA"], dec["QG"]))
+                                                   dec.get("QA"), dec["QG"]))
                     counts[i] += examples
             sums.append(total)
         self._acc.clear()

@@ -133,6 +133,7 @@ class MCFisher:
         fed: Dict[str, bool] = {}
         for y, weight in draws:
             nll = self.nll(f, y, weight)
+            self.capture.sampling = True  # tensor hooks that fire now see sampled-loss grads
             try:
                 grads = torch.autograd.grad(nll, edges, retain_graph=True, allow_unused=True)
             except RuntimeError as err:
@@ -140,6 +141,8 @@ class MCFisher:
                     "K-FAC fisher_type='mc': the extra backward of the sampled loss failed "
                     f"({err}). Call mc_backward() after the forward and BEFORE loss.backward() "
                     "(the graph must still be alive).") from err
+            finally:
+                self.capture.sampling = False
             for (block, _, a_rows), grad in zip(kept, grads):
                 fed.setdefault(block.name, False)
                 if grad is None:
