@@ -391,3 +391,42 @@ def test_embedding_under_ddp_matches_single_process(tmp_path):
                 else:
                     assert torch.equal(r0, r1), (mode, name)
                     assert D.rel_err(r0, rf) <= 1e-10, (mode, name)
+
+
+# --------------------------------------------------------------------------------------------
+# everything else stays untouched and listed
+
+
+class Mixed(nn.Module):
+    """LayerNorm, LSTM and MultiheadAttention around one Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.norm(x))
+        h, _ = self.attn(h, h, h)
+        return self.head(h.mean(1))
+
+
+def test_unsupported_layers_are_listed_and_left_raw():
+    torch.manual_seed(8)
+    model = Mixed().double()
+    pre = KFACPreconditioner(model, **EXACT)
+    x, y = torch.randn(3, 5, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
+    F.cross_entropy(model(x), y).backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with pytest.warns(RuntimeWarning, match="never ran in a training forward"):
+        pre.step()  # attn.out_proj is a Linear whose weight MHA uses functionally
+    assert list(pre.layers) == ["head"]
+    reasons = {s.name: s.reason for s in pre.skipped}
+    assert set(reasons) == {"norm", "rnn", "attn", "attn.out_proj"}
+    assert "not a supported layer type" in reasons["rnn"] and "never ran" in reasons["attn.out_proj"]
+    summary = pre.summary()
+    assert all(name in summary for name in reasons)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, raw[name]) != name.startswith("head."), name
