@@ -226,3 +226,58 @@ def test_embedding_scaling_and_step_equal_brute_force() -> None:
     eye = torch.eye(6, dtype=DT)
     expected = _dense_ekfac_solve(eye, dec["QG"], s, raw, DAMPING)
     assert rel_err(model[0].weight.grad.T, expected) < 1e-8
+
+
+# -- two ranks (gloo): the scaling estimate is averaged like the factors -------------------------
+def _ekfac_run(model: nn.Module, batches, rank: int = 0, world: int = 1):
+    pre = KFACPreconditioner(model, compute_method="ekfac", factor_update_steps=1,
+                             inv_update_steps=2, factor_decay=0.5, damping=DAMPING)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches:
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        opt.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        pre.step(opt)
+        opt.step()
+    return {n: b.decomposition["scale"].clone() for n, b in pre.blocks.items()}
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(9)
+    return [(torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(3)]
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(10)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+
+def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = nn.parallel.DistributedDataParallel(_net())
+        torch.save(_ekfac_run(model, _batches(), rank, world), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path)),
+                         daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _ekfac_run(_net(), _batches())
+    for name, s in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], s, rtol=1e-9, atol=1e-14), name
