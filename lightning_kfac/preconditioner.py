@@ -34,6 +34,7 @@ from lightning_kfac.core.ekfac import EKFACScaling, ekfac_decomposition, precond
 from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import DistributedWork
+from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -63,6 +64,7 @@ class KFACPreconditioner:
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  communicator: Optional[Communicator] = None, **options: Any):
         self.config = KFACConfig.from_any(config, **options)
+        check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
         self.comm = communicator if communicator is not None else default_communicator()
@@ -155,13 +157,15 @@ class KFACPreconditioner:
         """Update factors / decompositions on their clocks, then precondition the gradients."""
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
+        check_optimizer(optimizer)
         t = self.steps
         self.damping_control.at_step(t)
         if self.mc is not None:
             self.mc.finish_step(any(b.kind.module.weight.grad is not None
                                     for b in self.blocks.values()))
-        self._update_factors([b for b in self.blocks.values() if t % b.factor_update_steps == 0])
-        self._update_decompositions([b for b in self.blocks.values()
+        active = self._blocks_of(optimizer)
+        self._update_factors([b for b in active if t % b.factor_update_steps == 0])
+        self._update_decompositions([b for b in active
                                      if self._decomposition_due(b, t) and b.A is not None])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
@@ -171,7 +175,7 @@ class KFACPreconditioner:
             self._precondition(optimizer)
         else:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
-        for block in self.blocks.values():
+        for block in active:
             block.clear_rows()
         self.steps = t + 1
         self._set_capture()
@@ -194,6 +198,7 @@ class KFACPreconditioner:
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> "KFACOptimizer":
         """An optimizer-like object whose ``step()`` preconditions, then steps ``optimizer``."""
+        check_optimizer(optimizer)
         self.optimizer = optimizer
         return KFACOptimizer(self, optimizer)
 
@@ -261,6 +266,17 @@ class KFACPreconditioner:
         self.counters["low_rank_steps"] = self.counters.get("low_rank_steps", 0) + 1
         return pair
 
+    def _blocks_of(self, optimizer: Optional[torch.optim.Optimizer]) -> List[KFACBlock]:
+        """The blocks whose weight ``optimizer`` steps (all blocks when there is none).
+
+        With several optimizers (manual optimization) each ``step(opt)`` touches only its own
+        layers, so layers of an optimizer that has not run yet are neither updated nor dropped.
+        """
+        if optimizer is None:
+            return list(self.blocks.values())
+        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [b for b in self.blocks.values() if id(b.kind.module.weight) in params]
+
     def _set_capture(self) -> None:
         for block in self.blocks.values():
             block.capturing = self.steps % block.factor_update_steps == 0
@@ -289,23 +305,24 @@ class KFACPreconditioner:
         if not due:
             return
         estimates: List[Tensor] = []
-        flags = torch.zeros(2 * len(due), dtype=torch.float64)
+        flags = torch.zeros(3 * len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             a_hat, g_hat = block.batch_estimates()
             seen = block.has_estimates()
             finite = seen and bool(torch.isfinite(a_hat).all() and torch.isfinite(g_hat).all())
             if seen and not finite:
                 a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
-            flags[2 * i], flags[2 * i + 1] = float(seen), float(seen and not finite)
+            flags[3 * i], flags[3 * i + 1] = float(seen), float(seen and not finite)
+            flags[3 * i + 2] = float(block.seen)  # a training forward ever ran (even w/o backward)
             estimates += [a_hat, g_hat]
             block.reset_accumulators()
         all_reduce_factors_(self.comm, flags, estimates)  # upper triangles + flags, one call
         dropped = []
         for i, block in enumerate(due):
-            seen, bad = int(flags[2 * i]), int(flags[2 * i + 1])  # ranks that saw it / non-finite
+            seen, bad = int(flags[3 * i]), int(flags[3 * i + 1])  # ranks with estimates / non-finite
             a_hat, g_hat = estimates[2 * i], estimates[2 * i + 1]
             if seen == 0:
-                if block.A is None:
+                if block.A is None and int(flags[3 * i + 2]) == 0:
                     dropped.append(block.name)
                 continue
             if bad > 0:
