@@ -325,22 +325,27 @@ def _ddp_batch(step, rank):
     return torch.randint(0, VOCAB, (3, 4), generator=gen), torch.randint(0, 2, (3,), generator=gen)
 
 
-def _ddp_train(model, pre, data, steps=3):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def _ddp_train(model, pre, data, steps=4):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    dampings = []
     for t in range(steps):
         idx, y = data(t)
         opt.zero_grad()
-        F.cross_entropy(model(idx), y).backward()
+        loss = F.cross_entropy(model(idx), y)
+        loss.backward()
         pre.step(opt)
         opt.step()
+        pre.update_damping(loss, lambda: F.cross_entropy(model(idx), y))
+        dampings.append(pre.damping)
     base = model.module if hasattr(model, "module") else model
     return {"params": {k: v.detach().clone() for k, v in base.state_dict().items()},
-            "factors": pre.factors()}
+            "factors": pre.factors(), "dampings": torch.tensor(dampings, dtype=torch.float64)}
 
 
 def _ddp_options(mode):
     return dict(damping=0.05, factor_update_steps=1, inv_update_steps=2, kl_clip=None,
-                distribute=mode, layer_overrides=[{"regex": "^out$", "compute_method": "inverse"}])
+                distribute=mode, adaptive_damping=True, adaptive_damping_interval=1,
+                damping_mode="relative", layer_overrides=[{"regex": "^out$", "compute_method": "inverse"}])
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -361,6 +366,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
 @pytest.mark.slow  # two spawned gloo processes (~10-20 s on 2 cores)
 def test_embedding_under_ddp_matches_single_process(tmp_path):
+    """Factors, parameters and the adapted (relative) damping: equal across ranks in every
+    KAISA mode and equal to one process on the concatenated batch."""
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path)),
                          daemon=True) for r in range(2)]
@@ -381,7 +388,10 @@ def test_embedding_under_ddp_matches_single_process(tmp_path):
 
     model = _bag()
     ref = _ddp_train(model, KFACPreconditioner(model, **_ddp_options("replicate")), both)
+    assert len(set(ref["dampings"].tolist())) > 1  # adaptive damping moved
     for mode in DDP_MODES:
+        assert torch.equal(ranks[0][mode]["dampings"], ranks[1][mode]["dampings"]), mode
+        assert torch.equal(ranks[0][mode]["dampings"], ref["dampings"]), mode
         for key in ("params", "factors"):
             for name in ref[key]:
                 r0, r1, rf = ranks[0][mode][key][name], ranks[1][mode][key][name], ref[key][name]

@@ -23,12 +23,14 @@ after the step on the same batch, and
                + sum_other params <grad p, delta_p>,
 
 with ``D`` the layer's step in the ``W~`` layout (``vec(G D A) = (A (x) G) vec(D)``, the K-FAC
-curvature of the mean loss; parameters that are not preconditioned enter to first order).
+curvature of the mean loss, for every layer with factors; parameters that are not
+preconditioned enter to first order; in relative mode ``lambda_l`` is scaled by the current
+factors' mean eigenvalues, so every rank computes the same model).
 ``rho > 3/4``: ``lambda *= omega``; ``rho < 1/4``: ``lambda /= omega``; ``omega = (19/20)**T`` unless
 ``adaptive_damping_factor`` is set. A step whose new loss is not finite counts as ``rho = -inf``
 (damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a zero
-step) leaves the damping alone and returns ``nan``. Under DDP the two losses are averaged over
-ranks first, so every rank takes the same decision.
+step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
+are averaged over ranks first, so every rank takes the same decision.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.linalg import mean_eigenvalue
 
 Loss = Union[float, Tensor, Callable[[], Any]]
 
@@ -160,18 +163,28 @@ class DampingControl:
         layers, covered = [], set()
         for block in pre.blocks.values():
             kind = block.kind
-            if id(kind.module.weight) not in wanted or not block.decomposition:
+            if id(kind.module.weight) not in wanted or block.A is None:
                 continue
             grad = kind.grad_matrix()
             if grad is None:
                 continue
             layers.append(_LayerTerm(block, grad.detach().to(block.dtype).clone(),
                                      [p.detach().clone() for p in kind.params],
-                                     pre._effective_damping(block)))
+                                     self.layer_damping(block)))
             covered.update(id(p) for p in kind.params)
         others = [_ParamTerm(p, p.grad.detach().clone(), p.detach().clone())
                   for p in params if id(p) not in covered and p.grad is not None]
         self.pending = (step, layers, others)
+
+    def layer_damping(self, block: Any) -> float:
+        """The layer's absolute damping for the model: its damping times ``lambda_t / lambda_0``,
+        times ``(tr A/dim A)(tr G/dim G)`` of the current factors in relative mode (the same on
+        every rank, whichever rank holds the decomposition)."""
+        damping = block.damping * self.multiplier
+        if str(self.config.damping_mode) == "relative":
+            scale = mean_eigenvalue(block.A) * mean_eigenvalue(block.G)
+            damping = damping * scale if scale > 0 else damping
+        return damping
 
     def model_decrease(self) -> float:
         """``M(delta)`` for the pending snapshot, with delta = parameters now - at the snapshot."""
@@ -194,14 +207,14 @@ class DampingControl:
         if self.pending is None:
             return None
         before, after = _as_float(loss_before), _as_float(loss_after)
-        comm = pre.comm
-        if comm.world_size > 1:
-            device = next((p.device for p in pre.model.parameters()), torch.device("cpu"))
-            losses = torch.tensor([before, after], dtype=torch.float64, device=device)
-            comm.all_reduce_sum_([losses])
-            before, after = (float(v) / comm.world_size for v in losses.tolist())
         predicted = self.model_decrease()
         self.pending = None
+        comm = pre.comm
+        if comm.world_size > 1:  # one decision for all ranks: average both losses (and M)
+            device = next((p.device for p in pre.model.parameters()), torch.device("cpu"))
+            values = torch.tensor([before, after, predicted], dtype=torch.float64, device=device)
+            comm.all_reduce_sum_([values])
+            before, after, predicted = (float(v) / comm.world_size for v in values.tolist())
         if not math.isfinite(before):
             rho = math.nan
         elif not math.isfinite(after):
