@@ -76,7 +76,7 @@ class KFACPreconditioner:
                                rank=self.comm.rank)
         self.ekfac: Optional[EKFACScaling] = None  # compute_method="ekfac" (core/ekfac.py)
         if any(b.compute_method == "ekfac" for b in self.blocks.values()):
-            self.ekfac = EKFACScaling(lambda: self.steps)
+            self.ekfac = EKFACScaling(lambda block: self._decomposition_due(block, self.steps))
             self.capture.pair_sink = self.ekfac.add_pair
         self.capture.install()
         self._enable_low_rank()

@@ -148,6 +148,26 @@ def test_running_average_between_refreshes() -> None:
         opt.step()
 
 
+def test_off_clock_refresh_at_end_of_warmup_rotates_in_the_new_basis() -> None:
+    """warmup_steps=2 adds a refresh at t=2 (inv_update_steps=10): that step's rows must be kept
+    and rotated after the refresh, not in the stale basis (decay 0: s = this step's s^)."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, warmup_steps=2,
+                             factor_update_steps=1, inv_update_steps=10)
+    for t in range(3):
+        x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
+        per = {n: _per_example(model, x, y, n, o) for n, o in (("0", 5), ("2", 3))}
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+    assert pre.counters["decompositions"] == 2 * 2  # t = 0 and the end of warm-up, t = 2
+    for name, dW in per.items():
+        dec = pre.blocks[name].decomposition
+        s = _rotated_sq_mean(dW, dec["QA"], dec["QG"])
+        assert torch.allclose(dec["scale"], s, rtol=1e-9, atol=1e-14), name
+
+
 def test_micro_batches_equal_one_batch() -> None:
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 3)).to(DT)

@@ -83,11 +83,12 @@ class EKFACScaling:
     """Collects matched ``(a, g)`` rows of EKFAC blocks and maintains their scaling ``s``.
 
     Args:
-        clock: returns the optimizer-step clock t (a refresh is due when ``t % inv == 0``).
+        refresh_due: ``refresh_due(block)`` is True when this step will recompute the block's
+            eigenbasis (its rows are then kept and rotated in ``update``, after the refresh).
     """
 
-    def __init__(self, clock: Callable[[], int]):
-        self._clock = clock
+    def __init__(self, refresh_due: Callable[[KFACBlock], bool]):
+        self._refresh_due = refresh_due
         self._acc: Dict[str, _Acc] = {}
 
     def add_pair(self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float,
@@ -102,7 +103,7 @@ class EKFACScaling:
         if not block.kind.diagonal_a:
             a_rows = a_rows.to(block.dtype)
         dec = block.decomposition
-        refresh_due = self._clock() % block.inv_update_steps == 0 or "QG" not in dec
+        refresh_due = self._refresh_due(block) or "QG" not in dec
         if refresh_due:
             acc.raw.append((a_rows, g_rows, examples))
             return
