@@ -53,13 +53,16 @@ class KFACBlock:
         self.g_div = 0
 
     def add_a(self, rows: Tensor, divisor: int) -> None:
-        outer = self.kind.a_outer(rows, self.dtype)
+        # Hooks run inside the forward's autocast region: keep the outer products in self.dtype.
+        with torch.autocast(rows.device.type, enabled=False):
+            outer = self.kind.a_outer(rows, self.dtype)
         self.a_sum = outer if self.a_sum is None else self.a_sum.add_(outer)
         self.a_div += divisor
 
     def add_g(self, rows: Tensor, divisor: int, scale: float) -> None:
         rows = rows.to(self.dtype)
-        outer = rows.T @ rows
+        with torch.autocast(rows.device.type, enabled=False):
+            outer = rows.T @ rows
         if scale != 1.0:
             outer.mul_(scale * scale)
         self.g_sum = outer if self.g_sum is None else self.g_sum.add_(outer)
