@@ -5,7 +5,7 @@ Bytes are the payload each rank hands to collectives (``core/kaisa.communication
 communicator's counter gives the same figure, see tests/test_distributed.py), for every layer due
 at once, in the factor dtype (float32):
 
-- ``factor_update``: upper triangles of every ``A^``, ``G^`` (+2 flags a layer), one all-reduce;
+- ``factor_update``: upper triangles of every ``A^``, ``G^`` (+3 flags a layer), one all-reduce;
   ``full_matrices`` is what sending whole matrices would cost;
 - ``refresh``: a decomposition refresh (flags; plus the eigendecompositions when
   ``distribute="decompositions"``);
@@ -36,7 +36,7 @@ from torch import nn
 
 from benchmarks import models
 from lightning_kfac import KFACPreconditioner
-from lightning_kfac.core.kaisa import communication_bytes
+from lightning_kfac.core.kaisa import FACTOR_FLAGS, communication_bytes
 
 MODES = ("replicate", "decompositions", "gradients")
 MB = 1e6
@@ -74,7 +74,8 @@ def byte_rows(names: List[str], world: int = 2) -> List[Dict]:
         for mode in MODES:
             pre = KFACPreconditioner(model, distribute=mode)
             fig = communication_bytes(pre, world_size=world)
-            full = sum((b.kind.a_dim() ** 2 + b.kind.g_dim() ** 2 + 2) * 4 for b in pre.blocks.values())
+            full = sum((b.kind.a_dim() ** 2 + b.kind.g_dim() ** 2 + FACTOR_FLAGS) * 4
+                       for b in pre.blocks.values())
             amortized = fig["factor_update"] / 10 + fig["decomposition_refresh"] / 100 + fig["per_step"]
             rows.append({"model": name, "mode": mode, "params": models.count_params(model),
                          "factor_update": fig["factor_update"], "full_matrices": full,
@@ -107,20 +108,38 @@ def _max_over_ranks(seconds: float) -> float:
     return float(t)
 
 
-def _timed(fn, repeats: int) -> float:
+def _time_once(fn) -> float:
     import torch.distributed as dist
 
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(_max_over_ranks(time.perf_counter() - start))
-    return statistics.median(times)
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return _max_over_ranks(time.perf_counter() - start)
+
+
+def _setup(name: str, mode: str, rank: int):
+    model = build(name)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    pre = KFACPreconditioner(ddp, distribute=mode, factor_update_steps=1, inv_update_steps=1,
+                             kl_clip=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch(name, 64, seed=rank)
+    loss_fn(name, ddp(x), y).backward()
+    pre.step(opt)
+    raw = [(p, p.grad.clone()) for p in model.parameters()]
+    blocks = list(pre.blocks.values())
+
+    def precondition():
+        for p, g in raw:
+            p.grad.copy_(g)
+        pre._precondition(opt)
+
+    return pre, blocks, precondition
 
 
 def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[str],
                  repeats: int) -> None:
+    """Per model: the three modes (x transports) measured interleaved, ``repeats`` rounds."""
     import torch.distributed as dist
 
     from lightning_kfac.core.distributed import all_reduce_factors_
@@ -130,42 +149,36 @@ def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[st
                             world_size=world)
     rows = []
     for name in names:
-        for mode in MODES:
-            model = build(name)
-            ddp = nn.parallel.DistributedDataParallel(model)
-            pre = KFACPreconditioner(ddp, distribute=mode, factor_update_steps=1,
-                                     inv_update_steps=1, kl_clip=None)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            x, y = batch(name, 64, seed=rank)
-            loss_fn(name, ddp(x), y).backward()
-            pre.step(opt)
-            blocks = list(pre.blocks.values())
-            raw = [(p, p.grad.clone()) for p in model.parameters()]
-
-            def precondition():
-                for p, g in raw:
-                    p.grad.copy_(g)
-                pre._precondition(opt)
-
-            for transport in (("broadcast",) if mode == "replicate" else ("broadcast", "all_reduce")):
+        variants = [(m, t) for m in MODES
+                    for t in (("broadcast",) if m == "replicate" else ("broadcast", "all_reduce"))]
+        setups = {m: _setup(name, m, rank) for m in MODES}
+        times = {v: ([], []) for v in variants}
+        pre0, blocks0, _ = setups["replicate"]
+        flags = torch.zeros(FACTOR_FLAGS * len(blocks0))
+        est = [torch.zeros(b.kind.a_dim(), b.kind.a_dim()) for b in blocks0]
+        est += [torch.zeros(b.kind.g_dim(), b.kind.g_dim()) for b in blocks0]
+        factor = {"triangles": [], "full": []}
+        for _ in range(repeats):
+            for mode, transport in variants:
+                pre, blocks, precondition = setups[mode]
                 pre.kaisa.transport = transport
-                refresh = _timed(lambda: pre._update_decompositions(blocks), repeats)
-                step = _timed(precondition, 3 * repeats)
-                rows.append({"model": name, "mode": mode, "transport": transport,
-                             "refresh_s": refresh, "precondition_s": step,
-                             "amortized_ms": 1e3 * (refresh / 100 + step)})
-            if mode == "replicate":
-                flags = torch.zeros(2 * len(blocks))
-                est = [torch.zeros(b.kind.a_dim(), b.kind.a_dim()) for b in blocks]
-                est += [torch.zeros(b.kind.g_dim(), b.kind.g_dim()) for b in blocks]
-                tri = _timed(lambda: all_reduce_factors_(pre.comm, flags, est), 3 * repeats)
-                full = _timed(lambda: pre.comm.all_reduce_sum_([flags] + est), 3 * repeats)
-                rows.append({"model": name, "mode": "factor all-reduce", "transport": "triangles",
-                             "refresh_s": float("nan"), "precondition_s": tri,
-                             "amortized_ms": float("nan")})
-                rows.append({"model": name, "mode": "factor all-reduce", "transport": "full",
-                             "refresh_s": float("nan"), "precondition_s": full,
-                             "amortized_ms": float("nan")})
+                times[(mode, transport)][0].append(
+                    _time_once(lambda: pre._update_decompositions(blocks)))
+                for _ in range(3):
+                    times[(mode, transport)][1].append(_time_once(precondition))
+            for _ in range(3):
+                factor["triangles"].append(
+                    _time_once(lambda: all_reduce_factors_(pre0.comm, flags, est)))
+                factor["full"].append(_time_once(lambda: pre0.comm.all_reduce_sum_([flags] + est)))
+        for (mode, transport), (ref, pc) in times.items():
+            refresh, step = statistics.median(ref), statistics.median(pc)
+            rows.append({"model": name, "mode": mode, "transport": transport, "refresh_s": refresh,
+                         "precondition_s": step, "amortized_ms": 1e3 * (refresh / 100 + step)})
+        for kind, values in factor.items():
+            rows.append({"model": name, "mode": "factor all-reduce", "transport": kind,
+                         "refresh_s": float("nan"), "precondition_s": statistics.median(values),
+                         "amortized_ms": float("nan")})
+        for pre, _, _ in setups.values():
             pre.remove()
     if rank == 0:
         torch.save(rows, out)

@@ -188,14 +188,16 @@ class KFACConfig:
             compute_method} dicts; ``compute_method: skip`` leaves matching layers out.
         nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
         max_decomposition_failures: consecutive failed decompositions of one layer before an error.
-        distribute: under DDP (world > 1), who decomposes (core/kaisa.py, KAISA, Pauloski et al.
-            SC'21). "decompositions" (default): each layer's owner rank decomposes it and
-            broadcasts the result, every rank preconditions (memory: all decompositions per
-            rank; traffic: the decompositions once per refresh). "gradients": the owner keeps
-            the decomposition and broadcasts the preconditioned gradient every step (memory:
-            1/world of the decompositions; traffic: a gradient's size every step; checkpointing
-            becomes collective). "replicate": every rank decomposes every layer (no traffic,
-            world x the compute). Ignored with one process.
+        distribute: under DDP (world > 1), who does the second-order work (core/kaisa.py;
+            KAISA, Pauloski et al. SC'21); each layer has one owner rank. "gradients" (default,
+            fastest here: benchmarks/communication.py): the owner decomposes the layer, keeps the
+            decomposition and broadcasts the preconditioned gradient every step (memory: 1/world
+            of the decompositions; compute: 1/world of decompositions and preconditioning;
+            traffic: a gradient's size every step; ``state_dict`` becomes collective).
+            "decompositions": the owner broadcasts the decomposition, every rank preconditions
+            every layer (memory: all decompositions; traffic: the decompositions once per
+            refresh). "replicate": every rank decomposes every layer (no traffic, world x the
+            compute). Ignored with one process.
         low_rank: precondition Linear layers at rank R (the step's example rows) when R is small
             against the layer width and Freivalds' check proves ``grad W~ == Gm^T Am``
             (core/lowrank.py); exact, falls back to the full computation otherwise.
@@ -227,7 +229,7 @@ class KFACConfig:
     layer_overrides: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     nonfinite: NonFinitePolicy = NonFinitePolicy.SKIP
     max_decomposition_failures: int = 3
-    distribute: Distribute = Distribute.DECOMPOSITIONS
+    distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
 
     def __post_init__(self) -> None:

@@ -175,4 +175,4 @@ def test_distribute_option_validated() -> None:
 def test_single_process_sends_nothing() -> None:
     pre = KFACPreconditioner(nn.Linear(3, 2))
     assert communication_bytes(pre)["factor_update"] == 0
-    assert communication_bytes(pre, world_size=2)["factor_update"] == (10 + 3 + 2) * 4
+    assert communication_bytes(pre, world_size=2)["factor_update"] == (10 + 3 + 3) * 4

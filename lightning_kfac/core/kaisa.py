@@ -11,12 +11,18 @@ not be repeated on every rank. Each shared layer gets one owner rank
   decomposition, every rank keeps all of them and preconditions every layer itself. Memory: as
   replicate; communication: the decompositions once per refresh (eigen: ``d_A^2 + d_A + d_G^2 + d_G``
   numbers a layer); compute: 1/world of the decompositions.
-- ``"gradients"`` (KAISA's MEM-OPT, grad_worker_fraction = 1/world): only the owner keeps the
-  decomposition and computes the layer's preconditioned gradient, which it broadcasts every step
+- ``"gradients"`` (default; KAISA's MEM-OPT, grad_worker_fraction = 1/world): only the owner
+  keeps the decomposition and computes the layer's preconditioned gradient, broadcast every step
   (``d_G x d_A`` numbers a layer, like a second gradient all-reduce). Memory: 1/world of the
   decompositions; communication: every step; compute: 1/world of decompositions and of
   preconditioning. Checkpointing (``state_dict``) is then collective: the owners broadcast their
   decompositions so that rank 0 can write them (Lightning calls ``state_dict`` on every rank).
+
+Measured with 2 gloo ranks on the 2-core CPU machine (``python -m benchmarks.communication
+--time``), "gradients" has the lowest time per step for the large demo models (it halves both
+the decompositions and the per-step preconditioning matmuls; loopback traffic is cheap), so it is
+the default; over a slow network, or when preconditioning is cheap (GPUs), "decompositions"
+sends far fewer bytes per step.
 
 Decisions are collective: a decomposition that fails on the rank computing it fails on every rank
 (a flag all-reduce precedes the transfer), so all ranks keep the same previous decomposition and
@@ -25,7 +31,8 @@ count the same failures. A preconditioned gradient travels with an "ok" flag set
 Layers whose decomposition layout is not known here (``compute_method`` other than "eigen" and
 "inverse") are always replicated. Transfers use one flattened broadcast per source rank
 (``transport="broadcast"``) or one all-reduce of zero-filled buffers (``"all_reduce"``); both
-deliver the owner's values exactly (x + 0 = x).
+deliver the owner's values exactly (x + 0 = x). At 2 ranks here neither was consistently faster;
+"broadcast" is the default because an all-reduce moves every rank's (zero) share too.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from lightning_kfac.core.distributed import symmetric_numel
 
 Layout = List[Tuple[str, Tuple[int, ...], torch.dtype, bool]]  # key, shape, dtype, column-major
 TRANSPORTS = ("broadcast", "all_reduce")
+#: Decision flags per layer in a factor update (seen, non-finite, ever seen: _update_factors).
+FACTOR_FLAGS = 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -321,7 +330,8 @@ def _check_layout(block, dec: Dict[str, Tensor], layout: Layout) -> None:
 def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str, int]:
     """Payload bytes each rank hands to collectives, for every layer due at once.
 
-    Returns a dict with ``factor_update`` (upper triangles of A^, G^ and two flags a layer),
+    Returns a dict with ``factor_update`` (upper triangles of A^, G^ and ``FACTOR_FLAGS`` flags
+    a layer),
     ``decomposition_refresh`` (failure flags, plus the decompositions in "decompositions" mode),
     ``per_step`` (the preconditioned gradients in "gradients" mode, else 0), ``state_dict``
     (the collective gather of "gradients" mode) and ``decomposition_memory_per_rank`` (bytes of
@@ -347,7 +357,8 @@ def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str,
     out = {"factor_update": 0, "decomposition_refresh": 0, "per_step": 0, "state_dict": 0}
     if world > 1 and blocks:
         out["factor_update"] = sum(
-            (_a_numel(b) + symmetric_numel(b.kind.g_dim()) + 2) * elsize(b) for b in blocks)
+            (_a_numel(b) + symmetric_numel(b.kind.g_dim()) + FACTOR_FLAGS) * elsize(b)
+            for b in blocks)
         out["decomposition_refresh"] = 8 * len(blocks)
         if mode == "decompositions":
             out["decomposition_refresh"] += sum(dec_bytes[b.name] for b in shared)
