@@ -25,8 +25,9 @@ def predicted_memory_bytes(blocks: Dict) -> int:
     for block in blocks.values():
         a, g = block.kind.a_dim(), block.kind.g_dim()
         item = 8 if str(block.dtype) == "torch.float64" else 4
+        a_numel = a if block.kind.diagonal_a else a * a  # nn.Embedding keeps A's diagonal
         extra = (a + g) if block.compute_method == "eigen" else 0
-        total += (2 * (a * a + g * g) + extra) * item
+        total += (2 * (a_numel + g * g) + extra) * item
     return total
 
 
@@ -40,7 +41,8 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
         n = sum(p.numel() for p in block.kind.params)
         covered += n
         a, g = block.kind.a_dim(), block.kind.g_dim()
-        rows.append((name or "<root>", type(module).__name__, f"{a}x{a}", f"{g}x{g}", f"{n:,}",
+        a_shape = f"{a} (diag)" if block.kind.diagonal_a else f"{a}x{a}"
+        rows.append((name or "<root>", type(module).__name__, a_shape, f"{g}x{g}", f"{n:,}",
                      f"K-FAC ({block.compute_method})"))
     for s in skipped:
         rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",
