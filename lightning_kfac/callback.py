@@ -51,6 +51,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
+from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.preconditioner import KFACPreconditioner
 
 _UNSUPPORTED_STRATEGIES = (
@@ -158,6 +159,11 @@ class KFACCallback(Callback):
     # -- fit lifecycle ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         check_strategy(trainer.strategy)
+        for optimizer in trainer.optimizers:  # closure-based ones (LBFGS): core/optim_check.py
+            try:
+                check_optimizer(optimizer)
+            except ValueError as err:
+                raise MisconfigurationException(f"KFACCallback: {err}") from err
         self._remove_hooks()
         module = trainer.lightning_module
         if self.config.adaptive_damping and not module.automatic_optimization:
@@ -178,6 +184,13 @@ class KFACCallback(Callback):
                 "not matched by "
                 f"skip_layers={self.config.skip_layers}. Add such a layer, relax skip_layers, or "
                 f"remove KFACCallback.\n{pre.summary()}")
+        shared = sorted(set(pre.layers) & _claimed_layers(trainer, self))
+        if shared:
+            pre.remove()
+            raise MisconfigurationException(
+                f"KFACCallback: layers {shared} are already preconditioned by another "
+                "KFACCallback of this Trainer; preconditioning twice would apply the inverse "
+                "Fisher twice. Give each instance disjoint layers (skip_layers) or keep one.")
         self.preconditioner = pre
         self._active = True
         if self._pending_state is None and previous is not None \
@@ -313,6 +326,12 @@ class KFACCallback(Callback):
         self._active = False
         self._stepped = False
         self._batch_stats = {}
+
+
+def _claimed_layers(trainer: "pl.Trainer", me: KFACCallback) -> set:
+    """Layers preconditioned by the other active KFACCallbacks of ``trainer``."""
+    return {name for cb in trainer.callbacks if isinstance(cb, KFACCallback) and cb is not me
+            and cb._active and cb.preconditioner is not None for name in cb.preconditioner.layers}
 
 
 def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
