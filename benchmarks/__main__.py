@@ -17,9 +17,9 @@ BENCHMARKS = {"step_overhead": step_overhead, "time_to_target": time_to_target,
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--out", default=common.DEFAULT_OUT, help="output directory")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None,
                         help="run only these benchmarks")
     args = parser.parse_args(argv)
@@ -28,7 +28,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
         if args.only and name not in args.only:
             continue
         start = time.perf_counter()
-        results[name] = module.run(tiny=args.tiny, out=args.out)
+        results[name] = module.run(tiny=args.tiny, out=args.out, threads=args.threads)
         print(f"[{name}: {time.perf_counter() - start:.1f} s; wrote {results[name]['json']} and "
               f"{results[name]['png']}]\n", flush=True)
     return results

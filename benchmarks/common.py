@@ -35,15 +35,29 @@ from torch import Tensor, nn
 DEFAULT_OUT = "bench_results"
 
 
-def set_threads(tiny: bool = False) -> int:
-    """Use every core of the machine (``torch.set_num_threads(os.cpu_count())``).
+def set_threads(tiny: bool = False, threads: Optional[int] = None) -> int:
+    """Use every core of the machine (``torch.set_num_threads(os.cpu_count())``) by default.
 
     ``tiny`` runs use one thread: their matrices are too small to gain from more, and a single
     thread is far less sensitive to other processes sharing the cores (smoke tests only).
+    ``threads`` overrides both: on a machine shared with other jobs (load average above the core
+    count) OpenMP's thread barriers can make multi-threaded steps 10-100x slower, so one thread
+    is the fairer measurement there; the count used is recorded in every JSON.
     """
-    cores = 1 if tiny else (os.cpu_count() or 1)
-    torch.set_num_threads(cores)
-    return cores
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"Invalid threads={threads!r}: must be an integer >= 1 or None.")
+    count = threads if threads is not None else 1 if tiny else (os.cpu_count() or 1)
+    torch.set_num_threads(count)
+    return count
+
+
+def add_common_args(parser) -> None:
+    """``--tiny``, ``--out`` and ``--threads``, shared by every benchmark's command line."""
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: every core; 1 with --tiny)")
 
 
 def machine_info() -> Dict[str, Any]:
@@ -109,7 +123,7 @@ def measure_rates(matmul_size: int = 2048, decomp_size: int = 1024, repeats: int
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(matmul_size, matmul_size, generator=gen)
     b = torch.randn(matmul_size, matmul_size, generator=gen)
-    time_median(lambda: a @ b, 1, warmup=0, min_time=1.5 * min_time)  # wake the thread pool / clocks
+    time_median(lambda: a @ b, 1, warmup=0, min_time=1.5 * min_time)  # wake threads / clocks
     t_mm = time_median(lambda: a @ b, repeats, min_time=min_time)
     s = _spd(decomp_size, gen)
     t_eigh = time_median(lambda: torch.linalg.eigh(s), repeats, min_time=min_time)
@@ -219,7 +233,8 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], title: 
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = [title] if title else []
     for j, row in enumerate(cells):
-        lines.append("  ".join(cell.rjust(w) if j else cell.ljust(w) for cell, w in zip(row, widths)))
+        lines.append("  ".join(cell.rjust(w) if j else cell.ljust(w)
+                               for cell, w in zip(row, widths)))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -116,10 +116,12 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
     return common.save_figure(fig, out, NAME)
 
 
-def run(tiny: bool = False, out: str = common.DEFAULT_OUT) -> Dict[str, Any]:
-    threads = common.set_threads(tiny)
+def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
+        threads: Optional[int] = None) -> Dict[str, Any]:
+    threads = common.set_threads(tiny, threads)
     if tiny:
-        widths, batches, fixed_width, fixed_batch, reps, min_time = [32, 64, 128], [16, 32, 64], 64, 32, 5, 0.0
+        widths, batches = [32, 64, 128], [16, 32, 64]
+        fixed_width, fixed_batch, reps, min_time = 64, 32, 5, 0.0
     else:
         widths, batches = [128, 256, 512, 1024, 2048], [32, 64, 128, 256, 512, 1024, 2048]
         fixed_width, fixed_batch, reps, min_time = 512, 128, 20, 0.5
@@ -144,10 +146,9 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="small widths and batches")
-    parser.add_argument("--out", default=common.DEFAULT_OUT, help="output directory")
+    common.add_common_args(parser)
     args = parser.parse_args(argv)
-    run(tiny=args.tiny, out=args.out)
+    run(tiny=args.tiny, out=args.out, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def _problems(tiny: bool) -> List[Dict[str, Any]]:
 
 def _loss_fn(kind: str) -> Callable:
     if kind == "bce":  # M&G: Bernoulli cross-entropy summed over pixels, mean over the batch
-        return lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="sum") / out.shape[0]
+        return lambda out, y: (F.binary_cross_entropy_with_logits(out, y, reduction="sum")
+                               / out.shape[0])
     return F.cross_entropy
 
 
@@ -111,7 +112,8 @@ def _schedule(tiny: bool) -> Dict[str, int]:
             "factor_every": 10, "inv_every": 100}
 
 
-def run_problem(problem: Dict[str, Any], rates: common.Rates, sched: Dict[str, int]) -> List[Dict[str, Any]]:
+def run_problem(problem: Dict[str, Any], rates: common.Rates,
+                sched: Dict[str, int]) -> List[Dict[str, Any]]:
     torch.manual_seed(0)
     base = problem["factory"]()
     x, y, loss = problem["x"], problem["y"], _loss_fn(problem["loss"])
@@ -130,7 +132,8 @@ def run_problem(problem: Dict[str, Any], rates: common.Rates, sched: Dict[str, i
               sched["amortized"] if v.amortized else sched["every"] for v in variants}
     for r in range(sched["rounds"]):
         for v in variants:
-            block = totals[v.label] // sched["rounds"] + (1 if r < totals[v.label] % sched["rounds"] else 0)
+            quotient, remainder = divmod(totals[v.label], sched["rounds"])
+            block = quotient + (1 if r < remainder else 0)
             for _ in range(block):
                 v.step()
     rows = []
@@ -177,9 +180,10 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
     return common.save_figure(fig, out, NAME)
 
 
-def run(tiny: bool = False, out: str = common.DEFAULT_OUT) -> Dict[str, Any]:
+def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
+        threads: Optional[int] = None) -> Dict[str, Any]:
     """Run the benchmark; print the table; write ``<out>/step_overhead.{json,png}``."""
-    threads = common.set_threads(tiny)
+    threads = common.set_threads(tiny, threads)
     rates = common.measure_rates(256, 128, min_time=0.05) if tiny else common.measure_rates()
     sched = _schedule(tiny)
     rows = []
@@ -198,10 +202,9 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT) -> Dict[str, Any]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny models, few steps (smoke test)")
-    parser.add_argument("--out", default=common.DEFAULT_OUT, help="output directory")
+    common.add_common_args(parser)
     args = parser.parse_args(argv)
-    run(tiny=args.tiny, out=args.out)
+    run(tiny=args.tiny, out=args.out, threads=args.threads)
 
 
 if __name__ == "__main__":

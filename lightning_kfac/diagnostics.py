@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,8 @@ class KroneckerError:
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if value not in allowed:
-        raise ValueError(f"Invalid {name}={value!r}: must be one of {', '.join(map(repr, allowed))}.")
+        choices = ", ".join(map(repr, allowed))
+        raise ValueError(f"Invalid {name}={value!r}: must be one of {choices}.")
     return str(value)
 
 
@@ -131,7 +132,7 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
 def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
                 loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
                 loss_reduction: str = "mean", dtype: torch.dtype = torch.float64,
-                ) -> Dict[str, LayerRows]:
+                preconditioner: Any = None) -> Dict[str, LayerRows]:
     """Per-example ``a`` and ``g`` rows of every Linear/Conv layer for one batch.
 
     Runs ``loss = loss_fn(model(inputs))`` (``model(*inputs)`` for a tuple/list) with forward
@@ -146,6 +147,9 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
         layers: qualified module names to record; None records every trainable Linear/Conv.
         loss_reduction: "mean" (``g_n = N x grad``, CONTRACT.md) or "sum" (``g_n = grad``).
         dtype: dtype of the returned rows (float64 by default, for exact error figures).
+        preconditioner: the ``KFACPreconditioner`` attached to ``model``, if any: its capture is
+            paused during this extra forward/backward. Without it, a capturing preconditioner
+            would add the diagnostic batch to its factor accumulators.
 
     Returns:
         name -> :class:`LayerRows`. A module called several times contributes all its calls'
@@ -157,6 +161,11 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     g_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
     n_store: Dict[str, List[int]] = {n: [] for n in covered}
     handles = []
+    paused = []
+    if preconditioner is not None:
+        for block in preconditioner.layers.values():
+            paused.append((block, block.capturing))
+            block.capturing = False
 
     for name, module in covered.items():
         kind, _ = make_kind(module)
@@ -187,6 +196,8 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     finally:
         for handle in handles:
             handle.remove()
+        for block, capturing in paused:
+            block.capturing = capturing
 
     result = {}
     for name in covered:
@@ -257,7 +268,7 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Gener
     ratio = e2 / m2 if m2 > 0 else 0.0
     rel = math.sqrt(max(ratio, 0.0))
     if num_probes > 1 and m2 > 0 and rel > 0:
-        # delta method: Var(e2/m2) ~ Var(y_err - ratio * y_blk) / (k m2^2); d sqrt(r) = dr / 2 sqrt(r)
+        # delta method: Var(e2/m2) ~ Var(y_err - ratio y_blk) / (k m2^2); d sqrt(r) = dr / 2 sqrt(r)
         var_ratio = float((y_err - ratio * y_blk).var()) / (num_probes * m2 ** 2)
         std = math.sqrt(var_ratio) / (2.0 * rel)
     else:
@@ -330,8 +341,9 @@ def mean_gradient(rows: LayerRows) -> Tensor:
 def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
              loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
              loss_reduction: str = "mean", method: str = "auto", num_probes: int = 64,
-             seed: int = 0) -> Dict[str, Dict[str, float]]:
-    """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments).
+             seed: int = 0, preconditioner: Any = None) -> Dict[str, Dict[str, float]]:
+    """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments; from a
+    training loop pass ``layers=list(pre.layers)`` and ``preconditioner=pre``).
 
     Returns name -> dict of floats:
         ``kronecker_error``: ``||M - A (x) G||_F / ||M||_F``; ``kronecker_error_std``: its
@@ -343,7 +355,8 @@ def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
         >>> diagnose(model, x, sampled_nll("categorical"))
     """
     _check_choice("method", method, _METHODS)
-    rows = record_rows(model, inputs, loss_fn, layers=layers, loss_reduction=loss_reduction)
+    rows = record_rows(model, inputs, loss_fn, layers=layers, loss_reduction=loss_reduction,
+                       preconditioner=preconditioner)
     generator = torch.Generator().manual_seed(int(seed))
     out: Dict[str, Dict[str, float]] = {}
     for name, r in rows.items():

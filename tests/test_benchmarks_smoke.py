@@ -21,7 +21,8 @@ pytestmark = pytest.mark.bench
 pytest.importorskip("sklearn", reason="scikit-learn (a dev extra) is needed by time_to_target")
 pytest.importorskip("matplotlib", reason="matplotlib (a dev extra) draws the benchmark plots")
 
-NON_NUMERIC = {"model", "variant", "problem", "method", "sweep", "component", "reached", "clamped"}
+NON_NUMERIC = {"model", "variant", "problem", "method", "knob", "sweep", "component", "reached",
+               "clamped"}
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ def _brute_error(model, x, y, layer):
         F.cross_entropy(model(x), y).backward()
     A, G = dense.brute_factors(model, store)[layer]
     model.zero_grad()
-    return float(torch.linalg.norm(M - torch.kron(A, G)) / torch.linalg.norm(M)), M, torch.kron(A, G)
+    K = torch.kron(A, G)
+    return float(torch.linalg.norm(M - K) / torch.linalg.norm(M)), M, K
 
 
 def test_one_example_error_is_zero():
@@ -90,7 +91,10 @@ def test_rows_give_contract_factors():
     """A = E[a a^T], G = E[g g^T] from the recorded rows equal the brute-force factors."""
     for model, x in ((_mlp(2), torch.randn(6, 3, 4, dtype=DT)),  # Linear on sequences: 18 rows
                      (_cnn(2), torch.randn(4, 2, 4, 4, dtype=DT))):
-        loss_fn = (lambda out: out.pow(2).mean()) if x.dim() == 3 else _ce(torch.tensor([0, 1, 2, 0]))
+        if x.dim() == 3:
+            loss_fn = lambda out: out.pow(2).mean()  # noqa: E731
+        else:
+            loss_fn = _ce(torch.tensor([0, 1, 2, 0]))
         rows = record_rows(model, x, loss_fn)
         names = list(rows)
         with dense.record(model, names) as store:
@@ -230,3 +234,40 @@ def test_bad_diagnose_arguments():
         diagnose(model, x, _ce(y), layers=["1"])  # a ReLU
     with pytest.raises(ValueError, match="Invalid likelihood="):
         sampled_nll("poisson")
+
+
+def test_rows_match_engine_factors():
+    """The rows' A = sum a a^T / B and G = sum g g^T / R equal the engine's first factors."""
+    from lightning_kfac import KFACPreconditioner
+
+    cases = ((_mlp(8), torch.randn(6, 4, dtype=DT)), (_cnn(8), torch.randn(3, 2, 4, 4, dtype=DT)))
+    for model, x in cases:
+        y = torch.randint(0, 3, (x.shape[0],))
+        rows = record_rows(model, x, _ce(y))
+        pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        factors = pre.factors()
+        pre.remove()
+        assert set(factors) == set(rows)
+        for name, r in rows.items():
+            A, G = factors[name]
+            assert dense.rel_err(r.a.T @ r.a / r.num_examples, A) <= 1e-12
+            assert dense.rel_err(r.g.T @ r.g / r.a.shape[0], G) <= 1e-12
+
+
+def test_diagnose_pauses_an_attached_preconditioner():
+    """A capturing preconditioner would add the diagnostic pass to its accumulators; passing it
+    as ``preconditioner=`` pauses capture (and restores it)."""
+    from lightning_kfac import KFACPreconditioner
+
+    model = _mlp(9)
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))
+    pre = KFACPreconditioner(model, factor_update_steps=1)
+    assert all(b.capturing for b in pre.layers.values())
+    diagnose(model, x, _ce(y), preconditioner=pre, layers=list(pre.layers))
+    assert not any(b.has_estimates() for b in pre.layers.values())
+    assert all(b.capturing for b in pre.layers.values())
+    diagnose(model, x, _ce(y))  # not paused: the hazard this option exists for
+    assert all(b.has_estimates() for b in pre.layers.values())
+    pre.remove()
