@@ -115,7 +115,7 @@ def test_factor_memory_equals_formula(method, reliability_row) -> None:
     assert _bytes(predicted) in pre.summary()
     assert not leaked, "a captured activation / output gradient is still held after step()"
     assert held == predicted, f"engine holds {held} B, formula {predicted} B"
-    reliability_row("memory soak", 1, 1, f"held / predicted = {held}/{predicted} B ({method})")
+    reliability_row("memory soak", 1, 1, f"{method}: held = predicted = {predicted} B")
 
 
 def _soak(steps: int, reliability_row) -> None:
@@ -136,8 +136,8 @@ def _soak(steps: int, reliability_row) -> None:
     predicted = predicted_memory_bytes(pre.layers)
     assert peak == end_held == base_held == predicted
     assert end_live <= base_live, f"live tensors grew from {base_live} to {end_live}"
-    reliability_row("memory soak", 1, 1, f"{steps} steps: peak held / predicted "
-                    f"{peak}/{predicted} B, live tensors {base_live}->{end_live}")
+    reliability_row("memory soak", 1, 1, f"{steps} steps: peak held {peak} B = predicted, "
+                    f"live tensors {base_live}->{end_live}")
 
 
 def test_memory_no_growth_200_steps(reliability_row) -> None:
