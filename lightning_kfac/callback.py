@@ -296,6 +296,10 @@ class KFACCallback(Callback):
         stats, self._batch_stats = self._batch_stats, {}
         if not stats or not trainer.loggers:
             return
+        if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
+            for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
+                        "overflow_steps"):
+                stats[f"kfac/{key}"] = float(pre.counters.get(key, 0))
         for name, value in stats.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 

@@ -311,3 +311,43 @@ def test_resume_sweep_through_checkpoints(tmp_path, reliability_row) -> None:
     reliability_row("resume sweep", tried, passing,
                     f"Lightning checkpoints incl. mid-accumulation: {passing}/{tried}")
     assert not failures, failures
+
+
+class HugeInput(MLP):
+    """float32; at ``bad_steps`` one example is scaled by 1e20: ``a a^T`` of net.0 overflows
+    while the loss and every gradient stay finite (tanh saturates)."""
+
+    def __init__(self, bad_steps):
+        super().__init__(dtype=torch.float32)
+        self.bad_steps = set(bad_steps)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step in self.bad_steps:
+            x = x.clone()
+            x[0] *= 1e20
+        return self.loss((x, y))
+
+
+def test_nonfinite_counted_in_callback_state_and_logs(tmp_path, reliability_row) -> None:
+    from pytorch_lightning.loggers import CSVLogger
+
+    bad = [2, 5, 6]
+    model, callback = HugeInput(bad), KFACCallback(**CLOCKS)
+    trainer = make_trainer(tmp_path, max_steps=8, callbacks=[callback], log_every_n_steps=1,
+                           logger=CSVLogger(tmp_path / "logs"))
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader(make_dataset(8 * 8, dtype=torch.float32), 8))
+    warned = [w for w in records if "non-finite factor estimate for layer 'net.0'" in str(w.message)]
+    path = tmp_path / "end.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["callbacks"][callback.state_key]
+    logged = float(trainer.logged_metrics["kfac/nonfinite_estimates"])
+    finite = all(torch.isfinite(p).all() for p in model.parameters()) and all(
+        torch.isfinite(t).all() for pair in callback.factors().values() for t in pair)
+    assert finite and len(warned) == 1
+    assert callback.preconditioner.counters["nonfinite_estimates"] == len(bad)
+    assert state["counters"]["nonfinite_estimates"] == len(bad) and logged == len(bad)
+    reliability_row("non-finite gradients", len(bad), len(bad) if finite else 0,
+                    "Lightning: counted in checkpoint state and kfac/nonfinite_estimates log")
