@@ -85,7 +85,13 @@ def test_ranks_identical(runs, case) -> None:
 def test_matches_single_process_on_concatenated_batch(runs, fault) -> None:
     """2 ranks x 4 examples == 1 process x 8 examples (float64, within 1e-6), faults included."""
     mode = "replicate" if fault is None else "decompositions"
-    ref, got = E.reference(fault), runs[0][f"{mode}:{fault}"]
+    expected = {None: None, "nan": "non-finite factor estimate", "fail": "decomposition of layer"}
+    if fault is None:
+        ref = E.reference(fault)
+    else:
+        with pytest.warns(RuntimeWarning, match=expected[fault]):
+            ref = E.reference(fault)
+    got = runs[0][f"{mode}:{fault}"]
     assert _max_diff(got["factors"], ref["factors"]) < 1e-6
     assert _max_diff(got["params"], ref["params"]) < 1e-6
     assert got["counters"]["nonfinite_estimates"] == ref["counters"]["nonfinite_estimates"]

@@ -1,0 +1,37 @@
+"""Standalone ``strategy="ddp"`` run (2 CPU ranks, gloo) for tests/test_distributed_lightning.py.
+
+Lightning's "ddp" launcher re-runs this script for rank 1, so it cannot run inside pytest
+(LIGHTNING_FACTS.md). Usage: ``python tests/ddp_scripts/lightning_ddp.py OUT_DIR STEPS [NODES]``;
+each rank writes ``OUT_DIR/rank{r}.pt`` (params, factors, K-FAC state) at ``on_fit_end``. With
+NODES=2 the script is one "node" of 1 device: start it twice with ``NODE_RANK=0`` / ``1`` and the
+same ``MASTER_ADDR`` / ``MASTER_PORT`` (what a multi-node launch does, on one machine).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.test_callback_support import MLP, make_dataset, make_trainer  # noqa: E402
+from tests.test_distributed_lightning import (BATCH, N, OPTIONS, RankDump,  # noqa: E402
+                                              rank_loader)
+
+from lightning_kfac.callback import KFACCallback  # noqa: E402
+
+
+def main(out_dir: str, steps: int, nodes: int = 1) -> None:
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    trainer = make_trainer(out, strategy="ddp", devices=2 // nodes, num_nodes=nodes,
+                           max_steps=steps,
+                           use_distributed_sampler=False,
+                           callbacks=[KFACCallback(**OPTIONS), RankDump(out)])
+    trainer.fit(MLP(), rank_loader(make_dataset(N), BATCH))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
