@@ -188,3 +188,29 @@ def test_nonfinite_raise_policy_names_layer(reliability_row) -> None:
     unchanged = all(torch.equal(before[n][i], after[n][i]) for n in LAYERS for i in range(2))
     assert unchanged
     reliability_row("non-finite gradients", 1, int(unchanged), "raise policy names the layer")
+
+
+def test_nonfinite_preconditioned_gradient_keeps_raw(reliability_row) -> None:
+    """damping=1e-46 is valid (> 0) but is 0 in float32: zero features of fc0 give 0/0 in
+    ``(Q_G^T grad Q_A) / (e_G e_A^T + damping)``; fc0 keeps its raw gradient, counted, warned once.
+    """
+    model = mlp()
+    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=1e-46)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps, kept = 4, 0
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for t in range(steps):
+            x, y = batch(t)
+            x[:, 3:] = 0.0  # A of fc0 is singular
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            raw = D.grad_matrix(model.fc0)
+            pre.step(opt)
+            kept += int(torch.equal(D.grad_matrix(model.fc0), raw))
+            opt.step()
+            assert all_finite(model.parameters())
+    per_layer = _warnings_per_layer(records, "non-finite preconditioned gradient")
+    assert kept == steps and per_layer["fc0"] == 1
+    assert pre.counters["nonfinite_gradients"] >= steps
+    reliability_row("non-finite gradients", steps, kept, "non-finite P: raw gradient kept")
