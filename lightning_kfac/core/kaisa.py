@@ -249,7 +249,8 @@ class DistributedWork:
         ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
         the result holds every layer whose owner produced a P (in ``blocks`` order).
         """
-        blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)]
+        blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)
+                  and (lr_of is None or id(b.kind.module.weight) in lr_of)]  # this optimizer's
         if self.mode != "gradients" or not blocks:
             return work
         rank = self.comm.rank
