@@ -209,7 +209,7 @@ class DistributedWork:
 
         comm, rank = self.comm, self.comm.rank
         owners = [self.owner(block) for block in due]
-        failed = torch.zeros(len(due), dtype=torch.float64)
+        failed = torch.zeros(len(due), dtype=torch.float64, device=_device(due))  # nccl: on GPU
         local: Dict[int, Any] = {}
         for i, (block, src) in enumerate(zip(due, owners)):
             if src is None or src == rank:
@@ -295,11 +295,16 @@ class DistributedWork:
             return
         rank = self.comm.rank
         have = torch.tensor([1.0 if self.owners()[b.name] == rank and b.decomposition else 0.0
-                             for b in blocks], dtype=torch.float64)
+                             for b in blocks], dtype=torch.float64, device=_device(blocks))
         self.comm.all_reduce_sum_([have])
         ready = [b for b, h in zip(blocks, have.tolist()) if h > 0]
         for name, dec in self._send_decompositions(ready).items():
             layers[name]["decomposition"] = {k: v.clone() for k, v in dec.items()}
+
+
+def _device(blocks: Sequence[Any]) -> torch.device:
+    """Where collective buffers live (nccl needs CUDA tensors): the first layer's device."""
+    return blocks[0].kind.module.weight.device if len(blocks) else torch.device("cpu")
 
 
 def _a_numel(block) -> int:
