@@ -1,0 +1,1 @@
+"""Examples of lightning-kfac: LightningModules/DataModules on the digits, the Hydra app, the demo."""
