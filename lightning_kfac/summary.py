@@ -26,7 +26,8 @@ def predicted_memory_bytes(blocks: Dict) -> int:
         a, g = block.kind.a_dim(), block.kind.g_dim()
         item = 8 if str(block.dtype) == "torch.float64" else 4
         a_numel = a if block.kind.diagonal_a else a * a  # nn.Embedding keeps A's diagonal
-        extra = (a + g) if block.compute_method == "eigen" else 0
+        # eigenvalue vectors; EKFAC also keeps its (d_G x d_A) eigenbasis scaling
+        extra = {"eigen": a + g, "ekfac": a + g + g * a}.get(block.compute_method, 0)
         total += (2 * (a_numel + g * g) + extra) * item
     return total
 

@@ -101,7 +101,7 @@ class KFACBlock:
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"damping": self.damping}
+        state: Dict[str, Any] = {"damping": self.damping, "failures": self.failures}
         if self.A is not None:
             state["A"], state["G"] = self.A.clone(), self.G.clone()
         state["decomposition"] = {k: v.clone() for k, v in self.decomposition.items()}
@@ -116,3 +116,4 @@ class KFACBlock:
             self.G = state["G"].to(device=device, dtype=self.dtype).clone()
         self.decomposition = {k: v.to(device).clone()
                               for k, v in state.get("decomposition", {}).items()}
+        self.failures = int(state.get("failures", 0))  # consecutive decomposition failures

@@ -93,9 +93,7 @@ def _steps(model, pre, opt, start: int, stop: int, keep: list | None = None) -> 
         yield t
 
 
-@pytest.mark.parametrize("method", ["eigen", "inverse", pytest.param("ekfac", marks=pytest.mark.xfail(
-    strict=True, reason="summary.predicted_memory_bytes omits EKFAC's eigenvalue vectors and "
-    "its (d_G x d_A) scaling matrix; memory_bytes() counts them"))])
+@pytest.mark.parametrize("method", ["eigen", "inverse", "ekfac"])
 def test_factor_memory_equals_formula(method, reliability_row) -> None:
     model = small_cnn()
     pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1,
