@@ -114,8 +114,8 @@ class DeepAutoencoder(_DigitsModule):
         logits = self(x)
         bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1).mean()
         mse = (torch.sigmoid(logits) - x).pow(2).sum(1).mean()
-        self.log("test/loss", bce)
-        self.log("test/mse", mse)   # squared reconstruction error per image (M&G's figure)
+        self.log("test/loss", bce, sync_dist=True)
+        self.log("test/mse", mse, sync_dist=True)  # squared error per image (M&G's figure)
 
 
 class _Classifier(_DigitsModule):
@@ -131,7 +131,7 @@ class _Classifier(_DigitsModule):
         x, y = batch
         logits = self(x)
         self.test_acc(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y))
+        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("test/acc", self.test_acc)
 
 

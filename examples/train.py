@@ -56,7 +56,8 @@ def build_kfac_callback(cfg: DictConfig) -> Optional[Any]:
     return instantiate(cfg.kfac)
 
 
-def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None):
+def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
+          csv_logger: bool = True):
     """Instantiate (datamodule, model, trainer, kfac_callback) from a composed config."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
@@ -67,7 +68,7 @@ def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]
     kfac = build_kfac_callback(cfg)
     callbacks = ([kfac] if kfac is not None else []) + list(extra_callbacks or [])
     # name="" and version="" put metrics.csv, hparams.yaml and checkpoints/ straight in output_dir
-    logger = CSVLogger(save_dir=str(output_dir), name="", version="")
+    logger = CSVLogger(save_dir=str(output_dir), name="", version="") if csv_logger else False
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
                           default_root_dir=str(output_dir))
     return datamodule, model, trainer, kfac
@@ -99,12 +100,16 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Optional[Path]:
     return out_png
 
 
-def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None
-        ) -> RunResult:
-    """Fit, test (if ``cfg.test``), then plot (if ``cfg.plot``); files go to ``output_dir``."""
+def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
+        csv_logger: bool = True) -> RunResult:
+    """Fit, test (if ``cfg.test``), then plot (if ``cfg.plot``); files go to ``output_dir``.
+
+    ``csv_logger=False`` runs without a logger (no metrics.csv, no plot; the progress bar and the
+    returned test metrics stay): the demo times both runs that way, see examples/demo.py.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule, model, trainer, kfac = build(cfg, output_dir, extra_callbacks)
+    datamodule, model, trainer, kfac = build(cfg, output_dir, extra_callbacks, csv_logger)
     trainer.fit(model, datamodule=datamodule)
     test_metrics: Dict[str, float] = {}
     if cfg.get("test", True):
