@@ -31,7 +31,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -166,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
                         help="common target loss (default: the larger final loss)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: fastest for these small layers, and "
-                             "immune to oversubscription when other processes share the cores)")
+                             "immune to oversubscription when other processes share the cores; "
+                             "0 leaves torch's setting)")
     parser.add_argument("--csv-logger", action="store_true",
                         help="also write a CSVLogger per run (off by default: each self.log call "
                              "costs Lightning ~0.3 ms, and the callback logs ten kfac/* values "
@@ -176,12 +176,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides applied to both runs, e.g. optimizer.lr=0.05")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
 
     base = ["experiment=autoencoder", "trainer.max_epochs=-1",
             f"trainer.max_steps={args.max_steps}", "trainer.enable_checkpointing=false",
-            "plot=false", *args.overrides]
+            "plot=false", f"threads={args.threads if args.threads > 0 else 'null'}",
+            *args.overrides]
     arms = {"K-FAC": compose_config(base), "no K-FAC": compose_config([*base, "kfac=off"])}
     if arms["K-FAC"].kfac is None:
         parser.error("the overrides switch K-FAC off in both runs (drop kfac=off)")
@@ -192,8 +191,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     for name, cfg in arms.items():
         print(f"\n=== {name}: training for {args.budget:g} s ===", flush=True)
         recorders[name] = WallClockRecorder(args.budget)
-        res = run(cfg, args.out / name.replace(" ", "_").replace("-", "").lower(),
-                  extra_callbacks=[recorders[name]], csv_logger=args.csv_logger)
+        run_dir = args.out / name.replace(" ", "_").replace("-", "").lower()
+        res = run(cfg, run_dir, extra_callbacks=[recorders[name]], csv_logger=args.csv_logger)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
         floor = bernoulli_entropy_floor(res.datamodule) if "Autoencoder" in cfg.model._target_ \
             else None
         results[name] = {"test": res.test_metrics,

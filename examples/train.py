@@ -60,8 +60,11 @@ def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]
           csv_logger: bool = True):
     """Instantiate (datamodule, model, trainer, kfac_callback) from a composed config."""
     import pytorch_lightning as pl
+    import torch
     from pytorch_lightning.loggers import CSVLogger
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))

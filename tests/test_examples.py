@@ -135,7 +135,7 @@ def test_cli_wrong_type_is_reported_by_hydra_naming_the_key():
 # -- `make demo` at a tiny budget ---------------------------------------------------------------
 def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
     results = demo.main(["--budget", "120", "--max-steps", "6", "--window", "3",
-                         "--out", str(tmp_path)])
+                         "--threads", "0", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert set(results) == {"K-FAC", "no K-FAC"}
     assert results["K-FAC"]["preconditioned_layers"] == 8      # the autoencoder's Linear layers
