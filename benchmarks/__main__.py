@@ -10,10 +10,10 @@ import argparse
 import time
 from typing import Any, Dict, List, Optional
 
-from benchmarks import common, scaling, step_overhead, time_to_target
+from benchmarks import common, kronecker, scaling, step_overhead, time_to_target
 
 BENCHMARKS = {"step_overhead": step_overhead, "time_to_target": time_to_target,
-              "scaling": scaling}
+              "scaling": scaling, "kronecker": kronecker}
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:

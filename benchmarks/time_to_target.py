@@ -47,14 +47,14 @@ TARGET_SLACK = 1.05
 
 # problem -> method -> grid of the method's knob (KNOB); the middle value is the --tiny one
 GRIDS: Dict[str, Dict[str, List[float]]] = {
-    "digits_autoencoder": {"kfac+sgd": [3e-3, 1e-2, 3e-2], "sgd-nesterov": [0.01, 0.03, 0.1],
+    "digits_autoencoder": {"kfac+sgd": [1e-3, 3e-3, 1e-2], "sgd-nesterov": [0.03, 0.1, 0.3],
                            "adam": [3e-3, 1e-2, 3e-2]},
-    "digits_mlp": {"kfac+sgd": [1e-3, 3e-3, 1e-2], "sgd-nesterov": [0.03, 0.1, 0.3],
-                   "adam": [3e-3, 1e-2, 3e-2]},
+    "digits_mlp": {"kfac+sgd": [1e-4, 3e-4, 1e-3, 3e-3], "sgd-nesterov": [0.1, 0.3, 1.0, 3.0],
+                   "adam": [1e-2, 3e-2, 1e-1]},
 }
 KNOB = {"kfac+sgd": "kl_clip", "sgd-nesterov": "lr", "adam": "lr"}
 KFAC_LR = 1.0
-KFAC_OPTIONS: Dict[str, Any] = {"damping": 1e-2, "factor_update_steps": 5, "inv_update_steps": 20}
+KFAC_OPTIONS: Dict[str, Any] = {"damping": 1e-2, "factor_update_steps": 10, "inv_update_steps": 50}
 BATCH = {"digits_autoencoder": 256, "digits_mlp": 256}
 TARGET_FLOOR = {"digits_autoencoder": 0.0, "digits_mlp": 0.01}
 EVAL_EVERY = {"digits_autoencoder": 5, "digits_mlp": 2}
@@ -219,7 +219,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
     threads = common.set_threads(tiny, threads)
     data = load_data()
     budget = {"digits_autoencoder": 0.1, "digits_mlp": 0.05} if tiny else \
-        {"digits_autoencoder": 8.0, "digits_mlp": 1.5}
+        {"digits_autoencoder": 6.0, "digits_mlp": 1.5}
     seeds = [0, 1, 2]
     grids = {p: {m: (v[1:2] if tiny else v) for m, v in g.items()} for p, g in GRIDS.items()}
     runs = []

@@ -22,7 +22,7 @@ pytest.importorskip("sklearn", reason="scikit-learn (a dev extra) is needed by t
 pytest.importorskip("matplotlib", reason="matplotlib (a dev extra) draws the benchmark plots")
 
 NON_NUMERIC = {"model", "variant", "problem", "method", "knob", "sweep", "component", "reached",
-               "clamped"}
+               "clamped", "stage", "fisher", "layer"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _check_rows(rows, columns):
                 assert isinstance(row[c], (int, float)) and math.isfinite(row[c]), (c, row)
 
 
-@pytest.mark.parametrize("name", ["step_overhead", "time_to_target", "scaling"])
+@pytest.mark.parametrize("name", ["step_overhead", "time_to_target", "scaling", "kronecker"])
 def test_every_benchmark_writes_json_png_and_table(bench_run, name):
     out, stdout = bench_run
     payload = _load(out, name)
@@ -101,3 +101,14 @@ def test_scaling_fits_every_component(bench_run):
     assert keys == {(s, m, c) for s in ("width", "batch") for m in ("eigen", "inverse")
                     for c in ("factors", "decomposition", "precondition")}
     assert all(math.isfinite(f["exponent"]) for f in fits)
+
+
+def test_kronecker_reports_every_layer_stage_and_fisher(bench_run):
+    rows = _load(bench_run[0], "kronecker")["rows"]
+    for problem, layers in (("digits_autoencoder", 8), ("digits_mlp", 3)):
+        sel = [r for r in rows if r["problem"] == problem]
+        assert len({r["layer"] for r in sel}) == layers
+        assert len({(r["stage"], r["fisher"]) for r in sel}) == 4  # init/trained x emp./true
+        assert len(sel) == 4 * layers
+        for r in sel:
+            assert r["kronecker_error"] >= 0 and 0 <= r["mean_grad_ratio"] <= 1
