@@ -1,0 +1,1 @@
+"""Reproducible speed, convergence and approximation-quality measurements: ``python -m benchmarks``."""
