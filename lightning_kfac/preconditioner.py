@@ -288,12 +288,16 @@ class KFACPreconditioner:
         """EKFAC: running average of the eigenbasis scaling on factor-update steps."""
         due = [b for b in self.blocks.values() if t % b.factor_update_steps == 0]
         for name in self.ekfac.update(due, self.config.factor_decay, self.comm):
-            self.counters["nonfinite_estimates"] += 1
-            message = (f"K-FAC: non-finite EKFAC scaling estimate for layer {name!r} at step "
-                       f"{t}; this scaling update is skipped (previous scaling kept).")
-            if self.config.nonfinite == "raise":
-                raise FloatingPointError(message)
-            self._warn_once(f"nonfinite-ekfac:{name}", message)
+            self._nonfinite("nonfinite_estimates", f"nonfinite-ekfac:{name}",
+                            f"K-FAC: non-finite EKFAC scaling estimate for layer {name!r} at step "
+                            f"{t}; this scaling update is skipped (previous scaling kept).")
+
+    def _nonfinite(self, counter: str, key: str, message: str) -> None:
+        """Count a non-finite event; raise (``nonfinite="raise"``) or warn once per layer."""
+        self.counters[counter] += 1
+        if self.config.nonfinite == "raise":
+            raise FloatingPointError(message)
+        self._warn_once(key, message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -326,12 +330,10 @@ class KFACPreconditioner:
                     dropped.append(block.name)
                 continue
             if bad > 0:
-                self.counters["nonfinite_estimates"] += 1
-                message = (f"K-FAC: non-finite factor estimate for layer {block.name!r} at step "
-                           f"{self.steps}; this factor update is skipped (running factors kept).")
-                if self.config.nonfinite == "raise":
-                    raise FloatingPointError(message)
-                self._warn_once(f"nonfinite-est:{block.name}", message)
+                self._nonfinite("nonfinite_estimates", f"nonfinite-est:{block.name}",
+                                f"K-FAC: non-finite factor estimate for layer {block.name!r} at "
+                                f"step {self.steps}; this factor update is skipped (running "
+                                "factors kept).")
                 continue
             if seen > 1:  # mean over the ranks that ran the layer this step
                 a_hat.div_(seen)
@@ -454,12 +456,10 @@ class KFACPreconditioner:
             nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))
         for (block, grad, pre, lr), ok in zip(work, finite):
             if not ok:
-                self.counters["nonfinite_gradients"] += 1
-                message = (f"K-FAC: non-finite preconditioned gradient for layer {block.name!r} "
-                           f"at step {self.steps}; the raw gradient is used for this step.")
-                if self.config.nonfinite == "raise":
-                    raise FloatingPointError(message)
-                self._warn_once(f"nonfinite-grad:{block.name}", message)
+                self._nonfinite("nonfinite_gradients", f"nonfinite-grad:{block.name}",
+                                f"K-FAC: non-finite preconditioned gradient for layer "
+                                f"{block.name!r} at step {self.steps}; the raw gradient is used "
+                                "for this step.")
                 continue
             if nu != 1.0:
                 pre = pre * nu
