@@ -20,6 +20,8 @@ Cholesky inverse), so ``time / bound`` does not depend on the machine.
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 import os
@@ -50,6 +52,14 @@ def set_threads(tiny: bool = False, threads: Optional[int] = None) -> int:
     count = threads if threads is not None else 1 if tiny else (os.cpu_count() or 1)
     torch.set_num_threads(count)
     return count
+
+
+def cli(run, doc: str, argv=None) -> None:
+    """The command line every benchmark module shares: ``--tiny``, ``--out``, ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    run(tiny=args.tiny, out=args.out, threads=args.threads)
 
 
 def add_common_args(parser) -> None:

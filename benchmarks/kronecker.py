@@ -16,7 +16,6 @@ sampled from the model: categorical for the classifier, Bernoulli pixels for the
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -109,10 +108,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    args = parser.parse_args(argv)
-    run(tiny=args.tiny, out=args.out, threads=args.threads)
+    common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

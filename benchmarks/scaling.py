@@ -22,7 +22,6 @@ longer dominate). Differences below timer noise are clamped to 1e-4 ms (flagged 
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any, Dict, List, Optional
 
@@ -148,10 +147,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    args = parser.parse_args(argv)
-    run(tiny=args.tiny, out=args.out, threads=args.threads)
+    common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

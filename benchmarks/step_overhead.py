@@ -19,7 +19,6 @@ this run.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -201,10 +200,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    args = parser.parse_args(argv)
-    run(tiny=args.tiny, out=args.out, threads=args.threads)
+    common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ gets below target/1.05. ``time_max_s`` and ``steps`` are over the seeds that rea
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from typing import Any, Dict, List, Optional
@@ -246,10 +245,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_args(parser)
-    args = parser.parse_args(argv)
-    run(tiny=args.tiny, out=args.out, threads=args.threads)
+    common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":
