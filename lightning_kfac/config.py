@@ -201,6 +201,9 @@ class KFACConfig:
         low_rank: precondition Linear layers at rank R (the step's example rows) when R is small
             against the layer width and Freivalds' check proves ``grad W~ == Gm^T Am``
             (core/lowrank.py); exact, falls back to the full computation otherwise.
+        diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
+            callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
+            step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
     """
 
     damping: float = 1e-3
@@ -231,6 +234,7 @@ class KFACConfig:
     max_decomposition_failures: int = 3
     distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
+    diagnostics_every_n_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
@@ -260,6 +264,13 @@ class KFACConfig:
         self.max_decomposition_failures = _check_int(
             "max_decomposition_failures", self.max_decomposition_failures, low=1)
         self.distribute = _check_enum("distribute", self.distribute, Distribute)
+        if self.diagnostics_every_n_steps is not None:
+            try:
+                self.diagnostics_every_n_steps = _check_int(
+                    "diagnostics_every_n_steps", self.diagnostics_every_n_steps, low=1)
+            except ValueError:
+                raise _invalid("diagnostics_every_n_steps", self.diagnostics_every_n_steps,
+                               "must be None (off) or an integer >= 1") from None
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "
