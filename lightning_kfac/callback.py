@@ -51,6 +51,7 @@ from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
 from lightning_kfac.core.optim_check import check_optimizer
+from lightning_kfac.diagnostics_callback import DiagnosticsRecorder
 from lightning_kfac.preconditioner import KFACPreconditioner
 
 # Matched by class name along the MRO, so that the same classes of the unified ``lightning``
@@ -104,6 +105,7 @@ class KFACCallback(Callback):
         self._clock = 0
         self._stepped = False
         self._batch_stats: Dict[str, float] = {}
+        self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
 
     # -- identity and state -------------------------------------------------------------------------
     @property
@@ -195,6 +197,7 @@ class KFACCallback(Callback):
                 "Fisher twice. Give each instance disjoint layers (skip_layers) or keep one.")
         self.preconditioner = pre
         self._active = True
+        self._diagnostics = DiagnosticsRecorder.for_fit(self.config, pre, trainer)  # None if off
         if self._pending_state is None and previous is not None \
                 and self._fit_module is module and trainer.global_step > 0:
             # A second fit() on the same trainer continues training: keep the K-FAC state.
@@ -231,6 +234,8 @@ class KFACCallback(Callback):
         # Manual optimization: global_step counts every optimizer's steps; use batches that stepped.
         self._clock = trainer.global_step if pl_module.automatic_optimization else pre.steps
         pre.set_step(self._clock)
+        if self._diagnostics is not None:  # diagnostics_callback.py: hooks on diagnostic steps
+            self._diagnostics.start(self._clock)
 
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            loss: Tensor) -> None:
@@ -291,6 +296,8 @@ class KFACCallback(Callback):
         if pre is not None and self._stepped:
             self._stepped = False
             pre.set_step(self._clock + 1)  # manual optimization: one K-FAC step per batch
+        if pre is not None and self._diagnostics is not None:  # after the step: compute, log
+            self._diagnostics.end(trainer)
         if pre is not None and pre.adaptation_pending:  # adaptive_damping (adaptive_damping.py)
             rho = adapt_damping(pre, trainer, pl_module, outputs, batch, batch_idx)
             if self._batch_stats:
@@ -333,6 +340,8 @@ class KFACCallback(Callback):
         self._active = False
         self._stepped = False
         self._batch_stats = {}
+        if self._diagnostics is not None:
+            self._diagnostics.remove()
 
 
 def _claimed_layers(trainer: "pl.Trainer", me: KFACCallback) -> set:
