@@ -10,7 +10,9 @@ optimizer, learning rate, seed, initialization and batch order; the only differe
 (measured from the first training step, so K-FAC's own cost counts). The demo prints a table
 (final training loss, test metrics, wall time, steps/s, time and steps to reach a common target
 loss) and writes to ``demo_results/``: ``demo.png`` (loss against wall-clock time and against
-steps), ``curves.csv`` (every step of both runs) and ``summary.md`` (the table).
+steps), ``curves.csv`` (every step of both runs) and ``summary.md`` (the table). After the K-FAC
+run, the seed notes' diagnostics (per-layer Kronecker error and ``||E[g]||``) of the trained model
+on a training batch are printed and drawn to ``diagnostics.png`` (examples/demo_diagnostics.py).
 
 The "final training loss" is the mean over the last ``--window`` steps; the common target is the
 larger of the two final losses (so both runs reach it) unless ``--target`` is given; a run reaches
@@ -34,6 +36,8 @@ import pytorch_lightning as pl  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from examples.demo_diagnostics import (  # noqa: E402
+    diagnose_trained, format_diagnostics, plot_diagnostics)
 from examples.train import CONF_DIR, run  # noqa: E402  (also registers the kfac schema)
 
 
@@ -199,6 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
             else None
         results[name] = {"test": res.test_metrics,
                          "preconditioned_layers": len(res.kfac.factors()) if res.kfac else 0}
+        if res.kfac is not None:  # issue 8: how Kronecker-factored is the trained net's Fisher?
+            results[name]["diagnostics"] = diagnose_trained(res.model, res.datamodule,
+                                                            list(res.kfac.factors()))
 
     finals = [trailing_mean(r.losses, args.window)[-1] for r in recorders.values()]
     target = args.target if args.target is not None else max(finals)
@@ -221,6 +228,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     (args.out / "summary.md").write_text(heading + "\n\n" + table + "\n")
     print("\n" + heading + "\n\n" + table)
     print(f"\nplot: {png}\ncurves: {args.out / 'curves.csv'}")
+    diag = results["K-FAC"].get("diagnostics")
+    if diag:
+        text = f"Diagnostics of the trained K-FAC model on a training batch:\n\n" \
+               f"{format_diagnostics(diag)}\n"
+        with open(args.out / "summary.md", "a") as fh:
+            fh.write("\n" + text)
+        diag_png = plot_diagnostics(diag, args.out / "diagnostics.png")
+        print("\n" + text + f"\ndiagnostics: {diag_png}")
     return results
 
 

@@ -45,7 +45,7 @@ class TinyNet(pl.LightningModule):
 
 
 class Snapshot(pl.Callback):
-    """Parameters and batch at the start of every training batch: global_step -> [(state, batch)]."""
+    """Parameters and batch at each training batch's start: global_step -> [(state, batch)]."""
 
     def __init__(self):
         self.seen = {}
@@ -115,7 +115,8 @@ def test_logged_at_every_nth_step_and_equal_to_diagnose_by_hand(tmp_path):
             assert 0.0 < stats["kronecker_error"] < 1.0 and stats["mean_grad_norm"] > 0.0
     # the same numbers are kept on the recorder
     t, result = cb._diagnostics.last
-    assert t == 4 and result["net.3"]["kronecker_error"] == logs[4]["kfac_diag/net.3/kronecker_error"]
+    assert t == 4
+    assert result["net.3"]["kronecker_error"] == logs[4]["kfac_diag/net.3/kronecker_error"]
 
 
 def test_mc_fisher_and_accumulation_diagnose_the_users_loss_over_every_micro_batch(tmp_path):

@@ -155,6 +155,8 @@ def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
     for text in ("| K-FAC |", "| no K-FAC |", "final train loss", "steps/s", "s to loss<="):
         assert text in table and text in printed
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(results["K-FAC"]["diagnostics"]) == 8 and "diagnostics" not in results["no K-FAC"]
+    assert (tmp_path / "diagnostics.png").read_bytes()[:8] == PNG_MAGIC and "Kronecker" in printed
 
 
 # -- the plain PyTorch loop ---------------------------------------------------------------------
