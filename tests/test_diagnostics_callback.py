@@ -173,3 +173,33 @@ def test_a_bad_value_is_rejected_naming_the_option(value):
     with pytest.raises(MisconfigurationException, match="diagnostics_every_n_steps"):
         KFACCallback(diagnostics_every_n_steps=value)
     assert KFACConfig(diagnostics_every_n_steps=3.0).diagnostics_every_n_steps == 3
+
+
+class TinyCNN(TinyNet):
+    """Conv2d rows (KFC: T output locations per example) next to a Linear head."""
+
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x.reshape(-1, 1, 4, 4))).flatten(1))
+
+
+def test_conv_rows_equal_diagnose_by_hand(tmp_path):
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 16, generator=g),
+                                          torch.randint(0, 3, (16,), generator=g))
+    cb, snap = KFACCallback(diagnostics_every_n_steps=1, factor_update_steps=1), Snapshot()
+    pl.Trainer(max_steps=2, logger=CSVLogger(str(tmp_path), name="", version=""),
+               callbacks=[cb, snap], enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False).fit(TinyCNN(), torch.utils.data.DataLoader(data, 8))
+    t, result = cb._diagnostics.last
+    (state, (x, y)), = snap.seen[t]
+    model = TinyCNN()
+    model.load_state_dict(state)
+    expected = diagnose(model, x, lambda out: F.cross_entropy(out, y), layers=["conv", "head"])
+    assert t == 1 and expected["conv"]["rows"] == 8 * 16  # B x T rows for the conv layer
+    assert result == expected  # every statistic, bit for bit
