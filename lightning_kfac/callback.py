@@ -22,6 +22,8 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   Lightning writes them every ``log_every_n_steps``).
 - ``on_fit_end`` / ``teardown`` / ``on_exception``: remove every hook; ``factors()`` stays
   available.
+- ``diagnostics_every_n_steps``: on those steps only, ``diagnostics_callback.py`` records the
+  layers' rows during the step (batch start to end) and logs ``kfac_diag/*`` after it.
 
 Manual optimization: ``on_before_optimizer_step`` fires inside each ``opt.step()``. There
 ``trainer.global_step`` counts the steps of every optimizer, so the K-FAC clock counts training
