@@ -220,9 +220,10 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
         n_by_slot = dict(n_store[name])
         slots = sorted(g_by_slot)
         examples = sum(n_by_slot[s] for s in slots)
-        scale = float(examples) if loss_reduction == "mean" else 1.0
+        # per call, as the engine: a mean loss over N examples gives each call's rows grad / N
         a = torch.cat([a_store[name][s] for s in slots])
-        g = torch.cat([g_by_slot[s] for s in slots]) * scale
+        g = torch.cat([g_by_slot[s] * (float(n_by_slot[s]) if loss_reduction == "mean" else 1.0)
+                       for s in slots])
         result[name] = LayerRows(a=a, g=g, num_examples=examples)
     return result
 
@@ -401,6 +402,14 @@ def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     _check_choice("method", method, _METHODS)
     rows = record_rows(model, inputs, loss_fn, layers=layers, loss_reduction=loss_reduction,
                        preconditioner=preconditioner)
+    return layer_statistics(rows, method=method, num_probes=num_probes, seed=seed)
+
+
+def layer_statistics(rows: Dict[str, LayerRows], *, method: str = "auto", num_probes: int = 64,
+                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """The per-layer dict of :func:`diagnose` for rows recorded elsewhere (e.g. by the callback
+    during a training step). One probe generator (``seed``) serves the layers in order."""
+    _check_choice("method", method, _METHODS)
     generator = torch.Generator().manual_seed(int(seed))
     out: Dict[str, Dict[str, float]] = {}
     for name, r in rows.items():

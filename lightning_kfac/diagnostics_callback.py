@@ -52,42 +52,14 @@ import torch
 from torch import Tensor
 
 from lightning_kfac.core.capture import _is_transformed
-from lightning_kfac.diagnostics import LayerRows, kronecker_error, mean_gradient
+from lightning_kfac.diagnostics import LayerRows, layer_statistics
 
-__all__ = ["DiagnosticsRecorder", "layer_statistics", "LOGGED_STATS"]
+__all__ = ["DiagnosticsRecorder", "LOGGED_STATS"]
 
 #: The statistics of :func:`layer_statistics` that are logged (when present).
 LOGGED_STATS = ("kronecker_error", "kronecker_error_population", "kronecker_error_std",
                 "mean_grad_norm", "mean_grad_ratio")
 PREFIX = "kfac_diag"
-
-
-def layer_statistics(rows: Dict[str, LayerRows], *, method: str = "auto", num_probes: int = 64,
-                     seed: int = 0) -> Dict[str, Dict[str, float]]:
-    """Per-layer statistics of recorded rows, the same dict as ``diagnostics.diagnose`` returns.
-
-    One probe generator (``seed``) serves the layers in order, as in ``diagnose``, so the figures
-    equal ``diagnose(model, inputs, loss_fn, layers=list(rows))`` on the same batch.
-    """
-    generator = torch.Generator().manual_seed(int(seed))
-    out: Dict[str, Dict[str, float]] = {}
-    for name, r in rows.items():
-        err = kronecker_error(r.a, r.g, r.num_examples, method=method, num_probes=num_probes,
-                              generator=generator)
-        norm = float(torch.linalg.norm(mean_gradient(r)))
-        rms = float(r.g.pow(2).sum(1).mean().sqrt())
-        out[name] = {
-            "kronecker_error": err.relative,
-            "kronecker_error_std": err.std,
-            "probes": float(err.probes),
-            "mean_grad_norm": norm,
-            "mean_grad_ratio": norm / rms if rms > 0 else 0.0,
-            "num_examples": float(r.num_examples),
-            "rows": float(r.a.shape[0]),
-        }
-        if err.population is not None:
-            out[name]["kronecker_error_population"] = err.population
-    return out
 
 
 def _metrics(result: Dict[str, Dict[str, float]]) -> Dict[str, float]:

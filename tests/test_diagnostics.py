@@ -322,3 +322,26 @@ def test_population_estimate_is_unbiased_and_plug_in_is_not():
         assert abs(mean - true) <= 4 * se
     mean, se = mean_se(plug)
     assert mean - e2_true > 4 * se
+
+
+def test_record_rows_scales_each_call_of_a_shared_module_like_the_engine():
+    """A Linear called twice per forward: each call's rows are rescaled by that call's examples
+    (mean loss over B), so g equals the per-example gradient d l_n / d s_n of every call."""
+    from lightning_kfac.diagnostics import record_rows
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(3, 2).double()
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = shared
+
+        def forward(self, x):
+            return self.shared(x) + self.shared(2 * x)
+
+    model, x = Twice(), torch.randn(4, 3, dtype=torch.float64)
+    rows = record_rows(model, x, lambda out: out.pow(2).sum(1).mean())["shared"]
+    per_example = 2 * model(x).detach()  # d(sum_j out_nj^2)/d s_n for both calls' outputs
+    assert rows.num_examples == 8
+    assert torch.allclose(rows.g, torch.cat([per_example, per_example]), rtol=1e-12, atol=0)
