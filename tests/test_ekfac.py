@@ -280,6 +280,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     try:
         model = nn.parallel.DistributedDataParallel(_net())
         torch.save(_ekfac_run(model, _batches(), rank, world), f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -360,6 +360,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
             pre = KFACPreconditioner(ddp, **_ddp_options(mode))
             results[mode] = _ddp_train(ddp, pre, lambda t: _ddp_batch(t, rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT)
     finally:
         dist.destroy_process_group()
 

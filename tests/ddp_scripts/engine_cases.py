@@ -127,5 +127,6 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         results = {f"{mode}:{fault}": run_case(mode, fault) for mode, fault in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still talks (SIGABRT)
     finally:
         dist.destroy_process_group()
