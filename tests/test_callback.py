@@ -354,12 +354,16 @@ def test_summary_is_printed_on_fit_start(tmp_path):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("pytorch_lightning")
-    logger.addHandler(handler)
+    # rank_zero_info writes to the logger of whichever of pytorch_lightning / lightning.pytorch
+    # was imported last (they share lightning_utilities' module-level logger)
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         make_trainer(tmp_path, max_steps=1, callbacks=[KFACCallback()]).fit(
             MLP(), loader(make_dataset(8), 8))
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     text = "\n".join(r.getMessage() for r in records if "K-FAC" in r.getMessage())
     assert "net.0" in text and "net.2" in text and "100.0%" in text
