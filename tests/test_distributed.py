@@ -21,6 +21,7 @@ from lightning_kfac.core.assignment import greedy_assignment, layer_cost, rank_l
 from lightning_kfac.core.distributed import pack_symmetric, unpack_symmetric_
 from lightning_kfac.core.kaisa import communication_bytes
 from tests.ddp_scripts import engine_cases as E
+from tests.helpers.compare import nested_equal
 
 TIMEOUT = 240.0
 WORLD = 2
@@ -62,14 +63,7 @@ def _max_diff(a, b) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def _equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
+_equal = nested_equal
 
 
 @pytest.mark.parametrize("case", [f"{m}:{f}" for m, f in E.CASES])

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_kfac.callback import KFACCallback, check_strategy
 from tests.test_callback_support import MLP, make_dataset, make_trainer
+from tests.helpers.compare import nested_equal
 
 OPTIONS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=3, kl_clip=1e-2)
 N, BATCH, STEPS = 32, 4, 10
@@ -94,14 +95,7 @@ def _concatenated() -> TensorDataset:
     return TensorDataset(x[order], y[order])
 
 
-def _equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
+_equal = nested_equal
 
 
 def _max_diff(a, b) -> float:
