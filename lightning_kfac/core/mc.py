@@ -33,18 +33,13 @@ from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
-from lightning_kfac.core.capture import Capture
+from lightning_kfac.core.capture import Capture, _is_transformed
 
 try:  # torch >= 2.2: an edge survives in-place ops on the tensor that produced it
     from torch.autograd.graph import get_gradient_edge as _edge
 except ImportError:  # pragma: no cover - older torch: differentiate the tensor itself
     def _edge(t: Tensor) -> Any:
         return t
-
-
-def _transformed(x: Tensor) -> bool:
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(check(x)) if check is not None else False
 
 
 def resolve_output_module(model: nn.Module, name: Optional[str]) -> nn.Module:
@@ -99,7 +94,7 @@ class MCFisher:
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled() and self._capturing()):
             return None
-        if isinstance(output, Tensor) and _transformed(output):
+        if isinstance(output, Tensor) and _is_transformed(output):
             return None
         self._output = output
         return None
