@@ -360,7 +360,8 @@ class KFACPreconditioner:
         if method == "eigen":
             dec = linalg.eigen_decomposition(block.A, block.G)
         elif method == "inverse":
-            dec = linalg.inverse_decomposition(block.A, block.G, self._damping(block))
+            dec = linalg.inverse_decomposition(
+                block.A, block.G, self.damping_control.layer_damping(block))
         elif method == "ekfac":
             dec = ekfac_decomposition(block.A, block.G)
         else:
@@ -370,19 +371,12 @@ class KFACPreconditioner:
             dec["damping_scale"] = torch.tensor(scale, dtype=torch.float64)
         return dec
 
-    def _damping(self, block: KFACBlock) -> float:
-        """Absolute damping of a block (relative mode: times (tr A/dim A)(tr G/dim G))."""
-        damping = block.damping * self.damping_control.multiplier
-        if self.config.damping_mode != "relative":
-            return damping
-        scale = linalg.mean_eigenvalue(block.A) * linalg.mean_eigenvalue(block.G)
-        return damping * scale if scale > 0 else damping
-
     def _effective_damping(self, block: KFACBlock) -> float:
         """The absolute damping the block's decomposition in use is applied with."""
         damping = block.damping * self.damping_control.multiplier
         scale = block.decomposition.get("damping_scale")
-        return damping * float(scale) if scale is not None and float(scale) > 0 else damping
+        scale = 0.0 if scale is None else float(scale)  # one device sync per layer and step
+        return damping * scale if scale > 0 else damping
 
     def _decomposition_due(self, block: KFACBlock, t: int) -> bool:
         """On the block's clock, and once at the end of warm-up (t == warmup_steps > 0), so the
