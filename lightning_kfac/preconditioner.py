@@ -33,7 +33,7 @@ from lightning_kfac.core.discovery import discover
 from lightning_kfac.core.ekfac import EKFACScaling, ekfac_decomposition, precondition_ekfac
 from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
-from lightning_kfac.core.kaisa import DistributedWork
+from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.summary import format_summary
 
@@ -309,24 +309,26 @@ class KFACPreconditioner:
         if not due:
             return
         estimates: List[Tensor] = []
-        flags = torch.zeros(3 * len(due), dtype=torch.float64)
+        flags = torch.zeros(FACTOR_FLAGS * len(due), dtype=torch.float64)  # seen, bad, ever seen
         for i, block in enumerate(due):
+            f = FACTOR_FLAGS * i
             a_hat, g_hat = block.batch_estimates()
             seen = block.has_estimates()
             finite = seen and bool(torch.isfinite(a_hat).all() and torch.isfinite(g_hat).all())
             if seen and not finite:
                 a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
-            flags[3 * i], flags[3 * i + 1] = float(seen), float(seen and not finite)
-            flags[3 * i + 2] = float(block.seen)  # a training forward ever ran (even w/o backward)
+            flags[f], flags[f + 1] = float(seen), float(seen and not finite)
+            flags[f + 2] = float(block.seen)  # a training forward ever ran (even w/o backward)
             estimates += [a_hat, g_hat]
             block.reset_accumulators()
         all_reduce_factors_(self.comm, flags, estimates)  # upper triangles + flags, one call
         dropped = []
         for i, block in enumerate(due):
-            seen, bad = int(flags[3 * i]), int(flags[3 * i + 1])  # ranks with estimates / non-finite
+            f = FACTOR_FLAGS * i
+            seen, bad = int(flags[f]), int(flags[f + 1])  # ranks with estimates / non-finite
             a_hat, g_hat = estimates[2 * i], estimates[2 * i + 1]
             if seen == 0:
-                if block.A is None and int(flags[3 * i + 2]) == 0:
+                if block.A is None and int(flags[f + 2]) == 0:
                     dropped.append(block.name)
                 continue
             if bad > 0:
