@@ -189,9 +189,7 @@ class EmbeddingKind(LayerKind):
     def a_outer(self, rows: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.bincount(rows.long(), minlength=self.a_dim()).to(dtype)
 
-    def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
-        rows = g.reshape(-1, g.shape[-1])
-        return rows, rows.shape[0], rows.shape[0]
+    grad_rows = LinearKind.grad_rows  # every index position is an example, as for Linear
 
     def as_matrix(self, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return weight.T
