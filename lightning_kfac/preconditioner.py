@@ -439,18 +439,22 @@ class KFACPreconditioner:
         if not work:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
             return
-        finite = torch.stack([torch.isfinite(p).all() for _, _, p, _ in work]).tolist()
+        # One host sync for every layer's (finite?, <P, grad>, |grad|^2, |P|^2) (a sync per
+        # float() would stall a GPU once per layer and statistic).
+        sums = torch.stack([torch.stack([torch.isfinite(p).all().double(), (p * g).sum().double(),
+                                         g.square().sum().double(), p.square().sum().double()])
+                            for _, g, p, _ in work]).tolist()
+        finite = [bool(row[0]) for row in sums]
         vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
-        for (block, grad, pre, lr), ok in zip(work, finite):
+        for (block, grad, pre, lr), (ok, vg, _, _) in zip(work, sums):
             if ok:
-                vg = float((pre * grad).sum())
                 if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
                     vg = float((pre.double() * grad.double()).sum())
                 vg_sum += vg * lr * lr
         nu = 1.0
         if self.config.kl_clip is not None and vg_sum != 0.0:
             nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))
-        for (block, grad, pre, lr), ok in zip(work, finite):
+        for (block, grad, pre, lr), ok, (_, _, g_sq, p_sq) in zip(work, finite, sums):
             if not ok:
                 self._nonfinite("nonfinite_gradients", f"nonfinite-grad:{block.name}",
                                 f"K-FAC: non-finite preconditioned gradient for layer "
@@ -459,8 +463,8 @@ class KFACPreconditioner:
                 continue
             if nu != 1.0:
                 pre = pre * nu
-            raw_sq += float(grad.square().sum())
-            pre_sq += float(pre.square().sum())
+            raw_sq += g_sq
+            pre_sq += p_sq * nu * nu
             block.kind.set_grad(pre.to(block.kind.module.weight.grad.dtype))
         ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
         self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
