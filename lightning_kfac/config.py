@@ -150,7 +150,8 @@ def _check_regex_list(name: str, value: Any) -> List[str]:
     return list(value)
 
 
-_OVERRIDE_KEYS = {"regex", "damping", "factor_update_steps", "inv_update_steps", "compute_method"}
+_OVERRIDE_KEYS = {"regex", "damping", "factor_update_steps", "inv_update_steps", "compute_method",
+                  "max_dense_dim"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -185,7 +186,8 @@ class KFACConfig:
         min_damping: lower bound (>= 0) for scheduled / adapted damping.
         max_damping: upper bound for scheduled / adapted damping; None means unbounded.
         layer_overrides: ordered list of {regex, damping, factor_update_steps, inv_update_steps,
-            compute_method} dicts; ``compute_method: skip`` leaves matching layers out.
+            compute_method, max_dense_dim} dicts; ``compute_method: skip`` leaves matching
+            layers out.
         nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
         max_decomposition_failures: consecutive failed decompositions of one layer before an error.
         distribute: under DDP (world > 1), who does the second-order work (core/kaisa.py;
@@ -204,6 +206,14 @@ class KFACConfig:
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
             step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
+        max_dense_dim: a factor side (A or G) of dimension <= this is a dense matrix, a wider one
+            is kept as its diagonal (core/factors.py); 2048 keeps one refresh of a side at a few
+            CPU-seconds (an eigh of d = 4096 takes ~36 CPU-s on 2 cores). Per layer via
+            ``layer_overrides``; 0 makes every side diagonal.
+        memory_budget_gib: the predicted peak memory of K-FAC (factors, decompositions and the
+            temporaries of capture, decomposition and preconditioning; core/footprint.py), in GiB;
+            when exceeded the widest dense sides become diagonal until it fits, and a model that
+            does not fit even then is refused. None: no budget.
     """
 
     damping: float = 1e-3
@@ -235,6 +245,8 @@ class KFACConfig:
     distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
     diagnostics_every_n_steps: Optional[int] = None
+    max_dense_dim: int = 2048
+    memory_budget_gib: Optional[float] = 2.0
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
@@ -271,6 +283,14 @@ class KFACConfig:
             except ValueError:
                 raise _invalid("diagnostics_every_n_steps", self.diagnostics_every_n_steps,
                                "must be None (off) or an integer >= 1") from None
+        self.max_dense_dim = _check_int("max_dense_dim", self.max_dense_dim, low=0)
+        if self.memory_budget_gib is not None:
+            try:
+                self.memory_budget_gib = _check_float("memory_budget_gib",
+                                                      self.memory_budget_gib, low=0.0)
+            except ValueError:
+                raise _invalid("memory_budget_gib", self.memory_budget_gib,
+                               "must be None (no budget) or a finite number of GiB > 0") from None
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "
@@ -331,6 +351,9 @@ class KFACConfig:
             for key in ("factor_update_steps", "inv_update_steps"):
                 if key in entry:
                     entry[key] = _check_int(f"{name}.{key}", entry[key], low=1)
+            if "max_dense_dim" in entry:
+                entry["max_dense_dim"] = _check_int(f"{name}.max_dense_dim",
+                                                    entry["max_dense_dim"], low=0)
             if "compute_method" in entry:
                 method = entry["compute_method"]
                 if not (isinstance(method, str) and method.lower() == "skip"):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core import linalg, lowrank
 from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss
 from lightning_kfac.core.discovery import discover
@@ -67,6 +68,11 @@ class KFACPreconditioner:
         check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
+        demoted = apply_memory_budget(self.blocks, self.config.memory_budget_gib)  # or refuse
+        if demoted:
+            warnings.warn(f"K-FAC: to fit memory_budget_gib={self.config.memory_budget_gib:g}, "
+                          f"these factor sides are kept diagonal: {demoted} (raise "
+                          "memory_budget_gib to keep them dense).", RuntimeWarning, stacklevel=2)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
@@ -185,10 +191,8 @@ class KFACPreconditioner:
 
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Name -> ``(A, G)``: detached copies of the running factors of every updated layer."""
-        # A diagonal A (nn.Embedding, stored as a vector) is returned as the matrix diag(A).
-        return {name: (torch.diag(b.A.detach()) if b.A.dim() == 1 else b.A.detach().clone(),
-                       b.G.detach().clone())
-                for name, b in self.blocks.items() if b.A is not None}
+        # A diagonal side (nn.Embedding's A, a wide side) is returned as the matrix diag(F).
+        return {name: b.factor_matrices() for name, b in self.blocks.items() if b.A is not None}
 
     def remove(self) -> None:
         """Take every hook off the model (the factors stay available)."""
@@ -253,7 +257,8 @@ class KFACPreconditioner:
         if not self.config.low_rank or self.comm.world_size > 1:
             return
         for block in self.blocks.values():
-            if block.kind.name == "Linear" and block.compute_method in ("eigen", "inverse"):
+            if block.kind.name == "Linear" and block.compute_method in ("eigen", "inverse") \
+                    and block.a_structure.has_basis and block.g_structure.has_basis:
                 block.row_limit = lowrank.max_rows(block.kind.a_dim(), block.kind.g_dim())
 
     def _low_rank_rows(self, block: KFACBlock, grad: Tensor):
@@ -358,18 +363,18 @@ class KFACPreconditioner:
             "they are not preconditioned.", RuntimeWarning, stacklevel=3)
 
     def _decompose(self, block: KFACBlock) -> Dict[str, Tensor]:
-        method = block.compute_method
+        method, sa, sg = block.compute_method, block.a_structure, block.g_structure
         if method == "eigen":
-            dec = linalg.eigen_decomposition(block.A, block.G)
+            dec = linalg.eigen_decomposition(block.A, block.G, sa, sg)
         elif method == "inverse":
             dec = linalg.inverse_decomposition(
-                block.A, block.G, self.damping_control.layer_damping(block))
+                block.A, block.G, self.damping_control.layer_damping(block), sa, sg)
         elif method == "ekfac":
-            dec = ekfac_decomposition(block.A, block.G)
+            dec = ekfac_decomposition(block.A, block.G, sa, sg)
         else:
             raise NotImplementedError(f"compute_method={method!r} is not implemented yet")
         if self.config.damping_mode == "relative":
-            scale = linalg.mean_eigenvalue(block.A) * linalg.mean_eigenvalue(block.G)
+            scale = sa.mean_eigenvalue(block.A) * sg.mean_eigenvalue(block.G)
             dec["damping_scale"] = torch.tensor(scale, dtype=torch.float64)
         return dec
 
@@ -405,19 +410,19 @@ class KFACPreconditioner:
                                 "keeping the previous one.")
 
     def _precondition_block(self, block: KFACBlock, grad: Tensor) -> Tensor:
-        dec = block.decomposition
+        dec, sa, sg = block.decomposition, block.a_structure, block.g_structure
         rows = self._low_rank_rows(block, grad)
         if block.compute_method in ("eigen", "ekfac"):
             damping = self._effective_damping(block)
             if block.compute_method == "ekfac":
-                return precondition_ekfac(grad, dec, damping)
+                return precondition_ekfac(grad, dec, damping, sa, sg)
             if rows is not None:
                 rotated = lowrank.rotated_gradient(dec, *rows)
-                return linalg.precondition_eigen_rotated(rotated, dec, damping)
-            return linalg.precondition_eigen(grad, dec, damping)
+                return linalg.precondition_eigen_rotated(rotated, dec, damping, sa, sg)
+            return linalg.precondition_eigen(grad, dec, damping, sa, sg)
         if rows is not None:
             return lowrank.inverse_product(dec, *rows)
-        return linalg.precondition_inverse(grad, dec)
+        return linalg.precondition_inverse(grad, dec, sa, sg)
 
     def _precondition(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         lr_of: Optional[Dict[int, float]] = None

@@ -1,7 +1,10 @@
 """The registration summary: which modules K-FAC preconditions, which it skips and why.
 
-Memory per preconditioned layer: the running factors hold ``(d_A^2 + d_G^2)`` numbers; the
-decomposition in use holds as many again (eigen: eigenvectors + eigenvalues; inverse: inverses).
+Per preconditioned layer: each side's factor structure (core/factors.py; ``64x64 dense``,
+``32000 diagonal``, with the reason a side is diagonal), the bytes held between steps (running
+factors + decomposition in use) and the predicted time of one refresh of its decomposition.
+The last line gives the totals and the predicted peak memory of a step, with the transients of
+capture, decomposition and preconditioning (core/footprint.py).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from typing import Dict, List
 
 from torch import nn
+
+from lightning_kfac.core.footprint import describe_side, footprint, held_bytes, refresh_seconds
 
 
 def _bytes(n: int) -> str:
@@ -19,40 +24,48 @@ def _bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _seconds(t: float) -> str:
+    return "<1 ms" if t < 1e-3 else (f"{1e3 * t:.0f} ms" if t < 1 else f"{t:.1f} s")
+
+
 def predicted_memory_bytes(blocks: Dict) -> int:
-    """Factors + decompositions: ``sum (d_A^2 + d_G^2) * bytes * 2`` (+ eigenvalue vectors)."""
-    total = 0
-    for block in blocks.values():
-        a, g = block.kind.a_dim(), block.kind.g_dim()
-        item = 8 if str(block.dtype) == "torch.float64" else 4
-        a_numel = a if block.kind.diagonal_a else a * a  # nn.Embedding keeps A's diagonal
-        # eigenvalue vectors; EKFAC also keeps its (d_G x d_A) eigenbasis scaling
-        extra = {"eigen": a + g, "ekfac": a + g + g * a}.get(block.compute_method, 0)
-        total += (2 * (a_numel + g * g) + extra) * item
-    return total
+    """Bytes held between steps: running factors + decompositions in use (each side in its
+    structure: d^2 dense, d diagonal; eigenvalue vectors; EKFAC's g_dim x a_dim scaling)."""
+    return sum(held_bytes(block) for block in blocks.values())
+
+
+def predicted_peak_bytes(blocks: Dict) -> int:
+    """Predicted peak bytes of a K-FAC step (core/footprint.py)."""
+    return footprint(blocks.values()).peak
 
 
 def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     """A plain-text table of covered and skipped modules, with the share of parameters covered."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows = [("module", "type", "A", "G", "params", "status")]
-    covered = 0
+    rows = [("module", "type", "A", "G", "params", "memory", "refresh", "status")]
+    covered, refresh = 0, 0.0
     for name, block in blocks.items():
         module = block.kind.module
         n = sum(p.numel() for p in block.kind.params)
         covered += n
-        a, g = block.kind.a_dim(), block.kind.g_dim()
-        a_shape = f"{a} (diag)" if block.kind.diagonal_a else f"{a}x{a}"
-        rows.append((name or "<root>", type(module).__name__, a_shape, f"{g}x{g}", f"{n:,}",
-                     f"K-FAC ({block.compute_method})"))
+        sides = [" ".join(describe_side(structure, block.structure_reason[side]))
+                 for side, structure in (("A", block.a_structure), ("G", block.g_structure))]
+        seconds = refresh_seconds(block)
+        refresh += seconds
+        method = getattr(block.compute_method, "value", block.compute_method)
+        rows.append((name or "<root>", type(module).__name__, sides[0], sides[1], f"{n:,}",
+                     _bytes(held_bytes(block)), _seconds(seconds), f"K-FAC ({method})"))
     for s in skipped:
-        rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",
+        rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}", "-", "-",
                      f"skipped: {s.reason}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     share = 100.0 * covered / trainable if trainable else 0.0
+    peak = footprint(blocks.values())
     lines.append(f"K-FAC preconditions {len(blocks)} layers: {covered:,} of {trainable:,} trainable "
                  f"parameters ({share:.1f}%); factor + decomposition memory "
-                 f"{_bytes(predicted_memory_bytes(blocks))}.")
+                 f"{_bytes(predicted_memory_bytes(blocks))}, predicted peak {_bytes(peak.peak)} "
+                 f"(capture, decomposition and preconditioning temporaries included); one refresh "
+                 f"of every decomposition ~{_seconds(refresh)}.")
     return "\n".join(lines)

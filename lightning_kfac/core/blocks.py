@@ -5,6 +5,10 @@ captured micro-batch since the last factor update; ``batch_estimates()`` turns t
 ``A^ = sum a a^T / div_A`` and ``G^ = sum g g^T / div_G``. Running averages (CONTRACT.md): the
 first update sets ``A = A^`` (no bias toward zero or identity), later ones
 ``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5).
+
+Each side has a factor structure (core/factors.py: dense, or diagonal for nn.Embedding's A and for
+sides wider than ``max_dense_dim``); ``A``, ``G``, their accumulators and batch estimates are
+stored in it, so this class never looks at a tensor's rank.
 """
 
 from __future__ import annotations
@@ -14,14 +18,25 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from lightning_kfac.core.factors import DenseFactor, DiagonalFactor, FactorStructure
 from lightning_kfac.core.layers import LayerKind
+
+
+def natural_structures(kind: LayerKind, max_dense_dim: int) -> Tuple[FactorStructure, FactorStructure]:
+    """``(A side, G side)``: dense up to ``max_dense_dim``, diagonal above; a kind whose A is
+    diagonal by construction (nn.Embedding's one-hot inputs) keeps A diagonal at any size."""
+    def side(dim: int, diagonal: bool) -> FactorStructure:
+        return DiagonalFactor(dim) if diagonal or dim > max_dense_dim else DenseFactor(dim)
+    return (side(kind.a_dim(), bool(getattr(kind, "diagonal_a", False))),
+            side(kind.g_dim(), False))
 
 
 class KFACBlock:
     """State of one layer. ``A``/``G`` are None until the first factor update."""
 
     def __init__(self, name: str, kind: LayerKind, dtype: torch.dtype, *, damping: float,
-                 compute_method: str, factor_update_steps: int, inv_update_steps: int):
+                 compute_method: str, factor_update_steps: int, inv_update_steps: int,
+                 max_dense_dim: Optional[int] = None):
         self.name = name
         self.kind = kind
         self.dtype = dtype
@@ -29,6 +44,14 @@ class KFACBlock:
         self.compute_method = compute_method
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
+        limit = max(kind.a_dim(), kind.g_dim()) if max_dense_dim is None else max_dense_dim
+        self.max_dense_dim = limit
+        self.a_structure, self.g_structure = natural_structures(kind, limit)
+        # why a side is diagonal, for the summary ("" for nn.Embedding's A: exact, not a choice)
+        self.structure_reason = {
+            side: (f"> max_dense_dim={limit}" if not structure.has_basis and structure.dim > limit
+                   and not (side == "A" and getattr(kind, "diagonal_a", False)) else "")
+            for side, structure in (("A", self.a_structure), ("G", self.g_structure))}
         self.capturing = False  # switched by the preconditioner's factor clock
         self.failures = 0  # consecutive failed decompositions
         self.row_limit = 0  # > 0: keep this step's a/g rows for low-rank preconditioning
@@ -55,14 +78,17 @@ class KFACBlock:
     def add_a(self, rows: Tensor, divisor: int) -> None:
         # Hooks run inside the forward's autocast region: keep the outer products in self.dtype.
         with torch.autocast(rows.device.type, enabled=False):
-            outer = self.kind.a_outer(rows, self.dtype)
+            if self.a_structure.has_basis or getattr(self.kind, "diagonal_a", False):
+                outer = self.kind.a_outer(rows, self.dtype)  # the kind's own (diagonal) sum
+            else:
+                outer = self.a_structure.row_sum(rows.to(self.dtype))
         self.a_sum = outer if self.a_sum is None else self.a_sum.add_(outer)
         self.a_div += divisor
 
     def add_g(self, rows: Tensor, divisor: int, scale: float) -> None:
         rows = rows.to(self.dtype)
         with torch.autocast(rows.device.type, enabled=False):
-            outer = rows.T @ rows
+            outer = self.g_structure.row_sum(rows)
         if scale != 1.0:
             outer.mul_(scale * scale)
         self.g_sum = outer if self.g_sum is None else self.g_sum.add_(outer)
@@ -75,10 +101,8 @@ class KFACBlock:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
         device = self.kind.module.weight.device
         if not self.has_estimates():
-            a_dim, g_dim = self.kind.a_dim(), self.kind.g_dim()
-            a_shape = (a_dim,) if self.kind.diagonal_a else (a_dim, a_dim)
-            return (torch.zeros(a_shape, dtype=self.dtype, device=device),
-                    torch.zeros(g_dim, g_dim, dtype=self.dtype, device=device))
+            return (self.a_structure.zeros(self.dtype, device),
+                    self.g_structure.zeros(self.dtype, device))
         return self.a_sum / self.a_div, self.g_sum / self.g_div
 
     # -- running averages ----------------------------------------------------------------------
@@ -91,8 +115,18 @@ class KFACBlock:
 
     def dense_fisher(self) -> Tensor:
         """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
-        A = torch.diag(self.A) if self.A.dim() == 1 else self.A
-        return torch.kron(A, self.G)
+        return torch.kron(self.a_structure.to_matrix(self.A), self.g_structure.to_matrix(self.G))
+
+    def factor_matrices(self) -> Tuple[Tensor, Tensor]:
+        """``(A, G)`` as dense matrices (copies); a diagonal side becomes ``diag(F)``."""
+        return self.a_structure.to_matrix(self.A), self.g_structure.to_matrix(self.G)
+
+    def set_structures(self, a_structure: FactorStructure, g_structure: FactorStructure) -> None:
+        """Change the sides' structures (before any factor exists: nothing is converted)."""
+        if self.A is not None or self.a_sum is not None or self.g_sum is not None:
+            raise RuntimeError(f"K-FAC: layer {self.name!r} already has factors; its factor "
+                               "structure can only be chosen before the first capture.")
+        self.a_structure, self.g_structure = a_structure, g_structure
 
     def memory_bytes(self) -> int:
         """Bytes held by the running factors and the decomposition."""
@@ -101,7 +135,8 @@ class KFACBlock:
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"damping": self.damping, "failures": self.failures}
+        state: Dict[str, Any] = {"damping": self.damping, "failures": self.failures,
+                                 "structures": (self.a_structure.name, self.g_structure.name)}
         if self.A is not None:
             state["A"], state["G"] = self.A.clone(), self.G.clone()
         state["decomposition"] = {k: v.clone() for k, v in self.decomposition.items()}
@@ -111,6 +146,13 @@ class KFACBlock:
         device = self.kind.module.weight.device
         # "damping" is saved for inspection only: a layer's damping is configuration (damping,
         # layer_overrides); its adaptation over time is the preconditioner's DampingControl state.
+        saved = tuple(state.get("structures", (self.a_structure.name, self.g_structure.name)))
+        here = (self.a_structure.name, self.g_structure.name)
+        if saved != here:
+            raise ValueError(
+                f"K-FAC state of layer {self.name!r} has factor structures (A, G) = {saved}, "
+                f"this run chose {here}: set max_dense_dim / memory_budget_gib as in the run "
+                "that saved it.")
         if "A" in state:
             self.A = state["A"].to(device=device, dtype=self.dtype).clone()
             self.G = state["G"].to(device=device, dtype=self.dtype).clone()

@@ -44,7 +44,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core.linalg import mean_eigenvalue
 
 Loss = Union[float, Tensor, Callable[[], Any]]
 
@@ -87,16 +86,16 @@ def lm_update(damping: float, rho: float, factor: float) -> float:
     return damping
 
 
-def curvature_product(A: Tensor, G: Tensor, D: Tensor) -> Tensor:
-    """``G D A``, i.e. ``(A (x) G) vec(D)``; a 1-D ``A`` is a diagonal (nn.Embedding)."""
-    GD = G @ D
-    return GD * A if A.dim() == 1 else GD @ A
+def curvature_product(block: Any, D: Tensor) -> Tensor:
+    """``G D A``, i.e. ``(A (x) G) vec(D)``, each side in its structure (core/factors.py)."""
+    GD = block.g_structure.product(block.G.double(), D, "left")
+    return block.a_structure.product(block.A.double(), GD, "right")
 
 
-def block_model(grad: Tensor, delta: Tensor, A: Tensor, G: Tensor, damping: float) -> float:
+def block_model(grad: Tensor, delta: Tensor, block: Any, damping: float) -> float:
     """``<grad, D> + 1/2 <D, G D A> + 1/2 damping |D|^2`` for one layer (float64 sums)."""
     grad, delta = grad.double(), delta.double()
-    curv = curvature_product(A.double(), G.double(), delta)
+    curv = curvature_product(block, delta)
     quad = float((delta * curv).sum()) + damping * float(delta.square().sum())
     return float((grad * delta).sum()) + 0.5 * quad
 
@@ -182,7 +181,8 @@ class DampingControl:
         every rank, whichever rank holds the decomposition)."""
         damping = block.damping * self.multiplier
         if str(self.config.damping_mode) == "relative":
-            scale = mean_eigenvalue(block.A) * mean_eigenvalue(block.G)
+            scale = (block.a_structure.mean_eigenvalue(block.A)
+                     * block.g_structure.mean_eigenvalue(block.G))
             damping = damping * scale if scale > 0 else damping
         return damping
 
@@ -196,7 +196,7 @@ class DampingControl:
             now = [p.detach() for p in kind.params]
             diffs = [n.to(b.dtype) - b for n, b in zip(now, term.before)]
             delta = kind.as_matrix(diffs[0], diffs[1] if len(diffs) > 1 else None)
-            total += block_model(term.grad, delta.to(block.dtype), block.A, block.G, term.damping)
+            total += block_model(term.grad, delta.to(block.dtype), block, term.damping)
         for term in others:
             delta = term.param.detach() - term.before
             total += float((term.grad.double() * delta.double()).sum())

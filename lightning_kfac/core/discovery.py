@@ -47,6 +47,7 @@ def layer_settings(config: KFACConfig, name: str, type_name: str) -> Dict[str, A
         "factor_update_steps": config.factor_update_steps,
         "inv_update_steps": config.inv_update_steps,
         "compute_method": config.compute_method.value,
+        "max_dense_dim": config.max_dense_dim,
     }
     for override in config.layer_overrides:
         if re.search(override["regex"], name) or re.search(override["regex"], type_name):

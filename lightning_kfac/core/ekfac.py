@@ -21,6 +21,7 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
 - ``s`` lives in the block's decomposition (``"scale"``), so state_dict / resume keep it.
 - nn.Embedding (diagonal A, no ``Q_A``: the basis is the identity): ``dW~_n = g_n e_{i_n}^T``, so
   the squared rotated gradient lands in column ``i_n`` (an index_add over the token ids).
+- A diagonal side (core/factors.py) has the identity as basis: its rows enter unrotated.
 """
 
 from __future__ import annotations
@@ -33,23 +34,25 @@ from torch import Tensor
 from lightning_kfac.core import linalg
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
+from lightning_kfac.core.factors import FactorStructure
 from lightning_kfac.core.layers import ConvKind
 
 
-def ekfac_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
+def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
+                        sg: FactorStructure) -> Dict[str, Tensor]:
     """Eigenbases of A and G and the initial scaling ``e_G e_A^T`` (K-FAC's own eigenvalues)."""
-    dec = linalg.eigen_decomposition(A, G)
+    dec = linalg.eigen_decomposition(A, G, sa, sg)
     dec["scale"] = torch.outer(dec["eG"], dec["eA"])
     return dec
 
 
-def precondition_ekfac(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
-    """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T`` (no ``Q_A`` for a diagonal A)."""
-    QA, QG = dec.get("QA"), dec["QG"]
+def precondition_ekfac(grad: Tensor, dec: Dict[str, Tensor], damping: float,
+                       sa: FactorStructure, sg: FactorStructure) -> Tensor:
+    """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T`` (a diagonal side has no ``Q``)."""
+    QA, QG = dec.get("QA"), dec.get("QG")
     scale = dec["scale"] if "scale" in dec else torch.outer(dec["eG"], dec["eA"])
-    rotated = QG.T @ grad if QA is None else QG.T @ grad @ QA
-    out = QG @ (rotated / (scale + damping))
-    return out if QA is None else out @ QA.T
+    rotated = sa.right_rotate(sg.left_rotate(QG, grad), QA)
+    return sa.right_unrotate(sg.left_unrotate(QG, rotated / (scale + damping)), QA)
 
 
 class _Acc:
@@ -60,18 +63,19 @@ class _Acc:
     def __init__(self) -> None:
         self.rotated: Optional[Tensor] = None  # sum of squared rotated per-example grads
         self.count = 0  # examples in ``rotated``
-        self.basis: Optional[Tensor] = None  # the Q_G that ``rotated`` was computed in
+        self.basis: Optional[Tensor] = None  # the e_G of the decomposition ``rotated`` used
         self.raw: List[Tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
 
 
 def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, examples: int,
-                        QA: Optional[Tensor], QG: Tensor) -> Tensor:
-    """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor."""
-    g = g_rows.to(QG.dtype) @ QG
-    if QA is None:  # diagonal A (nn.Embedding): a_rows are the token ids
+                        QA: Optional[Tensor], QG: Optional[Tensor]) -> Tensor:
+    """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor (a diagonal side's
+    basis is the identity: its rows are used as they are)."""
+    g = block.g_structure.right_rotate(g_rows.to(block.dtype), QG)
+    if getattr(block.kind, "diagonal_a", False):  # nn.Embedding: a_rows are the token ids
         out = g.new_zeros(g.shape[1], block.kind.a_dim())
         return out.index_add_(1, a_rows.long(), g.square().T)
-    a = a_rows.to(QA.dtype) @ QA
+    a = block.a_structure.right_rotate(a_rows.to(block.dtype), QA)
     if isinstance(block.kind, ConvKind):
         a = a.reshape(examples, -1, a.shape[1])
         g = g.reshape(examples, -1, g.shape[1])
@@ -103,16 +107,16 @@ class EKFACScaling:
         if not block.kind.diagonal_a:
             a_rows = a_rows.to(block.dtype)
         dec = block.decomposition
-        refresh_due = self._refresh_due(block) or "QG" not in dec
+        refresh_due = self._refresh_due(block) or "eG" not in dec
         if refresh_due:
             acc.raw.append((a_rows, g_rows, examples))
             return
-        if acc.basis is not None and acc.basis is not dec["QG"]:
+        if acc.basis is not None and acc.basis is not dec["eG"]:
             acc.rotated, acc.count = None, 0
-        part = squared_rotated_sum(block, a_rows, g_rows, examples, dec.get("QA"), dec["QG"])
+        part = squared_rotated_sum(block, a_rows, g_rows, examples, dec.get("QA"), dec.get("QG"))
         acc.rotated = part if acc.rotated is None else acc.rotated.add_(part)
         acc.count += examples
-        acc.basis = dec["QG"]
+        acc.basis = dec["eG"]  # identifies the decomposition the sum was rotated in
 
     def discard(self) -> None:
         self._acc.clear()
@@ -122,19 +126,19 @@ class EKFACScaling:
 
         Returns the names of blocks whose estimate was not finite (their scaling is kept).
         """
-        due = [b for b in due if b.compute_method == "ekfac" and "QG" in b.decomposition]
+        due = [b for b in due if b.compute_method == "ekfac" and "eG" in b.decomposition]
         sums: List[Tensor] = []
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             dec, acc = block.decomposition, self._acc.get(block.name)
             total = torch.zeros_like(dec["scale"])
             if acc is not None:
-                if acc.rotated is not None and acc.basis is dec["QG"]:
+                if acc.rotated is not None and acc.basis is dec["eG"]:
                     total.add_(acc.rotated)
                     counts[i] += acc.count
                 for a_rows, g_rows, examples in acc.raw:
                     total.add_(squared_rotated_sum(block, a_rows, g_rows, examples,
-                                                   dec.get("QA"), dec["QG"]))
+                                                   dec.get("QA"), dec.get("QG")))
                     counts[i] += examples
             sums.append(total)
         self._acc.clear()

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from lightning_kfac.core.assignment import greedy_assignment, layer_cost
 from lightning_kfac.core.distributed import symmetric_numel
+from lightning_kfac.core.factors import DenseFactor
 
 Layout = List[Tuple[str, Tuple[int, ...], torch.dtype, bool]]  # key, shape, dtype, column-major
 TRANSPORTS = ("broadcast", "all_reduce")
@@ -61,9 +62,9 @@ def _column_major(method: str, dtype: torch.dtype) -> FrozenSet[str]:
     """
     from lightning_kfac.core import linalg
 
-    m = torch.eye(3, dtype=dtype) + 0.1
-    dec = (linalg.eigen_decomposition(m, m) if method == "eigen"
-           else linalg.inverse_decomposition(m, m, 1.0))
+    m, dense = torch.eye(3, dtype=dtype) + 0.1, DenseFactor(3)
+    dec = (linalg.eigen_decomposition(m, m, dense, dense) if method == "eigen"
+           else linalg.inverse_decomposition(m, m, 1.0, dense, dense))
     return frozenset(k for k, v in dec.items() if v.dim() == 2 and not v.is_contiguous()
                      and v.T.is_contiguous())
 
@@ -72,11 +73,12 @@ def decomposition_layout(block, relative: bool) -> Optional[Layout]:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
     a, g, dtype = block.kind.a_dim(), block.kind.g_dim(), block.dtype
     method = str(getattr(block.compute_method, "value", block.compute_method))
-    diagonal = getattr(block.kind, "diagonal_a", False)  # nn.Embedding: A kept as a vector
+    sa, sg = block.a_structure, block.g_structure  # core/factors.py: what each side stores
     if method == "eigen":
-        items = ([] if diagonal else [("QA", (a, a))]) + [("eA", (a,)), ("QG", (g, g)), ("eG", (g,))]
+        items = ([("QA", (a, a))] if sa.has_basis else []) + [("eA", (a,))] \
+            + ([("QG", (g, g))] if sg.has_basis else []) + [("eG", (g,))]
     elif method == "inverse":
-        items = [("A_inv", (a,) if diagonal else (a, a)), ("G_inv", (g, g))]
+        items = [("A_inv", sa.shape()), ("G_inv", sg.shape())]
     else:
         return None
     cols = _column_major(method, dtype)
@@ -307,10 +309,9 @@ def _device(blocks: Sequence[Any]) -> torch.device:
     return blocks[0].kind.module.weight.device if len(blocks) else torch.device("cpu")
 
 
-def _a_numel(block) -> int:
-    """Numbers sent for A^: its upper triangle, or its diagonal (nn.Embedding's 1-D A)."""
-    a = block.kind.a_dim()
-    return a if getattr(block.kind, "diagonal_a", False) else symmetric_numel(a)
+def _side_numel(structure) -> int:
+    """Numbers sent for one batch estimate: a dense side's upper triangle, a diagonal's entries."""
+    return symmetric_numel(structure.dim) if structure.has_basis else structure.dim
 
 
 def _work_item(block, lr_of):
@@ -363,7 +364,7 @@ def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str,
     out = {"factor_update": 0, "decomposition_refresh": 0, "per_step": 0, "state_dict": 0}
     if world > 1 and blocks:
         out["factor_update"] = sum(
-            (_a_numel(b) + symmetric_numel(b.kind.g_dim()) + FACTOR_FLAGS) * elsize(b)
+            (_side_numel(b.a_structure) + _side_numel(b.g_structure) + FACTOR_FLAGS) * elsize(b)
             for b in blocks)
         out["decomposition_refresh"] = 8 * len(blocks)
         if mode == "decompositions":

@@ -12,17 +12,22 @@ With column-stacking vec, ``(A (x) G) vec(X) = vec(G X A)``, so every formula be
 Decompositions are computed in the factor dtype; a failure (exception or non-finite output) is
 retried once in float64 with a small diagonal jitter before ``DecompositionError`` is raised.
 Eigenvalues are clamped at zero (factors are PSD; round-off can make them slightly negative).
-A 1-D ``A`` is a diagonal factor (nn.Embedding): its eigenbasis is the identity (no ``QA`` is
-stored), its eigenvalues are its entries and its damped inverse is a vector.
+How each side is decomposed and applied is its factor structure's business (core/factors.py):
+a diagonal side has the identity as eigenbasis (no ``QA`` / ``QG`` is stored), its entries as
+eigenvalues and a vector as damped inverse; the formulas above then hold with that side replaced
+by its diagonal.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lightning_kfac.core.factors import FactorStructure
 
 
 class DecompositionError(RuntimeError):
@@ -76,61 +81,47 @@ def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
     return _retry(fn, matrix, "inverse")["inv"]
 
 
-def mean_eigenvalue(matrix: Tensor) -> float:
-    """``tr(M) / dim(M)``."""
-    diagonal = matrix if matrix.dim() == 1 else matrix.diagonal()
-    return float(diagonal.sum()) / matrix.shape[0]
-
-
-def pi_correction(A: Tensor, G: Tensor) -> float:
-    """``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, eq. 11); 1 if degenerate."""
-    a_mean, g_mean = mean_eigenvalue(A), mean_eigenvalue(G)
+def pi_correction(a_mean: float, g_mean: float) -> float:
+    """``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse 2015, eq. 11) from the two
+    mean eigenvalues; 1 if degenerate."""
     if a_mean <= 0.0 or g_mean <= 0.0 or not math.isfinite(a_mean / g_mean):
         return 1.0
     return math.sqrt(a_mean / g_mean)
 
 
-def eigen_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
-    """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time)."""
-    a, g = (_diagonal_eigen(A) if A.dim() == 1 else eigh_psd(A)), eigh_psd(G)
-    dec = {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"]}
+def eigen_decomposition(A: Tensor, G: Tensor, sa: "FactorStructure",
+                        sg: "FactorStructure") -> Dict[str, Tensor]:
+    """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time); a side
+    without an eigenbasis (diagonal) has no ``Q`` entry."""
+    QA, eA = sa.eigen(A)
+    QG, eG = sg.eigen(G)
+    dec = {"QA": QA, "eA": eA, "QG": QG, "eG": eG}
     return {k: v for k, v in dec.items() if v is not None}
 
 
-def _diagonal_eigen(diagonal: Tensor) -> Dict[str, Tensor]:
-    if not torch.isfinite(diagonal).all():
-        raise DecompositionError("eigendecomposition: the factor has non-finite entries")
-    return {"e": diagonal.clamp_min(0.0), "Q": None}
-
-
-def _damped_inverse_any(matrix: Tensor, damping: float) -> Tensor:
-    if matrix.dim() == 2:
-        return damped_inverse(matrix, damping)
-    _diagonal_eigen(matrix)
-    return 1.0 / (matrix.clamp_min(0.0) + damping)
-
-
-def inverse_decomposition(A: Tensor, G: Tensor, damping: float) -> Dict[str, Tensor]:
+def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStructure",
+                          sg: "FactorStructure") -> Dict[str, Tensor]:
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
-    pi = pi_correction(A, G)
+    pi = pi_correction(sa.mean_eigenvalue(A), sg.mean_eigenvalue(G))
     root = math.sqrt(damping)
-    return {"A_inv": _damped_inverse_any(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
+    return {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
 
 
-def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float,
+                       sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
-    rotated = dec["QG"].T @ grad
-    return precondition_eigen_rotated(rotated @ dec["QA"] if "QA" in dec else rotated, dec, damping)
+    rotated = sa.right_rotate(sg.left_rotate(dec.get("QG"), grad), dec.get("QA"))
+    return precondition_eigen_rotated(rotated, dec, damping, sa, sg)
 
 
-def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float,
+                               sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
     """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
     rotated = rotated / (torch.outer(dec["eG"], dec["eA"]) + damping)
-    out = dec["QG"] @ rotated
-    return out @ dec["QA"].T if "QA" in dec else out
+    return sa.right_unrotate(sg.left_unrotate(dec.get("QG"), rotated), dec.get("QA"))
 
 
-def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
+def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor], sa: "FactorStructure",
+                         sg: "FactorStructure") -> Tensor:
     """``G_inv grad A_inv``."""
-    A_inv = dec["A_inv"]
-    return dec["G_inv"] @ grad @ A_inv if A_inv.dim() == 2 else (dec["G_inv"] @ grad) * A_inv
+    return sa.right_apply(sg.left_apply(dec["G_inv"], grad), dec["A_inv"])

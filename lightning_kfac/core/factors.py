@@ -1,0 +1,278 @@
+"""Factor structures: how one side (A or G) of a layer's Kronecker factor is kept and used.
+
+A layer's Fisher block is approximated by ``A (x) G`` (Martens & Grosse 2015, sec. 3). Each side
+is a symmetric PSD matrix of dimension d, and each side has a *structure* that decides what is
+stored and how it is estimated, decomposed, damped and applied:
+
+- :class:`DenseFactor`: the full ``d x d`` matrix. Estimate ``sum_n r_n r_n^T`` (one matmul),
+  eigendecomposition ``F = Q diag(e) Q^T`` (``torch.linalg.eigh``) or damped inverse
+  (Cholesky). Memory O(d^2), refresh time O(d^3).
+- :class:`DiagonalFactor`: only ``diag(F)``, a vector. Estimate ``sum_n r_n^2`` (per entry);
+  the eigenbasis is the identity and the eigenvalues are the entries, so no ``Q`` is stored; the
+  damped inverse is ``1 / (diag + damping)``. Memory and refresh time O(d). Used for
+  nn.Embedding's A (there the true A is diagonal: token counts / N, so nothing is lost) and for
+  sides too wide for a dense matrix (there ``F`` is *replaced by* ``diag(F)``: every formula of
+  the method stays exact for that replaced factor).
+
+Running averages are the same for every structure (``F <- decay F + (1 - decay) F^``, elementwise
+on what is stored), so they live in the block. Everything that depends on the structure lives
+here: callers never look at a tensor's rank.
+
+In the preconditioned product ``grad`` is ``grad W~`` (g_dim x a_dim); G acts from the left and
+A from the right (``(A (x) G) vec(X) = vec(G X A)``). The ``left_*`` / ``right_*`` methods below
+are those products for one side; for a diagonal side they are broadcasts, or nothing at all.
+
+Adding a structure (e.g. block-diagonal, low rank plus diagonal) is one subclass here and one
+entry in ``STRUCTURES``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class FactorStructure:
+    """One side of a Kronecker factor: storage, estimate, decomposition and application.
+
+    Attributes:
+        name: "dense" or "diagonal" (shown in the summary, accepted by the options).
+        has_basis: True when the eigendecomposition has a non-identity eigenbasis ``Q``.
+        dim: the side's dimension d.
+    """
+
+    name = "structure"
+    has_basis = True
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.dim})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.dim == self.dim  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.dim))
+
+    # -- storage -----------------------------------------------------------------------------------
+    def shape(self) -> Tuple[int, ...]:
+        """Shape of the stored factor (and of its accumulator and batch estimate)."""
+        raise NotImplementedError
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape():
+            n *= s
+        return n
+
+    def zeros(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.zeros(self.shape(), dtype=dtype, device=device)
+
+    def to_matrix(self, factor: Tensor) -> Tensor:
+        """The factor as a dense ``d x d`` matrix (a copy; for ``factors()`` and tests)."""
+        raise NotImplementedError
+
+    # -- estimate ----------------------------------------------------------------------------------
+    def row_sum(self, rows: Tensor) -> Tensor:
+        """``sum_n r_n r_n^T`` of R rows (R x d) in this structure (a new tensor)."""
+        raise NotImplementedError
+
+    def mean_eigenvalue(self, factor: Tensor) -> float:
+        """``tr(F) / d`` (the same for F and diag(F))."""
+        raise NotImplementedError
+
+    # -- decomposition -----------------------------------------------------------------------------
+    def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """``(Q, e)`` with ``F = Q diag(e) Q^T``, ``e >= 0``; ``Q`` is None for an identity basis."""
+        raise NotImplementedError
+
+    def damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
+        """``(F + damping I)^-1`` in this structure."""
+        raise NotImplementedError
+
+    # -- application (grad is g_dim x a_dim: G on the left, A on the right) --------------------------
+    def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+        """``Q^T X``."""
+        raise NotImplementedError
+
+    def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+        """``Q X``."""
+        raise NotImplementedError
+
+    def right_rotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+        """``X Q``."""
+        raise NotImplementedError
+
+    def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+        """``X Q^T``."""
+        raise NotImplementedError
+
+    def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
+        """``M X`` for M in this structure (e.g. a damped inverse)."""
+        raise NotImplementedError
+
+    def right_apply(self, X: Tensor, M: Tensor) -> Tensor:
+        """``X M`` for M in this structure."""
+        raise NotImplementedError
+
+    def product(self, factor: Tensor, X: Tensor, side: str) -> Tensor:
+        """``F X`` (side "left") or ``X F`` (side "right")."""
+        return self.left_apply(factor, X) if side == "left" else self.right_apply(X, factor)
+
+    # -- memory model (numbers of elements; see core/footprint.py) -----------------------------------
+    def eigen_numel(self) -> int:
+        """Stored eigendecomposition: ``Q`` (if any) and ``e``."""
+        raise NotImplementedError
+
+    def inverse_numel(self) -> int:
+        """Stored damped inverse."""
+        return self.numel()
+
+    def decompose_transient_numel(self, method: str) -> int:
+        """Peak temporaries of one decomposition, beyond the stored result."""
+        raise NotImplementedError
+
+    def capture_transient_numel(self) -> int:
+        """Peak temporaries of adding one micro-batch's rows, beyond the accumulator."""
+        raise NotImplementedError
+
+
+class DenseFactor(FactorStructure):
+    """The full ``d x d`` factor (the K-FAC default)."""
+
+    name = "dense"
+    has_basis = True
+
+    def shape(self) -> Tuple[int, ...]:
+        return (self.dim, self.dim)
+
+    def to_matrix(self, factor: Tensor) -> Tensor:
+        return factor.clone()
+
+    def row_sum(self, rows: Tensor) -> Tensor:
+        return rows.T @ rows
+
+    def mean_eigenvalue(self, factor: Tensor) -> float:
+        return float(factor.diagonal().sum()) / factor.shape[0]
+
+    def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        from lightning_kfac.core.linalg import eigh_psd
+
+        out = eigh_psd(factor)
+        return out["Q"], out["e"]
+
+    def damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
+        from lightning_kfac.core.linalg import damped_inverse
+
+        return damped_inverse(factor, damping)
+
+    def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+        return Q.T @ X
+
+    def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+        return Q @ X
+
+    def right_rotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+        return X @ Q
+
+    def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+        return X @ Q.T
+
+    def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
+        return M @ X
+
+    def right_apply(self, X: Tensor, M: Tensor) -> Tensor:
+        return X @ M
+
+    def eigen_numel(self) -> int:
+        return self.dim * self.dim + self.dim
+
+    def decompose_transient_numel(self, method: str) -> int:
+        # eigen: the symmetrised copy (its temporary freed first), eigh's column-major working
+        # copy and LAPACK workspace (syevd: ~2 d^2); inverse: identity, symmetrised and damped
+        # copies and the Cholesky factor. Measured with tests/test_footprint.py's harness.
+        d2 = self.dim * self.dim
+        return 5 * d2 if method in ("eigen", "ekfac") else 4 * d2
+
+    def capture_transient_numel(self) -> int:
+        return self.dim * self.dim  # one micro-batch's outer product before it is added
+
+
+class DiagonalFactor(FactorStructure):
+    """Only ``diag(F)``: a vector; identity eigenbasis; elementwise inverse and products."""
+
+    name = "diagonal"
+    has_basis = False
+
+    def shape(self) -> Tuple[int, ...]:
+        return (self.dim,)
+
+    def to_matrix(self, factor: Tensor) -> Tensor:
+        return torch.diag(factor)
+
+    def row_sum(self, rows: Tensor) -> Tensor:
+        # ``sum_n r_n^2`` without an R x d temporary: (sum r^2) = |column|^2.
+        return torch.linalg.vector_norm(rows, dim=0).square_()
+
+    def mean_eigenvalue(self, factor: Tensor) -> float:
+        return float(factor.sum()) / factor.shape[0]
+
+    def _check_finite(self, factor: Tensor, what: str) -> None:
+        if not torch.isfinite(factor).all():
+            from lightning_kfac.core.linalg import DecompositionError
+
+            raise DecompositionError(f"{what}: the factor has non-finite entries")
+
+    def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        self._check_finite(factor, "eigendecomposition")
+        return None, factor.clamp_min(0.0)
+
+    def damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
+        self._check_finite(factor, "inverse")
+        return 1.0 / (factor.clamp_min(0.0) + damping)
+
+    def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+        return X
+
+    def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+        return X
+
+    def right_rotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+        return X
+
+    def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+        return X
+
+    def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
+        return M[:, None] * X
+
+    def right_apply(self, X: Tensor, M: Tensor) -> Tensor:
+        return X * M
+
+    def eigen_numel(self) -> int:
+        return self.dim
+
+    def decompose_transient_numel(self, method: str) -> int:
+        return self.dim
+
+    def capture_transient_numel(self) -> int:
+        return self.dim
+
+
+#: Structure name -> class (the values accepted by ``factor_structure`` options).
+STRUCTURES: Dict[str, Callable[[int], FactorStructure]] = {
+    DenseFactor.name: DenseFactor,
+    DiagonalFactor.name: DiagonalFactor,
+}
+
+
+def make_structure(name: str, dim: int) -> FactorStructure:
+    try:
+        return STRUCTURES[name](dim)
+    except KeyError:
+        raise ValueError(f"Invalid factor structure {name!r}: must be one of "
+                         f"{sorted(STRUCTURES)}.") from None

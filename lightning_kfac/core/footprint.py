@@ -1,0 +1,156 @@
+"""Predicted memory and refresh time of the K-FAC state, from the layers' factor structures.
+
+Memory (numbers of elements x element size, per layer ``i`` with sides of structures s_A, s_G,
+core/factors.py):
+
+- held between steps ``H_i``: running factors ``F_i`` (d^2 per dense side, d per diagonal side)
+  plus the decomposition in use ``D_i`` (eigen: ``Q`` and ``e``; inverse: the damped inverses;
+  EKFAC: eigen plus the g_dim x a_dim scaling). ``held_bytes`` is exactly what the engine keeps.
+- the peak of a step is the largest of four phases (``F = sum F_i``, ``D = sum D_i``):
+
+  - capture (forward/backward of a factor-update step): ``F + D`` held, the accumulators ``F``,
+    and one micro-batch's outer product (d^2 for the widest dense side);
+  - factor update: ``F + D`` held, all batch estimates ``F`` (they are all-reduced together) and
+    one more estimate while its accumulator is freed (``max_i F_i``);
+  - decomposition: ``F + D`` held (the old decomposition lives until the new one replaces it),
+    plus one layer's new decomposition and its workspace (eigen: symmetrised copy, eigh's
+    working copy and LAPACK workspace, ~5 d^2 for the widest dense side; inverse ~4 d^2);
+  - preconditioning: ``F + D`` held, every layer's preconditioned gradient (g_dim x a_dim) and
+    its ``[W b]`` copy (layers with a bias) until the KL clip is known, plus ~3 g_dim x a_dim
+    temporaries of one layer's product.
+
+  Not included: tensors proportional to the batch (the captured rows, their float32 copies,
+  EKFAC's kept rows), which the model's own activations already exceed.
+
+Refresh time: one eigendecomposition (or Cholesky inverse) of a dense d x d side costs
+``rate * d^3``; the rate is measured once per process, device and dtype on a 256 x 256 matrix
+(CPU: process CPU time summed over threads, steadier than wall time on a shared machine; CUDA:
+synchronized wall time). A diagonal side costs O(d) (nothing, at this resolution). On the 2-core
+development machine the d^3 law from d = 256 is within ~2x of measured eighs up to d = 4096
+(CPU seconds: 0.014 at 256, 3.3 at 2048, 36 at 4096).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, Tuple
+
+import torch
+
+_CALIBRATION_DIM = 256
+
+
+def _item(block) -> int:
+    return torch.empty((), dtype=block.dtype).element_size()
+
+
+def _method(block) -> str:
+    return str(getattr(block.compute_method, "value", block.compute_method))
+
+
+def factor_numel(block) -> int:
+    return block.a_structure.numel() + block.g_structure.numel()
+
+
+def decomposition_numel(block) -> int:
+    sa, sg, method = block.a_structure, block.g_structure, _method(block)
+    if method == "inverse":
+        return sa.inverse_numel() + sg.inverse_numel()
+    extra = sg.dim * sa.dim if method == "ekfac" else 0  # EKFAC's eigenbasis scaling
+    return sa.eigen_numel() + sg.eigen_numel() + extra
+
+
+def held_bytes(block) -> int:
+    """Bytes of the running factors and the decomposition in use (between steps)."""
+    return (factor_numel(block) + decomposition_numel(block)) * _item(block)
+
+
+def _grad_numel(block) -> int:
+    return block.g_structure.dim * block.a_structure.dim
+
+
+@dataclass
+class Footprint:
+    """Predicted bytes: ``held`` between steps and the ``peak`` of a step, with its phases."""
+
+    held: int
+    peak: int
+    phases: Dict[str, int]
+
+
+def footprint(blocks: Iterable) -> Footprint:
+    """The memory model of the module docstring for a set of blocks."""
+    blocks = list(blocks)
+    F = sum(factor_numel(b) * _item(b) for b in blocks)
+    D = sum(decomposition_numel(b) * _item(b) for b in blocks)
+    held = F + D
+    if not blocks:
+        return Footprint(0, 0, {})
+    capture = max(max(b.a_structure.capture_transient_numel(),
+                      b.g_structure.capture_transient_numel()) * _item(b) for b in blocks)
+    capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b) == "ekfac")
+    one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b)
+                       for b in blocks)
+    decompose = max((decomposition_numel(b)
+                     + max(b.a_structure.decompose_transient_numel(_method(b)),
+                           b.g_structure.decompose_transient_numel(_method(b)))) * _item(b)
+                    for b in blocks)
+    buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
+    product = max(3 * _grad_numel(b) * _item(b) for b in blocks)
+    phases = {
+        "capture": held + F + capture,
+        "factor update": held + F + one_estimate,
+        "decomposition": held + decompose,
+        "preconditioning": held + buffers + product,
+    }
+    return Footprint(held, max(phases.values()), phases)
+
+
+def layer_peak_share(block) -> int:
+    """One layer's own contribution to the peak (for naming the layers that do not fit)."""
+    return footprint([block]).peak
+
+
+# -- refresh time -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
+    """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""
+    from lightning_kfac.core import linalg
+
+    d = _CALIBRATION_DIM
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(d, d, generator=gen, dtype=dtype).to(device)
+    m = x @ x.T / d
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time  # CPU: all threads' CPU time
+    times = []
+    for _ in range(4):  # the first run pays one-off library loading: dropped
+        sync()
+        start = clock()
+        if method == "inverse":
+            linalg.damped_inverse(m, 1e-3)
+        else:
+            linalg.eigh_psd(m)
+        sync()
+        times.append(clock() - start)
+    return statistics.median(times[1:]) / d ** 3
+
+
+def refresh_seconds(block) -> float:
+    """Predicted seconds of one decomposition of this layer (dense sides only: ``rate * d^3``)."""
+    method = "inverse" if _method(block) == "inverse" else "eigen"
+    device = str(block.kind.module.weight.device)
+    cubes = sum(s.dim ** 3 for s in (block.a_structure, block.g_structure) if s.has_basis)
+    if cubes == 0:
+        return 0.0
+    return _seconds_per_cube(method, device, block.dtype) * cubes
+
+
+def describe_side(structure, reason: str) -> Tuple[str, str]:
+    """``("64x64", "dense")`` / ``("32000", "diagonal (> max_dense_dim)")`` for the summary."""
+    shape = "x".join(str(s) for s in structure.shape()) if structure.has_basis else str(structure.dim)
+    return shape, structure.name + (f" ({reason})" if reason else "")
