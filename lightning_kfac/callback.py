@@ -51,6 +51,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.budget import MemoryBudgetError
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.diagnostics_callback import DiagnosticsRecorder
@@ -181,7 +182,10 @@ class KFACCallback(Callback):
         previous = self.preconditioner
         communicator = (TorchDistributedCommunicator() if trainer.world_size > 1
                         else Communicator())
-        pre = KFACPreconditioner(module, self.config, communicator=communicator)
+        try:
+            pre = KFACPreconditioner(module, self.config, communicator=communicator)
+        except MemoryBudgetError as err:  # refused before any hook is installed
+            raise MisconfigurationException(f"KFACCallback: {err}") from err
         if not pre.layers:
             pre.remove()
             raise MisconfigurationException(

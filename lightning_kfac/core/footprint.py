@@ -14,10 +14,11 @@ core/factors.py):
     one more estimate while its accumulator is freed (``max_i F_i``);
   - decomposition: ``F + D`` held (the old decomposition lives until the new one replaces it),
     plus one layer's new decomposition and its workspace (eigen: symmetrised copy, eigh's
-    working copy and LAPACK workspace, ~5 d^2 for the widest dense side; inverse ~4 d^2);
+    working copy and LAPACK workspace: ~3 d^2 besides the result for the widest dense side,
+    eigen or inverse);
   - preconditioning: ``F + D`` held, every layer's preconditioned gradient (g_dim x a_dim) and
-    its ``[W b]`` copy (layers with a bias) until the KL clip is known, plus ~3 g_dim x a_dim
-    temporaries of one layer's product.
+    its ``[W b]`` copy (layers with a bias) until the KL clip is known, plus the temporaries of
+    one layer's product (eigen: 1 + one per dense side, in units of g_dim x a_dim; inverse: 1).
 
   Not included: tensors proportional to the batch (the captured rows, their float32 copies,
   EKFAC's kept rows), which the model's own activations already exceed.
@@ -72,6 +73,15 @@ def _grad_numel(block) -> int:
     return block.g_structure.dim * block.a_structure.dim
 
 
+def _product_numel(block) -> int:
+    """g_dim x a_dim tensors alive at the peak of one layer's product, the result included:
+    eigen / EKFAC: the rotated gradient, the denominator, the divided one, one per side rotated
+    back (dense sides only); inverse: ``G_inv grad`` and the result."""
+    if _method(block) == "inverse":
+        return 2
+    return 2 + int(block.a_structure.has_basis) + int(block.g_structure.has_basis)
+
+
 @dataclass
 class Footprint:
     """Predicted bytes: ``held`` between steps and the ``peak`` of a step, with its phases."""
@@ -99,7 +109,7 @@ def footprint(blocks: Iterable) -> Footprint:
                            b.g_structure.decompose_transient_numel(_method(b)))) * _item(b)
                     for b in blocks)
     buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
-    product = max(3 * _grad_numel(b) * _item(b) for b in blocks)
+    product = max(max(_product_numel(b) - 1, 1) * _grad_numel(b) * _item(b) for b in blocks)
     phases = {
         "capture": held + F + capture,
         "factor update": held + F + one_estimate,
