@@ -191,7 +191,8 @@ class KFACPreconditioner:
 
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Name -> ``(A, G)``: detached copies of the running factors of every updated layer."""
-        # A diagonal side (nn.Embedding's A, a wide side) is returned as the matrix diag(F).
+        # A diagonal side (nn.Embedding's A, a wide side) is returned as the matrix diag(F):
+        # dense up to 4096 rows, a sparse COO matrix above (core/factors.py, DENSE_VIEW_LIMIT).
         return {name: b.factor_matrices() for name, b in self.blocks.items() if b.A is not None}
 
     def remove(self) -> None:

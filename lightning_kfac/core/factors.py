@@ -36,6 +36,11 @@ from torch import Tensor
 from lightning_kfac.core.linalg import DecompositionError, damped_inverse, eigh_psd
 
 
+#: A diagonal side up to this dimension is shown as a dense matrix by ``to_matrix``; wider ones as
+#: a sparse (COO) diagonal matrix.
+DENSE_VIEW_LIMIT = 4096
+
+
 class FactorStructure:
     """One side of a Kronecker factor: storage, estimate, decomposition and application.
 
@@ -75,7 +80,7 @@ class FactorStructure:
         return torch.zeros(self.shape(), dtype=dtype, device=device)
 
     def to_matrix(self, factor: Tensor) -> Tensor:
-        """The factor as a dense ``d x d`` matrix (a copy; for ``factors()`` and tests)."""
+        """The factor as a ``d x d`` matrix (a copy; for ``factors()`` and tests)."""
         raise NotImplementedError
 
     # -- estimate ----------------------------------------------------------------------------------
@@ -210,7 +215,12 @@ class DiagonalFactor(FactorStructure):
         return (self.dim,)
 
     def to_matrix(self, factor: Tensor) -> Tensor:
-        return torch.diag(factor)
+        if self.dim <= DENSE_VIEW_LIMIT:
+            return torch.diag(factor)
+        # a dense d x d copy of a wide diagonal would be the very memory this structure saves
+        index = torch.arange(self.dim, device=factor.device).expand(2, -1)
+        return torch.sparse_coo_tensor(index, factor.clone(), (self.dim, self.dim),
+                                       check_invariants=False).coalesce()
 
     def row_sum(self, rows: Tensor) -> Tensor:
         # ``sum_n r_n^2`` without an R x d temporary: (sum r^2) = |column|^2.
