@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -90,6 +91,7 @@ class QuadraticStepRule:
                 "needs a closure that re-computes the batch loss, e.g. "
                 "closure=lambda: loss_fn(model(x), y) (the KFACCallback passes training_step).")
         pre = self.pre
+        start = time.perf_counter()
         t = pre.steps
         params = self._params(optimizer)
         for _, p, eta, _ in params:
@@ -118,6 +120,7 @@ class QuadraticStepRule:
                      "model_change": solution.model_change, "rho": rho}
         pre.last_stats.update(self.last)
         pre.last_stats["damping"] = pre.damping_control.value
+        pre.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)  # the engine's and ours
 
     def _params(self, optimizer: Optional[torch.optim.Optimizer]
                 ) -> List[Tuple[str, nn.Parameter, float, Any]]:

@@ -31,6 +31,10 @@ factors' mean eigenvalues, so every rank computes the same model).
 (damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a zero
 step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
 are averaged over ranks first, so every rank takes the same decision.
+
+With ``step_rule="quadratic"`` (lightning_kfac/step_rule.py) the same LM update
+(:meth:`DampingControl.apply_rho`) runs on the exact quadratic model of that rule instead, and
+the snapshot above is never taken (:meth:`DampingControl.due` is False).
 """
 
 from __future__ import annotations
