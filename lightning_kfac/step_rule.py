@@ -125,7 +125,7 @@ class QuadraticStepRule:
     def _params(self, optimizer: Optional[torch.optim.Optimizer]
                 ) -> List[Tuple[str, nn.Parameter, float, Any]]:
         """``(name, param, eta, block)`` of every preconditioned parameter with a gradient."""
-        names = {id(p): n for n, p in self.pre.model.named_parameters(remove_duplicate=False)}
+        names = {id(p): n for n, p in self.pre.model.named_parameters()}  # tied: first name
         decay: Dict[int, float] = {}
         if optimizer is not None:
             decay = {id(p): float(g.get("weight_decay", 0.0) or 0.0)
