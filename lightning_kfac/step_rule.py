@@ -25,8 +25,8 @@ in ``on_before_optimizer_step``):
 3. The closure (the loss of the same batch) is re-run with forward-mode tangents ``Delta`` and
    ``delta_0`` (two passes, one when ``delta_0 = 0``), then once more with the output replaced
    by a line, for the exact ``J v`` and ``u^T H u'``; every re-run starts from the same random
-   state and buffers (identical dropout masks; BatchNorm statistics restored), with the
-   engine's capture hooks off.
+   state and buffers (the same dropout masks in all re-runs, not the training forward's;
+   BatchNorm statistics restored), with the engine's capture hooks off.
 4. ``alpha, mu`` from the 2 x 2 solve; the engine adds ``delta`` to every parameter of ``P``
    itself (``torch.no_grad``) and sets its ``.grad`` to None, so the user's optimizer, which skips
    parameters without a gradient, leaves them alone (no lr, momentum, weight decay or state
