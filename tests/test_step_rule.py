@@ -263,3 +263,22 @@ def test_resume_is_bit_identical():
     assert set(state["kfac"]["step_rule"]["previous"]) == {n for n, _ in half.named_parameters()}
     resumed, _ = _run(2, state)
     assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+
+
+def test_output_module_submodule_gives_the_same_steps():
+    """output_module='4' (the last Linear, so the network before it re-runs with detached
+    parameters in the Hessian pass) and None (the model's own output) are the same model."""
+    results = []
+    for output_module in (None, "4"):
+        model, x, y, loss_fn = _problem("bernoulli", seed=4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        pre = KFACPreconditioner(model, damping=0.1, output_module=output_module, **EXACT)
+        for _ in range(2):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            pre.step(opt, closure=lambda: loss_fn(model(x), y))
+        results.append((pre.step_rule.last, [p.detach().clone() for p in model.parameters()]))
+    (a, pa), (b, pb) = results
+    assert a["alpha"] == pytest.approx(b["alpha"], rel=1e-12) and a["mu"] != 0.0
+    assert a["mu"] == pytest.approx(b["mu"], rel=1e-12)
+    assert all(torch.allclose(u, v, rtol=0, atol=1e-14) for u, v in zip(pa, pb))
