@@ -112,26 +112,22 @@ def run(budget_s: float = 60.0, seeds: Optional[List[int]] = None, out: str = "b
     seeds = seeds or [0]
     lrs = SGD_LRS if lrs is None else lrs
     extra = list(kfac_overrides or [])
-    runs = []
+    plan = []
     for seed in seeds:
-        label = " ".join(["kfac=martens2015", *extra])
-        runs.append({"method": label, **train(["kfac=martens2015", *extra], budget_s,
-                                              eval_every, seed)})
-        for lr in lrs:
-            runs.append({"method": f"sgd lr={lr:g}", **train(["kfac=off", f"optimizer.lr={lr}"],
-                                                             budget_s, eval_every, seed)})
-    rows = []
-    for run_ in runs:
-        rows.append((run_["method"], run_["seed"], run_["steps"], run_["curve"][-1][1],
-                     run_["final_loss"], run_["kfac"]))
+        plan.append((" ".join(["kfac=martens2015", *extra]), ["kfac=martens2015", *extra], seed))
+        plan += [(f"sgd lr={lr:g}", ["kfac=off", f"optimizer.lr={lr}"], seed) for lr in lrs]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    json_path = Path(out) / "martens2015.json"
+    runs = []
+    for label, overrides, seed in plan:
+        run_ = {"method": label, **train(overrides, budget_s, eval_every, seed)}
+        runs.append(run_)
         print(f"{run_['method']:>18} seed {run_['seed']}: {run_['steps']:5d} steps in "
               f"{run_['curve'][-1][1]:6.1f} CPU s, full-train loss {run_['final_loss']:.3f} "
               f"{run_['kfac'] or ''}", flush=True)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    payload = {"budget_s": budget_s, "seeds": seeds, "lrs": lrs, "runs": runs,
-               "torch_threads": 1}
-    json_path = Path(out) / "martens2015.json"
-    json_path.write_text(json.dumps(payload, indent=1))
+        payload = {"budget_s": budget_s, "seeds": seeds, "lrs": lrs, "runs": runs,
+                   "torch_threads": 1}
+        json_path.write_text(json.dumps(payload, indent=1))  # after every run
     png = _plot(runs, Path(out) / "martens2015.png", budget_s)
     return {"json": str(json_path), "png": str(png), "runs": runs}
 
