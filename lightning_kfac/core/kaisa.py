@@ -70,6 +70,8 @@ def _column_major(method: str, dtype: torch.dtype) -> FrozenSet[str]:
 
 def decomposition_layout(block, relative: bool) -> Optional[Layout]:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
+    if getattr(block.kind, "groups", 1) > 1:
+        return None  # stacked per-group factors (grouped convolutions): decomposed everywhere
     a, g, dtype = block.kind.a_dim(), block.kind.g_dim(), block.dtype
     method = str(getattr(block.compute_method, "value", block.compute_method))
     diagonal = getattr(block.kind, "diagonal_a", False)  # nn.Embedding: A kept as a vector
