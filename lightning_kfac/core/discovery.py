@@ -111,6 +111,11 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
         if settings["compute_method"] == "skip":
             _refuse_all(skipped, holders, f"layer_overrides: compute_method=skip{what}")
             continue
+        if shared:
+            kind, reason = share(holders)  # decides whether the holders' bias enters W~
+            if kind is None:
+                _refuse_all(skipped, holders, f"shared weight: {reason}")
+                continue
         tied = sorted({o for _, m, k in holders for p in _checked_params(m, k, shared)
                        for o in owners.get(id(p), ())} - set(names))
         if tied:
@@ -119,10 +124,6 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
             _refuse_all(skipped, holders, reason)
             continue
         if shared:
-            kind, reason = share(holders)
-            if kind is None:
-                _refuse_all(skipped, holders, f"shared weight: {reason}")
-                continue
             for holder_name, holder, _ in holders:
                 bias = getattr(holder, "bias", None)
                 if not kind.has_bias and isinstance(bias, torch.Tensor) and bias.requires_grad:
