@@ -71,7 +71,7 @@ class KFACBlock:
 
     def batch_estimates(self) -> Tuple[Tensor, Tensor]:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
-        device = self.kind.module.weight.device
+        device = self.kind.weight.device
         if not self.has_estimates():
             a_shape, g_shape = self.kind.factor_shapes()
             return (torch.zeros(a_shape, dtype=self.dtype, device=device),
@@ -107,7 +107,7 @@ class KFACBlock:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        device = self.kind.module.weight.device
+        device = self.kind.weight.device
         # "damping" is saved for inspection only: a layer's damping is configuration (damping,
         # layer_overrides); its adaptation over time is the preconditioner's DampingControl state.
         if "A" in state:
