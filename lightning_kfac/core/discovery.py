@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
-from lightning_kfac.core.layers import make_kind
+from lightning_kfac.core.layers import MHA_REASON, _registered, make_kind
 from lightning_kfac.core.sharing import share
 
 
@@ -86,9 +86,14 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
     skipped: List[Skipped] = []
     owners = _param_owners(model)
     by_weight: Dict[int, List[Tuple[str, nn.Module, Any]]] = {}
+    functional = {id(m.out_proj): name for name, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}  # used through F.*, never called
     for name, module in model.named_modules():
         trainable = _own_trainable(module)
         kind, reason = make_kind(module)
+        if id(module) in functional and kind is not None and _registered(module) is None:
+            kind, reason = None, (f"output projection of MultiheadAttention "
+                                  f"{functional[id(module)]!r}: {MHA_REASON}")
         if kind is None:
             if trainable:
                 skipped.append(Skipped(name, type(module).__name__, reason, trainable))

@@ -342,6 +342,10 @@ def _embedding_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
     return (None, reason) if reason else (EmbeddingKind(module), "")
 
 
+MHA_REASON = ("nn.MultiheadAttention applies its projections functionally "
+              "(F.multi_head_attention_forward), out of reach of module hooks: its in_proj and "
+              "out_proj keep raw gradients (a model can use nn.Linear projections instead)")
+
 BUILTIN_KINDS: Dict[str, Any] = {
     "linear": lambda m: (LinearKind(m), ""),
     "linear_transposed": lambda m: (LinearTransposedKind(m), ""),
@@ -409,5 +413,7 @@ def make_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
         return _conv_kind(module)
     if _is_transformers_conv1d(module):
         return LinearTransposedKind(module), ""
+    if isinstance(module, nn.MultiheadAttention):
+        return None, MHA_REASON
     return None, (f"{type(module).__name__} is not a supported layer type (add it with "
                   "lightning_kfac.register_layer)")
