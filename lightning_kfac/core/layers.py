@@ -267,8 +267,14 @@ class GroupedConvKind(ConvKind):
     def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
         patches = self._patches(x)  # B x (C_in * k) x T, channel-major: group k is a slice
         batch, _, locations = patches.shape
-        rows = patches.reshape(batch, self.groups, -1, locations).permute(1, 0, 3, 2)
-        return self._append_ones(rows.reshape(self.groups, batch * locations, -1)), batch
+        grouped = patches.reshape(batch, self.groups, -1, locations).permute(1, 0, 3, 2)
+        d = grouped.shape[-1]
+        # one copy into the (K, B, T, d [+1]) layout, the bias column written in place
+        rows = patches.new_empty(self.groups, batch, locations, d + (1 if self.has_bias else 0))
+        rows[..., :d].copy_(grouped)
+        if self.has_bias:
+            rows[..., d] = 1.0
+        return rows.reshape(self.groups, batch * locations, -1), batch
 
     def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
         batch = g.shape[0]
