@@ -496,3 +496,51 @@ def test_register_layer_rejects_bad_input(args, needle):
     with pytest.raises(ValueError, match=needle):
         register_layer(*args)
     assert lightning_kfac.register_layer is register_layer
+
+
+def test_mc_fisher_routes_sampled_gradients_of_both_tied_uses():
+    """fisher_type="mc": the sampled gradients of each use land on the side its rows belong to
+    (embedding-first block: the head's on the vocab side A, the embedding's on the hidden side
+    G), next to the forward rows (token counts on A, the head's inputs on G)."""
+    torch.manual_seed(9)
+    model = TiedLM().double()
+    pre = KFACPreconditioner(model, fisher_type="mc", **EXACT)
+    idx = torch.randint(0, VOCAB, (4, 3), generator=torch.Generator().manual_seed(10))
+    with D.record(model, ["dec"]) as store:
+        logits = model(idx)
+        pre.mc_backward(logits)
+        _lm_loss(logits, idx).backward()
+    pre.step()
+    A, G = pre.factors()["emb"]
+    N = idx.numel()
+    counts = torch.bincount(idx.reshape(-1), minlength=VOCAB).double()
+    h = store["dec"][0][0].reshape(N, DIM)
+    rest_A = A - torch.diag(counts) / (2 * N)  # the head's sampled gradient rows
+    rest_G = G - h.T @ h / (2 * N)  # the embedding's sampled gradient rows
+    for rest in (rest_A, rest_G):
+        e = torch.linalg.eigvalsh(rest)
+        assert e.min() >= -1e-12 and e.max() > 1e-6
+
+
+def test_stacked_and_diagonal_factors_travel_whole_in_the_factor_all_reduce():
+    """Per-group factors (K x d x d) and diagonal ones are summed whole, matrices by triangles."""
+    from lightning_kfac.core.distributed import Communicator, all_reduce_factors_
+
+    class Doubling(Communicator):  # two ranks holding the same numbers
+        world_size = 2
+
+        def all_reduce_sum_(self, tensors):
+            for t in tensors:
+                t.mul_(2)
+
+    gen = torch.Generator().manual_seed(11)
+    m = torch.randn(3, 4, 4, dtype=torch.float64, generator=gen)
+    stacked = m @ m.mT
+    s = torch.randn(5, 5, dtype=torch.float64, generator=gen)
+    dense, diag = s @ s.T, torch.rand(6, dtype=torch.float64, generator=gen)
+    estimates = [stacked.clone(), dense.clone(), diag.clone()]
+    flags = torch.ones(3, dtype=torch.float64)
+    all_reduce_factors_(Doubling(), flags, estimates)
+    for got, ref in zip(estimates, (stacked, dense, diag)):
+        assert torch.allclose(got, 2 * ref, rtol=0, atol=1e-12)
+    assert torch.equal(flags, torch.full((3,), 2.0, dtype=torch.float64))
