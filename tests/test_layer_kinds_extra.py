@@ -238,6 +238,12 @@ def test_embedding_padding_positions_are_left_out_of_the_factors(method):
     assert torch.equal(model.emb.weight.grad[PAD], torch.zeros(DIM, dtype=torch.float64))
 
 
+def test_padding_embedding_with_ekfac_is_skipped_with_the_reason():
+    pre = KFACPreconditioner(Bag(), compute_method="ekfac")
+    assert list(pre.layers) == ["out"]
+    assert "padding_idx" in {s.name: s.reason for s in pre.skipped}["emb"]
+
+
 def test_all_padding_batch_adds_nothing():
     model = Bag().double()
     pre = KFACPreconditioner(model, **EXACT)

@@ -135,13 +135,24 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
                     skipped.append(Skipped(holder_name, type(holder).__name__,
                                            "bias of a shared-weight layer (raw gradient)",
                                            bias.numel()))
-        if settings["compute_method"] == "ekfac" and (shared or kind.groups > 1):
-            _refuse_all(skipped, holders, "compute_method='ekfac' does not support "
-                        f"{'shared weights' if shared else 'grouped convolutions'} (use 'eigen' "
-                        "for this layer through layer_overrides)")
+        unsupported = _ekfac_unsupported(kind, shared)
+        if settings["compute_method"] == "ekfac" and unsupported:
+            _refuse_all(skipped, holders, f"compute_method='ekfac' does not support {unsupported} "
+                        "(use 'eigen' for this layer through layer_overrides)")
             continue
         blocks[name] = KFACBlock(name, kind, factor_dtype(kind.weight), **settings)
     return blocks, skipped
+
+
+def _ekfac_unsupported(kind: Any, shared: bool) -> str:
+    """What EKFAC's per-example scaling cannot handle here ("" when it can)."""
+    if shared:
+        return "shared weights"
+    if kind.groups > 1:
+        return "grouped convolutions"
+    if kind.diagonal_a and getattr(kind.module, "padding_idx", None) is not None:
+        return "nn.Embedding(padding_idx=...)"  # its scaling would count the padding positions
+    return ""
 
 
 def _checked_params(module: nn.Module, kind: Any, shared: bool) -> List[torch.Tensor]:
