@@ -5,7 +5,7 @@ the block's accumulator and registers a tensor hook on the output, which adds ``
 backward reaches it. Tensor hooks on outputs, not module full-backward hooks: those break with
 in-place activations (``ReLU(inplace=True)``) after the layer.
 
-Per-example scale (CONTRACT.md): with a mean-reduced loss over N examples autograd delivers
+Per-example scale (docs/conventions.md): with a mean-reduced loss over N examples autograd delivers
 ``(1/N) dl_n/ds_n``, so ``g_n = N * grad / grad_scale``, where ``grad_scale`` is whatever the
 loss was multiplied by before backward (AMP loss scale times 1/accumulation steps).
 
