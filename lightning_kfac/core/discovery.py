@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
-from lightning_kfac.core.layers import MHA_REASON, _registered, make_kind
+from lightning_kfac.core.layers import MHA_REASON, make_kind, registered_kind
 from lightning_kfac.core.sharing import share
 
 
@@ -91,7 +91,7 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
     for name, module in model.named_modules():
         trainable = _own_trainable(module)
         kind, reason = make_kind(module)
-        if id(module) in functional and kind is not None and _registered(module) is None:
+        if id(module) in functional and kind is not None and registered_kind(module) is None:
             kind, reason = None, (f"output projection of MultiheadAttention "
                                   f"{functional[id(module)]!r}: {MHA_REASON}")
         if kind is None:
@@ -128,6 +128,11 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
                       "preconditioned when every holder is a supported layer")
             _refuse_all(skipped, holders, reason)
             continue
+        unsupported = _ekfac_unsupported(kind, shared)
+        if settings["compute_method"] == "ekfac" and unsupported:
+            _refuse_all(skipped, holders, f"compute_method='ekfac' does not support {unsupported} "
+                        "(use 'eigen' for this layer through layer_overrides)")
+            continue
         if shared:
             for holder_name, holder, _ in holders:
                 bias = getattr(holder, "bias", None)
@@ -135,11 +140,6 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
                     skipped.append(Skipped(holder_name, type(holder).__name__,
                                            "bias of a shared-weight layer (raw gradient)",
                                            bias.numel()))
-        unsupported = _ekfac_unsupported(kind, shared)
-        if settings["compute_method"] == "ekfac" and unsupported:
-            _refuse_all(skipped, holders, f"compute_method='ekfac' does not support {unsupported} "
-                        "(use 'eigen' for this layer through layer_overrides)")
-            continue
         blocks[name] = KFACBlock(name, kind, factor_dtype(kind.weight), **settings)
     return blocks, skipped
 

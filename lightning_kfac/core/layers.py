@@ -390,7 +390,8 @@ def unregister_layer(module_class: type) -> None:
     _REGISTRY.pop(module_class, None)
 
 
-def _registered(module: nn.Module) -> Optional[Union[str, Type[LayerKind]]]:
+def registered_kind(module: nn.Module) -> Optional[Union[str, Type[LayerKind]]]:
+    """The kind ``register_layer`` gave the module's class (or a base class), else None."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
             return _REGISTRY[cls]
@@ -406,7 +407,7 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
 
 def make_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
     """Return ``(kind, "")`` for a supported module, else ``(None, reason)``."""
-    registered = _registered(module)
+    registered = registered_kind(module)
     if isinstance(registered, str):
         return BUILTIN_KINDS[registered](module)
     if registered is not None:
