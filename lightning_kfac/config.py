@@ -91,6 +91,13 @@ class Distribute(_StrEnum):
     GRADIENTS = "gradients"
 
 
+class StepRule(_StrEnum):
+    """Who turns the preconditioned direction into the update (lightning_kfac/step_rule.py)."""
+
+    OPTIMIZER = "optimizer"
+    QUADRATIC = "quadratic"
+
+
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
 
@@ -214,6 +221,10 @@ class KFACConfig:
             temporaries of capture, decomposition and preconditioning; core/footprint.py), in GiB;
             when exceeded the widest dense sides become diagonal until it fits, and a model that
             does not fit even then is refused. None: no budget.
+        step_rule: "optimizer" (default: the preconditioned gradient replaces ``.grad`` and the
+            user's optimizer steps) or "quadratic" (Martens & Grosse 2015, sec. 7: the engine
+            moves the preconditioned parameters by ``alpha Delta + mu delta_0`` chosen on the
+            exact quadratic model and sets their ``.grad`` to None; lightning_kfac/step_rule.py).
     """
 
     damping: float = 1e-3
@@ -247,6 +258,7 @@ class KFACConfig:
     diagnostics_every_n_steps: Optional[int] = None
     max_dense_dim: int = 2048
     memory_budget_gib: Optional[float] = 2.0
+    step_rule: StepRule = StepRule.OPTIMIZER  # issue 11 item 2 (lightning_kfac/step_rule.py)
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
@@ -291,6 +303,7 @@ class KFACConfig:
             except ValueError:
                 raise _invalid("memory_budget_gib", self.memory_budget_gib,
                                "must be None (no budget) or a finite number of GiB > 0") from None
+        self.step_rule = _check_enum("step_rule", self.step_rule, StepRule)
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "

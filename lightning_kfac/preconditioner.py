@@ -36,6 +36,7 @@ from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
+from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -92,6 +93,8 @@ class KFACPreconditioner:
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
+        # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
+        self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
@@ -159,15 +162,24 @@ class KFACPreconditioner:
                              "mc_backward(): it needs fisher_type='mc'.")
         self.mc.backward(output)
 
-    def step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Update factors / decompositions on their clocks, then precondition the gradients."""
+    def step(self, optimizer: Optional[torch.optim.Optimizer] = None,
+             closure: Optional[Any] = None) -> None:
+        """Update factors / decompositions on their clocks, then precondition the gradients.
+
+        ``step_rule="quadratic"`` (step_rule.py) needs ``closure`` (re-computes the batch loss):
+        then this call also moves the preconditioned parameters by ``alpha Delta + mu delta_0``
+        and sets their ``.grad`` to None; ``closure`` is ignored otherwise.
+        """
+        # -- step_rule="quadratic": the rule runs this method's body inside its own step --
+        if self.step_rule is not None and not self.step_rule.running:
+            return self.step_rule.step(optimizer, closure)
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
         t = self.steps
         self.damping_control.at_step(t)
         if self.mc is not None:
-            self.mc.finish_step(any(b.kind.module.weight.grad is not None
+            self.mc.finish_step(any(b.kind.weight.grad is not None
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
         self._update_factors([b for b in active if t % b.factor_update_steps == 0])
@@ -226,6 +238,7 @@ class KFACPreconditioner:
             "layers": {name: b.state_dict() for name, b in self.blocks.items()},
             "damping": self.damping_control.state_dict(),
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
+            **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
         self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
         return state
@@ -247,6 +260,8 @@ class KFACPreconditioner:
             self.blocks[name].load_state_dict(block_state)
         if self.mc is not None and "mc" in state:
             self.mc.load_state_dict(state["mc"])
+        if self.step_rule is not None and "step_rule" in state:
+            self.step_rule.load_state_dict(state["step_rule"])
         self._set_capture()
 
     # -- internals -------------------------------------------------------------------------------
@@ -281,7 +296,7 @@ class KFACPreconditioner:
         if optimizer is None:
             return list(self.blocks.values())
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in self.blocks.values() if id(b.kind.module.weight) in params]
+        return [b for b in self.blocks.values() if id(b.kind.weight) in params]
 
     def _set_capture(self) -> None:
         for block in self.blocks.values():
@@ -432,7 +447,7 @@ class KFACPreconditioner:
                      for group in optimizer.param_groups for p in group["params"]}
         work = []
         for block in self.blocks.values():
-            weight = block.kind.module.weight
+            weight = block.kind.weight
             if not block.decomposition or (lr_of is not None and id(weight) not in lr_of):
                 continue
             raw = block.kind.grad_matrix()
@@ -471,7 +486,7 @@ class KFACPreconditioner:
                 pre = pre * nu
             raw_sq += g_sq
             pre_sq += p_sq * nu * nu
-            block.kind.set_grad(pre.to(block.kind.module.weight.grad.dtype))
+            block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
         ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
         self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
 

@@ -53,7 +53,8 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
         seconds = refresh_seconds(block)
         refresh += seconds
         method = getattr(block.compute_method, "value", block.compute_method)
-        rows.append((name or "<root>", type(module).__name__, sides[0], sides[1], f"{n:,}",
+        type_name = getattr(block.kind, "type_name", type(module).__name__)
+        rows.append((name or "<root>", type_name, sides[0], sides[1], f"{n:,}",
                      _bytes(held_bytes(block)), _seconds(seconds), f"K-FAC ({method})"))
     for s in skipped:
         rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}", "-", "-",

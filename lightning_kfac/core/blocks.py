@@ -25,8 +25,11 @@ from lightning_kfac.core.layers import LayerKind
 def natural_structures(kind: LayerKind, max_dense_dim: int) -> Tuple[FactorStructure, FactorStructure]:
     """``(A side, G side)``: dense up to ``max_dense_dim``, diagonal above; a kind whose A is
     diagonal by construction (nn.Embedding's one-hot inputs) keeps A diagonal at any size."""
+    groups = int(getattr(kind, "groups", 1))
+
     def side(dim: int, diagonal: bool) -> FactorStructure:
-        return DiagonalFactor(dim) if diagonal or dim > max_dense_dim else DenseFactor(dim)
+        return (DiagonalFactor(dim, groups) if diagonal or dim > max_dense_dim
+                else DenseFactor(dim, groups))
     return (side(kind.a_dim(), bool(getattr(kind, "diagonal_a", False))),
             side(kind.g_dim(), False))
 
@@ -75,23 +78,16 @@ class KFACBlock:
         self.g_sum: Optional[Tensor] = None
         self.g_div = 0
 
-    def add_a(self, rows: Tensor, divisor: int) -> None:
+    def add_a(self, rows: Tensor, divisor: int, scale: float = 1.0) -> None:
+        """Add ``scale^2 sum a a^T`` of dense, per-group or one-hot index rows (layers.py)."""
         # Hooks run inside the forward's autocast region: keep the outer products in self.dtype.
         with torch.autocast(rows.device.type, enabled=False):
-            if self.a_structure.has_basis or getattr(self.kind, "diagonal_a", False):
-                outer = self.kind.a_outer(rows, self.dtype)  # the kind's own (diagonal) sum
-            else:
-                outer = self.a_structure.row_sum(rows.to(self.dtype))
-        self.a_sum = outer if self.a_sum is None else self.a_sum.add_(outer)
+            self.a_sum = self.a_structure.accumulate(self.a_sum, rows, self.dtype, scale)
         self.a_div += divisor
 
     def add_g(self, rows: Tensor, divisor: int, scale: float) -> None:
-        rows = rows.to(self.dtype)
         with torch.autocast(rows.device.type, enabled=False):
-            outer = self.g_structure.row_sum(rows)
-        if scale != 1.0:
-            outer.mul_(scale * scale)
-        self.g_sum = outer if self.g_sum is None else self.g_sum.add_(outer)
+            self.g_sum = self.g_structure.accumulate(self.g_sum, rows, self.dtype, scale)
         self.g_div += divisor
 
     def has_estimates(self) -> bool:
@@ -99,7 +95,7 @@ class KFACBlock:
 
     def batch_estimates(self) -> Tuple[Tensor, Tensor]:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
-        device = self.kind.module.weight.device
+        device = self.kind.weight.device
         if not self.has_estimates():
             return (self.a_structure.zeros(self.dtype, device),
                     self.g_structure.zeros(self.dtype, device))
@@ -115,7 +111,10 @@ class KFACBlock:
 
     def dense_fisher(self) -> Tensor:
         """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
-        return torch.kron(self.a_structure.to_matrix(self.A), self.g_structure.to_matrix(self.G))
+        A, G = self.factor_matrices()
+        if self.a_structure.groups > 1:  # grouped convolution: block-diagonal over groups
+            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
+        return torch.kron(A, G)
 
     def factor_matrices(self) -> Tuple[Tensor, Tensor]:
         """``(A, G)`` as dense matrices (copies); a diagonal side becomes ``diag(F)``."""
@@ -143,7 +142,7 @@ class KFACBlock:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        device = self.kind.module.weight.device
+        device = self.kind.weight.device
         # "damping" is saved for inspection only: a layer's damping is configuration (damping,
         # layer_overrides); its adaptation over time is the preconditioner's DampingControl state.
         saved = tuple(state.get("structures", (self.a_structure.name, self.g_structure.name)))

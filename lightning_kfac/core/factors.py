@@ -33,6 +33,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from lightning_kfac.core.layers import accumulate_outer
 from lightning_kfac.core.linalg import DecompositionError, damped_inverse, eigh_psd
 
 
@@ -53,17 +54,34 @@ class FactorStructure:
     name = "structure"
     has_basis = True
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, groups: int = 1):
         self.dim = int(dim)
+        self.groups = int(groups)  # > 1: one factor per group, stacked (grouped convolutions)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.dim})"
+        extra = f", groups={self.groups}" if self.groups > 1 else ""
+        return f"{type(self).__name__}({self.dim}{extra})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.dim == self.dim  # type: ignore[attr-defined]
+        return (type(other) is type(self) and other.dim == self.dim  # type: ignore[attr-defined]
+                and other.groups == self.groups)  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self.dim))
+        return hash((type(self).__name__, self.dim, self.groups))
+
+    @property
+    def _lead(self) -> Tuple[int, ...]:
+        return (self.groups,) if self.groups > 1 else ()
+
+    def accumulate(self, acc: Optional[Tensor], rows: Tensor, dtype: torch.dtype,
+                   scale: float = 1.0) -> Tensor:
+        """``acc + scale^2 sum_n r_n r_n^T`` in this structure (dense, stacked per group or
+        one-hot index rows: core/layers.py's ``accumulate_outer``)."""
+        return accumulate_outer(acc, rows, self.dim, not self.has_basis, dtype, scale)
+
+    def group_means(self, factor: Tensor) -> Tensor:
+        """``tr(F_k) / d`` per group (a (groups,) tensor)."""
+        raise NotImplementedError
 
     # -- storage -----------------------------------------------------------------------------------
     def shape(self) -> Tuple[int, ...]:
@@ -97,8 +115,9 @@ class FactorStructure:
         """``(Q, e)`` with ``F = Q diag(e) Q^T``, ``e >= 0``; ``Q`` is None for an identity basis."""
         raise NotImplementedError
 
-    def damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
-        """``(F + damping I)^-1`` in this structure."""
+    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+        """``(F + damping I)^-1`` in this structure (damping: a float, or per group a (groups,)
+        tensor)."""
         raise NotImplementedError
 
     # -- application (grad is g_dim x a_dim: G on the left, A on the right) --------------------------
@@ -155,26 +174,32 @@ class DenseFactor(FactorStructure):
     has_basis = True
 
     def shape(self) -> Tuple[int, ...]:
-        return (self.dim, self.dim)
+        return self._lead + (self.dim, self.dim)
 
     def to_matrix(self, factor: Tensor) -> Tensor:
         return factor.clone()
 
     def row_sum(self, rows: Tensor) -> Tensor:
-        return rows.T @ rows
+        return rows.mT @ rows
 
     def mean_eigenvalue(self, factor: Tensor) -> float:
-        return float(factor.diagonal().sum()) / factor.shape[0]
+        diagonal = factor.diagonal(dim1=-2, dim2=-1)
+        return float(diagonal.sum()) / diagonal.numel()
+
+    def group_means(self, factor: Tensor) -> Tensor:
+        return factor.diagonal(dim1=-2, dim2=-1).mean(-1)
 
     def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         out = eigh_psd(factor)
         return out["Q"], out["e"]
 
-    def damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+        if isinstance(damping, Tensor):
+            damping = damping.reshape(-1, 1, 1)
         return damped_inverse(factor, damping)
 
     def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
-        return Q.T @ X
+        return Q.mT @ X
 
     def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
         return Q @ X
@@ -183,7 +208,7 @@ class DenseFactor(FactorStructure):
         return X @ Q
 
     def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
-        return X @ Q.T
+        return X @ Q.mT
 
     def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
         return M @ X
@@ -192,17 +217,17 @@ class DenseFactor(FactorStructure):
         return X @ M
 
     def eigen_numel(self) -> int:
-        return self.dim * self.dim + self.dim
+        return self.groups * (self.dim * self.dim + self.dim)
 
     def decompose_transient_numel(self, method: str) -> int:
         # eigen: the symmetrised copy and LAPACK's syevd workspace (~2 d^2) besides Q; inverse:
         # identity, symmetrised and damped copies / the Cholesky factor. Both measured as peak
         # resident memory at d = 1200 and 2400 (tests/helpers/peak_memory.py's method): 4.0 d^2
         # with the result for eigh_psd, 4.1-4.3 d^2 for damped_inverse.
-        return 3 * self.dim * self.dim
+        return 3 * self.groups * self.dim * self.dim
 
     def capture_transient_numel(self) -> int:
-        return self.dim * self.dim  # one micro-batch's outer product before it is added
+        return self.numel()  # one micro-batch's outer product before it is added
 
 
 class DiagonalFactor(FactorStructure):
@@ -212,9 +237,11 @@ class DiagonalFactor(FactorStructure):
     has_basis = False
 
     def shape(self) -> Tuple[int, ...]:
-        return (self.dim,)
+        return self._lead + (self.dim,)
 
     def to_matrix(self, factor: Tensor) -> Tensor:
+        if self.groups > 1:
+            return torch.diag_embed(factor)
         if self.dim <= DENSE_VIEW_LIMIT:
             return torch.diag(factor)
         # a dense d x d copy of a wide diagonal would be the very memory this structure saves
@@ -223,11 +250,13 @@ class DiagonalFactor(FactorStructure):
                                        check_invariants=False).coalesce()
 
     def row_sum(self, rows: Tensor) -> Tensor:
-        # ``sum_n r_n^2`` without an R x d temporary: (sum r^2) = |column|^2.
-        return torch.linalg.vector_norm(rows, dim=0).square_()
+        return rows.square().sum(-2)
 
     def mean_eigenvalue(self, factor: Tensor) -> float:
-        return float(factor.sum()) / factor.shape[0]
+        return float(factor.sum()) / factor.numel()
+
+    def group_means(self, factor: Tensor) -> Tensor:
+        return factor.mean(-1)
 
     def _check_finite(self, factor: Tensor, what: str) -> None:
         if not torch.isfinite(factor).all():
@@ -237,8 +266,10 @@ class DiagonalFactor(FactorStructure):
         self._check_finite(factor, "eigendecomposition")
         return None, factor.clamp_min(0.0)
 
-    def damped_inverse(self, factor: Tensor, damping: float) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
         self._check_finite(factor, "inverse")
+        if isinstance(damping, Tensor):
+            damping = damping.reshape(-1, 1).to(factor.dtype)
         return 1.0 / (factor.clamp_min(0.0) + damping)
 
     def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
@@ -254,31 +285,31 @@ class DiagonalFactor(FactorStructure):
         return X
 
     def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
-        return M[:, None] * X
+        return M.unsqueeze(-1) * X
 
     def right_apply(self, X: Tensor, M: Tensor) -> Tensor:
-        return X * M
+        return X * M.unsqueeze(-2)
 
     def eigen_numel(self) -> int:
-        return self.dim
+        return self.numel()
 
     def decompose_transient_numel(self, method: str) -> int:
-        return self.dim
+        return self.numel()
 
     def capture_transient_numel(self) -> int:
-        return self.dim
+        return self.numel()
 
 
 #: Structure name -> class (the values accepted by ``factor_structure`` options).
-STRUCTURES: Dict[str, Callable[[int], FactorStructure]] = {
+STRUCTURES: Dict[str, Callable[..., FactorStructure]] = {
     DenseFactor.name: DenseFactor,
     DiagonalFactor.name: DiagonalFactor,
 }
 
 
-def make_structure(name: str, dim: int) -> FactorStructure:
+def make_structure(name: str, dim: int, groups: int = 1) -> FactorStructure:
     try:
-        return STRUCTURES[name](dim)
+        return STRUCTURES[name](dim, groups)
     except KeyError:
         raise ValueError(f"Invalid factor structure {name!r}: must be one of "
                          f"{sorted(STRUCTURES)}.") from None

@@ -60,7 +60,7 @@ def decomposition_numel(block) -> int:
     sa, sg, method = block.a_structure, block.g_structure, _method(block)
     if method == "inverse":
         return sa.inverse_numel() + sg.inverse_numel()
-    extra = sg.dim * sa.dim if method == "ekfac" else 0  # EKFAC's eigenbasis scaling
+    extra = _grad_numel(block) if method == "ekfac" else 0  # EKFAC's eigenbasis scaling
     return sa.eigen_numel() + sg.eigen_numel() + extra
 
 
@@ -70,7 +70,7 @@ def held_bytes(block) -> int:
 
 
 def _grad_numel(block) -> int:
-    return block.g_structure.dim * block.a_structure.dim
+    return block.a_structure.groups * block.g_structure.dim * block.a_structure.dim
 
 
 def _product_numel(block) -> int:
@@ -154,13 +154,18 @@ def refresh_seconds(block) -> float:
     """Predicted seconds of one decomposition of this layer (dense sides only: ``rate * d^3``)."""
     method = "inverse" if _method(block) == "inverse" else "eigen"
     device = str(block.kind.module.weight.device)
-    cubes = sum(s.dim ** 3 for s in (block.a_structure, block.g_structure) if s.has_basis)
+    cubes = sum(s.groups * s.dim ** 3 for s in (block.a_structure, block.g_structure)
+                if s.has_basis)
     if cubes == 0:
         return 0.0
     return _seconds_per_cube(method, device, block.dtype) * cubes
 
 
 def describe_side(structure, reason: str) -> Tuple[str, str]:
-    """``("64x64", "dense")`` / ``("32000", "diagonal (> max_dense_dim)")`` for the summary."""
-    shape = "x".join(str(s) for s in structure.shape()) if structure.has_basis else str(structure.dim)
+    """``("64x64", "dense")`` / ``("32000", "diagonal (> max_dense_dim)")`` for the summary; a
+    grouped side reads ``"8 x 9x9"`` (one factor per group)."""
+    d = structure.dim
+    shape = f"{d}x{d}" if structure.has_basis else str(d)
+    if structure.groups > 1:
+        shape = f"{structure.groups} x {shape}"
     return shape, structure.name + (f" ({reason})" if reason else "")

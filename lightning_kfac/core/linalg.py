@@ -15,7 +15,8 @@ Eigenvalues are clamped at zero (factors are PSD; round-off can make them slight
 How each side is decomposed and applied is its factor structure's business (core/factors.py):
 a diagonal side has the identity as eigenbasis (no ``QA`` / ``QG`` is stored), its entries as
 eigenvalues and a vector as damped inverse; the formulas above then hold with that side replaced
-by its diagonal.
+by its diagonal. Stacked factors (K x d x d, grouped convolutions: one block per group) are
+decomposed and applied batched; the inverse method takes each group's own pi.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
     if not torch.isfinite(matrix).all():
         raise DecompositionError(f"{what}: the factor has non-finite entries")
     m64 = matrix.double()
-    scale = float(m64.diagonal().abs().mean()) if m64.numel() else 0.0
+    scale = float(m64.diagonal(dim1=-2, dim2=-1).abs().mean()) if m64.numel() else 0.0
     jitter = max(scale, 1.0) * 1e-10
-    m64 = m64 + jitter * torch.eye(m64.shape[0], dtype=m64.dtype, device=m64.device)
+    m64 = m64 + jitter * torch.eye(m64.shape[-1], dtype=m64.dtype, device=m64.device)
     try:
         out = fn(m64)
     except RuntimeError as err:
@@ -64,19 +65,23 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
 def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
     """``{"e": eigenvalues clamped >= 0, "Q": eigenvectors}`` of a symmetric PSD matrix."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
-        sym = (m + m.T) * 0.5
+        sym = (m + m.mT) * 0.5
         e, q = torch.linalg.eigh(sym)
         return {"e": e.clamp_min(0.0), "Q": q}
     return _retry(fn, matrix, "eigendecomposition")
 
 
-def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
-    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU)."""
+def damped_inverse(matrix: Tensor, damping) -> Tensor:
+    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU).
+
+    A stack of matrices (K x d x d) takes a float or a (K x 1 x 1) tensor of dampings."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
-        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-        damped = (m + m.T) * 0.5 + damping * eye
+        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+        lam = damping.to(m.dtype) if isinstance(damping, Tensor) else damping
+        damped = (m + m.mT) * 0.5 + lam * eye
         chol, info = torch.linalg.cholesky_ex(damped)
-        inv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(damped)
+        inv = (torch.cholesky_inverse(chol) if m.dim() == 2 else torch.cholesky_solve(eye, chol)) \
+            if bool((info == 0).all()) else torch.linalg.inv(damped)
         return {"inv": inv}
     return _retry(fn, matrix, "inverse")["inv"]
 
@@ -102,8 +107,14 @@ def eigen_decomposition(A: Tensor, G: Tensor, sa: "FactorStructure",
 def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStructure",
                           sg: "FactorStructure") -> Dict[str, Tensor]:
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
-    pi = pi_correction(sa.mean_eigenvalue(A), sg.mean_eigenvalue(G))
     root = math.sqrt(damping)
+    if sa.groups > 1:  # grouped convolution: each group's own pi
+        a_mean, g_mean = sa.group_means(A), sg.group_means(G)
+        ok = (a_mean > 0) & (g_mean > 0)
+        pi = torch.where(ok, (a_mean / torch.where(ok, g_mean, 1.0)).sqrt(), 1.0)
+        pi = torch.where(torch.isfinite(pi), pi, 1.0)
+        return {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
+    pi = pi_correction(sa.mean_eigenvalue(A), sg.mean_eigenvalue(G))
     return {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
 
 
@@ -117,7 +128,7 @@ def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float,
 def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float,
                                sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
     """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
-    rotated = rotated / (torch.outer(dec["eG"], dec["eA"]) + damping)
+    rotated = rotated / (dec["eG"].unsqueeze(-1) * dec["eA"].unsqueeze(-2) + damping)
     return sa.right_unrotate(sg.left_unrotate(dec.get("QG"), rotated), dec.get("QA"))
 
 
