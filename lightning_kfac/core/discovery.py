@@ -49,7 +49,6 @@ def layer_settings(config: KFACConfig, name: str, type_name: str) -> Dict[str, A
         "factor_update_steps": config.factor_update_steps,
         "inv_update_steps": config.inv_update_steps,
         "compute_method": config.compute_method.value,
-        "max_dense_dim": config.max_dense_dim,
     }
     for override in config.layer_overrides:
         if re.search(override["regex"], name) or re.search(override["regex"], type_name):
@@ -141,6 +140,7 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
                     skipped.append(Skipped(holder_name, type(holder).__name__,
                                            "bias of a shared-weight layer (raw gradient)",
                                            bias.numel()))
+        settings.setdefault("max_dense_dim", config.max_dense_dim)  # layer_overrides may set it
         blocks[name] = KFACBlock(name, kind, factor_dtype(kind.weight), **settings)
     return blocks, skipped
 
