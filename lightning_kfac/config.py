@@ -67,6 +67,16 @@ class DampingMode(_StrEnum):
     RELATIVE = "relative"
 
 
+class FactorInit(_StrEnum):
+    """How the running factors start (core/blocks.py): ``batch`` sets them to the first batch
+    estimate; ``identity`` starts both at ``I`` and ``scaled_identity`` at ``(tr X^/dim X^) I`` (the
+    isotropic part of the first estimate), blending the estimates in by the running average."""
+
+    BATCH = "batch"
+    IDENTITY = "identity"
+    SCALED_IDENTITY = "scaled_identity"
+
+
 class DampingSchedule(_StrEnum):
     """Damping over optimizer steps t (core/damping.py): ``constant``, ``exponential``
     (``damping * decay ** (t / step_size)``) or ``step`` (``damping * decay ** (t // step_size)``)."""
@@ -174,6 +184,9 @@ class KFACConfig:
         skip_layers: regexes searched in each module's qualified name and class name.
         loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
         damping_mode: "absolute" (default) or "relative" (scaled by the factors' mean eigenvalues).
+        factor_init: "batch" (the first update sets the factors to the batch estimates),
+            "identity" (start at I, then the running average) or "scaled_identity" (start at
+            (tr X^/dim) I of the first estimate X^, then the running average); see FactorInit.
         warmup_steps: steps during which factors are estimated but gradients are left raw.
         damping_schedule: "constant" (default), "exponential" or "step" (see DampingSchedule).
         damping_decay: the schedule's factor per ``damping_step_size`` steps, in (0, 1].
@@ -206,7 +219,7 @@ class KFACConfig:
             step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
     """
 
-    damping: float = 1e-3
+    damping: float = 0.1
     factor_update_steps: int = 10
     inv_update_steps: int = 100
     factor_decay: float = 0.95
@@ -219,7 +232,8 @@ class KFACConfig:
     gaussian_variance: float = 1.0
     skip_layers: List[str] = dataclasses.field(default_factory=list)
     loss_reduction: LossReduction = LossReduction.MEAN
-    damping_mode: DampingMode = DampingMode.ABSOLUTE
+    damping_mode: DampingMode = DampingMode.RELATIVE
+    factor_init: FactorInit = FactorInit.IDENTITY
     warmup_steps: int = 0
     damping_schedule: DampingSchedule = DampingSchedule.CONSTANT
     damping_decay: float = 0.5
@@ -255,6 +269,7 @@ class KFACConfig:
         self.skip_layers = _check_regex_list("skip_layers", self.skip_layers)
         self.loss_reduction = _check_enum("loss_reduction", self.loss_reduction, LossReduction)
         self.damping_mode = _check_enum("damping_mode", self.damping_mode, DampingMode)
+        self.factor_init = _check_enum("factor_init", self.factor_init, FactorInit)
         self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, low=0)
         self._check_damping_over_time()
         self.layer_overrides = self._check_overrides(self.layer_overrides)

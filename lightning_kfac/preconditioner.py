@@ -340,7 +340,8 @@ class KFACPreconditioner:
             if seen > 1:  # mean over the ranks that ran the layer this step
                 a_hat.div_(seen)
                 g_hat.div_(seen)
-            block.update_factors(a_hat, g_hat, self.config.factor_decay)
+            block.update_factors(a_hat, g_hat, self.config.factor_decay,
+                                 str(self.config.factor_init))
             self.counters["factor_updates"] += 1
         if dropped:
             self._drop(dropped)
