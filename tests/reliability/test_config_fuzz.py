@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_kfac import KFACConfig, KFACPreconditioner
+from lightning_kfac import KFACConfig
+
+from tests.helpers.legacy import KFACPreconditioner
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 
 pytestmark = pytest.mark.reliability
