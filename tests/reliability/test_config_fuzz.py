@@ -151,6 +151,7 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "skip_layers": st.lists(st.sampled_from(LAYERS), max_size=2),
         "loss_reduction": st.sampled_from(_enum_values("loss_reduction")),
         "damping_mode": st.sampled_from(_enum_values("damping_mode")),
+        "factor_init": st.sampled_from(_enum_values("factor_init")),
         "warmup_steps": st.integers(0, 2),
         "damping_schedule": st.sampled_from(_enum_values("damping_schedule") or ["-"]),
         "damping_decay": st.floats(0.1, 1.0),
