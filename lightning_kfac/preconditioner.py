@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import linalg, lowrank
+from lightning_kfac.core import coverage, linalg, lowrank
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss
@@ -35,6 +35,8 @@ from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
+from lightning_kfac.core.trainability import (is_trainable, needs_first_decomposition,
+                                              restart_if_reshaped)
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -67,6 +69,9 @@ class KFACPreconditioner:
         check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
+        for message in coverage.registration_messages(self.model, self.blocks, self.skipped):
+            warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
+        self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
@@ -165,8 +170,9 @@ class KFACPreconditioner:
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
         self._update_factors([b for b in active if t % b.factor_update_steps == 0])
-        self._update_decompositions([b for b in active
-                                     if self._decomposition_due(b, t) and b.A is not None])
+        self._update_decompositions([b for b in active if b.A is not None and (
+            self._decomposition_due(b, t)  # a late first factor update: decompose now
+            or (t >= self.config.warmup_steps and needs_first_decomposition(b)))])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
         if t >= self.config.warmup_steps:
@@ -177,6 +183,11 @@ class KFACPreconditioner:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
         for block in active:
             block.clear_rows()
+        late = self._first_interval.late(t, [b for b in active if b.name in self.blocks],
+                                         self.config.warmup_steps)
+        if late:
+            warnings.warn(coverage.late_message(self.model, late, t),
+                          coverage.KFACCoverageWarning, stacklevel=2)
         self.steps = t + 1
         self._set_capture()
         self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
@@ -267,15 +278,17 @@ class KFACPreconditioner:
         return pair
 
     def _blocks_of(self, optimizer: Optional[torch.optim.Optimizer]) -> List[KFACBlock]:
-        """The blocks whose weight ``optimizer`` steps (all blocks when there is none).
+        """The trainable blocks whose weight ``optimizer`` steps (all trainable ones when there is
+        none). Frozen-for-now layers and layers that left the optimizer are not touched.
 
         With several optimizers (manual optimization) each ``step(opt)`` touches only its own
         layers, so layers of an optimizer that has not run yet are neither updated nor dropped.
         """
+        trainable = [b for b in self.blocks.values() if is_trainable(b)]
         if optimizer is None:
-            return list(self.blocks.values())
+            return trainable
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in self.blocks.values() if id(b.kind.module.weight) in params]
+        return [b for b in trainable if id(b.kind.module.weight) in params]
 
     def _set_capture(self) -> None:
         for block in self.blocks.values():
@@ -340,6 +353,7 @@ class KFACPreconditioner:
             if seen > 1:  # mean over the ranks that ran the layer this step
                 a_hat.div_(seen)
                 g_hat.div_(seen)
+            restart_if_reshaped(block, a_hat, g_hat)  # a bias changed trainability
             block.update_factors(a_hat, g_hat, self.config.factor_decay)
             self.counters["factor_updates"] += 1
         if dropped:
@@ -348,14 +362,12 @@ class KFACPreconditioner:
     def _drop(self, names: List[str]) -> None:
         """Forget layers whose hooks never fired in a training forward (e.g. MHA's out_proj)."""
         self.capture.remove(names)
+        message = coverage.dropped_message(self.model, [self.blocks[n] for n in names])
         for name in names:
             block = self.blocks.pop(name)
             self.skipped.append(_skipped_unseen(block))
         self.counters["dropped_layers"] += len(names)
-        warnings.warn(
-            f"K-FAC: layers {names} were registered but never ran in a training forward "
-            "(their weights may be used functionally, e.g. MultiheadAttention.out_proj); "
-            "they are not preconditioned.", RuntimeWarning, stacklevel=3)
+        warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=3)
 
     def _decompose(self, block: KFACBlock) -> Dict[str, Tensor]:
         method = block.compute_method
@@ -427,7 +439,8 @@ class KFACPreconditioner:
         work = []
         for block in self.blocks.values():
             weight = block.kind.module.weight
-            if not block.decomposition or (lr_of is not None and id(weight) not in lr_of):
+            if not block.decomposition or not is_trainable(block) \
+                    or (lr_of is not None and id(weight) not in lr_of):
                 continue
             raw = block.kind.grad_matrix()
             if raw is None:

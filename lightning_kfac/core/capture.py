@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.trainability import is_trainable
 
 
 def _is_transformed(x: Tensor) -> bool:
@@ -75,6 +76,8 @@ class Capture:
             capturing, keep_rows = block.capturing, block.row_limit > 0
             if not ((capturing or keep_rows) and module.training and torch.is_grad_enabled()):
                 return None
+            if not is_trainable(block):
+                return None  # frozen for now (core/trainability.py)
             if not isinstance(output, Tensor):
                 return None
             x = args[0] if args else kwargs.get("input")

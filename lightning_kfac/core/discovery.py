@@ -17,6 +17,8 @@ from torch import nn
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import make_kind
+from lightning_kfac.core.parametrized import (is_parametrization_container, own_trainable,
+                                              parametrization_reason)
 
 
 @dataclass
@@ -27,10 +29,6 @@ class Skipped:
     type_name: str
     reason: str
     num_params: int
-
-
-def _own_trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
 
 
 def _matches(patterns: List[str], name: str, type_name: str) -> str:
@@ -55,12 +53,12 @@ def layer_settings(config: KFACConfig, name: str, type_name: str) -> Dict[str, A
 
 
 def _param_owners(model: nn.Module) -> Dict[int, List[str]]:
-    """id(trainable parameter) -> names of the modules that hold it directly."""
+    """id(parameter) -> names of the modules that hold it directly (frozen ones too: a frozen
+    tied weight may be unfrozen later)."""
     owners: Dict[int, List[str]] = {}
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                owners.setdefault(id(p), []).append(name)
+            owners.setdefault(id(p), []).append(name)
     return owners
 
 
@@ -81,29 +79,39 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
     skipped: List[Skipped] = []
     owners = _param_owners(model)
     for name, module in model.named_modules():
-        trainable = _own_trainable(module)
+        if is_parametrization_container(module):
+            continue  # its ``original`` parameters are counted (and listed) with their owner
+        trainable = own_trainable(module)
         type_name = type(module).__name__
         kind, reason = make_kind(module)
-        if kind is None:
+        if kind is None or parametrization_reason(module):  # never evaluate a parametrization
+            reason = reason or parametrization_reason(module)
             if trainable:
                 skipped.append(Skipped(name, type_name, reason, trainable))
             continue
+        # A frozen weight is registered too ("frozen (for now)" in the summary): it is neither
+        # captured nor preconditioned until it is trainable and in the optimizer again
+        # (Lightning's BackboneFinetuning, requires_grad_(True) mid-fit). Frozen skipped modules
+        # are not listed (trainable == 0).
         weight = module.weight
-        if not weight.requires_grad:
-            continue  # frozen: nothing to precondition (not listed: it is not trained)
         pattern = _matches(config.skip_layers, name, type_name)
         if pattern:
-            skipped.append(Skipped(name, type_name, f"matched skip_layers {pattern!r}", trainable))
+            if trainable:
+                skipped.append(Skipped(name, type_name, f"matched skip_layers {pattern!r}",
+                                       trainable))
             continue
         settings = layer_settings(config, name, type_name)
         if settings["compute_method"] == "skip":
-            skipped.append(Skipped(name, type_name, "layer_overrides: compute_method=skip", trainable))
+            if trainable:
+                skipped.append(Skipped(name, type_name, "layer_overrides: compute_method=skip",
+                                       trainable))
             continue
         tied = _tied_to(owners, module, name)
         if tied:
             reason = (f"parameters tied to {', '.join(map(repr, tied))}: tied weights are not "
                       "preconditioned (their gradient sums several layers' uses)")
-            skipped.append(Skipped(name, type_name, reason, trainable))
+            if trainable:
+                skipped.append(Skipped(name, type_name, reason, trainable))
             continue
         blocks[name] = KFACBlock(name, kind, factor_dtype(weight), **settings)
     return blocks, skipped

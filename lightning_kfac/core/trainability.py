@@ -1,0 +1,38 @@
+"""Trainability that changes during a fit: frozen-for-now layers, layers leaving the optimizer.
+
+A layer whose weight is frozen when K-FAC registers it (Lightning's ``BackboneFinetuning``
+freezes the backbone in ``setup``) is registered anyway. While its weight does not require a
+gradient it is not captured, not updated, not decomposed and its gradients are not touched. Once
+trainable and in the optimizer's param groups again it is captured from the next factor-update
+step and, having factors but no decomposition yet, decomposed right there, so it is
+preconditioned from its next factor update on instead of waiting for the next decomposition
+step (the same holds for any layer whose first factors come late).
+
+A layer whose bias changes trainability changes the size of ``A`` (the trailing 1 of ``a``): its
+running factors and decomposition are then restarted from the next batch estimate.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_kfac.core.blocks import KFACBlock
+
+
+def is_trainable(block: KFACBlock) -> bool:
+    """True while the layer's weight requires a gradient (the first of ``kind.params``)."""
+    return bool(block.kind.params[0].requires_grad)
+
+
+def needs_first_decomposition(block: KFACBlock) -> bool:
+    """Factors but no decomposition yet: decompose now rather than at the next refresh step."""
+    return block.A is not None and not block.decomposition
+
+
+def restart_if_reshaped(block: KFACBlock, a_hat: Tensor, g_hat: Tensor) -> bool:
+    """Forget the running factors when the batch estimates' shapes no longer match them (a bias
+    became trainable or frozen); True when that happened."""
+    if block.A is None or (block.A.shape == a_hat.shape and block.G.shape == g_hat.shape):
+        return False
+    block.A, block.G, block.decomposition = None, None, {}
+    return True
