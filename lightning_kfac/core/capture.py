@@ -99,7 +99,9 @@ class Capture:
             if empirical or keep_rows:
                 output.register_hook(self._make_grad_hook(block, empirical, keep_rows, pair))
             return None
-        return hook
+        # Under torch.compile the hook runs eagerly (a graph break), on the real tensors: the
+        # accumulators and the output's tensor hook are Python side effects (docs/compile.md).
+        return torch.compiler.disable(hook)
 
     @staticmethod
     def _keep_a_rows(block: KFACBlock, rows: Tensor) -> bool:

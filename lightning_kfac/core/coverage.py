@@ -198,16 +198,22 @@ class FirstIntervalCheck:
         return due
 
 
+def _by_cause(model: nn.Module, blocks: Sequence) -> List[str]:
+    """One line per distinct cause, naming its layers."""
+    groups: Dict[str, List[str]] = {}
+    for block in blocks:
+        groups.setdefault(unpreconditioned_cause(model, block), []).append(block.name)
+    return [f"  {_names(names, limit=6)}: {cause}" for cause, names in groups.items()]
+
+
 def late_message(model: nn.Module, blocks: Sequence, t: int) -> str:
     lines = [f"K-FAC: {len(blocks)} registered layer(s) not preconditioned by the end of their "
              f"first decomposition interval (step {t}); they keep their raw gradient:"]
-    lines += [f"  {b.name or '<root>'}: {unpreconditioned_cause(model, b)}" for b in blocks]
-    return "\n".join(lines)
+    return "\n".join(lines + _by_cause(model, blocks))
 
 
 def dropped_message(model: nn.Module, blocks: Sequence) -> str:
     names = [b.name for b in blocks]
     lines = [f"K-FAC: layers {names} were registered but never ran in a training forward "
              "through their hooks; they are not preconditioned:"]
-    lines += [f"  {b.name or '<root>'}: {unpreconditioned_cause(model, b)}" for b in blocks]
-    return "\n".join(lines)
+    return "\n".join(lines + _by_cause(model, blocks))
