@@ -8,9 +8,11 @@ option. Importing this package does not import Hydra; Lightning is imported lazi
 """
 
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.coverage import KFACCoverageWarning
 from lightning_kfac.preconditioner import KFACOptimizer, KFACPreconditioner
 
-__all__ = ["KFACCallback", "KFACConfig", "KFACOptimizer", "KFACPreconditioner"]
+__all__ = ["KFACCallback", "KFACConfig", "KFACCoverageWarning", "KFACOptimizer",
+           "KFACPreconditioner"]
 __version__ = "0.1.0"
 
 

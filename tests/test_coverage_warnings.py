@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from lightning_kfac import KFACCallback, KFACPreconditioner
-from lightning_kfac.core.coverage import KFACCoverageWarning
+from lightning_kfac import KFACCallback, KFACCoverageWarning, KFACPreconditioner
 from tests.test_callback_support import loader, make_dataset, make_trainer
 
 EVERY = dict(factor_update_steps=1, inv_update_steps=1)
