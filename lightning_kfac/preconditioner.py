@@ -217,6 +217,11 @@ class KFACPreconditioner:
         """Registration summary: covered modules, skipped modules and why, parameter share."""
         return format_summary(self.model, self.blocks, self.skipped)
 
+    def coverage(self) -> Dict[str, float]:
+        """``{"covered", "trainable", "share"}``: trainable parameters of the preconditioned
+        layers (frozen-for-now ones excluded), all trainable parameters, and their ratio."""
+        return coverage.coverage(self.model, self.blocks)
+
     def memory_bytes(self) -> int:
         """Bytes held by running factors and decompositions."""
         return sum(b.memory_bytes() for b in self.blocks.values())

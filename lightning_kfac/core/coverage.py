@@ -22,6 +22,7 @@ import gc
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_kfac.core.parametrized import parametrization_reason
 
@@ -46,11 +47,34 @@ def trainable_total(model: nn.Module) -> int:
 
 
 def covered_params(blocks: Dict) -> int:
-    """Trainable parameters of the registered layers (frozen-for-now layers count 0)."""
-    return sum(p.numel() for b in blocks.values() for p in b.kind.params if p.requires_grad)
+    """Trainable parameters of the registered layers, each tensor once (frozen-for-now layers
+    count 0)."""
+    unique = {id(p): p for b in blocks.values() for p in b.kind.params if p.requires_grad}
+    return sum(p.numel() for p in unique.values())
 
 
-def skipped_message(skipped: Iterable, total: int) -> Optional[str]:
+def coverage(model: nn.Module, blocks: Dict) -> Dict[str, float]:
+    """``{"covered", "trainable", "share"}``: preconditioned / trainable parameters now."""
+    total, covered = trainable_total(model), covered_params(blocks)
+    return {"covered": covered, "trainable": total, "share": covered / total if total else 0.0}
+
+
+def _unique_trainable(model: nn.Module, names: Iterable[str]) -> int:
+    """Trainable parameters held by the named modules, each tensor once (tied weights)."""
+    modules = dict(model.named_modules())
+    unique = {}
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            continue
+        params = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            params += list(module.parametrizations.parameters())
+        unique.update({id(p): p for p in params if p.requires_grad})
+    return sum(p.numel() for p in unique.values())
+
+
+def skipped_message(model: nn.Module, skipped: Iterable, total: int) -> Optional[str]:
     """One message for every involuntarily skipped module with trainable parameters, by reason."""
     by_reason: Dict[str, List] = {}
     for s in skipped:
@@ -59,14 +83,14 @@ def skipped_message(skipped: Iterable, total: int) -> Optional[str]:
     if not by_reason:
         return None
     count = sum(len(v) for v in by_reason.values())
-    params = sum(s.num_params for v in by_reason.values() for s in v)
+    params = _unique_trainable(model, [s.name for v in by_reason.values() for s in v])
     share = 100.0 * params / total if total else 0.0
     lines = [f"K-FAC does not precondition {count} module(s) holding {params:,} trainable "
              f"parameters ({share:.1f}% of the model's); they keep their raw gradient:"]
-    for reason, group in sorted(by_reason.items(), key=lambda kv: -sum(s.num_params
-                                                                       for s in kv[1])):
-        n = sum(s.num_params for s in group)
-        lines.append(f"  {len(group)} x {group[0].type_name} ({n:,} params: "
+    sizes = {reason: _unique_trainable(model, [s.name for s in group])
+             for reason, group in by_reason.items()}
+    for reason, group in sorted(by_reason.items(), key=lambda kv: -sizes[kv[0]]):
+        lines.append(f"  {len(group)} x {group[0].type_name} ({sizes[reason]:,} params: "
                      f"{_names([s.name for s in group])}): {reason}")
     return "\n".join(lines)
 
@@ -91,7 +115,7 @@ def coverage_message(total: int, covered: int, skipped: Iterable) -> Optional[st
 def registration_messages(model: nn.Module, blocks: Dict, skipped: Sequence) -> List[str]:
     """The registration warnings (skipped modules, low coverage), possibly none."""
     total = trainable_total(model)
-    found = [skipped_message(skipped, total),
+    found = [skipped_message(model, skipped, total),
              coverage_message(total, covered_params(blocks), skipped)]
     return [m for m in found if m]
 

@@ -25,8 +25,9 @@ def is_trainable(block: KFACBlock) -> bool:
 
 
 def needs_first_decomposition(block: KFACBlock) -> bool:
-    """Factors but no decomposition yet: decompose now rather than at the next refresh step."""
-    return block.A is not None and not block.decomposition
+    """Factors but no decomposition yet: decompose now rather than at the next refresh step
+    (not after a failed decomposition: retries keep the refresh clock)."""
+    return block.A is not None and not block.decomposition and block.failures == 0
 
 
 def restart_if_reshaped(block: KFACBlock, a_hat: Tensor, g_hat: Tensor) -> bool:
