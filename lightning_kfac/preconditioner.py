@@ -35,8 +35,7 @@ from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
-from lightning_kfac.core.trainability import (is_trainable, needs_first_decomposition,
-                                              restart_if_reshaped)
+from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -169,10 +168,11 @@ class KFACPreconditioner:
             self.mc.finish_step(any(b.kind.module.weight.grad is not None
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
+        first = {b.name for b in active if b.A is None}  # rank-consistent (factors all-reduced)
         self._update_factors([b for b in active if t % b.factor_update_steps == 0])
         self._update_decompositions([b for b in active if b.A is not None and (
-            self._decomposition_due(b, t)  # a late first factor update: decompose now
-            or (t >= self.config.warmup_steps and needs_first_decomposition(b)))])
+            self._decomposition_due(b, t)  # first factors came late (unfrozen): decompose now
+            or (b.name in first and t >= self.config.warmup_steps))])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
         if t >= self.config.warmup_steps:

@@ -197,12 +197,14 @@ def unpreconditioned_cause(model: nn.Module, block) -> str:
 
 
 class FirstIntervalCheck:
-    """Warn once per layer still unpreconditioned at the end of its first decomposition interval.
+    """Warn once per layer still without factors at the end of its first decomposition interval.
 
     A layer's interval starts at the first step it is active (trainable and stepped by the
-    optimizer) and lasts ``max(inv_update_steps, factor_update_steps)`` steps; steps of the
-    warm-up (no preconditioning by design) and layers whose decompositions failed (warned about
-    on their own) do not count.
+    optimizer) and lasts ``max(inv_update_steps, factor_update_steps)`` steps. A layer with
+    factors is decomposed in the step they first arrive (or at its refresh step), so "no factors"
+    is what "not preconditioned" means here; it is the same on every rank (factors are
+    all-reduced; under ``distribute="gradients"`` a rank holds only its own decompositions).
+    Failed decompositions are warned about on their own.
     """
 
     def __init__(self) -> None:
@@ -213,8 +215,8 @@ class FirstIntervalCheck:
         due = []
         for block in active:
             start = self._since.setdefault(block.name, t)
-            if block.name in self._warned or block.decomposition or block.failures:
-                continue
+            if block.name in self._warned or block.A is not None:
+                continue  # has factors: decomposed now or at its refresh (failures warn apart)
             interval = max(block.inv_update_steps, block.factor_update_steps)
             if t >= max(start + interval - 1, warmup_steps):
                 self._warned.add(block.name)

@@ -4,12 +4,14 @@ A layer whose weight is frozen when K-FAC registers it (Lightning's ``BackboneFi
 freezes the backbone in ``setup``) is registered anyway. While its weight does not require a
 gradient it is not captured, not updated, not decomposed and its gradients are not touched. Once
 trainable and in the optimizer's param groups again it is captured from the next factor-update
-step and, having factors but no decomposition yet, decomposed right there, so it is
+step and decomposed in the step its first factors arrive (``KFACPreconditioner.step``), so it is
 preconditioned from its next factor update on instead of waiting for the next decomposition
-step (the same holds for any layer whose first factors come late).
+step (the same holds for any layer whose first factors come late). "First factors" (``A`` was
+None) is the same on every rank, so the decision is collective-safe under DDP.
 
 A layer whose bias changes trainability changes the size of ``A`` (the trailing 1 of ``a``): its
-running factors and decomposition are then restarted from the next batch estimate.
+running factors restart from the next batch estimate and it is preconditioned again from the
+next decomposition step.
 """
 
 from __future__ import annotations
@@ -22,12 +24,6 @@ from lightning_kfac.core.blocks import KFACBlock
 def is_trainable(block: KFACBlock) -> bool:
     """True while the layer's weight requires a gradient (the first of ``kind.params``)."""
     return bool(block.kind.params[0].requires_grad)
-
-
-def needs_first_decomposition(block: KFACBlock) -> bool:
-    """Factors but no decomposition yet: decompose now rather than at the next refresh step
-    (not after a failed decomposition: retries keep the refresh clock)."""
-    return block.A is not None and not block.decomposition and block.failures == 0
 
 
 def restart_if_reshaped(block: KFACBlock, a_hat: Tensor, g_hat: Tensor) -> bool:
