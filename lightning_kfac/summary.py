@@ -28,7 +28,7 @@ def predicted_memory_bytes(blocks: Dict) -> int:
         a_numel = a if block.kind.diagonal_a else a * a  # nn.Embedding keeps A's diagonal
         # eigenvalue vectors; EKFAC also keeps its (d_G x d_A) eigenbasis scaling
         extra = {"eigen": a + g, "ekfac": a + g + g * a}.get(block.compute_method, 0)
-        total += (2 * (a_numel + g * g) + extra) * item
+        total += (2 * (a_numel + g * g) + extra) * item * getattr(block.kind, "groups", 1)
     return total
 
 
@@ -40,12 +40,16 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     for name, block in blocks.items():
         module = block.kind.module
         n = sum(p.numel() for p in block.kind.params)
-        frozen = not block.kind.params[0].requires_grad  # core/trainability.py
+        frozen = not block.kind.weight.requires_grad  # core/trainability.py
         covered += 0 if frozen else n
         a, g = block.kind.a_dim(), block.kind.g_dim()
         a_shape = f"{a} (diag)" if block.kind.diagonal_a else f"{a}x{a}"
+        g_shape, groups = f"{g}x{g}", getattr(block.kind, "groups", 1)
+        if groups > 1:  # grouped convolution: one factor pair per group
+            a_shape, g_shape = f"{groups} x {a_shape}", f"{groups} x {g_shape}"
+        type_name = getattr(block.kind, "type_name", type(module).__name__)
         status = f"K-FAC ({block.compute_method})"
-        rows.append((name or "<root>", type(module).__name__, a_shape, f"{g}x{g}", f"{n:,}",
+        rows.append((name or "<root>", type_name, a_shape, g_shape, f"{n:,}",
                      f"frozen (for now): {status} once trainable" if frozen else status))
     for s in skipped:
         rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",

@@ -183,7 +183,7 @@ def unpreconditioned_cause(model: nn.Module, block) -> str:
         return (f"its hooks never fired: compiled with torch.compile before K-FAC attached its "
                 f"hooks ({'; '.join(compiled)}), and compiled code keeps the hooks it was "
                 f"traced with. Fix: {_COMPILE_FIX}")
-    weight = block.kind.params[0]
+    weight = block.kind.weight
     if weight.grad is not None:
         parent_name = block.name.rsplit(".", 1)[0] if "." in block.name else ""
         parent = dict(model.named_modules()).get(parent_name)

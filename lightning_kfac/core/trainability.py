@@ -22,8 +22,8 @@ from lightning_kfac.core.blocks import KFACBlock
 
 
 def is_trainable(block: KFACBlock) -> bool:
-    """True while the layer's weight requires a gradient (the first of ``kind.params``)."""
-    return bool(block.kind.params[0].requires_grad)
+    """True while the layer's weight requires a gradient."""
+    return bool(block.kind.weight.requires_grad)
 
 
 def restart_if_reshaped(block: KFACBlock, a_hat: Tensor, g_hat: Tensor) -> bool:
