@@ -104,9 +104,10 @@ def coverage_message(total: int, covered: int, skipped: Iterable) -> Optional[st
              f"parameters ({covered:,} of {total:,}); the largest modules it skips:"]
     for s in largest:
         lines.append(f"  {s.name or '<root>'} ({s.type_name}, {s.num_params:,} params): {s.reason}")
-    lines.append("Fix: use supported layer types (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding) or "
-                 "register a layer kind for the skipped type, relax skip_layers / layer_overrides, "
-                 "untie or unparametrize the weights named above; or accept a partial K-FAC and "
+    lines.append("Fix: use supported layer types (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, "
+                 "transformers' Conv1D) or add the skipped type with lightning_kfac.register_layer "
+                 "(docs/layers.md), relax skip_layers / layer_overrides, unparametrize the "
+                 "weights named above; or accept a partial K-FAC and "
                  "silence this with warnings.filterwarnings('ignore', "
                  "category=KFACCoverageWarning).")
     return "\n".join(lines)
