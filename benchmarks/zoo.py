@@ -79,10 +79,12 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_isolated(name: str, kfac: bool, steps: int, batch_size: int) -> Dict[str, Any]:
+def run_isolated(name: str, kfac: bool, steps: int, batch_size: int,
+                 options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """``train`` in a fresh one-thread subprocess (its own peak RSS)."""
     code = ("import json, torch; torch.set_num_threads(1); from benchmarks.zoo import train; "
-            f"print(json.dumps(train({name!r}, {kfac}, {steps}, {batch_size})))")
+            f"print(json.dumps(train({name!r}, {kfac}, {steps}, {batch_size}, "
+            f"options=json.loads({json.dumps(options or {})!r}))))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
@@ -116,7 +118,8 @@ def row(plain: Dict[str, Any], kfac: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def markdown(rows: List[Dict[str, Any]], steps: int, batch_size: int) -> str:
+def markdown(rows: List[Dict[str, Any]], steps: int, batch_size: int,
+             options: Optional[Dict[str, Any]] = None) -> str:
     head = ("| model | trainable params | preconditioned | K-FAC layers | loss after "
             f"{steps} steps: plain / K-FAC | step time K-FAC / plain: median (first) | "
             "plain step (ms) | peak memory plain / K-FAC (MiB) |")
@@ -128,7 +131,7 @@ def markdown(rows: List[Dict[str, Any]], steps: int, batch_size: int) -> str:
             f"({r['first_step_ratio']:.1f}x) | {r['median_step_ms_plain']:.0f} | "
             f"{r['peak_mib_plain']:.0f} / {r['peak_mib_kfac']:.0f} |")
     lines.append(f"\nBatch {batch_size}, SGD (lr {DEFAULTS['lr']}, momentum "
-                 f"{DEFAULTS['momentum']}), K-FAC default options, one thread, CPU time of the "
+                 f"{DEFAULTS['momentum']}), K-FAC options {options or 'default'}, one thread, CPU time of the "
                  "training thread; peak memory = increase of the peak RSS during training.")
     return "\n".join(lines)
 
@@ -140,22 +143,32 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--models", nargs="+", choices=sorted(ZOO), default=list(ZOO))
     parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a KFACConfig option for the K-FAC runs, VALUE as JSON "
+                             "(e.g. --option damping=0.01); repeatable")
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Invalid --option={item!r}: must be KEY=VALUE (VALUE as JSON).")
+        options[key] = json.loads(value)
     if args.steps < 3:
         raise ValueError(f"Invalid --steps={args.steps}: must be >= 3 (final loss: last 3 steps).")
     rows = []
     for name in args.models:
         plain = run_isolated(name, False, args.steps, args.batch_size)
-        kfac = run_isolated(name, True, args.steps, args.batch_size)
+        kfac = run_isolated(name, True, args.steps, args.batch_size, options)
         rows.append(row(plain, kfac))
         for message in kfac.get("warnings", []):
             print(f"[{name}] {message}", file=sys.stderr)
-    table = markdown(rows, args.steps, args.batch_size)
+    table = markdown(rows, args.steps, args.batch_size, options)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "zoo.json")
     with open(path, "w") as f:
-        json.dump({"steps": args.steps, "batch_size": args.batch_size, "rows": rows,
+        json.dump({"steps": args.steps, "batch_size": args.batch_size, "options": options,
+                   "rows": rows,
                    "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "load_average_1min": os.getloadavg()[0]}, f, indent=1)
     return rows
