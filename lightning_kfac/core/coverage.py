@@ -148,9 +148,10 @@ def _optimized_wrappers() -> Dict[int, str]:
     return found
 
 
-def compiled_path(model: nn.Module, name: str) -> List[str]:
+def compiled_path(model: nn.Module, name: str,
+                  wrappers: Optional[Dict[int, str]] = None) -> List[str]:
     """The modules from ``model`` down to ``name`` (either included) that are compiled."""
-    wrappers = _optimized_wrappers()
+    wrappers = _optimized_wrappers() if wrappers is None else wrappers
     modules = dict(model.named_modules())
     path, parts = [""], name.split(".") if name else []
     for i in range(len(parts)):
@@ -170,8 +171,10 @@ def compiled_path(model: nn.Module, name: str) -> List[str]:
     return found
 
 
-def unpreconditioned_cause(model: nn.Module, block) -> str:
-    """The most likely reason why ``block`` has not been preconditioned yet."""
+def unpreconditioned_cause(model: nn.Module, block,
+                           wrappers: Optional[Dict[int, str]] = None) -> str:
+    """The most likely reason why ``block`` has not been preconditioned yet (``wrappers``: a
+    precomputed ``_optimized_wrappers()``, a scan of every live object)."""
     module = block.kind.module
     reason = parametrization_reason(module)
     if reason:
@@ -179,7 +182,7 @@ def unpreconditioned_cause(model: nn.Module, block) -> str:
     if block.seen:
         return ("its forward ran but no gradient of the loss reached its output (an output "
                 "detached, or not used by the loss)")
-    compiled = compiled_path(model, block.name)
+    compiled = compiled_path(model, block.name, wrappers)
     if compiled:
         return (f"its hooks never fired: compiled with torch.compile before K-FAC attached its "
                 f"hooks ({'; '.join(compiled)}), and compiled code keeps the hooks it was "
@@ -228,8 +231,9 @@ class FirstIntervalCheck:
 def _by_cause(model: nn.Module, blocks: Sequence) -> List[str]:
     """One line per distinct cause, naming its layers."""
     groups: Dict[str, List[str]] = {}
+    wrappers = _optimized_wrappers()  # one scan of the live objects for all the layers
     for block in blocks:
-        groups.setdefault(unpreconditioned_cause(model, block), []).append(block.name)
+        groups.setdefault(unpreconditioned_cause(model, block, wrappers), []).append(block.name)
     return [f"  {_names(names, limit=6)}: {cause}" for cause, names in groups.items()]
 
 
