@@ -185,14 +185,16 @@ def _net():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-def test_compiled_after_hooks_gets_the_uncompiled_factors():
+@pytest.mark.parametrize("backend", [
+    "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])  # inductor: ~15 s here
+def test_compiled_after_hooks_gets_the_uncompiled_factors(backend):
     torch._dynamo.reset()
     reference = _net()
     expected = _train(reference, reference).factors()
     model = _net()
     pre = KFACPreconditioner(model, **EVERY)  # hooks first ...
     pre.remove()
-    compiled = torch.compile(model)  # ... then compile (default backend: inductor)
+    compiled = torch.compile(model, backend=backend)  # ... then compile
     got = _train(model, compiled).factors()
     assert got.keys() == expected.keys() == {"0", "2"}
     for name in expected:
