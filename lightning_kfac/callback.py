@@ -38,8 +38,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import re
+import time
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -49,6 +52,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_kfac import cli_errors
 from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
@@ -82,9 +86,18 @@ def check_strategy(strategy: Any) -> None:
 class KFACCallback(Callback):
     """K-FAC second-order preconditioning for any LightningModule, with no model changes.
 
+    Every ``KFACConfig`` option is a typed keyword of ``__init__`` (its description is generated
+    from ``KFACConfig``'s docstring), so IDEs, ``LightningCLI --help`` and jsonargparse see them;
+    enum options take their lowercase strings (``compute_method="inverse"``).
+
     Args:
-        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig``) or None.
-        **options: any ``KFACConfig`` option; overrides ``config``.
+        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig`` or a
+            ``LightningCLI`` ``config:`` mapping) or None.
+        prog_bar: also show ``kfac/overhead_share`` (K-FAC's share of the step time) in the
+            progress bar.
+        **options: any ``KFACConfig`` option. A keyword overrides ``config``'s value unless it is
+            left at its default, so ``KFACCallback(config={"damping": 1e-2})`` keeps 1e-2 even when
+            a CLI passes every keyword at its default.
 
     Raises:
         MisconfigurationException: an invalid option (same message as ``KFACConfig``'s
@@ -94,11 +107,50 @@ class KFACCallback(Callback):
         >>> trainer = Trainer(callbacks=[KFACCallback(damping=1e-3, inv_update_steps=50)])
     """
 
-    def __init__(self, config: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        config: Union[Dict[str, Any], KFACConfig, None] = None,
+        *,
+        damping: float = 1e-3,
+        factor_update_steps: int = 10,
+        inv_update_steps: int = 100,
+        factor_decay: float = 0.95,
+        kl_clip: Optional[float] = 1e-3,
+        compute_method: Literal["eigen", "inverse", "ekfac"] = "eigen",
+        fisher_type: Literal["empirical", "mc"] = "empirical",
+        likelihood: Literal["categorical", "bernoulli", "gaussian"] = "categorical",
+        output_module: Optional[str] = None,
+        mc_samples: int = 1,
+        gaussian_variance: float = 1.0,
+        skip_layers: Optional[List[str]] = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        damping_mode: Literal["absolute", "relative"] = "absolute",
+        warmup_steps: int = 0,
+        damping_schedule: Literal["constant", "exponential", "step"] = "constant",
+        damping_decay: float = 0.5,
+        damping_step_size: int = 1000,
+        adaptive_damping: bool = False,
+        adaptive_damping_interval: int = 5,
+        adaptive_damping_factor: Optional[float] = None,
+        min_damping: float = 0.0,
+        max_damping: Optional[float] = None,
+        layer_overrides: Optional[List[Dict[str, Any]]] = None,
+        nonfinite: Literal["skip", "raise"] = "skip",
+        max_decomposition_failures: int = 3,
+        distribute: Literal["replicate", "decompositions", "gradients"] = "gradients",
+        low_rank: bool = True,
+        diagnostics_every_n_steps: Optional[int] = None,
+        prog_bar: bool = False,
+        **options: Any,
+    ) -> None:
+        given = locals()
+        named = {name: given[name] for name, default in _OPTION_DEFAULTS.items()
+                 if not _equals_default(given[name], default)}
         try:
-            self.config = KFACConfig.from_any(config, **options)
+            self.config = KFACConfig.from_any(config, **named, **options)
         except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
+            raise MisconfigurationException(str(err)) from None
+        self.prog_bar = bool(prog_bar)
         self._state_key = self._generate_state_key(**self.config.to_dict())
         self.preconditioner: Optional[KFACPreconditioner] = None
         self._pending_state: Optional[Dict[str, Any]] = None
@@ -107,6 +159,7 @@ class KFACCallback(Callback):
         self._clock = 0
         self._stepped = False
         self._batch_stats: Dict[str, float] = {}
+        self._batch_start: Optional[float] = None
         self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
 
     # -- identity and state -------------------------------------------------------------------------
@@ -359,3 +412,49 @@ def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     if not grads:
         return False
     return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+# -- the typed signature ---------------------------------------------------------------------------
+#: Keywords of ``KFACCallback.__init__`` that are the callback's own, not ``KFACConfig`` options.
+CALLBACK_ONLY_OPTIONS = ("prog_bar",)
+#: The ``KFACConfig`` options of the signature and their defaults (tests/test_callback_signature.py
+#: checks that they mirror ``KFACConfig``'s fields, types and defaults).
+_OPTION_DEFAULTS = {name: param.default for name, param
+                    in inspect.signature(KFACCallback.__init__).parameters.items()
+                    if param.kind is inspect.Parameter.KEYWORD_ONLY
+                    and name not in CALLBACK_ONLY_OPTIONS}
+
+
+def _equals_default(value: Any, default: Any) -> bool:
+    """True when a keyword holds its signature default (it then leaves ``config``'s value).
+
+    Strict on type, so that ``adaptive_damping=0`` or ``mc_samples=True`` still reach
+    ``KFACConfig``'s validation instead of passing for the default.
+    """
+    if default is None or isinstance(default, bool):
+        return value is default
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default  # enum members are str subclasses
+    if type(value) not in (int, float):
+        return False
+    return value == default
+
+
+def _init_docstring() -> str:
+    """``__init__``'s ``Args:`` section, built from ``KFACConfig``'s ``Attributes:`` (one source
+    for the descriptions that IDEs and ``LightningCLI --help`` show)."""
+    doc = inspect.getdoc(KFACConfig) or ""
+    section = doc.split("Attributes:", 1)[-1]
+    lines = ["Build the callback; every keyword is a KFACConfig option unless noted.", "",
+             "Args:",
+             "    config: a KFACConfig, a mapping of its options or None; a keyword left at its",
+             "        default leaves config's value, any other keyword overrides it."]
+    for line in section.splitlines():
+        if re.match(r"^    \w+: ", line) or (line.startswith("        ") and len(lines) > 5):
+            lines.append(line)
+    lines.append("    prog_bar: (callback only) show kfac/overhead_share in the progress bar.")
+    return "\n".join(lines)
+
+
+KFACCallback.__init__.__doc__ = _init_docstring()
+cli_errors.register(KFACCallback)  # LightningCLI: a bad value is one line, not a traceback
