@@ -18,8 +18,15 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   before Lightning's gradient clipping and the optimizer's ``step``; only the optimizer's params.
   A 16-mixed overflow step (non-finite gradients, which the scaler skips) leaves the factors and
   gradients untouched.
-- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists;
-  Lightning writes them every ``log_every_n_steps``).
+- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists,
+  or ``prog_bar=True``; Lightning writes them every ``log_every_n_steps``). What K-FAC costs:
+  ``kfac/time_ms`` = ``time_factors_ms`` (factor estimates and their all-reduce) +
+  ``time_decompose_ms`` (eigendecompositions / inverses, EKFAC scalings) +
+  ``time_precondition_ms`` (preconditioning, KL clip) + bookkeeping, host wall time of
+  ``pre.step``; ``kfac/step_ms`` the training step's wall time (batch start to batch end, summed
+  over accumulated batches); ``kfac/overhead_share`` = time_ms / step_ms. The capture hooks' time
+  inside forward/backward is not in time_ms. On a GPU the times are of kernel launches unless
+  something synchronizes.
 - ``on_fit_end`` / ``teardown`` / ``on_exception``: remove every hook; ``factors()`` stays
   available.
 - ``diagnostics_every_n_steps``: on those steps only, ``diagnostics_callback.py`` records the
@@ -159,7 +166,8 @@ class KFACCallback(Callback):
         self._clock = 0
         self._stepped = False
         self._batch_stats: Dict[str, float] = {}
-        self._batch_start: Optional[float] = None
+        self._batch_start: Optional[float] = None  # kfac/overhead_share: the step's wall time
+        self._step_ms = 0.0
         self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
 
     # -- identity and state -------------------------------------------------------------------------
@@ -289,6 +297,7 @@ class KFACCallback(Callback):
         # Manual optimization: global_step counts every optimizer's steps; use batches that stepped.
         self._clock = trainer.global_step if pl_module.automatic_optimization else pre.steps
         pre.set_step(self._clock)
+        self._batch_start = time.perf_counter()
         if self._diagnostics is not None:  # diagnostics_callback.py: hooks on diagnostic steps
             self._diagnostics.start(self._clock)
 
@@ -338,7 +347,8 @@ class KFACCallback(Callback):
     def _record_stats(self, stats: Mapping[str, float]) -> None:
         """Merge the engine's per-step statistics over the optimizer steps of one batch."""
         merged = self._batch_stats
-        merged["kfac/time_ms"] = merged.get("kfac/time_ms", 0.0) + float(stats.get("time_ms", 0.0))
+        for key in _TIME_KEYS:  # summed over the optimizers of the batch
+            merged[f"kfac/{key}"] = merged.get(f"kfac/{key}", 0.0) + float(stats.get(key, 0.0))
         nu = float(stats.get("kl_clip_factor", 1.0))
         merged["kfac/kl_clip_factor"] = min(nu, merged.get("kfac/kl_clip_factor", math.inf))
         merged["kfac/grad_norm_ratio"] = float(stats.get("grad_norm_ratio", 1.0))
@@ -358,15 +368,26 @@ class KFACCallback(Callback):
             if self._batch_stats:
                 self._batch_stats["kfac/rho"] = float(rho)
         stats, self._batch_stats = self._batch_stats, {}
+        if pre is not None and self._batch_start is not None:  # the training step's wall time
+            self._step_ms += 1e3 * (time.perf_counter() - self._batch_start)
+            self._batch_start = None
+        if stats:  # K-FAC's share of the batches since the last optimizer step (accumulation)
+            stats["kfac/step_ms"] = self._step_ms
+            stats["kfac/overhead_share"] = (min(1.0, stats["kfac/time_ms"] / self._step_ms)
+                                            if self._step_ms > 0 else 0.0)
+            self._step_ms = 0.0
         # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small model's step)
-        if not stats or not trainer.loggers or trainer.global_step % trainer.log_every_n_steps:
+        if not stats or not (trainer.loggers or self.prog_bar) \
+                or trainer.global_step % trainer.log_every_n_steps:
             return
         if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
             for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
                         "overflow_steps"):
                 stats[f"kfac/{key}"] = float(pre.counters.get(key, 0))
         for name, value in stats.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1,
+                          prog_bar=self.prog_bar and name == "kfac/overhead_share",
+                          logger=bool(trainer.loggers))
 
     # -- results ---------------------------------------------------------------------------------------
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -395,6 +416,7 @@ class KFACCallback(Callback):
         self._active = False
         self._stepped = False
         self._batch_stats = {}
+        self._batch_start, self._step_ms = None, 0.0
         if self._diagnostics is not None:
             self._diagnostics.remove()
 
@@ -412,6 +434,10 @@ def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     if not grads:
         return False
     return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+#: The engine's per-step timings (``KFACPreconditioner.last_stats``), logged as ``kfac/<key>``.
+_TIME_KEYS = ("time_ms", "time_factors_ms", "time_decompose_ms", "time_precondition_ms")
 
 
 # -- the typed signature ---------------------------------------------------------------------------
