@@ -117,7 +117,8 @@ def test_lightning_transformer_drops_out_proj_with_one_warning(tmp_path):
     share = 100.0 * out_proj_params / sum(p.numel() for p in model.parameters())
     assert f"{out_proj_params:,}" in never_ran and f"({share:.1f}% of params)" in never_ran
     in_proj = "model.transformer.encoder.layers.0.self_attn"  # owns in_proj_weight
-    (mha,) = [line for line in summary.splitlines() if in_proj in line and "skipped" in line]
+    (mha,) = [line for line in summary.splitlines()
+              if (f"{in_proj}," in line or f"{in_proj} " in line) and "skipped" in line]
     assert "MultiheadAttention" in mha
     loss = _mean_loss(model, data)
     assert torch.isfinite(torch.tensor(loss))
