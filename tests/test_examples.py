@@ -152,7 +152,8 @@ def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
     assert curves["K-FAC"][0]["loss"] == curves["no K-FAC"][0]["loss"]
     assert results["K-FAC"]["target"] == max(r["final_loss"] for r in results.values())
     table = (tmp_path / "summary.md").read_text()
-    for text in ("| K-FAC |", "| no K-FAC |", "final train loss", "steps/s", "s to loss<="):
+    for text in ("| K-FAC |", "| no K-FAC |", "final train loss", "steps/cpu s",
+                 "cpu s to loss<=", "training-thread CPU time"):
         assert text in table and text in printed
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
     assert len(results["K-FAC"]["diagnostics"]) == 8 and "diagnostics" not in results["no K-FAC"]
