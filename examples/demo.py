@@ -1,7 +1,7 @@
 """`make demo`: the digits deep autoencoder trained with and without K-FAC, side by side.
 
-    python examples/demo.py                       # 2,000 optimizer steps per run
-    python examples/demo.py --budget 5000         # a longer look
+    python examples/demo.py                       # 3,000 optimizer steps per run
+    python examples/demo.py --budget 6000         # a longer look
     python examples/demo.py --clock thread --budget 10   # 10 CPU seconds of the training thread
     python examples/demo.py optimizer=adam        # any Hydra override of conf/ applies to both runs
 
@@ -187,8 +187,8 @@ def bernoulli_entropy_floor(datamodule) -> Optional[float]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=2000,
-                        help="units of --clock per run (default 2000 steps)")
+    parser.add_argument("--budget", type=float, default=3000,
+                        help="units of --clock per run (default 3000 steps)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="steps",
                         help="what the budget counts: steps (default: the same work for both "
                              "runs whatever the machine's load), thread (CPU seconds of the "

@@ -17,23 +17,24 @@ pytest.importorskip("sklearn", reason="the demo trains on scikit-learn's digits 
 
 from examples import demo  # noqa: E402
 
-BURNER = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    pass\n"
+BURNER = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n    pass\n"
 
 
 @pytest.mark.slow
 def test_demo_claim_holds_next_to_a_cpu_burner(tmp_path):
     burner = subprocess.Popen([sys.executable, "-c", BURNER])
     try:
-        results = demo.main(["--budget", "4", "--out", str(tmp_path)])
+        results = demo.main(["--out", str(tmp_path)])  # the default budget: 3,000 steps
         assert burner.poll() is None, "the burner stopped before the demo ended"
     finally:
         burner.kill()
         burner.wait()
     kfac, plain = results["K-FAC"], results["no K-FAC"]
-    for r in (kfac, plain):  # the budget is CPU time: it holds whatever the wall clock did
-        assert 4.0 <= r["clock_s"] < 4.5 and r["wall_s"] >= r["clock_s"] * 0.9
+    for r in (kfac, plain):  # the budget is steps: the same work whatever the wall clock did
+        assert r["steps"] == 3000 and r["wall_s"] >= r["cpu_s"] * 0.9
     assert kfac["final_loss"] < plain["final_loss"]
     assert kfac["target"] == plain["final_loss"]
-    # the README's claim: K-FAC reaches the baseline's final loss in well under its CPU time
-    assert kfac["time_to_target_s"] < 0.8 * plain["time_to_target_s"]
-    assert kfac["steps_to_target"] < 0.5 * plain["steps_to_target"]
+    # the README's claim: K-FAC reaches the baseline's final loss in under 0.4x its steps and
+    # under 0.85x its CPU time (measured 0.31x / 0.60-0.71x, see the README)
+    assert kfac["steps_to_target"] < 0.4 * plain["steps_to_target"]
+    assert kfac["time_to_target_s"] < 0.85 * plain["time_to_target_s"]
