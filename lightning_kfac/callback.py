@@ -24,7 +24,8 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   ``time_decompose_ms`` (eigendecompositions / inverses, EKFAC scalings) +
   ``time_precondition_ms`` (preconditioning, KL clip) + bookkeeping, host wall time of
   ``pre.step``; ``kfac/step_ms`` the training step's wall time (batch start to batch end, summed
-  over accumulated batches); ``kfac/overhead_share`` = time_ms / step_ms. The capture hooks' time
+  over accumulated batches); each a mean per optimizer step since the last write (refreshes
+  amortized); ``kfac/overhead_share`` = sum time_ms / sum step_ms over them. The capture hooks' time
   inside forward/backward is not in time_ms. On a GPU the times are of kernel launches unless
   something synchronizes.
 - ``on_fit_end`` / ``teardown`` / ``on_exception``: remove every hook; ``factors()`` stays
@@ -168,6 +169,7 @@ class KFACCallback(Callback):
         self._batch_stats: Dict[str, float] = {}
         self._batch_start: Optional[float] = None  # kfac/overhead_share: the step's wall time
         self._step_ms = 0.0
+        self._interval_ms: Dict[str, float] = {}  # time sums since the last write (amortized)
         self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
 
     # -- identity and state -------------------------------------------------------------------------
@@ -371,15 +373,23 @@ class KFACCallback(Callback):
         if pre is not None and self._batch_start is not None:  # the training step's wall time
             self._step_ms += 1e3 * (time.perf_counter() - self._batch_start)
             self._batch_start = None
-        if stats:  # K-FAC's share of the batches since the last optimizer step (accumulation)
-            stats["kfac/step_ms"] = self._step_ms
-            stats["kfac/overhead_share"] = (min(1.0, stats["kfac/time_ms"] / self._step_ms)
-                                            if self._step_ms > 0 else 0.0)
-            self._step_ms = 0.0
+        if stats:  # this optimizer step's times (step_ms: its batches, with accumulation)
+            stats["kfac/step_ms"], self._step_ms = self._step_ms, 0.0
+            interval = self._interval_ms
+            for key in (*_TIME_KEYS, "step_ms"):
+                interval[key] = interval.get(key, 0.0) + stats[f"kfac/{key}"]
+            interval["steps"] = interval.get("steps", 0.0) + 1.0
         # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small model's step)
         if not stats or not (trainer.loggers or self.prog_bar) \
                 or trainer.global_step % trainer.log_every_n_steps:
             return
+        # Times: means per optimizer step since the last write, so that factor and decomposition
+        # refreshes (every N / M steps) are amortized into what is logged, not missed or spiked.
+        interval, self._interval_ms = self._interval_ms, {}
+        for key in (*_TIME_KEYS, "step_ms"):
+            stats[f"kfac/{key}"] = interval[key] / interval["steps"]
+        stats["kfac/overhead_share"] = (min(1.0, interval["time_ms"] / interval["step_ms"])
+                                        if interval["step_ms"] > 0 else 0.0)
         if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
             for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
                         "overflow_steps"):
@@ -416,7 +426,7 @@ class KFACCallback(Callback):
         self._active = False
         self._stepped = False
         self._batch_stats = {}
-        self._batch_start, self._step_ms = None, 0.0
+        self._batch_start, self._step_ms, self._interval_ms = None, 0.0, {}
         if self._diagnostics is not None:
             self._diagnostics.remove()
 

@@ -68,3 +68,22 @@ def test_accumulated_batches_share_one_step_time(tmp_path):
     for row in rows:
         assert float(row["kfac/overhead_share"]) == pytest.approx(
             float(row["kfac/time_ms"]) / float(row["kfac/step_ms"]), rel=1e-5)
+
+
+def test_logged_times_are_means_over_the_steps_since_the_last_write(tmp_path):
+    """log_every_n_steps=3 with factors every 3 steps: each written row is the mean of its 3
+    steps (so the factor update inside each interval is amortized, not skipped), and the share
+    is the ratio of the sums."""
+    callback = KFACCallback(damping=1e-2, factor_update_steps=3, inv_update_steps=6)
+    engine = Recorder(lambda trainer, module: dict(callback.preconditioner.last_stats))
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[callback, engine],
+                           log_every_n_steps=3, logger=CSVLogger(tmp_path, name="logs"))
+    trainer.fit(MLP(), loader(make_dataset(6 * 8), 8))
+    rows = read_rows(tmp_path / "logs" / "version_0" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    for row, steps in zip(rows, (engine.records[0:3], engine.records[3:6])):
+        for key in ("time_ms", "time_factors_ms", "time_decompose_ms", "time_precondition_ms"):
+            mean = sum(s[key] for s in steps) / 3
+            assert float(row[f"kfac/{key}"]) == pytest.approx(mean, rel=1e-6)
+        assert float(row["kfac/overhead_share"]) == pytest.approx(
+            float(row["kfac/time_ms"]) / float(row["kfac/step_ms"]), rel=1e-5)
