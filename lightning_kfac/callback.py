@@ -16,10 +16,22 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   ``g`` is the gradient of the user's own loss; with ``fisher_type="mc"``, ``pre.mc_backward()``.
 - ``on_before_optimizer_step``: ``pre.step(optimizer)`` after DDP averaging and AMP unscaling,
   before Lightning's gradient clipping and the optimizer's ``step``; only the optimizer's params.
+  With ``step_rule="quadratic"`` (step_rule.py) the engine there moves the preconditioned
+  parameters itself by ``alpha Delta + mu delta_0`` (exact quadratic model, re-running
+  ``training_step`` on the batch with logging silenced) and sets their ``.grad`` to None, so the
+  optimizer, which skips parameters without a gradient, steps only the others.
   A 16-mixed overflow step (non-finite gradients, which the scaler skips) leaves the factors and
   gradients untouched.
-- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists;
-  Lightning writes them every ``log_every_n_steps``).
+- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists,
+  or ``prog_bar=True``; Lightning writes them every ``log_every_n_steps``). What K-FAC costs:
+  ``kfac/time_ms`` = ``time_factors_ms`` (factor estimates and their all-reduce) +
+  ``time_decompose_ms`` (eigendecompositions / inverses, EKFAC scalings) +
+  ``time_precondition_ms`` (preconditioning, KL clip) + bookkeeping, host wall time of
+  ``pre.step``; ``kfac/step_ms`` the training step's wall time (batch start to batch end, summed
+  over accumulated batches); each a mean per optimizer step since the last write (refreshes
+  amortized); ``kfac/overhead_share`` = sum time_ms / sum step_ms over them. The capture hooks' time
+  inside forward/backward is not in time_ms. On a GPU the times are of kernel launches unless
+  something synchronizes.
 - ``on_fit_end`` / ``teardown`` / ``on_exception``: remove every hook; ``factors()`` stays
   available.
 - ``diagnostics_every_n_steps``: on those steps only, ``diagnostics_callback.py`` records the
@@ -38,8 +50,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import re
+import time
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -49,12 +64,14 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_kfac import cli_errors
 from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.diagnostics_callback import DiagnosticsRecorder
 from lightning_kfac.preconditioner import KFACPreconditioner
+from lightning_kfac.step_rule import STATS as STEP_RULE_STATS, lightning_closure, trainer_refusal
 
 # Matched by class name along the MRO, so that the same classes of the unified ``lightning``
 # package (``lightning.pytorch.strategies``) are refused too.
@@ -82,9 +99,18 @@ def check_strategy(strategy: Any) -> None:
 class KFACCallback(Callback):
     """K-FAC second-order preconditioning for any LightningModule, with no model changes.
 
+    Every ``KFACConfig`` option is a typed keyword of ``__init__`` (its description is generated
+    from ``KFACConfig``'s docstring), so IDEs, ``LightningCLI --help`` and jsonargparse see them;
+    enum options take their lowercase strings (``compute_method="inverse"``).
+
     Args:
-        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig``) or None.
-        **options: any ``KFACConfig`` option; overrides ``config``.
+        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig`` or a
+            ``LightningCLI`` ``config:`` mapping) or None.
+        prog_bar: also show ``kfac/overhead_share`` (K-FAC's share of the step time) in the
+            progress bar.
+        **options: any ``KFACConfig`` option. A keyword overrides ``config``'s value unless it is
+            left at its default, so ``KFACCallback(config={"damping": 1e-2})`` keeps 1e-2 even when
+            a CLI passes every keyword at its default.
 
     Raises:
         MisconfigurationException: an invalid option (same message as ``KFACConfig``'s
@@ -94,11 +120,52 @@ class KFACCallback(Callback):
         >>> trainer = Trainer(callbacks=[KFACCallback(damping=1e-3, inv_update_steps=50)])
     """
 
-    def __init__(self, config: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        config: Union[Dict[str, Any], KFACConfig, None] = None,
+        *,
+        damping: float = 0.1,
+        factor_update_steps: int = 10,
+        inv_update_steps: int = 100,
+        factor_decay: float = 0.95,
+        kl_clip: Optional[float] = 1e-3,
+        compute_method: Literal["eigen", "inverse", "ekfac"] = "eigen",
+        fisher_type: Literal["empirical", "mc"] = "empirical",
+        likelihood: Literal["categorical", "bernoulli", "gaussian"] = "categorical",
+        output_module: Optional[str] = None,
+        mc_samples: int = 1,
+        gaussian_variance: float = 1.0,
+        skip_layers: Optional[List[str]] = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        damping_mode: Literal["absolute", "relative"] = "relative",
+        factor_init: Literal["identity", "batch", "scaled_identity"] = "identity",
+        warmup_steps: int = 0,
+        damping_schedule: Literal["constant", "exponential", "step"] = "constant",
+        damping_decay: float = 0.5,
+        damping_step_size: int = 1000,
+        adaptive_damping: bool = False,
+        adaptive_damping_interval: int = 5,
+        adaptive_damping_factor: Optional[float] = None,
+        min_damping: float = 0.0,
+        max_damping: Optional[float] = None,
+        layer_overrides: Optional[List[Dict[str, Any]]] = None,
+        nonfinite: Literal["skip", "raise"] = "skip",
+        max_decomposition_failures: int = 3,
+        distribute: Literal["replicate", "decompositions", "gradients"] = "gradients",
+        low_rank: bool = True,
+        diagnostics_every_n_steps: Optional[int] = None,
+        step_rule: Literal["optimizer", "quadratic"] = "optimizer",
+        prog_bar: bool = False,
+        **options: Any,
+    ) -> None:
+        given = locals()
+        named = {name: given[name] for name, default in _OPTION_DEFAULTS.items()
+                 if not _equals_default(given[name], default)}
         try:
-            self.config = KFACConfig.from_any(config, **options)
+            self.config = KFACConfig.from_any(config, **named, **options)
         except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
+            raise MisconfigurationException(str(err)) from None
+        self.prog_bar = bool(prog_bar)
         self._state_key = self._generate_state_key(**self.config.to_dict())
         self.preconditioner: Optional[KFACPreconditioner] = None
         self._pending_state: Optional[Dict[str, Any]] = None
@@ -107,7 +174,11 @@ class KFACCallback(Callback):
         self._clock = 0
         self._stepped = False
         self._batch_stats: Dict[str, float] = {}
+        self._batch_start: Optional[float] = None  # kfac/overhead_share: the step's wall time
+        self._step_ms = 0.0
+        self._interval_ms: Dict[str, float] = {}  # time sums since the last write (amortized)
         self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
+        self._batch: Optional[Tuple[Any, int]] = None  # step_rule="quadratic": the batch to re-run
 
     # -- identity and state -------------------------------------------------------------------------
     @property
@@ -178,6 +249,8 @@ class KFACCallback(Callback):
                 "training_step after the optimizer step, which under manual optimization would "
                 "step the optimizers again. Use a damping_schedule, or call "
                 "callback.preconditioner.update_damping(loss_before, loss_after) yourself.")
+        if self.config.step_rule == "quadratic" and trainer_refusal(trainer, module):
+            raise MisconfigurationException(trainer_refusal(trainer, module))
         previous = self.preconditioner
         communicator = (TorchDistributedCommunicator() if trainer.world_size > 1
                         else Communicator())
@@ -236,6 +309,8 @@ class KFACCallback(Callback):
         # Manual optimization: global_step counts every optimizer's steps; use batches that stepped.
         self._clock = trainer.global_step if pl_module.automatic_optimization else pre.steps
         pre.set_step(self._clock)
+        self._batch_start = time.perf_counter()
+        self._batch = (batch, batch_idx)
         if self._diagnostics is not None:  # diagnostics_callback.py: hooks on diagnostic steps
             self._diagnostics.start(self._clock)
 
@@ -272,7 +347,10 @@ class KFACCallback(Callback):
                 block.reset_accumulators()
             pre.counters["overflow_steps"] = pre.counters.get("overflow_steps", 0) + 1
         else:
-            pre.step(optimizer)
+            closure = None  # step_rule="quadratic": re-runs training_step on this batch
+            if pre.step_rule is not None and self._batch is not None:
+                closure = lightning_closure(pl_module, *self._batch)
+            pre.step(optimizer, closure=closure)
             self._record_stats(pre.last_stats)
         if manual:
             # Keep capturing at t for the rest of the batch; the clock advances at batch end.
@@ -285,16 +363,21 @@ class KFACCallback(Callback):
     def _record_stats(self, stats: Mapping[str, float]) -> None:
         """Merge the engine's per-step statistics over the optimizer steps of one batch."""
         merged = self._batch_stats
-        merged["kfac/time_ms"] = merged.get("kfac/time_ms", 0.0) + float(stats.get("time_ms", 0.0))
+        for key in _TIME_KEYS:  # summed over the optimizers of the batch
+            merged[f"kfac/{key}"] = merged.get(f"kfac/{key}", 0.0) + float(stats.get(key, 0.0))
         nu = float(stats.get("kl_clip_factor", 1.0))
         merged["kfac/kl_clip_factor"] = min(nu, merged.get("kfac/kl_clip_factor", math.inf))
         merged["kfac/grad_norm_ratio"] = float(stats.get("grad_norm_ratio", 1.0))
         merged["kfac/damping"] = float(stats.get("damping", self.config.damping))
         merged["kfac/layers"] = float(stats.get("layers", 0.0))
+        for key in STEP_RULE_STATS:  # step_rule="quadratic": alpha, mu, M(delta), rho (if adapted)
+            if key in stats and math.isfinite(stats[key]):
+                merged[f"kfac/{key}"] = float(stats[key])
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         pre = self._live()
+        self._batch = None
         if pre is not None and self._stepped:
             self._stepped = False
             pre.set_step(self._clock + 1)  # manual optimization: one K-FAC step per batch
@@ -305,15 +388,34 @@ class KFACCallback(Callback):
             if self._batch_stats:
                 self._batch_stats["kfac/rho"] = float(rho)
         stats, self._batch_stats = self._batch_stats, {}
+        if pre is not None and self._batch_start is not None:  # the training step's wall time
+            self._step_ms += 1e3 * (time.perf_counter() - self._batch_start)
+            self._batch_start = None
+        if stats:  # this optimizer step's times (step_ms: its batches, with accumulation)
+            stats["kfac/step_ms"], self._step_ms = self._step_ms, 0.0
+            interval = self._interval_ms
+            for key in (*_TIME_KEYS, "step_ms"):
+                interval[key] = interval.get(key, 0.0) + stats[f"kfac/{key}"]
+            interval["steps"] = interval.get("steps", 0.0) + 1.0
         # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small model's step)
-        if not stats or not trainer.loggers or trainer.global_step % trainer.log_every_n_steps:
+        if not stats or not (trainer.loggers or self.prog_bar) \
+                or trainer.global_step % trainer.log_every_n_steps:
             return
+        # Times: means per optimizer step since the last write, so that factor and decomposition
+        # refreshes (every N / M steps) are amortized into what is logged, not missed or spiked.
+        interval, self._interval_ms = self._interval_ms, {}
+        for key in (*_TIME_KEYS, "step_ms"):
+            stats[f"kfac/{key}"] = interval[key] / interval["steps"]
+        stats["kfac/overhead_share"] = (min(1.0, interval["time_ms"] / interval["step_ms"])
+                                        if interval["step_ms"] > 0 else 0.0)
         if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
             for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
                         "overflow_steps"):
                 stats[f"kfac/{key}"] = float(pre.counters.get(key, 0))
         for name, value in stats.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1,
+                          prog_bar=self.prog_bar and name == "kfac/overhead_share",
+                          logger=bool(trainer.loggers))
 
     # -- results ---------------------------------------------------------------------------------------
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -342,6 +444,7 @@ class KFACCallback(Callback):
         self._active = False
         self._stepped = False
         self._batch_stats = {}
+        self._batch_start, self._step_ms, self._interval_ms = None, 0.0, {}
         if self._diagnostics is not None:
             self._diagnostics.remove()
 
@@ -359,3 +462,53 @@ def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     if not grads:
         return False
     return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+#: The engine's per-step timings (``KFACPreconditioner.last_stats``), logged as ``kfac/<key>``.
+_TIME_KEYS = ("time_ms", "time_factors_ms", "time_decompose_ms", "time_precondition_ms")
+
+
+# -- the typed signature ---------------------------------------------------------------------------
+#: Keywords of ``KFACCallback.__init__`` that are the callback's own, not ``KFACConfig`` options.
+CALLBACK_ONLY_OPTIONS = ("prog_bar",)
+#: The ``KFACConfig`` options of the signature and their defaults (tests/test_callback_signature.py
+#: checks that they mirror ``KFACConfig``'s fields, types and defaults).
+_OPTION_DEFAULTS = {name: param.default for name, param
+                    in inspect.signature(KFACCallback.__init__).parameters.items()
+                    if param.kind is inspect.Parameter.KEYWORD_ONLY
+                    and name not in CALLBACK_ONLY_OPTIONS}
+
+
+def _equals_default(value: Any, default: Any) -> bool:
+    """True when a keyword holds its signature default (it then leaves ``config``'s value).
+
+    Strict on type, so that ``adaptive_damping=0`` or ``mc_samples=True`` still reach
+    ``KFACConfig``'s validation instead of passing for the default.
+    """
+    if default is None or isinstance(default, bool):
+        return value is default
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default  # enum members are str subclasses
+    if type(value) not in (int, float):
+        return False
+    return value == default
+
+
+def _init_docstring() -> str:
+    """``__init__``'s ``Args:`` section, built from ``KFACConfig``'s ``Attributes:`` (one source
+    for the descriptions that IDEs and ``LightningCLI --help`` show)."""
+    doc = inspect.getdoc(KFACConfig) or ""
+    section = doc.split("Attributes:", 1)[-1]
+    lines = ["Build the callback; every keyword is a KFACConfig option unless noted.", "",
+             "Args:",
+             "    config: a KFACConfig, a mapping of its options or None; a keyword left at its",
+             "        default leaves config's value, any other keyword overrides it."]
+    for line in section.splitlines():
+        if re.match(r"^    \w+: ", line) or (line.startswith("        ") and len(lines) > 5):
+            lines.append(line)
+    lines.append("    prog_bar: (callback only) show kfac/overhead_share in the progress bar.")
+    return "\n".join(lines)
+
+
+KFACCallback.__init__.__doc__ = _init_docstring()
+cli_errors.register(KFACCallback)  # LightningCLI: a bad value is one line, not a traceback

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import re
@@ -101,8 +102,22 @@ class Distribute(_StrEnum):
     GRADIENTS = "gradients"
 
 
+class StepRule(_StrEnum):
+    """Who turns the preconditioned direction into the update (lightning_kfac/step_rule.py)."""
+
+    OPTIMIZER = "optimizer"
+    QUADRATIC = "quadratic"
+
+
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
+
+
+def _unknown_options(unknown: List[str], allowed: List[str]) -> ValueError:
+    """``Invalid option(s) ['dampng'] (did you mean 'damping'?): allowed options are [...]``."""
+    close = [match for name in unknown for match in difflib.get_close_matches(name, allowed, n=1)]
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return ValueError(f"Invalid option(s) {unknown}{hint}: allowed options are {allowed}.")
 
 
 def _is_real(value: Any) -> bool:
@@ -183,7 +198,8 @@ class KFACConfig:
         gaussian_variance: variance of the Gaussian likelihood for ``fisher_type="mc"``.
         skip_layers: regexes searched in each module's qualified name and class name.
         loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
-        damping_mode: "absolute" (default) or "relative" (scaled by the factors' mean eigenvalues).
+        damping_mode: "relative" (default: damping x (tr A/dim A)(tr G/dim G) per layer) or
+            "absolute" (damping as given); docs/defaults.md.
         factor_init: "batch" (the first update sets the factors to the batch estimates),
             "identity" (start at I, then the running average) or "scaled_identity" (start at
             (tr X^/dim) I of the first estimate X^, then the running average); see FactorInit.
@@ -217,6 +233,10 @@ class KFACConfig:
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
             step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
+        step_rule: "optimizer" (default: the preconditioned gradient replaces ``.grad`` and the
+            user's optimizer steps) or "quadratic" (Martens & Grosse 2015, sec. 7: the engine
+            moves the preconditioned parameters by ``alpha Delta + mu delta_0`` chosen on the
+            exact quadratic model and sets their ``.grad`` to None; lightning_kfac/step_rule.py).
     """
 
     damping: float = 0.1
@@ -249,6 +269,7 @@ class KFACConfig:
     distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
     diagnostics_every_n_steps: Optional[int] = None
+    step_rule: StepRule = StepRule.OPTIMIZER  # issue 11 item 2 (lightning_kfac/step_rule.py)
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
@@ -286,6 +307,7 @@ class KFACConfig:
             except ValueError:
                 raise _invalid("diagnostics_every_n_steps", self.diagnostics_every_n_steps,
                                "must be None (off) or an integer >= 1") from None
+        self.step_rule = _check_enum("step_rule", self.step_rule, StepRule)
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "
@@ -374,7 +396,7 @@ class KFACConfig:
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+            raise _unknown_options(unknown, allowed)
         if config is None:
             return cls(**options)
         if isinstance(config, cls):
@@ -384,6 +406,6 @@ class KFACConfig:
             merged.update(options)
             unknown = sorted(set(merged) - set(allowed))
             if unknown:
-                raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+                raise _unknown_options(unknown, allowed)
             return cls(**merged)
         raise ValueError(f"Invalid config={config!r}: must be a KFACConfig, a mapping or None.")

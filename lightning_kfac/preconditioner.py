@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import linalg, lowrank
+from lightning_kfac.core import coverage, linalg, lowrank
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss
@@ -35,6 +35,8 @@ from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
+from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
+from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -67,6 +69,9 @@ class KFACPreconditioner:
         check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
+        for message in coverage.registration_messages(self.model, self.blocks, self.skipped):
+            warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
+        self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
@@ -86,6 +91,8 @@ class KFACPreconditioner:
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
+        # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
+        self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
@@ -153,22 +160,36 @@ class KFACPreconditioner:
                              "mc_backward(): it needs fisher_type='mc'.")
         self.mc.backward(output)
 
-    def step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Update factors / decompositions on their clocks, then precondition the gradients."""
+    def step(self, optimizer: Optional[torch.optim.Optimizer] = None,
+             closure: Optional[Any] = None) -> None:
+        """Update factors / decompositions on their clocks, then precondition the gradients.
+
+        ``step_rule="quadratic"`` (step_rule.py) needs ``closure`` (re-computes the batch loss):
+        then this call also moves the preconditioned parameters by ``alpha Delta + mu delta_0``
+        and sets their ``.grad`` to None; ``closure`` is ignored otherwise.
+        """
+        # -- step_rule="quadratic": the rule runs this method's body inside its own step --
+        if self.step_rule is not None and not self.step_rule.running:
+            return self.step_rule.step(optimizer, closure)
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
         t = self.steps
         self.damping_control.at_step(t)
         if self.mc is not None:
-            self.mc.finish_step(any(b.kind.module.weight.grad is not None
+            self.mc.finish_step(any(b.kind.weight.grad is not None
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
+        first = {b.name for b in active if b.A is None}  # rank-consistent (factors all-reduced)
+        factors_start = time.perf_counter()
         self._update_factors([b for b in active if t % b.factor_update_steps == 0])
-        self._update_decompositions([b for b in active
-                                     if self._decomposition_due(b, t) and b.A is not None])
+        decompose_start = time.perf_counter()
+        self._update_decompositions([b for b in active if b.A is not None and (
+            self._decomposition_due(b, t)  # first factors came late (unfrozen): decompose now
+            or (b.name in first and t >= self.config.warmup_steps))])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
+        precondition_start = time.perf_counter()
         if t >= self.config.warmup_steps:
             if self.damping_control.due(t):
                 self.damping_control.snapshot(self, optimizer, t)
@@ -177,9 +198,19 @@ class KFACPreconditioner:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
         for block in active:
             block.clear_rows()
+        late = self._first_interval.late(t, [b for b in active if b.name in self.blocks],
+                                         self.config.warmup_steps)
+        if late:
+            warnings.warn(coverage.late_message(self.model, late, t),
+                          coverage.KFACCoverageWarning, stacklevel=2)
         self.steps = t + 1
         self._set_capture()
-        self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
+        end = time.perf_counter()
+        # Host time of each phase (on a GPU, of the kernel launches unless something syncs)
+        self.last_stats["time_ms"] = 1e3 * (end - start)
+        self.last_stats["time_factors_ms"] = 1e3 * (decompose_start - factors_start)
+        self.last_stats["time_decompose_ms"] = 1e3 * (precondition_start - decompose_start)
+        self.last_stats["time_precondition_ms"] = 1e3 * (end - precondition_start)
         self.last_stats["layers"] = float(len(self.blocks))
         self.last_stats["damping"] = self.damping_control.value
 
@@ -206,6 +237,11 @@ class KFACPreconditioner:
         """Registration summary: covered modules, skipped modules and why, parameter share."""
         return format_summary(self.model, self.blocks, self.skipped)
 
+    def coverage(self) -> Dict[str, float]:
+        """``{"covered", "trainable", "share"}``: trainable parameters of the preconditioned
+        layers (frozen-for-now ones excluded), all trainable parameters, and their ratio."""
+        return coverage.coverage(self.model, self.blocks)
+
     def memory_bytes(self) -> int:
         """Bytes held by running factors and decompositions."""
         return sum(b.memory_bytes() for b in self.blocks.values())
@@ -221,6 +257,7 @@ class KFACPreconditioner:
             "layers": {name: b.state_dict() for name, b in self.blocks.items()},
             "damping": self.damping_control.state_dict(),
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
+            **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
         self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
         return state
@@ -242,6 +279,8 @@ class KFACPreconditioner:
             self.blocks[name].load_state_dict(block_state)
         if self.mc is not None and "mc" in state:
             self.mc.load_state_dict(state["mc"])
+        if self.step_rule is not None and "step_rule" in state:
+            self.step_rule.load_state_dict(state["step_rule"])
         self._set_capture()
 
     # -- internals -------------------------------------------------------------------------------
@@ -267,15 +306,17 @@ class KFACPreconditioner:
         return pair
 
     def _blocks_of(self, optimizer: Optional[torch.optim.Optimizer]) -> List[KFACBlock]:
-        """The blocks whose weight ``optimizer`` steps (all blocks when there is none).
+        """The trainable blocks whose weight ``optimizer`` steps (all trainable ones when there is
+        none). Frozen-for-now layers and layers that left the optimizer are not touched.
 
         With several optimizers (manual optimization) each ``step(opt)`` touches only its own
         layers, so layers of an optimizer that has not run yet are neither updated nor dropped.
         """
+        trainable = [b for b in self.blocks.values() if is_trainable(b)]
         if optimizer is None:
-            return list(self.blocks.values())
+            return trainable
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in self.blocks.values() if id(b.kind.module.weight) in params]
+        return [b for b in trainable if id(b.kind.weight) in params]
 
     def _set_capture(self) -> None:
         for block in self.blocks.values():
@@ -340,6 +381,7 @@ class KFACPreconditioner:
             if seen > 1:  # mean over the ranks that ran the layer this step
                 a_hat.div_(seen)
                 g_hat.div_(seen)
+            restart_if_reshaped(block, a_hat, g_hat)  # a bias changed trainability
             block.update_factors(a_hat, g_hat, self.config.factor_decay,
                                  str(self.config.factor_init))
             self.counters["factor_updates"] += 1
@@ -349,14 +391,12 @@ class KFACPreconditioner:
     def _drop(self, names: List[str]) -> None:
         """Forget layers whose hooks never fired in a training forward (e.g. MHA's out_proj)."""
         self.capture.remove(names)
+        message = coverage.dropped_message(self.model, [self.blocks[n] for n in names])
         for name in names:
             block = self.blocks.pop(name)
             self.skipped.append(_skipped_unseen(block))
         self.counters["dropped_layers"] += len(names)
-        warnings.warn(
-            f"K-FAC: layers {names} were registered but never ran in a training forward "
-            "(their weights may be used functionally, e.g. MultiheadAttention.out_proj); "
-            "they are not preconditioned.", RuntimeWarning, stacklevel=3)
+        warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=3)
 
     def _decompose(self, block: KFACBlock) -> Dict[str, Tensor]:
         method = block.compute_method
@@ -427,8 +467,9 @@ class KFACPreconditioner:
                      for group in optimizer.param_groups for p in group["params"]}
         work = []
         for block in self.blocks.values():
-            weight = block.kind.module.weight
-            if not block.decomposition or (lr_of is not None and id(weight) not in lr_of):
+            weight = block.kind.weight
+            if not block.decomposition or not is_trainable(block) \
+                    or (lr_of is not None and id(weight) not in lr_of):
                 continue
             raw = block.kind.grad_matrix()
             if raw is None:
@@ -466,7 +507,7 @@ class KFACPreconditioner:
                 pre = pre * nu
             raw_sq += g_sq
             pre_sq += p_sq * nu * nu
-            block.kind.set_grad(pre.to(block.kind.module.weight.grad.dtype))
+            block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
         ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
         self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
 

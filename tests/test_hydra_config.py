@@ -20,13 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from examples.data import load_digits_tensors  # noqa: E402
-from examples.train import CONF_DIR, build_kfac_callback  # noqa: E402  (registers the schema)
-from lightning_kfac import KFACConfig  # noqa: E402
-from lightning_kfac.hydra import KFACSchema  # noqa: E402
+from examples.data import load_digits_tensors
+from examples.train import CONF_DIR, build_kfac_callback  # registers the schema
+from lightning_kfac import KFACConfig
+from lightning_kfac.hydra import KFACSchema
 
 GROUPS = ("data", "model", "optimizer", "kfac", "trainer", "experiment")
 
@@ -154,8 +152,8 @@ def test_experiments_select_their_components_and_the_command_line_wins():
 def test_presets_hold_their_papers_settings():
     m = compose_cfg("kfac=martens2015").kfac
     assert (m.compute_method, m.factor_decay, m.inv_update_steps, m.factor_update_steps,
-            m.fisher_type, m.adaptive_damping, m.adaptive_damping_interval) == (
-        "inverse", 0.95, 20, 1, "mc", True, 5)
+            m.fisher_type, m.adaptive_damping, m.adaptive_damping_interval, m.step_rule,
+            m.kl_clip) == ("inverse", 0.95, 20, 1, "mc", True, 5, "quadratic", None)
     k = compose_cfg("kfac=kaisa").kfac
     assert (k.factor_update_steps, k.inv_update_steps, k.kl_clip, k.damping,
             k.compute_method) == (10, 100, 1e-3, 1e-3, "eigen")
