@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from lightning_kfac import KFACCallback, KFACCoverageWarning, KFACPreconditioner
+from lightning_kfac import KFACCoverageWarning
+
+from tests.helpers.legacy import KFACPreconditioner
+
+from tests.helpers.legacy_callback import KFACCallback
 from tests.test_callback_support import loader, make_dataset, make_trainer
 
 EVERY = dict(factor_update_steps=1, inv_update_steps=1)

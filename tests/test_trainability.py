@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import BackboneFinetuning, Callback
 from torch import nn
 
-from lightning_kfac import KFACCallback, KFACPreconditioner
+from tests.helpers.legacy import KFACPreconditioner
+
+from tests.helpers.legacy_callback import KFACCallback
 from tests.helpers import dense as D
 from tests.test_callback_support import loader, make_dataset, make_trainer
 
