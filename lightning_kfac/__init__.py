@@ -1,6 +1,6 @@
 """lightning-kfac: K-FAC second-order preconditioning for PyTorch Lightning in one line.
 
-    trainer = Trainer(callbacks=[KFACCallback(damping=1e-3)])
+    trainer = Trainer(callbacks=[KFACCallback()])
 
 ``KFACPreconditioner`` is the same engine for plain PyTorch loops; ``KFACConfig`` holds every
 option; ``register_layer`` adds a layer type (docs/layers.md). Importing this package does not

@@ -2,7 +2,7 @@
 
 Usage in a plain PyTorch loop::
 
-    pre = KFACPreconditioner(model, damping=1e-3)
+    pre = KFACPreconditioner(model)
     for x, y in loader:
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
