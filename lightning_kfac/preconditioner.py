@@ -173,7 +173,7 @@ class KFACPreconditioner:
         try:
             self._step(optimizer, t, undo)
         except BaseException:
-            undo.restore(self)
+            undo.restore(self, keep_captured=True)
             raise
         if self.undoable:
             same_step = self._undo is not None and self._undo.t == t
@@ -210,7 +210,7 @@ class KFACPreconditioner:
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
         factors_due = [b for b in active if t % b.factor_update_steps == 0]
-        undo.save_blocks(active, factors_due)
+        undo.save_blocks(self.blocks.values(), factors_due)
         self._update_factors(factors_due)
         self._update_decompositions([b for b in active
                                      if self._decomposition_due(b, t) and b.A is not None])

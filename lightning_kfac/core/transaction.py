@@ -49,6 +49,13 @@ class StepUndo:
         self.undecomposed = set(pre._undecomposed)
         self.mc_rng = pre.mc.step_start_rng() if pre.mc is not None else None
         self.blocks: Dict[str, Tuple[Any, Any, Dict[str, Tensor], int]] = {}
+        # What was captured for step t (the step consumes it): back in place after an exception
+        # inside step(), so that step() can be retried on the same backward.
+        self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
+                                b.kept_rows) for name, b in pre.blocks.items()}
+        mc = pre.mc
+        self.mc_kept = (mc._kept, mc._output, mc.calls, mc._rng_mark) if mc is not None else None
+        self.ekfac_acc = dict(pre.ekfac._acc) if pre.ekfac is not None else None
 
     def save_blocks(self, blocks, factors_due) -> None:
         """Save each block's state before this step touches it (first save wins)."""
@@ -58,7 +65,7 @@ class StepUndo:
                 continue
             updated = id(block) in due
             dec = dict(block.decomposition)
-            if updated and "scale" in dec:  # EKFAC: the scaling is averaged in place
+            if "scale" in dec and self.t % block.factor_update_steps == 0:  # EKFAC, in place
                 dec["scale"] = dec["scale"].clone()
             self.blocks[block.name] = (_clone(block.A) if updated else _UNCHANGED,
                                        _clone(block.G) if updated else _UNCHANGED,
@@ -70,8 +77,12 @@ class StepUndo:
             self.blocks.setdefault(name, saved)
         return self
 
-    def restore(self, pre: Any) -> None:
-        """Put the engine back to where it was before step t; forget what it captured.
+    def restore(self, pre: Any, keep_captured: bool = False) -> None:
+        """Put the engine back to where it was before step t.
+
+        ``keep_captured``: put back what was captured for step t (an exception inside
+        ``step()``: retrying it uses the same backward); otherwise forget it and rewind the MC
+        generator to the step's first draw (the step's batch will be run again).
 
         Fault counters (non-finite estimates, failed decompositions, dropped layers...) keep
         counting what happened; progress counters (factor updates, decompositions) roll back.
@@ -92,9 +103,23 @@ class StepUndo:
             block.decomposition = dec
             block.failures = failures
         discard_captured(pre)
-        if pre.mc is not None:
+        if keep_captured:
+            self._put_back_captured(pre)
+        elif pre.mc is not None:
             pre.mc.rewind(self.mc_rng)
         pre.set_step(self.t)
+
+    def _put_back_captured(self, pre: Any) -> None:
+        for name, saved in self.captured.items():
+            block = pre.blocks.get(name)
+            if block is not None:
+                (block.a_sum, block.a_div, block.g_sum, block.g_div, block.a_rows, block.g_rows,
+                 block.kept_rows) = saved
+        if self.mc_kept is not None:
+            mc = pre.mc
+            mc._kept, mc._output, mc.calls, mc._rng_mark = self.mc_kept
+        if self.ekfac_acc is not None:
+            pre.ekfac._acc.update(self.ekfac_acc)
 
 
 def discard_captured(pre: Any) -> None:
