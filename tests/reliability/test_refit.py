@@ -94,8 +94,9 @@ def test_kfac_added_on_resume_decomposes_at_its_first_factor_update(tmp_path,
                                  dict(compute_method="eigen", damping_mode="relative")])
 def test_lightning_resume_with_another_method(tmp_path, new, reliability_row) -> None:
     """An eigen checkpoint resumed with another method or damping mode: the decompositions are
-    recomputed at load (a warning names the option); the run continues with finite weights."""
-    path, _ = _checkpoint(tmp_path, 4, [KFACCallback(**CLOCKS)])
+    recomputed at load (a warning names the option); the run continues with finite weights.
+    Resumed at step 3, which reuses the step-2 decomposition (no KeyError 'A_inv' / 'scale')."""
+    path, _ = _checkpoint(tmp_path, 3, [KFACCallback(**CLOCKS)])
     callback, model = KFACCallback(**dict(CLOCKS, **new)), MLP()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
