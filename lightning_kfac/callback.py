@@ -173,7 +173,7 @@ class KFACCallback(Callback):
     # -- fit lifecycle ---------------------------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Remember the entry point: Lightning restores checkpoint state after ``setup``."""
-        self._stage = str(stage)
+        self._stage = str(getattr(stage, "value", stage))  # a TrainerFn ("fit", "validate"...)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         check_strategy(trainer.strategy)

@@ -148,6 +148,7 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "gaussian_variance": st.floats(0.1, 10.0),
         "skip_layers": st.lists(st.sampled_from(LAYERS), max_size=2),
         "loss_reduction": st.sampled_from(_enum_values("loss_reduction")),
+        "output_reduction": st.sampled_from(_enum_values("output_reduction")),
         "damping_mode": st.sampled_from(_enum_values("damping_mode")),
         "warmup_steps": st.integers(0, 2),
         "damping_schedule": st.sampled_from(_enum_values("damping_schedule") or ["-"]),

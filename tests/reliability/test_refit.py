@@ -62,10 +62,16 @@ def test_eval_with_ckpt_path_leaves_no_state_for_the_next_fit(tmp_path, entry,
     wider = MLP(hidden=16)  # a checkpoint state of width 8 cannot describe it
     getattr(make_trainer(tmp_path, callbacks=[callback]), entry)(MLP(), data, ckpt_path=path)
     make_trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(wider, data)
-    reliability_row("refit after validate/test", 2, int(same) + 1,
+    wider_ok = callback.preconditioner.counters["factor_updates"] == 2 * LAYERS
+    # ... while a fit from the checkpoint still restores it: 4 saved steps + 2 more
+    make_trainer(tmp_path, max_steps=6, callbacks=[callback]).fit(MLP(), data, ckpt_path=path)
+    restored = callback.preconditioner.counters["factor_updates"]
+    reliability_row("refit after validate/test", 3, int(same) + int(wider_ok)
+                    + int(restored == 6 * LAYERS),
                     f"{entry}(ckpt_path) then fit: factor updates {updates} (fresh run "
                     f"{4 * LAYERS})")
-    assert same and callback.preconditioner.counters["factor_updates"] == 2 * LAYERS
+    assert same and wider_ok
+    assert restored == 6 * LAYERS
 
 
 def test_kfac_added_on_resume_decomposes_at_its_first_factor_update(tmp_path,
