@@ -582,11 +582,24 @@ class KFACOptimizer:
         return self.optimizer.state
 
     def step(self, closure=None):
+        """Precondition, then step the inner optimizer; if that raises, the K-FAC step is undone
+        (core/transaction.py), so running the batch again does not count its factors twice."""
         if closure is not None:
             raise ValueError("Invalid closure: KFACOptimizer needs the gradients before step(); "
                              "call loss.backward() first and step() without a closure.")
-        self.preconditioner.step(self.optimizer)
-        return self.optimizer.step()
+        pre = self.preconditioner
+        kept, pre.undoable = pre.undoable, True
+        try:
+            pre.step(self.optimizer)
+            try:
+                result = self.optimizer.step()
+            except BaseException:
+                pre.abort_step(pre.steps - 1)
+                raise
+            pre.commit_step()
+        finally:
+            pre.undoable = kept
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

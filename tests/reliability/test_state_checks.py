@@ -174,3 +174,43 @@ def test_interrupt_inside_a_decomposition_leaves_the_state(monkeypatch, reliabil
     reliability_row("interrupted step", 1, int(not bad), "Ctrl+C inside a decomposition: "
                     f"mismatched tensors after retry {len(bad)}")
     assert not bad, bad
+
+
+class _FailsOnce(torch.optim.SGD):
+    """SGD whose ``step`` raises once, at its ``fail_at``-th call (before changing anything)."""
+
+    def __init__(self, params, fail_at: int, **kw):
+        super().__init__(params, **kw)
+        self.calls, self.fail_at = 0, fail_at
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("optimizer failed")
+        return super().step(closure)
+
+
+def test_wrapped_optimizer_failure_undoes_the_kfac_step(reliability_row) -> None:
+    """``pre.wrap(opt).step()`` where the inner ``step`` raises at step 3 (a factor-only step):
+    the K-FAC step is undone, so running that batch again ends bit-identical to a run where the
+    optimizer never failed."""
+    def run(fail_at):
+        model = mlp(dtype=torch.float64)
+        pre = KFACPreconditioner(model, **CLOCKS)
+        opt = pre.wrap(_FailsOnce(model.parameters(), fail_at, lr=0.05, momentum=0.9))
+        t = 0
+        while t < 8:
+            opt.zero_grad()
+            x, y = batch(t, dtype=torch.float64)
+            F.cross_entropy(model(x), y).backward()
+            try:
+                opt.step()
+            except RuntimeError:
+                continue  # the same batch again
+            t += 1
+        return {"model": model.state_dict(), "kfac": pre.state_dict()}
+
+    bad = mismatches(run(fail_at=4), run(fail_at=0))
+    reliability_row("interrupted step", 1, int(not bad), "wrapped optimizer raising at step 3: "
+                    f"mismatched tensors after the retry {len(bad)}")
+    assert not bad, bad
