@@ -57,12 +57,22 @@ def decomposition_method(dec: Mapping[str, Tensor]) -> Optional[str]:
 
 
 def _expected_shapes(block: Any) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of this run's factors and decomposition entries of ``block``."""
+    """Shapes of this run's factors and decomposition entries of ``block``.
+
+    A factor is a matrix (d x d), its diagonal (d,) or a stack of matrices (k x d x d, one per
+    group); its eigenvectors have its shape, its eigenvalues drop the last dimension (a diagonal
+    keeps its shape), its damped inverse has its shape.
+    """
     a_hat, g_hat = block.batch_estimates()  # zeros of the right shape when nothing is captured
-    a, g = a_hat.shape[0], g_hat.shape[0]
-    return {"A": tuple(a_hat.shape), "G": tuple(g_hat.shape), "QA": (a, a), "eA": (a,),
-            "QG": (g, g), "eG": (g,), "A_inv": tuple(a_hat.shape), "G_inv": tuple(g_hat.shape),
-            "scale": (g, a), "damping_scale": ()}
+    shapes = {"A": tuple(a_hat.shape), "G": tuple(g_hat.shape), "damping_scale": ()}
+    for name, factor in (("A", a_hat), ("G", g_hat)):
+        shape = tuple(factor.shape)
+        shapes[f"Q{name}"] = shape
+        shapes[f"e{name}"] = shape[:-1] if len(shape) > 1 else shape
+        shapes[f"{name}_inv"] = shape
+    if a_hat.dim() == 2 and g_hat.dim() == 2:
+        shapes["scale"] = (g_hat.shape[0], a_hat.shape[0])
+    return shapes
 
 
 def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
@@ -81,8 +91,9 @@ def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"K-FAC state of layer {name!r} does not fit this model: {label} has shape "
                 f"{tuple(value.shape)}, this layer needs {want} (A is d_A x d_A with d_A = inputs "
-                "+ 1 for a trainable bias, G is d_G x d_G with d_G = outputs). Was the layer "
-                "resized, or its bias frozen or unfrozen, since the state was saved?")
+                "+ 1 for a trainable bias, G is d_G x d_G with d_G = outputs; per group for "
+                "grouped convolutions). Was the layer resized, or its bias frozen or unfrozen, "
+                "since the state was saved?")
 
 
 def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
