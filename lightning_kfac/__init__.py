@@ -8,11 +8,12 @@ import Hydra; Lightning is imported lazily, only when ``KFACCallback`` is first 
 """
 
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.coverage import KFACCoverageWarning
 from lightning_kfac.core.layers import LayerKind, register_layer, unregister_layer
 from lightning_kfac.preconditioner import KFACOptimizer, KFACPreconditioner
 
-__all__ = ["KFACCallback", "KFACConfig", "KFACOptimizer", "KFACPreconditioner", "LayerKind",
-           "register_layer", "unregister_layer"]
+__all__ = ["KFACCallback", "KFACConfig", "KFACCoverageWarning", "KFACOptimizer",
+           "KFACPreconditioner", "LayerKind", "register_layer", "unregister_layer"]
 __version__ = "0.1.0"
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import linalg, lowrank
+from lightning_kfac.core import coverage, linalg, lowrank
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss
@@ -38,6 +38,8 @@ from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core import state_checks
 from lightning_kfac.core.state_checks import STATE_VERSION
 from lightning_kfac.core.transaction import StepUndo, discard_captured
+from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
+from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -69,6 +71,9 @@ class KFACPreconditioner:
         check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
+        for message in coverage.registration_messages(self.model, self.blocks, self.skipped):
+            warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
+        self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
@@ -91,6 +96,8 @@ class KFACPreconditioner:
         self._undecomposed = set(self.blocks)  # no decomposition in use yet: the next update makes one
         self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
         self._undo: Optional[StepUndo] = None
+        # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
+        self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
@@ -158,13 +165,21 @@ class KFACPreconditioner:
                              "mc_backward(): it needs fisher_type='mc'.")
         self.mc.backward(output)
 
-    def step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def step(self, optimizer: Optional[torch.optim.Optimizer] = None,
+             closure: Optional[Any] = None) -> None:
         """Update factors / decompositions on their clocks, then precondition the gradients.
+
+        ``step_rule="quadratic"`` (step_rule.py) needs ``closure`` (re-computes the batch loss):
+        then this call also moves the preconditioned parameters by ``alpha Delta + mu delta_0``
+        and sets their ``.grad`` to None; ``closure`` is ignored otherwise.
 
         Atomic: an exception (or KeyboardInterrupt) inside leaves the K-FAC state as it was
         before the call (core/transaction.py); with ``undoable=True`` the step can also be undone
         afterwards with ``abort_step`` until ``commit_step``.
         """
+        # -- step_rule="quadratic": the rule runs this method's body inside its own step --
+        if self.step_rule is not None and not self.step_rule.running:
+            return self.step_rule.step(optimizer, closure)
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
@@ -209,11 +224,13 @@ class KFACPreconditioner:
             self.mc.finish_step(any(b.kind.weight.grad is not None
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
+        first = {b.name for b in active if b.A is None}  # rank-consistent (factors all-reduced)
         factors_due = [b for b in active if t % b.factor_update_steps == 0]
         undo.save_blocks(self.blocks.values(), factors_due)
         self._update_factors(factors_due)
-        self._update_decompositions([b for b in active
-                                     if self._decomposition_due(b, t) and b.A is not None])
+        self._update_decompositions([b for b in active if b.A is not None and (
+            self._decomposition_due(b, t)  # first factors came late (unfrozen): decompose now
+            or (b.name in first and t >= self.config.warmup_steps))])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
         if t >= self.config.warmup_steps:
@@ -224,6 +241,11 @@ class KFACPreconditioner:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
         for block in active:
             block.clear_rows()
+        late = self._first_interval.late(t, [b for b in active if b.name in self.blocks],
+                                         self.config.warmup_steps)
+        if late:
+            warnings.warn(coverage.late_message(self.model, late, t),
+                          coverage.KFACCoverageWarning, stacklevel=2)
         self.steps = t + 1
         self._set_capture()
 
@@ -250,6 +272,11 @@ class KFACPreconditioner:
         """Registration summary: covered modules, skipped modules and why, parameter share."""
         return format_summary(self.model, self.blocks, self.skipped)
 
+    def coverage(self) -> Dict[str, float]:
+        """``{"covered", "trainable", "share"}``: trainable parameters of the preconditioned
+        layers (frozen-for-now ones excluded), all trainable parameters, and their ratio."""
+        return coverage.coverage(self.model, self.blocks)
+
     def memory_bytes(self) -> int:
         """Bytes held by running factors and decompositions."""
         return sum(b.memory_bytes() for b in self.blocks.values())
@@ -265,6 +292,7 @@ class KFACPreconditioner:
             "layers": {name: b.state_dict() for name, b in self.blocks.items()},
             "damping": self.damping_control.state_dict(),
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
+            **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
         self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
         return state
@@ -300,6 +328,8 @@ class KFACPreconditioner:
         self._undecomposed = {name for name, b in self.blocks.items() if not b.decomposition}
         if self.mc is not None and "mc" in state:
             self.mc.load_state_dict(state["mc"])
+        if self.step_rule is not None and "step_rule" in state:
+            self.step_rule.load_state_dict(state["step_rule"])
         self._undo = None
         discard_captured(self)
         self._set_capture()
@@ -343,15 +373,17 @@ class KFACPreconditioner:
         return pair
 
     def _blocks_of(self, optimizer: Optional[torch.optim.Optimizer]) -> List[KFACBlock]:
-        """The blocks whose weight ``optimizer`` steps (all blocks when there is none).
+        """The trainable blocks whose weight ``optimizer`` steps (all trainable ones when there is
+        none). Frozen-for-now layers and layers that left the optimizer are not touched.
 
         With several optimizers (manual optimization) each ``step(opt)`` touches only its own
         layers, so layers of an optimizer that has not run yet are neither updated nor dropped.
         """
+        trainable = [b for b in self.blocks.values() if is_trainable(b)]
         if optimizer is None:
-            return list(self.blocks.values())
+            return trainable
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in self.blocks.values() if id(b.kind.weight) in params]
+        return [b for b in trainable if id(b.kind.weight) in params]
 
     def _set_capture(self) -> None:
         for block in self.blocks.values():
@@ -416,6 +448,7 @@ class KFACPreconditioner:
             if seen > 1:  # mean over the ranks that ran the layer this step
                 a_hat.div_(seen)
                 g_hat.div_(seen)
+            restart_if_reshaped(block, a_hat, g_hat)  # a bias changed trainability
             block.update_factors(a_hat, g_hat, self.config.factor_decay)
             self.counters["factor_updates"] += 1
         if dropped:
@@ -424,15 +457,13 @@ class KFACPreconditioner:
     def _drop(self, names: List[str]) -> None:
         """Forget layers whose hooks never fired in a training forward (e.g. MHA's out_proj)."""
         self.capture.remove(names)
+        message = coverage.dropped_message(self.model, [self.blocks[n] for n in names])
         for name in names:
             block = self.blocks.pop(name)
             self._undecomposed.discard(name)
             self.skipped.append(_skipped_unseen(block))
         self.counters["dropped_layers"] += len(names)
-        warnings.warn(
-            f"K-FAC: layers {names} were registered but never ran in a training forward "
-            "(their weights may be used functionally, e.g. MultiheadAttention.out_proj); "
-            "they are not preconditioned.", RuntimeWarning, stacklevel=3)
+        warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=3)
 
     def _decompose(self, block: KFACBlock) -> Dict[str, Tensor]:
         method = block.compute_method
@@ -510,7 +541,8 @@ class KFACPreconditioner:
         work = []
         for block in self.blocks.values():
             weight = block.kind.weight
-            if not block.decomposition or (lr_of is not None and id(weight) not in lr_of):
+            if not block.decomposition or not is_trainable(block) \
+                    or (lr_of is not None and id(weight) not in lr_of):
                 continue
             raw = block.kind.grad_matrix()
             if raw is None:

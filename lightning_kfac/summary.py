@@ -40,15 +40,17 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     for name, block in blocks.items():
         module = block.kind.module
         n = sum(p.numel() for p in block.kind.params)
-        covered += n
+        frozen = not block.kind.weight.requires_grad  # core/trainability.py
+        covered += 0 if frozen else n
         a, g = block.kind.a_dim(), block.kind.g_dim()
         a_shape = f"{a} (diag)" if block.kind.diagonal_a else f"{a}x{a}"
         g_shape, groups = f"{g}x{g}", getattr(block.kind, "groups", 1)
         if groups > 1:  # grouped convolution: one factor pair per group
             a_shape, g_shape = f"{groups} x {a_shape}", f"{groups} x {g_shape}"
         type_name = getattr(block.kind, "type_name", type(module).__name__)
+        status = f"K-FAC ({block.compute_method})"
         rows.append((name or "<root>", type_name, a_shape, g_shape, f"{n:,}",
-                     f"K-FAC ({block.compute_method})"))
+                     f"frozen (for now): {status} once trainable" if frozen else status))
     for s in skipped:
         rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",
                      f"skipped: {s.reason}"))

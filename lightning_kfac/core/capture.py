@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import LayerKind
 from lightning_kfac.core.sharing import uses_of
+from lightning_kfac.core.trainability import is_trainable
 
 
 def _is_transformed(x: Tensor) -> bool:
@@ -120,6 +121,8 @@ class Capture:
             capturing, keep_rows = block.capturing, block.row_limit > 0
             if not ((capturing or keep_rows) and module.training and torch.is_grad_enabled()):
                 return None
+            if not is_trainable(block):
+                return None  # frozen for now (core/trainability.py)
             if not isinstance(output, Tensor):
                 return None
             x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
@@ -144,7 +147,9 @@ class Capture:
             if empirical or keep_rows:
                 output.register_hook(self._make_grad_hook(route, empirical, keep_rows, pair))
             return None
-        return hook
+        # Under torch.compile the hook runs eagerly (a graph break), on the real tensors: the
+        # accumulators and the output's tensor hook are Python side effects (docs/compile.md).
+        return torch.compiler.disable(hook)
 
     @staticmethod
     def _keep_a_rows(block: KFACBlock, rows: Tensor) -> bool:
