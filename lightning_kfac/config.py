@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import re
@@ -109,6 +110,13 @@ class StepRule(_StrEnum):
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
+
+
+def _unknown_options(unknown: List[str], allowed: List[str]) -> ValueError:
+    """``Invalid option(s) ['dampng'] (did you mean 'damping'?): allowed options are [...]``."""
+    close = [match for name in unknown for match in difflib.get_close_matches(name, allowed, n=1)]
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return ValueError(f"Invalid option(s) {unknown}{hint}: allowed options are {allowed}.")
 
 
 def _is_real(value: Any) -> bool:
@@ -389,7 +397,7 @@ class KFACConfig:
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+            raise _unknown_options(unknown, allowed)
         if config is None:
             return cls(**options)
         if isinstance(config, cls):
@@ -399,6 +407,6 @@ class KFACConfig:
             merged.update(options)
             unknown = sorted(set(merged) - set(allowed))
             if unknown:
-                raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+                raise _unknown_options(unknown, allowed)
             return cls(**merged)
         raise ValueError(f"Invalid config={config!r}: must be a KFACConfig, a mapping or None.")

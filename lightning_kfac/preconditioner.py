@@ -227,12 +227,15 @@ class KFACPreconditioner:
         first = {b.name for b in active if b.A is None}  # rank-consistent (factors all-reduced)
         factors_due = [b for b in active if t % b.factor_update_steps == 0]
         undo.save_blocks(self.blocks.values(), factors_due)
+        factors_start = time.perf_counter()
         self._update_factors(factors_due)
+        decompose_start = time.perf_counter()
         self._update_decompositions([b for b in active if b.A is not None and (
             self._decomposition_due(b, t)  # first factors came late (unfrozen): decompose now
             or (b.name in first and t >= self.config.warmup_steps))])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
+        precondition_start = time.perf_counter()
         if t >= self.config.warmup_steps:
             if self.damping_control.due(t):
                 self.damping_control.snapshot(self, optimizer, t)
@@ -248,6 +251,12 @@ class KFACPreconditioner:
                           coverage.KFACCoverageWarning, stacklevel=2)
         self.steps = t + 1
         self._set_capture()
+        end = time.perf_counter()
+        # Host time of each phase (on a GPU, of the kernel launches unless something syncs);
+        # step() adds the total, the layer count and the damping.
+        self.last_stats["time_factors_ms"] = 1e3 * (decompose_start - factors_start)
+        self.last_stats["time_decompose_ms"] = 1e3 * (precondition_start - decompose_start)
+        self.last_stats["time_precondition_ms"] = 1e3 * (end - precondition_start)
 
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Name -> ``(A, G)``: detached copies of the running factors of every updated layer."""

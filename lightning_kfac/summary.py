@@ -6,7 +6,7 @@ decomposition in use holds as many again (eigen: eigenvectors + eigenvalues; inv
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -32,6 +32,30 @@ def predicted_memory_bytes(blocks: Dict) -> int:
     return total
 
 
+def skipped_rows(skipped: List, trainable: int, shown: int = 3) -> List[Tuple[str, ...]]:
+    """One row per (type, reason) of the skipped modules, with their count and share of the
+    trainable parameters (a ResNet's 20 BatchNorm2d are one row, not 20).
+
+    Columns as in the summary table: modules (the first ``shown`` names, ``+N more``), type,
+    A, G, params, status.
+    """
+    groups: Dict[Tuple[str, str], List] = {}
+    for s in skipped:
+        groups.setdefault((s.type_name, s.reason), []).append(s)
+    rows = []
+    for (type_name, reason), members in groups.items():
+        names = [m.name or "<root>" for m in members[:shown]]
+        if len(members) > shown:
+            names.append(f"+{len(members) - shown} more")
+        label = ", ".join(names) if len(members) == 1 else \
+            f"{len(members)} modules: {', '.join(names)}"
+        params = sum(m.num_params for m in members)
+        share = 100.0 * params / trainable if trainable else 0.0
+        rows.append((label, type_name, "-", "-", f"{params:,}",
+                     f"skipped: {reason} ({share:.1f}% of params)"))
+    return rows
+
+
 def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     """A plain-text table of covered and skipped modules, with the share of parameters covered."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -51,9 +75,7 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
         status = f"K-FAC ({block.compute_method})"
         rows.append((name or "<root>", type_name, a_shape, g_shape, f"{n:,}",
                      f"frozen (for now): {status} once trainable" if frozen else status))
-    for s in skipped:
-        rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",
-                     f"skipped: {s.reason}"))
+    rows.extend(skipped_rows(skipped, trainable))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

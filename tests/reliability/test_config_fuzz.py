@@ -166,8 +166,10 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
 
 
 # options the valid strategy leaves at their default: they need a model-specific value
-# (output_module) or are bounds/factors of the damping options
-DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_damping"}
+# (output_module), are bounds/factors of the damping options, or need a loss closure in
+# pre.step (step_rule="quadratic", tested in tests/test_step_rule.py)
+DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_damping",
+             "step_rule"}
 
 
 def valid_options() -> st.SearchStrategy:
