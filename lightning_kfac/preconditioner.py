@@ -93,7 +93,7 @@ class KFACPreconditioner:
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
-        self._undecomposed = set(self.blocks)  # no decomposition in use yet: the next update makes one
+        self._undecomposed = set(self.blocks)  # no decomposition yet: next update makes one
         self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
         self._undo: Optional[StepUndo] = None
         # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.

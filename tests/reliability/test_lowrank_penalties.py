@@ -111,7 +111,8 @@ def test_penalties_above_rounding_take_the_full_path(reliability_row) -> None:
             if above[name] and not same:
                 wrong.append((lam, name))
         figures.append(f"{lam:g}:{used}")
-    reliability_row("low-rank with penalties", len(LAMBDAS), len(LAMBDAS) - len({l for l, _ in wrong}),
+    failed = len({lam for lam, _ in wrong})
+    reliability_row("low-rank with penalties", len(LAMBDAS), len(LAMBDAS) - failed,
                     "low-rank layers per penalty " + " ".join(figures))
     assert not wrong, f"(penalty, layer) where a term above rounding was dropped: {wrong}"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -155,7 +154,7 @@ def test_interrupt_inside_a_decomposition_leaves_the_state(monkeypatch, reliabil
                 before = pre.state_dict()
                 calls = {"n": 0}
 
-                def interrupting(matrix, *args, **kwargs):
+                def interrupting(matrix, *args, calls=calls, **kwargs):
                     calls["n"] += 1
                     if calls["n"] == 3:  # the second layer's first factor: mid-step
                         raise KeyboardInterrupt
