@@ -137,6 +137,7 @@ class KFACCallback(Callback):
         gaussian_variance: float = 1.0,
         skip_layers: Optional[List[str]] = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        output_reduction: Literal["mean", "sum"] = "mean",
         damping_mode: Literal["absolute", "relative"] = "absolute",
         warmup_steps: int = 0,
         damping_schedule: Literal["constant", "exponential", "step"] = "constant",
