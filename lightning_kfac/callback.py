@@ -137,6 +137,7 @@ class KFACCallback(Callback):
         gaussian_variance: float = 1.0,
         skip_layers: Optional[List[str]] = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
+        output_reduction: Literal["mean", "sum"] = "mean",
         damping_mode: Literal["absolute", "relative"] = "relative",
         factor_init: Literal["identity", "batch", "scaled_identity"] = "identity",
         warmup_steps: int = 0,
@@ -169,6 +170,7 @@ class KFACCallback(Callback):
         self._state_key = self._generate_state_key(**self.config.to_dict())
         self.preconditioner: Optional[KFACPreconditioner] = None
         self._pending_state: Optional[Dict[str, Any]] = None
+        self._stage: Optional[str] = None  # the Trainer entry point running ("fit", "validate"...)
         self._fit_module: Optional[pl.LightningModule] = None
         self._active = False
         self._clock = 0
@@ -202,7 +204,14 @@ class KFACCallback(Callback):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Stash the state: Lightning calls this before ``on_fit_start`` (no hooks yet)."""
+        """Stash the state: Lightning calls this before ``on_fit_start`` (no hooks yet).
+
+        Lightning calls it for every entry point given a ``ckpt_path``; only ``fit`` restores
+        K-FAC state, so under ``validate`` / ``test`` / ``predict`` the state is ignored (it
+        would otherwise leak into the next ``fit`` of a reused callback).
+        """
+        if self._stage is not None and self._stage != "fit":
+            return
         self._pending_state = dict(state_dict)
         if self._active and self.preconditioner is not None:
             self._apply_pending_state()
@@ -216,7 +225,7 @@ class KFACCallback(Callback):
         KFACCallback state is in the checkpoint, it is loaded (the current options win).
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
+        if self.state_key in states or getattr(trainer.state.fn, "value", None) != "fit":
             return
         prefix = type(self).__qualname__ + "{"
         claimed = {cb.state_key for cb in trainer.callbacks}
@@ -234,6 +243,10 @@ class KFACCallback(Callback):
                 "options and none matches this callback's; K-FAC restarts from empty factors.")
 
     # -- fit lifecycle ---------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Remember the entry point: Lightning restores checkpoint state after ``setup``."""
+        self._stage = str(getattr(stage, "value", stage))  # a TrainerFn ("fit", "validate"...)
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         check_strategy(trainer.strategy)
         for optimizer in trainer.optimizers:  # closure-based ones (LBFGS): core/optim_check.py
@@ -271,6 +284,7 @@ class KFACCallback(Callback):
                 "KFACCallback of this Trainer; preconditioning twice would apply the inverse "
                 "Fisher twice. Give each instance disjoint layers (skip_layers) or keep one.")
         self.preconditioner = pre
+        pre.undoable = True  # on_exception undoes a K-FAC step whose optimizer step never ran
         self._active = True
         self._diagnostics = DiagnosticsRecorder.for_fit(self.config, pre, trainer)  # None if off
         if self._pending_state is None and previous is not None \
@@ -295,9 +309,21 @@ class KFACCallback(Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hooks()
+        self._pending_state = None  # applied at on_fit_start, or not meant for a fit
+        self._stage = None
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
+        """Undo the K-FAC step of an optimizer step that never ran, then remove the hooks.
+
+        An exception (or Ctrl+C) between ``pre.step`` and ``optimizer.step()`` leaves
+        ``trainer.global_step`` at t, so a later ``fit`` repeats step t: its factor update must
+        not be applied twice (core/transaction.py). Under manual optimization only what was
+        captured is dropped (several optimizers may have stepped).
+        """
+        pre = self._live()
+        if pre is not None:
+            pre.abort_step(trainer.global_step if pl_module.automatic_optimization else None)
         self._remove_hooks()
 
     # -- clocks and scales -----------------------------------------------------------------------------
@@ -377,6 +403,8 @@ class KFACCallback(Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         pre = self._live()
+        if pre is not None:
+            pre.commit_step()  # the batch's optimizer step ran: the K-FAC step is final
         self._batch = None
         if pre is not None and self._stepped:
             self._stepped = False
@@ -441,6 +469,7 @@ class KFACCallback(Callback):
     def _remove_hooks(self) -> None:
         if self.preconditioner is not None:
             self.preconditioner.remove()
+            self.preconditioner.commit_step()  # no undo information kept after fit
         self._active = False
         self._stepped = False
         self._batch_stats = {}

@@ -61,6 +61,15 @@ class LossReduction(_StrEnum):
     SUM = "sum"
 
 
+class OutputReduction(_StrEnum):
+    """``fisher_type="mc"`` (bernoulli, gaussian): how the loss reduces one example's outputs:
+    ``mean`` (PyTorch's default ``BCEWithLogitsLoss`` / ``MSELoss``) or ``sum`` (the last
+    dimension summed, e.g. a cross-entropy summed over pixels per case)."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
 class DampingMode(_StrEnum):
     """``absolute``: damping as given; ``relative``: multiplied per layer by (tr A/dim A)(tr G/dim G)."""
 
@@ -198,6 +207,11 @@ class KFACConfig:
         gaussian_variance: variance of the Gaussian likelihood for ``fisher_type="mc"``.
         skip_layers: regexes searched in each module's qualified name and class name.
         loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
+        output_reduction: for ``fisher_type="mc"`` with a bernoulli or gaussian likelihood under
+            ``loss_reduction="mean"``: "mean" (default, as ``nn.MSELoss()`` and
+            ``nn.BCEWithLogitsLoss()``: the mean over every output element, so a loss averaged
+            over C outputs scales the MC G by 1/C^2 like the empirical one) or "sum" (the last
+            dimension is summed, the other positions averaged). core/mc.py, ``loss_terms``.
         damping_mode: "relative" (default: damping x (tr A/dim A)(tr G/dim G) per layer) or
             "absolute" (damping as given); docs/defaults.md.
         factor_init: "batch" (the first update sets the factors to the batch estimates),
@@ -252,6 +266,7 @@ class KFACConfig:
     gaussian_variance: float = 1.0
     skip_layers: List[str] = dataclasses.field(default_factory=list)
     loss_reduction: LossReduction = LossReduction.MEAN
+    output_reduction: OutputReduction = OutputReduction.MEAN
     damping_mode: DampingMode = DampingMode.RELATIVE
     factor_init: FactorInit = FactorInit.IDENTITY
     warmup_steps: int = 0
@@ -289,6 +304,8 @@ class KFACConfig:
         self.gaussian_variance = _check_float("gaussian_variance", self.gaussian_variance, low=0.0)
         self.skip_layers = _check_regex_list("skip_layers", self.skip_layers)
         self.loss_reduction = _check_enum("loss_reduction", self.loss_reduction, LossReduction)
+        self.output_reduction = _check_enum("output_reduction", self.output_reduction,
+                                            OutputReduction)
         self.damping_mode = _check_enum("damping_mode", self.damping_mode, DampingMode)
         self.factor_init = _check_enum("factor_init", self.factor_init, FactorInit)
         self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, low=0)

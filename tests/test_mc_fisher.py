@@ -145,18 +145,23 @@ def test_sampled_categorical_G_converges_to_the_exact_fisher() -> None:
     assert _within_5_se(samples["4"], empirical) > 5.0
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_sampled_last_layer_G_matches_closed_form(likelihood: str) -> None:
+def test_sampled_last_layer_G_matches_closed_form(likelihood: str, reduction: str) -> None:
     """Last layer: bernoulli g = sigmoid(f) - y -> E[g g^T] = diag(p(1-p)); gaussian g = (f-y)/v
-    -> E[g g^T] = I / v."""
+    -> E[g g^T] = I / v; with output_reduction="mean" the loss averages the C = 3 outputs, so
+    g is C times smaller and G C^2 times smaller."""
     model, x, var = _mlp(out=3), torch.randn(6, 4, dtype=DT), 0.25
-    samples = _sampled_estimates(model, x, k=200, likelihood=likelihood, gaussian_variance=var)
+    samples = _sampled_estimates(model, x, k=200, likelihood=likelihood, gaussian_variance=var,
+                                 output_reduction=reduction)
     f = _layer_outputs(model, x)["4"]
     if likelihood == "bernoulli":
         p = torch.sigmoid(f)
         expected = torch.diag((p * (1 - p)).mean(0))
     else:
         expected = torch.eye(3, dtype=DT) / var
+    if reduction == "mean":
+        expected = expected / 9
     assert _within_5_se(samples["4"], expected) < 5.0
     wrong = expected * 2  # e.g. a sampler that ignored the variance / the probabilities
     assert _within_5_se(samples["4"], wrong) > 5.0

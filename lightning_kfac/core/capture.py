@@ -173,11 +173,13 @@ class Capture:
         return hook
 
     def add_output_grad(self, target: KFACBlock | Route, grad: Tensor, per_example: bool = False,
-                        a_rows: Tensor | None = None) -> None:
+                        a_rows: Tensor | None = None, loss_terms: int | None = None) -> None:
         """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
 
-        ``per_example=True`` means ``grad`` already holds per-example gradients ``d l_n / d s_n``
-        (e.g. from the sampled loss of ``fisher_type="mc"``), so no rescaling is applied.
+        ``per_example=True`` means ``grad`` is the gradient of a *summed* loss (e.g. the sampled
+        loss of ``fisher_type="mc"``): no AMP / accumulation scale to undo. ``loss_terms``: the
+        loss it stands for is the mean over that many terms, so ``g`` is scaled by
+        ``examples / loss_terms``, as the user's gradient of a mean loss is (N x its 1/N).
         ``target``: the block, or the ``Route`` of the forward that produced the output.
         ``a_rows``: the same forward's input rows, handed on to ``pair_sink`` (EKFAC).
         """
@@ -185,7 +187,7 @@ class Capture:
         block = route.block
         rows, divisor, examples = route.grad_rows(grad.detach())
         if per_example:
-            scale = 1.0
+            scale = 1.0 if loss_terms is None or loss_terms == examples else examples / loss_terms
         else:
             scale = (examples if self.mean_reduction else 1.0) / self.grad_scale
         if divisor > 0:

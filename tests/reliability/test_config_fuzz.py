@@ -150,6 +150,7 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "gaussian_variance": st.floats(0.1, 10.0),
         "skip_layers": st.lists(st.sampled_from(LAYERS), max_size=2),
         "loss_reduction": st.sampled_from(_enum_values("loss_reduction")),
+        "output_reduction": st.sampled_from(_enum_values("output_reduction")),
         "damping_mode": st.sampled_from(_enum_values("damping_mode")),
         "factor_init": st.sampled_from(_enum_values("factor_init")),
         "warmup_steps": st.integers(0, 2),
