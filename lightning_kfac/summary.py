@@ -9,7 +9,7 @@ capture, decomposition and preconditioning (core/footprint.py).
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -39,6 +39,30 @@ def predicted_peak_bytes(blocks: Dict) -> int:
     return footprint(blocks.values()).peak
 
 
+def skipped_rows(skipped: List, trainable: int, shown: int = 3) -> List[Tuple[str, ...]]:
+    """One row per (type, reason) of the skipped modules, with their count and share of the
+    trainable parameters (a ResNet's 20 BatchNorm2d are one row, not 20).
+
+    Columns as in the summary table: modules (the first ``shown`` names, ``+N more``), type,
+    A, G, params, status.
+    """
+    groups: Dict[Tuple[str, str], List] = {}
+    for s in skipped:
+        groups.setdefault((s.type_name, s.reason), []).append(s)
+    rows = []
+    for (type_name, reason), members in groups.items():
+        names = [m.name or "<root>" for m in members[:shown]]
+        if len(members) > shown:
+            names.append(f"+{len(members) - shown} more")
+        label = ", ".join(names) if len(members) == 1 else \
+            f"{len(members)} modules: {', '.join(names)}"
+        params = sum(m.num_params for m in members)
+        share = 100.0 * params / trainable if trainable else 0.0
+        rows.append((label, type_name, "-", "-", f"{params:,}",
+                     f"skipped: {reason} ({share:.1f}% of params)"))
+    return rows
+
+
 def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     """A plain-text table of covered and skipped modules, with the share of parameters covered."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -47,18 +71,20 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     for name, block in blocks.items():
         module = block.kind.module
         n = sum(p.numel() for p in block.kind.params)
-        covered += n
+        frozen = not block.kind.weight.requires_grad  # core/trainability.py
+        covered += 0 if frozen else n
         sides = [" ".join(describe_side(structure, block.structure_reason[side]))
                  for side, structure in (("A", block.a_structure), ("G", block.g_structure))]
         seconds = refresh_seconds(block)
         refresh += seconds
         method = getattr(block.compute_method, "value", block.compute_method)
         type_name = getattr(block.kind, "type_name", type(module).__name__)
+        status = f"K-FAC ({method})"
         rows.append((name or "<root>", type_name, sides[0], sides[1], f"{n:,}",
-                     _bytes(held_bytes(block)), _seconds(seconds), f"K-FAC ({method})"))
-    for s in skipped:
-        rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}", "-", "-",
-                     f"skipped: {s.reason}"))
+                     _bytes(held_bytes(block)), _seconds(seconds),
+                     f"frozen (for now): {status} once trainable" if frozen else status))
+    # skipped rows have no memory / refresh columns
+    rows.extend(r[:5] + ("-", "-") + r[5:] for r in skipped_rows(skipped, trainable))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -2,13 +2,15 @@
 
 Accumulators hold the row sums ``sum a a^T`` and ``sum g g^T`` (and their divisors) of every
 captured micro-batch since the last factor update; ``batch_estimates()`` turns them into
-``A^ = sum a a^T / div_A`` and ``G^ = sum g g^T / div_G``. Running averages (CONTRACT.md): the
-first update sets ``A = A^`` (no bias toward zero or identity), later ones
-``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5).
+``A^ = sum a a^T / div_A`` and ``G^ = sum g g^T / div_G``. Running averages
+``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5); what they start from is
+``factor_init``: ``batch`` sets ``A = A^`` at the first update (no bias toward zero or identity),
+``identity`` starts from ``I`` and ``scaled_identity`` from ``(tr A^/dim) I`` and blends the first
+estimate in like any later one (so early steps are damped toward a scaled first-order step).
 
 Each side has a factor structure (core/factors.py: dense, or diagonal for nn.Embedding's A and for
 sides wider than ``max_dense_dim``); ``A``, ``G``, their accumulators and batch estimates are
-stored in it, so this class never looks at a tensor's rank.
+stored in it.
 """
 
 from __future__ import annotations
@@ -102,12 +104,17 @@ class KFACBlock:
         return self.a_sum / self.a_div, self.g_sum / self.g_div
 
     # -- running averages ----------------------------------------------------------------------
-    def update_factors(self, a_hat: Tensor, g_hat: Tensor, decay: float) -> None:
+    def update_factors(self, a_hat: Tensor, g_hat: Tensor, decay: float,
+                       init: str = "batch") -> None:
+        """Running averages; ``init`` (``factor_init``) sets what the first update starts from."""
         if self.A is None:
-            self.A, self.G = a_hat.clone(), g_hat.clone()
-        else:
-            self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
-            self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
+            if init == "batch":
+                self.A, self.G = a_hat.clone(), g_hat.clone()
+                return
+            self.A = self.a_structure.isotropic(a_hat, init)
+            self.G = self.g_structure.isotropic(g_hat, init)
+        self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
+        self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
 
     def dense_fisher(self) -> Tensor:
         """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""

@@ -83,6 +83,18 @@ class FactorStructure:
         """``tr(F_k) / d`` per group (a (groups,) tensor)."""
         raise NotImplementedError
 
+    def diagonal_of(self, factor: Tensor) -> Tensor:
+        """The diagonal entries (per group when stacked)."""
+        raise NotImplementedError
+
+    def isotropic(self, estimate: Tensor, init: str) -> Tensor:
+        """``I`` (``identity``) or ``(tr X/dim X) I`` (``scaled_identity``) in this structure,
+        shaped like ``estimate`` (the start of the running average for ``factor_init``)."""
+        diag = self.diagonal_of(estimate)
+        scale = float(diag.mean()) if init == "scaled_identity" and diag.numel() else 1.0
+        ones = torch.full_like(diag, scale)
+        return torch.diag_embed(ones) if self.has_basis else ones
+
     # -- storage -----------------------------------------------------------------------------------
     def shape(self) -> Tuple[int, ...]:
         """Shape of the stored factor (and of its accumulator and batch estimate)."""
@@ -189,6 +201,9 @@ class DenseFactor(FactorStructure):
     def group_means(self, factor: Tensor) -> Tensor:
         return factor.diagonal(dim1=-2, dim2=-1).mean(-1)
 
+    def diagonal_of(self, factor: Tensor) -> Tensor:
+        return factor.diagonal(dim1=-2, dim2=-1)
+
     def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         out = eigh_psd(factor)
         return out["Q"], out["e"]
@@ -257,6 +272,9 @@ class DiagonalFactor(FactorStructure):
 
     def group_means(self, factor: Tensor) -> Tensor:
         return factor.mean(-1)
+
+    def diagonal_of(self, factor: Tensor) -> Tensor:
+        return factor
 
     def _check_finite(self, factor: Tensor, what: str) -> None:
         if not torch.isfinite(factor).all():
