@@ -56,7 +56,8 @@ def test_llama_32000_defaults_choose_diagonal_vocabulary_sides() -> None:
 def test_linear_50000_head_gets_a_diagonal_g_and_a_finite_step() -> None:
     torch.manual_seed(0)
     model = nn.Linear(64, 50000, bias=False)
-    pre = KFACPreconditioner(model, kl_clip=None)
+    pre = KFACPreconditioner(model, kl_clip=None, damping=1e-3, damping_mode="absolute",
+                             factor_init="batch")
     assert _structures(pre) == {"": ("dense", "diagonal")}
     x, y = torch.randn(32, 64), torch.randint(0, 50000, (32,))
     out = model(x)
