@@ -165,6 +165,8 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "distribute": st.sampled_from(_enum_values("distribute") or ["-"]),
         "low_rank": st.booleans(),
         "diagnostics_every_n_steps": st.one_of(st.none(), st.integers(1, 3)),
+        "max_dense_dim": st.integers(0, 64),  # 0: every factor side diagonal
+        "memory_budget_gib": st.one_of(st.none(), st.just(2.0)),
     }
 
 
