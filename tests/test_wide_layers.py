@@ -140,11 +140,6 @@ def _check_peak(spec) -> dict:
     return result
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "since merging main at e7f1bf7 the measured dense-G peak is ~1.37x the prediction (126 vs 92 "
-    "MiB at d=2000; before the merge 94 vs 92): the per-phase peaks of pre.step stay within the "
-    "model (tmp measurement), so something outside the modelled phases now holds ~2 d^2; not yet "
-    "found. The diagonal-side cases (50000 head, Llama) still match within 4%."))
 @pytest.mark.slow  # three 1200 x 1200 eighs in a fresh process
 def test_predicted_peak_within_25_percent_dense_head() -> None:
     """A 1200-wide dense G (eigen): factors, eigh workspace and products dominate."""
@@ -158,11 +153,6 @@ def test_predicted_peak_within_25_percent_wide_diagonal_head() -> None:
     assert result["structures"] == {"": ["dense", "diagonal"]}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "since merging main at e7f1bf7 the measured dense-G peak is ~1.37x the prediction (126 vs 92 "
-    "MiB at d=2000; before the merge 94 vs 92): the per-phase peaks of pre.step stay within the "
-    "model (tmp measurement), so something outside the modelled phases now holds ~2 d^2; not yet "
-    "found. The diagonal-side cases (50000 head, Llama) still match within 4%."))
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["inverse", "ekfac"])
 def test_predicted_peak_within_25_percent_other_methods(method) -> None:

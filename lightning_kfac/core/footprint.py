@@ -20,6 +20,9 @@ core/factors.py):
     its ``[W b]`` copy (layers with a bias) until the KL clip is known, plus the temporaries of
     one layer's product (eigen: 1 + one per dense side, in units of g_dim x a_dim; inverse: 1).
 
+  During ``step()`` the undo record (core/transaction.py) adds ``2 F``: the captured
+  accumulators and a copy of the factors the step updates.
+
   Not included: tensors proportional to the batch (the captured rows, their float32 copies,
   EKFAC's kept rows), which the model's own activations already exceed.
 
@@ -110,11 +113,14 @@ def footprint(blocks: Iterable) -> Footprint:
                     for b in blocks)
     buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
     product = max(max(_product_numel(b) - 1, 1) * _grad_numel(b) * _item(b) for b in blocks)
+    # the step's undo record (core/transaction.py) keeps the captured accumulators and a copy of
+    # the factors it updates until the step completes: 2 F during every phase of ``step()``
+    undo = 2 * F
     phases = {
         "capture": held + F + capture,
-        "factor update": held + F + one_estimate,
-        "decomposition": held + decompose,
-        "preconditioning": held + buffers + product,
+        "factor update": held + undo + F + one_estimate,
+        "decomposition": held + undo + decompose,
+        "preconditioning": held + undo + buffers + product,
     }
     return Footprint(held, max(phases.values()), phases)
 
