@@ -157,6 +157,8 @@ class KFACCallback(Callback):
         low_rank: bool = True,
         diagnostics_every_n_steps: Optional[int] = None,
         step_rule: Literal["optimizer", "quadratic"] = "optimizer",
+        max_dense_dim: int = 2048,
+        memory_budget_gib: Optional[float] = 2.0,
         prog_bar: bool = False,
         **options: Any,
     ) -> None:
