@@ -29,6 +29,7 @@ def predicted_memory_bytes(blocks: Dict) -> int:
         # eigenvalue vectors; EKFAC also keeps its (d_G x d_A) eigenbasis scaling
         extra = {"eigen": a + g, "ekfac": a + g + g * a}.get(block.compute_method, 0)
         total += (2 * (a_numel + g * g) + extra) * item
+        total += 8 if block.compute_method == "ekfac" else 0  # float64 count of scaling estimates
     return total
 
 
