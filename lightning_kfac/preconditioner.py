@@ -35,10 +35,11 @@ from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
+from lightning_kfac.core.refresh import RefreshMonitor
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
-             "decomposition_failures", "dropped_layers")
+             "decomposition_failures", "dropped_layers", "decomposition_retries")
 STATE_VERSION = 1
 
 
@@ -69,6 +70,7 @@ class KFACPreconditioner:
         self.blocks, self.skipped = discover(self.model, self.config)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
+        self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
         self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
         if self.config.fisher_type == "mc":
@@ -387,7 +389,15 @@ class KFACPreconditioner:
 
     def _update_decompositions(self, due: List[KFACBlock]) -> None:
         # core/kaisa.py: owner ranks decompose and share; a failure anywhere fails everywhere.
-        for block, err in self.kaisa.decompose(due, self._decompose):
+        # core/refresh.py: float64 retries are counted and logged, a slow refresh reports progress.
+        retries = self.refresh.retries
+        self.refresh.begin(self.steps, len(due))
+        try:
+            results = self.kaisa.decompose(due, lambda b: self.refresh.run(b, self._decompose))
+        finally:
+            self.refresh.end()
+            self.counters["decomposition_retries"] += self.refresh.retries - retries
+        for block, err in results:
             if err is None:
                 block.failures = 0
                 self.counters["decompositions"] += 1

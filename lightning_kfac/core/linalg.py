@@ -11,7 +11,19 @@ With column-stacking vec, ``(A (x) G) vec(X) = vec(G X A)``, so every formula be
 
 Decompositions are computed in the factor dtype; a failure (exception or non-finite output) is
 retried once in float64 with a small diagonal jitter before ``DecompositionError`` is raised.
-Eigenvalues are clamped at zero (factors are PSD; round-off can make them slightly negative).
+Every retry is announced with a ``DecompositionRetryWarning`` (the preconditioner counts and
+logs them per layer), never silently. Eigenvalues are clamped at zero (factors are PSD;
+round-off can make them slightly negative).
+
+Conditioning before decomposing: the factor is symmetrized, and its exactly-zero rows/columns
+are split off (deflation). An input feature that is zero in every captured row (a conv kernel
+tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet stage at 1x1 resolution,
+where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives a zero row and
+column of ``A``: ``e_j`` is then an exact eigenvector with eigenvalue 0, and only the support
+block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3 times cheaper,
+and it removes the massively repeated zero eigenvalue on which float32 ``eigh`` fails to
+converge. The support is kept as ``"A_support"`` so that preconditioning touches only
+``grad[:, S]`` with the (|S| x |S|) block (the zero part is ``grad[:, Z] / damping``-like).
 A 1-D ``A`` is a diagonal factor (nn.Embedding): its eigenbasis is the identity (no ``QA`` is
 stored), its eigenvalues are its entries and its damped inverse is a vector.
 """
@@ -19,7 +31,8 @@ stored), its eigenvalues are its entries and its damped inverse is a vector.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+import warnings
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -27,6 +40,10 @@ from torch import Tensor
 
 class DecompositionError(RuntimeError):
     """An eigendecomposition or inverse failed even after the float64 retry."""
+
+
+class DecompositionRetryWarning(RuntimeWarning):
+    """A decomposition failed in the factor dtype and was retried in float64 with jitter."""
 
 
 def _finite(*tensors: Tensor) -> bool:
@@ -39,10 +56,14 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
         out = fn(matrix)
         if _finite(*out.values()):
             return out
-    except RuntimeError:
-        pass
+        reason = "non-finite output"
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     if not torch.isfinite(matrix).all():
         raise DecompositionError(f"{what}: the factor has non-finite entries")
+    warnings.warn(DecompositionRetryWarning(
+        f"{what} of a {matrix.shape[0]}x{matrix.shape[0]} {matrix.dtype} factor failed "
+        f"({reason}); retrying in float64 with jitter"), stacklevel=3)
     m64 = matrix.double()
     scale = float(m64.diagonal().abs().mean()) if m64.numel() else 0.0
     jitter = max(scale, 1.0) * 1e-10
@@ -56,24 +77,65 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
     return {k: v.to(matrix.dtype) for k, v in out.items()}
 
 
+def support(matrix: Tensor) -> Optional[Tensor]:
+    """Indices of the rows holding a nonzero entry, or None when no row is exactly zero."""
+    nonzero = (matrix != 0).any(dim=1)
+    if bool(nonzero.all()):
+        return None
+    return nonzero.nonzero().flatten()
+
+
 def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
-    """``{"e": eigenvalues clamped >= 0, "Q": eigenvectors}`` of a symmetric PSD matrix."""
+    """``{"e": eigenvalues clamped >= 0 (ascending), "Q": eigenvectors}`` of a symmetric PSD
+    matrix, plus ``"support"`` (see ``support``) when exactly-zero rows/columns were deflated:
+    their eigenvectors are unit vectors with eigenvalue 0, listed first."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
         sym = (m + m.T) * 0.5
         e, q = torch.linalg.eigh(sym)
         return {"e": e.clamp_min(0.0), "Q": q}
-    return _retry(fn, matrix, "eigendecomposition")
+    keep = support(matrix)
+    if keep is None:
+        return _retry(fn, matrix, "eigendecomposition")
+    n, k = matrix.shape[0], keep.numel()
+    sub = _retry(fn, matrix[keep][:, keep], "eigendecomposition") if k else None
+    zero = torch.ones(n, dtype=torch.bool, device=matrix.device)
+    zero[keep] = False
+    Q = matrix.new_zeros(n, n)
+    Q[zero.nonzero().flatten(), torch.arange(n - k, device=matrix.device)] = 1.0
+    e = matrix.new_zeros(n)
+    if k:
+        Q[keep.unsqueeze(1), torch.arange(n - k, n, device=matrix.device)] = sub["Q"]
+        e[n - k:] = sub["e"]
+        Q = _layout_like(Q, sub["Q"])
+    return {"e": e, "Q": Q, "support": keep}
+
+
+def _layout_like(full: Tensor, ref: Tensor) -> Tensor:
+    """``full`` in ``ref``'s memory order (LAPACK returns column-major; core/kaisa.py relies on
+    every rank's matmuls seeing the layout that the decomposition normally has)."""
+    if ref.dim() == 2 and not ref.is_contiguous() and ref.T.is_contiguous():
+        return full.T.contiguous().T
+    return full
 
 
 def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
-    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU)."""
+    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU);
+    exactly-zero rows/columns are deflated (their block of the inverse is ``I / damping``)."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
         eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
         damped = (m + m.T) * 0.5 + damping * eye
         chol, info = torch.linalg.cholesky_ex(damped)
         inv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(damped)
         return {"inv": inv}
-    return _retry(fn, matrix, "inverse")["inv"]
+    keep = support(matrix)
+    if keep is None:
+        return _retry(fn, matrix, "inverse")["inv"]
+    inv = torch.diag(matrix.new_full((matrix.shape[0],), 1.0 / damping))
+    if keep.numel():
+        sub = _retry(fn, matrix[keep][:, keep], "inverse")["inv"]
+        inv[keep.unsqueeze(1), keep] = sub
+        inv = _layout_like(inv, sub)
+    return inv
 
 
 def mean_eigenvalue(matrix: Tensor) -> float:
@@ -93,7 +155,7 @@ def pi_correction(A: Tensor, G: Tensor) -> float:
 def eigen_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
     """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time)."""
     a, g = (_diagonal_eigen(A) if A.dim() == 1 else eigh_psd(A)), eigh_psd(G)
-    dec = {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"]}
+    dec = {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"], "A_support": a.get("support")}
     return {k: v for k, v in dec.items() if v is not None}
 
 
@@ -114,13 +176,42 @@ def inverse_decomposition(A: Tensor, G: Tensor, damping: float) -> Dict[str, Ten
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
     pi = pi_correction(A, G)
     root = math.sqrt(damping)
-    return {"A_inv": _damped_inverse_any(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
+    dec = {"A_inv": _damped_inverse_any(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
+    keep = support(A) if A.dim() == 2 else None
+    if keep is not None:
+        dec["A_support"] = keep
+    return dec
 
 
 def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
+    if _deflation_pays(dec, grad.shape[1]):
+        return _precondition_eigen_deflated(grad, dec, damping)
     rotated = dec["QG"].T @ grad
     return precondition_eigen_rotated(rotated @ dec["QA"] if "QA" in dec else rotated, dec, damping)
+
+
+def _deflation_pays(dec: Dict[str, Tensor], a_dim: int) -> bool:
+    """Use the support block when it is at most half of A (gathering it costs a copy; a few dead
+    channels are cheaper through the dense, equally exact, ``Q_A``)."""
+    keep = dec.get("A_support")
+    return keep is not None and 2 * keep.numel() <= a_dim
+
+
+def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+    """The eigen method when A has zero rows/columns Z (support S, ``eigh_psd``).
+
+    ``Q_A = [e_Z | Q_S]`` with ``e_A = [0 | e_S]``, so ``P[:, Z] = grad[:, Z] / damping`` and
+    ``P[:, S] = Q_G [(Q_G^T grad[:, S] Q_S) / (e_G e_S^T + damping)] Q_S^T``: the (|S| x |S|)
+    block instead of the full (a x a) rotation."""
+    keep, QG = dec["A_support"], dec["QG"]
+    n, k = grad.shape[1], keep.numel()
+    QS, eS = dec["QA"][keep, n - k:], dec["eA"][n - k:]
+    out = grad / damping
+    rotated = (QG.T @ grad[:, keep]) @ QS
+    rotated = rotated / (torch.outer(dec["eG"], eS) + damping)
+    out[:, keep] = (QG @ rotated) @ QS.T
+    return out
 
 
 def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
@@ -131,6 +222,14 @@ def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping:
 
 
 def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
-    """``G_inv grad A_inv``."""
+    """``G_inv grad A_inv`` (with zero rows/columns Z of A: ``A_inv[Z, Z] = I / d``, so the
+    columns Z are ``G_inv grad[:, Z] / d`` and only ``A_inv[S, S]`` multiplies)."""
     A_inv = dec["A_inv"]
+    if A_inv.dim() == 2 and _deflation_pays(dec, grad.shape[1]):
+        keep = dec["A_support"]
+        out = dec["G_inv"] @ grad
+        zero_scale = A_inv.diagonal().clone()  # 1/d on Z (the S entries are overwritten below)
+        result = out * zero_scale
+        result[:, keep] = out[:, keep] @ A_inv[keep][:, keep]
+        return result
     return dec["G_inv"] @ grad @ A_inv if A_inv.dim() == 2 else (dec["G_inv"] @ grad) * A_inv
