@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import linalg, lowrank
+from lightning_kfac.core import linalg, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss
@@ -71,6 +71,7 @@ class KFACPreconditioner:
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
+        self._offsets: Optional[Dict[str, int]] = None  # stagger_refresh (core/stagger.py)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
         self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
         if self.config.fisher_type == "mc":
@@ -384,8 +385,17 @@ class KFACPreconditioner:
 
     def _decomposition_due(self, block: KFACBlock, t: int) -> bool:
         """On the block's clock, and once at the end of warm-up (t == warmup_steps > 0), so the
-        first preconditioned step uses the warmed-up factors, not those of step 0."""
-        return t % block.inv_update_steps == 0 or t == self.config.warmup_steps > 0
+        first preconditioned step uses the warmed-up factors, not those of step 0.
+        ``stagger_refresh``: on the block's offset clock (core/stagger.py)."""
+        if t == self.config.warmup_steps > 0:
+            return True
+        if self.config.stagger_refresh:
+            if self._offsets is None:
+                self._offsets = stagger.refresh_offsets(
+                    self.blocks.values(), self.config.factor_update_steps,
+                    self.config.inv_update_steps)
+            return stagger.due(self._offsets.get(block.name, 0), block.inv_update_steps, t)
+        return t % block.inv_update_steps == 0
 
     def _update_decompositions(self, due: List[KFACBlock]) -> None:
         # core/kaisa.py: owner ranks decompose and share; a failure anywhere fails everywhere.
