@@ -22,8 +22,9 @@ where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives
 column of ``A``: ``e_j`` is then an exact eigenvector with eigenvalue 0, and only the support
 block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3 times cheaper,
 and it removes the massively repeated zero eigenvalue on which float32 ``eigh`` fails to
-converge. The support is kept as ``"A_support"`` so that preconditioning touches only
-``grad[:, S]`` with the (|S| x |S|) block (the zero part is ``grad[:, Z] / damping``-like).
+converge. When the support is at most half of A, it is kept (``"A_support"``, with the block
+``"A_support_Q"`` or ``"A_support_inv"``) so that preconditioning multiplies only ``grad[:, S]``
+by the (|S| x |S|) block (the zero part is ``grad[:, Z]`` over the damping).
 A 1-D ``A`` is a diagonal factor (nn.Embedding): its eigenbasis is the identity (no ``QA`` is
 stored), its eigenvalues are its entries and its damped inverse is a vector.
 """
@@ -155,7 +156,11 @@ def pi_correction(A: Tensor, G: Tensor) -> float:
 def eigen_decomposition(A: Tensor, G: Tensor) -> Dict[str, Tensor]:
     """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time)."""
     a, g = (_diagonal_eigen(A) if A.dim() == 1 else eigh_psd(A)), eigh_psd(G)
-    dec = {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"], "A_support": a.get("support")}
+    dec = {"QA": a["Q"], "eA": a["e"], "QG": g["Q"], "eG": g["e"]}
+    keep = a.get("support")
+    if keep is not None and _deflation_pays(keep, A.shape[0]):  # Q_S kept for preconditioning
+        n, k = A.shape[0], keep.numel()
+        dec["A_support"], dec["A_support_Q"] = keep, a["Q"][keep, n - k:].contiguous()
     return {k: v for k, v in dec.items() if v is not None}
 
 
@@ -178,24 +183,24 @@ def inverse_decomposition(A: Tensor, G: Tensor, damping: float) -> Dict[str, Ten
     root = math.sqrt(damping)
     dec = {"A_inv": _damped_inverse_any(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
     keep = support(A) if A.dim() == 2 else None
-    if keep is not None:
+    if keep is not None and _deflation_pays(keep, A.shape[0]):  # A_inv[S, S] kept
         dec["A_support"] = keep
+        dec["A_support_inv"] = dec["A_inv"][keep][:, keep].contiguous()
     return dec
 
 
 def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
-    if _deflation_pays(dec, grad.shape[1]):
+    if "A_support_Q" in dec:
         return _precondition_eigen_deflated(grad, dec, damping)
     rotated = dec["QG"].T @ grad
     return precondition_eigen_rotated(rotated @ dec["QA"] if "QA" in dec else rotated, dec, damping)
 
 
-def _deflation_pays(dec: Dict[str, Tensor], a_dim: int) -> bool:
-    """Use the support block when it is at most half of A (gathering it costs a copy; a few dead
-    channels are cheaper through the dense, equally exact, ``Q_A``)."""
-    keep = dec.get("A_support")
-    return keep is not None and 2 * keep.numel() <= a_dim
+def _deflation_pays(keep: Tensor, a_dim: int) -> bool:
+    """Precondition through the support block (kept as ``A_support_Q`` / ``A_support_inv``) when
+    it is at most half of A; a few dead channels go through the dense, equally exact, factor."""
+    return 2 * keep.numel() <= a_dim
 
 
 def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
@@ -204,9 +209,8 @@ def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: 
     ``Q_A = [e_Z | Q_S]`` with ``e_A = [0 | e_S]``, so ``P[:, Z] = grad[:, Z] / damping`` and
     ``P[:, S] = Q_G [(Q_G^T grad[:, S] Q_S) / (e_G e_S^T + damping)] Q_S^T``: the (|S| x |S|)
     block instead of the full (a x a) rotation."""
-    keep, QG = dec["A_support"], dec["QG"]
-    n, k = grad.shape[1], keep.numel()
-    QS, eS = dec["QA"][keep, n - k:], dec["eA"][n - k:]
+    keep, QG, QS = dec["A_support"], dec["QG"], dec["A_support_Q"]
+    eS = dec["eA"][grad.shape[1] - keep.numel():]
     out = grad / damping
     rotated = (QG.T @ grad[:, keep]) @ QS
     rotated = rotated / (torch.outer(dec["eG"], eS) + damping)
@@ -225,11 +229,13 @@ def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
     """``G_inv grad A_inv`` (with zero rows/columns Z of A: ``A_inv[Z, Z] = I / d``, so the
     columns Z are ``G_inv grad[:, Z] / d`` and only ``A_inv[S, S]`` multiplies)."""
     A_inv = dec["A_inv"]
-    if A_inv.dim() == 2 and _deflation_pays(dec, grad.shape[1]):
+    if "A_support_inv" in dec:
         keep = dec["A_support"]
-        out = dec["G_inv"] @ grad
-        zero_scale = A_inv.diagonal().clone()  # 1/d on Z (the S entries are overwritten below)
-        result = out * zero_scale
-        result[:, keep] = out[:, keep] @ A_inv[keep][:, keep]
+        # grad[:, Z] is zero whenever the gradient comes from the captured inputs; then
+        # G_inv grad[:, Z] / d = 0 is skipped
+        result = grad.index_fill(1, keep, 0.0)
+        if bool(result.any()):
+            result = dec["G_inv"] @ (result * A_inv.diagonal())
+        result[:, keep] = dec["G_inv"] @ (grad[:, keep] @ dec["A_support_inv"])
         return result
     return dec["G_inv"] @ grad @ A_inv if A_inv.dim() == 2 else (dec["G_inv"] @ grad) * A_inv

@@ -40,7 +40,8 @@ class RefreshMonitor:
     def __init__(self, report_after: float = REPORT_AFTER_S):
         self.report_after = float(report_after)
         self.retries = 0  # float64 retries over the preconditioner's life
-        self.layer_seconds: Dict[str, float] = {}  # last decomposition time of each layer
+        self.layer_seconds: Dict[str, float] = {}  # last decomposition time of each layer (wall)
+        self.layer_cpu_seconds: Dict[str, float] = {}  # the same, CPU time of this thread
         self.last_refresh_seconds = 0.0
         self._start: Optional[float] = None
         self._step = 0
@@ -57,12 +58,13 @@ class RefreshMonitor:
         """``fn(block)`` with its retry warnings counted and logged, and its time recorded."""
         if self._start is None:
             self.begin(self._step, 1)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DecompositionRetryWarning)
             try:
                 return fn(block)
             finally:
+                self.layer_cpu_seconds[block.name] = time.thread_time() - cpu
                 self._finish_layer(block, time.perf_counter() - start, caught)
 
     def end(self) -> None:
