@@ -160,6 +160,7 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "max_decomposition_failures": st.integers(1, 5),
         "distribute": st.sampled_from(_enum_values("distribute") or ["-"]),
         "low_rank": st.booleans(),
+        "stagger_refresh": st.booleans(),
         "diagnostics_every_n_steps": st.one_of(st.none(), st.integers(1, 3)),
     }
 
