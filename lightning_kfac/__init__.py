@@ -3,14 +3,16 @@
     trainer = Trainer(callbacks=[KFACCallback(damping=1e-3)])
 
 ``KFACPreconditioner`` is the same engine for plain PyTorch loops; ``KFACConfig`` holds every
-option. Importing this package does not import Hydra; Lightning is imported lazily, only when
-``KFACCallback`` is first accessed.
+option; ``register_layer`` adds a layer type (docs/layers.md). Importing this package does not
+import Hydra; Lightning is imported lazily, only when ``KFACCallback`` is first accessed.
 """
 
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.layers import LayerKind, register_layer, unregister_layer
 from lightning_kfac.preconditioner import KFACOptimizer, KFACPreconditioner
 
-__all__ = ["KFACCallback", "KFACConfig", "KFACOptimizer", "KFACPreconditioner"]
+__all__ = ["KFACCallback", "KFACConfig", "KFACOptimizer", "KFACPreconditioner", "LayerKind",
+           "register_layer", "unregister_layer"]
 __version__ = "0.1.0"
 
 

@@ -134,7 +134,9 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
     for name in names:
         module = modules[name]
         kind, _ = make_kind(module)
-        if kind is not None and module.weight.requires_grad:
+        plain = kind is not None and kind.groups == 1 and (  # one 2-D W~, unmasked rows
+            getattr(module, "padding_idx", None) is None or not kind.diagonal_a)
+        if plain and kind.weight.requires_grad:
             out[name] = module
     if layers is not None and len(out) != len(names):
         bad = [n for n in names if n not in out]

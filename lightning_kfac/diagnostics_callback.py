@@ -87,8 +87,9 @@ class DiagnosticsRecorder:
         self.pre = pre
         self.every = int(every_n_steps)
         self.mean = str(loss_reduction) == "mean"
-        self.blocks = {name: block for name, block in pre.layers.items()
-                       if not block.kind.diagonal_a}
+        self.blocks = {name: block for name, block in pre.layers.items()  # one plain 2-D W~ each
+                       if not block.kind.diagonal_a and block.kind.groups == 1
+                       and block.kind.name != "Shared"}
         self.last: Optional[Tuple[int, Dict[str, Dict[str, float]]]] = None
         self._step: Optional[int] = None
         self._handles: List[Any] = []

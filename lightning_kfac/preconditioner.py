@@ -164,7 +164,7 @@ class KFACPreconditioner:
         t = self.steps
         self.damping_control.at_step(t)
         if self.mc is not None:
-            self.mc.finish_step(any(b.kind.module.weight.grad is not None
+            self.mc.finish_step(any(b.kind.weight.grad is not None
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
         self._update_factors([b for b in active if t % b.factor_update_steps == 0])
@@ -278,7 +278,7 @@ class KFACPreconditioner:
         if optimizer is None:
             return list(self.blocks.values())
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in self.blocks.values() if id(b.kind.module.weight) in params]
+        return [b for b in self.blocks.values() if id(b.kind.weight) in params]
 
     def _set_capture(self) -> None:
         for block in self.blocks.values():
@@ -446,7 +446,7 @@ class KFACPreconditioner:
                      for group in optimizer.param_groups for p in group["params"]}
         work = []
         for block in self.blocks.values():
-            weight = block.kind.module.weight
+            weight = block.kind.weight
             if not block.decomposition or (lr_of is not None and id(weight) not in lr_of):
                 continue
             raw = block.kind.grad_matrix()
@@ -485,7 +485,7 @@ class KFACPreconditioner:
                 pre = pre * nu
             raw_sq += g_sq
             pre_sq += p_sq * nu * nu
-            block.kind.set_grad(pre.to(block.kind.module.weight.grad.dtype))
+            block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
         ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
         self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
 

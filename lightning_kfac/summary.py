@@ -28,7 +28,7 @@ def predicted_memory_bytes(blocks: Dict) -> int:
         a_numel = a if block.kind.diagonal_a else a * a  # nn.Embedding keeps A's diagonal
         # eigenvalue vectors; EKFAC also keeps its (d_G x d_A) eigenbasis scaling
         extra = {"eigen": a + g, "ekfac": a + g + g * a}.get(block.compute_method, 0)
-        total += (2 * (a_numel + g * g) + extra) * item
+        total += (2 * (a_numel + g * g) + extra) * item * getattr(block.kind, "groups", 1)
         total += 8 if block.compute_method == "ekfac" else 0  # float64 count of scaling estimates
     return total
 
@@ -44,7 +44,11 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
         covered += n
         a, g = block.kind.a_dim(), block.kind.g_dim()
         a_shape = f"{a} (diag)" if block.kind.diagonal_a else f"{a}x{a}"
-        rows.append((name or "<root>", type(module).__name__, a_shape, f"{g}x{g}", f"{n:,}",
+        g_shape, groups = f"{g}x{g}", getattr(block.kind, "groups", 1)
+        if groups > 1:  # grouped convolution: one factor pair per group
+            a_shape, g_shape = f"{groups} x {a_shape}", f"{groups} x {g_shape}"
+        type_name = getattr(block.kind, "type_name", type(module).__name__)
+        rows.append((name or "<root>", type_name, a_shape, g_shape, f"{n:,}",
                      f"K-FAC ({block.compute_method})"))
     for s in skipped:
         rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",

@@ -17,11 +17,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from examples import demo, plain_pytorch  # noqa: E402
-from examples.train import CONF_DIR, run  # noqa: E402
+from examples import demo, plain_pytorch
+from examples.train import CONF_DIR, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

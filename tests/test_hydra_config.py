@@ -20,13 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from examples.data import load_digits_tensors  # noqa: E402
-from examples.train import CONF_DIR, build_kfac_callback  # noqa: E402  (registers the schema)
-from lightning_kfac import KFACConfig  # noqa: E402
-from lightning_kfac.hydra import KFACSchema  # noqa: E402
+from examples.data import load_digits_tensors
+from examples.train import CONF_DIR, build_kfac_callback  # registers the schema
+from lightning_kfac import KFACConfig
+from lightning_kfac.hydra import KFACSchema
 
 GROUPS = ("data", "model", "optimizer", "kfac", "trainer", "experiment")
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lightning_kfac.core.layers import LayerKind
+from lightning_kfac.core.layers import LayerKind, accumulate_outer
 
 
 class KFACBlock:
@@ -52,20 +52,18 @@ class KFACBlock:
         self.g_sum: Optional[Tensor] = None
         self.g_div = 0
 
-    def add_a(self, rows: Tensor, divisor: int) -> None:
+    def add_a(self, rows: Tensor, divisor: int, scale: float = 1.0) -> None:
+        """Add ``scale^2 sum a a^T`` of dense, per-group or one-hot index rows (layers.py)."""
         # Hooks run inside the forward's autocast region: keep the outer products in self.dtype.
         with torch.autocast(rows.device.type, enabled=False):
-            outer = self.kind.a_outer(rows, self.dtype)
-        self.a_sum = outer if self.a_sum is None else self.a_sum.add_(outer)
+            self.a_sum = accumulate_outer(self.a_sum, rows, self.kind.a_dim(),
+                                          self.kind.diagonal_a, self.dtype, scale)
         self.a_div += divisor
 
     def add_g(self, rows: Tensor, divisor: int, scale: float) -> None:
-        rows = rows.to(self.dtype)
         with torch.autocast(rows.device.type, enabled=False):
-            outer = rows.T @ rows
-        if scale != 1.0:
-            outer.mul_(scale * scale)
-        self.g_sum = outer if self.g_sum is None else self.g_sum.add_(outer)
+            self.g_sum = accumulate_outer(self.g_sum, rows, self.kind.g_dim(), False,
+                                          self.dtype, scale)
         self.g_div += divisor
 
     def has_estimates(self) -> bool:
@@ -73,12 +71,11 @@ class KFACBlock:
 
     def batch_estimates(self) -> Tuple[Tensor, Tensor]:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
-        device = self.kind.module.weight.device
+        device = self.kind.weight.device
         if not self.has_estimates():
-            a_dim, g_dim = self.kind.a_dim(), self.kind.g_dim()
-            a_shape = (a_dim,) if self.kind.diagonal_a else (a_dim, a_dim)
+            a_shape, g_shape = self.kind.factor_shapes()
             return (torch.zeros(a_shape, dtype=self.dtype, device=device),
-                    torch.zeros(g_dim, g_dim, dtype=self.dtype, device=device))
+                    torch.zeros(g_shape, dtype=self.dtype, device=device))
         return self.a_sum / self.a_div, self.g_sum / self.g_div
 
     # -- running averages ----------------------------------------------------------------------
@@ -92,6 +89,8 @@ class KFACBlock:
     def dense_fisher(self) -> Tensor:
         """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
         A = torch.diag(self.A) if self.A.dim() == 1 else self.A
+        if A.dim() == 3:  # grouped convolution: block-diagonal over groups (vec per group)
+            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, self.G)])
         return torch.kron(A, self.G)
 
     def memory_bytes(self) -> int:
@@ -108,7 +107,7 @@ class KFACBlock:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        device = self.kind.module.weight.device
+        device = self.kind.weight.device
         # "damping" is saved for inspection only: a layer's damping is configuration (damping,
         # layer_overrides); its adaptation over time is the preconditioner's DampingControl state.
         if "A" in state:

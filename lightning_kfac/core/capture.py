@@ -5,22 +5,28 @@ the block's accumulator and registers a tensor hook on the output, which adds ``
 backward reaches it. Tensor hooks on outputs, not module full-backward hooks: those break with
 in-place activations (``ReLU(inplace=True)``) after the layer.
 
-Per-example scale (CONTRACT.md): with a mean-reduced loss over N examples autograd delivers
+Per-example scale (docs/conventions.md): with a mean-reduced loss over N examples autograd delivers
 ``(1/N) dl_n/ds_n``, so ``g_n = N * grad / grad_scale``, where ``grad_scale`` is whatever the
 loss was multiplied by before backward (AMP loss scale times 1/accumulation steps).
+
+A block whose weight several modules hold (tied weights, core/sharing.py) has one hook per
+holder; a holder whose ``W~`` is the transpose of the block's feeds its input rows to G and its
+gradient rows to A (``Route``).
 
 Nothing but the running sums is kept: captured tensors are released when the hook returns.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.layers import LayerKind
+from lightning_kfac.core.sharing import uses_of
 
 
 def _is_transformed(x: Tensor) -> bool:
@@ -28,6 +34,41 @@ def _is_transformed(x: Tensor) -> bool:
     functorch = getattr(torch._C, "_functorch", None)
     check = getattr(functorch, "is_functorch_wrapped_tensor", None)
     return bool(check(x)) if check is not None else False
+
+
+class Route:
+    """Where one forward's rows go: the block, the holder's kind, whether the holder's ``W~`` is
+    the block's transpose, and what its ``grad_rows`` needs from the forward (``grad_context``)."""
+
+    __slots__ = ("block", "kind", "flipped", "context")
+
+    def __init__(self, block: KFACBlock, kind: Optional[LayerKind] = None, flipped: bool = False,
+                 context: Any = None):
+        self.block = block
+        self.kind = block.kind if kind is None else kind
+        self.flipped = flipped
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        return self.block.name
+
+    def grad_rows(self, grad: Tensor):
+        if self.context is None:
+            return self.kind.grad_rows(grad)
+        return self.kind.grad_rows(grad, self.context)
+
+    def add_input(self, rows: Tensor, divisor: int) -> None:
+        if self.flipped:
+            self.block.add_g(rows, divisor, 1.0)
+        else:
+            self.block.add_a(rows, divisor)
+
+    def add_grad(self, rows: Tensor, divisor: int, scale: float) -> None:
+        if self.flipped:
+            self.block.add_a(rows, divisor, scale)
+        else:
+            self.block.add_g(rows, divisor, scale)
 
 
 class Capture:
@@ -52,38 +93,45 @@ class Capture:
         self.output_sink: Callable[..., None] | None = None
         self.pair_sink: Callable[..., None] | None = None
         self.sampling = False  # True during the MC Fisher's extra backward (core/mc.py)
-        self._handles: Dict[str, RemovableHandle] = {}
+        self._handles: Dict[str, List[RemovableHandle]] = {}
 
     def install(self) -> None:
         for name, block in self.blocks.items():
             if name not in self._handles:
-                self._handles[name] = block.kind.module.register_forward_hook(
-                    self._make_forward_hook(block), with_kwargs=True)
+                self._handles[name] = [
+                    use.module.register_forward_hook(
+                        self._make_forward_hook(block, use.kind, use.flipped), with_kwargs=True)
+                    for use in uses_of(block.kind)]
 
     def remove(self, names: List[str] | None = None) -> None:
         for name in list(self._handles) if names is None else names:
-            handle = self._handles.pop(name, None)
-            if handle is not None:
+            for handle in self._handles.pop(name, ()):
                 handle.remove()
 
     @property
     def num_hooks(self) -> int:
-        return len(self._handles)
+        return sum(len(handles) for handles in self._handles.values())
 
-    def _make_forward_hook(self, block: KFACBlock):
+    def _make_forward_hook(self, block: KFACBlock, kind: Optional[LayerKind] = None,
+                           flipped: bool = False):
+        kind = block.kind if kind is None else kind
+
         def hook(module, args, kwargs, output):
             capturing, keep_rows = block.capturing, block.row_limit > 0
             if not ((capturing or keep_rows) and module.training and torch.is_grad_enabled()):
                 return None
             if not isinstance(output, Tensor):
                 return None
-            x = args[0] if args else kwargs.get("input")
-            if _is_transformed(x):
+            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+            if not isinstance(x, Tensor) or _is_transformed(x):
                 return None  # a torch.func (vmap/grad) pass, not a training forward
-            rows, divisor = block.kind.input_rows(x.detach())
+            x = x.detach()
+            rows, divisor = kind.input_rows(x)
+            route = Route(block, kind, flipped, kind.grad_context(x))
             if capturing:
                 block.seen = True
-                block.add_a(rows, divisor)
+                if divisor > 0:  # e.g. an all-padding embedding batch adds nothing
+                    route.add_input(rows, divisor)
             pair = rows if (capturing and self.pair_sink is not None
                             and block.compute_method == "ekfac") else None
             if keep_rows:
@@ -92,9 +140,9 @@ class Capture:
                 return None
             empirical = capturing and self.output_sink is None
             if capturing and self.output_sink is not None:
-                self.output_sink(block, output, pair)
+                self.output_sink(route, output, pair)
             if empirical or keep_rows:
-                output.register_hook(self._make_grad_hook(block, empirical, keep_rows, pair))
+                output.register_hook(self._make_grad_hook(route, empirical, keep_rows, pair))
             return None
         return hook
 
@@ -108,28 +156,34 @@ class Capture:
         block.a_rows.append(rows)
         return True
 
-    def _make_grad_hook(self, block: KFACBlock, empirical: bool, keep_rows: bool,
+    def _make_grad_hook(self, route: Route, empirical: bool, keep_rows: bool,
                         pair: Tensor | None = None):
+        block = route.block
+
         def hook(grad: Tensor) -> None:
             if empirical:
-                self.add_output_grad(block, grad, a_rows=pair)
+                self.add_output_grad(route, grad, a_rows=pair)
             if keep_rows and not self.sampling and block.kept_rows <= block.row_limit:
                 block.g_rows.append(grad.detach().reshape(-1, grad.shape[-1]))
         return hook
 
-    def add_output_grad(self, block: KFACBlock, grad: Tensor, per_example: bool = False,
+    def add_output_grad(self, target: KFACBlock | Route, grad: Tensor, per_example: bool = False,
                         a_rows: Tensor | None = None) -> None:
         """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
 
         ``per_example=True`` means ``grad`` already holds per-example gradients ``d l_n / d s_n``
         (e.g. from the sampled loss of ``fisher_type="mc"``), so no rescaling is applied.
+        ``target``: the block, or the ``Route`` of the forward that produced the output.
         ``a_rows``: the same forward's input rows, handed on to ``pair_sink`` (EKFAC).
         """
-        rows, divisor, examples = block.kind.grad_rows(grad.detach())
+        route = target if isinstance(target, Route) else Route(target)
+        block = route.block
+        rows, divisor, examples = route.grad_rows(grad.detach())
         if per_example:
             scale = 1.0
         else:
             scale = (examples if self.mean_reduction else 1.0) / self.grad_scale
-        block.add_g(rows, divisor, scale)
+        if divisor > 0:
+            route.add_grad(rows, divisor, scale)
         if a_rows is not None and self.pair_sink is not None:
             self.pair_sink(block, a_rows, rows, scale, examples)

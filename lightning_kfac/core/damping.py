@@ -163,7 +163,7 @@ class DampingControl:
         layers, covered = [], set()
         for block in pre.blocks.values():
             kind = block.kind
-            if id(kind.module.weight) not in wanted or block.A is None:
+            if id(kind.weight) not in wanted or block.A is None:
                 continue
             grad = kind.grad_matrix()
             if grad is None:

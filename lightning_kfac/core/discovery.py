@@ -1,8 +1,9 @@
-"""Which modules are preconditioned: supported type, trainable weight, not skipped, not tied.
+"""Which modules are preconditioned: supported type, trainable weight, not skipped.
 
-Every module that owns trainable parameters but is not preconditioned is listed with the
-reason (unsupported type, frozen, matched ``skip_layers``, tied weight), for the registration
-summary.
+A weight held by several supported modules (tied weights) is one block fed by all of them
+(core/sharing.py). Every module that owns trainable parameters but is not preconditioned is
+listed with the reason (unsupported type, matched ``skip_layers``, a weight also held by an
+unsupported module), for the registration summary.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
-from lightning_kfac.core.layers import make_kind
+from lightning_kfac.core.layers import MHA_REASON, make_kind, registered_kind
+from lightning_kfac.core.sharing import share
 
 
 @dataclass
@@ -64,46 +66,100 @@ def _param_owners(model: nn.Module) -> Dict[int, List[str]]:
     return owners
 
 
-def _tied_to(owners: Dict[int, List[str]], module: nn.Module, name: str) -> List[str]:
-    """Other modules holding one of ``module``'s trainable parameters (tied weights)."""
-    others = {o for p in module.parameters(recurse=False) for o in owners.get(id(p), ())}
-    return sorted(others - {name})
-
-
 def factor_dtype(weight: torch.Tensor) -> torch.dtype:
     """float32, or the weight's dtype when it is wider (float64 models keep float64 factors)."""
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _refuse_all(skipped: List[Skipped], holders, reason: str) -> None:
+    for name, module, _ in holders:
+        skipped.append(Skipped(name, type(module).__name__, reason, _own_trainable(module)))
+
+
 def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock], List[Skipped]]:
-    """Blocks for the preconditioned modules (in ``named_modules`` order) and the skipped list."""
+    """Blocks for the preconditioned modules (in ``named_modules`` order) and the skipped list.
+
+    A weight held by several supported modules (tied weights) is one block named after its
+    first holder, fed by every holder (core/sharing.py).
+    """
     blocks: Dict[str, KFACBlock] = {}
     skipped: List[Skipped] = []
     owners = _param_owners(model)
+    by_weight: Dict[int, List[Tuple[str, nn.Module, Any]]] = {}
+    functional = {id(m.out_proj): name for name, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}  # used through F.*, never called
     for name, module in model.named_modules():
         trainable = _own_trainable(module)
-        type_name = type(module).__name__
         kind, reason = make_kind(module)
+        if id(module) in functional and kind is not None and registered_kind(module) is None:
+            kind, reason = None, (f"output projection of MultiheadAttention "
+                                  f"{functional[id(module)]!r}: {MHA_REASON}")
         if kind is None:
             if trainable:
-                skipped.append(Skipped(name, type_name, reason, trainable))
+                skipped.append(Skipped(name, type(module).__name__, reason, trainable))
             continue
-        weight = module.weight
-        if not weight.requires_grad:
+        if not kind.weight.requires_grad:
             continue  # frozen: nothing to precondition (not listed: it is not trained)
-        pattern = _matches(config.skip_layers, name, type_name)
+        by_weight.setdefault(id(kind.weight), []).append((name, module, kind))
+    for holders in by_weight.values():
+        name, module, kind = holders[0]
+        type_name = type(module).__name__
+        names = [h[0] for h in holders]
+        shared = len(holders) > 1
+        what = f" (its weight is shared with {names[1:]})" if shared else ""
+        pattern = next((p for p in (_matches(config.skip_layers, n, type(m).__name__)
+                                    for n, m, _ in holders) if p), "")
         if pattern:
-            skipped.append(Skipped(name, type_name, f"matched skip_layers {pattern!r}", trainable))
+            _refuse_all(skipped, holders, f"matched skip_layers {pattern!r}{what}")
             continue
         settings = layer_settings(config, name, type_name)
         if settings["compute_method"] == "skip":
-            skipped.append(Skipped(name, type_name, "layer_overrides: compute_method=skip", trainable))
+            _refuse_all(skipped, holders, f"layer_overrides: compute_method=skip{what}")
             continue
-        tied = _tied_to(owners, module, name)
+        if shared:
+            kind, reason = share(holders)  # decides whether the holders' bias enters W~
+            if kind is None:
+                _refuse_all(skipped, holders, f"shared weight: {reason}")
+                continue
+        tied = sorted({o for _, m, k in holders for p in _checked_params(m, k, shared)
+                       for o in owners.get(id(p), ())} - set(names))
         if tied:
-            reason = (f"parameters tied to {', '.join(map(repr, tied))}: tied weights are not "
-                      "preconditioned (their gradient sums several layers' uses)")
-            skipped.append(Skipped(name, type_name, reason, trainable))
+            reason = (f"parameters tied to {', '.join(map(repr, tied))}: tied weights are only "
+                      "preconditioned when every holder is a supported layer")
+            _refuse_all(skipped, holders, reason)
             continue
-        blocks[name] = KFACBlock(name, kind, factor_dtype(weight), **settings)
+        unsupported = _ekfac_unsupported(kind, shared)
+        if settings["compute_method"] == "ekfac" and unsupported:
+            _refuse_all(skipped, holders, f"compute_method='ekfac' does not support {unsupported} "
+                        "(use 'eigen' for this layer through layer_overrides)")
+            continue
+        if shared:
+            for holder_name, holder, _ in holders:
+                bias = getattr(holder, "bias", None)
+                if not kind.has_bias and isinstance(bias, torch.Tensor) and bias.requires_grad:
+                    skipped.append(Skipped(holder_name, type(holder).__name__,
+                                           "bias of a shared-weight layer (raw gradient)",
+                                           bias.numel()))
+        blocks[name] = KFACBlock(name, kind, factor_dtype(kind.weight), **settings)
     return blocks, skipped
+
+
+def _ekfac_unsupported(kind: Any, shared: bool) -> str:
+    """What EKFAC's per-example scaling cannot handle here ("" when it can)."""
+    if shared:
+        return "shared weights"
+    if kind.groups > 1:
+        return "grouped convolutions"
+    if kind.diagonal_a and getattr(kind.module, "padding_idx", None) is not None:
+        return "nn.Embedding(padding_idx=...)"  # its scaling would count the padding positions
+    return ""
+
+
+def _checked_params(module: nn.Module, kind: Any, shared: bool) -> List[torch.Tensor]:
+    """Parameters whose other holders must be this weight's holders: the weight, and the bias
+    when it enters W~ (a shared weight's holders keep unshared biases raw)."""
+    params = [kind.weight]
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and (kind.has_bias or not shared):
+        params.append(bias)
+    return [p for p in params if p.requires_grad]

@@ -124,8 +124,8 @@ def pack_symmetric(matrix: Tensor, out: Tensor = None) -> Tensor:
     faster than ``M[torch.triu_indices(d, d)]`` for d ~ 1000 on CPU). A 1-D tensor (a diagonal
     factor, nn.Embedding's A) travels as it is. ``out`` (d(d+1)/2 numbers) receives the result.
     """
-    if matrix.dim() == 1:
-        return matrix if out is None else out.copy_(matrix)
+    if matrix.dim() != 2:  # a diagonal (vector) or a stack of per-group factors travels whole
+        return matrix.reshape(-1) if out is None else out.copy_(matrix.reshape(-1))
     n = matrix.shape[0]
     k, m, rows = _blocks(n)
     if out is None:
@@ -141,8 +141,8 @@ def pack_symmetric(matrix: Tensor, out: Tensor = None) -> Tensor:
 
 def unpack_symmetric_(matrix: Tensor, packed: Tensor) -> Tensor:
     """Write ``packed`` (from ``pack_symmetric``) into both triangles of ``matrix``, in place."""
-    if matrix.dim() == 1:
-        return matrix.copy_(packed)
+    if matrix.dim() != 2:
+        return matrix.copy_(packed.reshape(matrix.shape))
     n = matrix.shape[0]
     k, m, rows = _blocks(n)
     packed = packed.to(matrix.dtype)
@@ -180,7 +180,7 @@ def all_reduce_factors_(comm: Communicator, flags: Tensor, estimates: Sequence[T
         return
     first = True
     for (dtype, device), group in groups.items():
-        sizes = [t.numel() if t.dim() == 1 else symmetric_numel(t.shape[0]) for t in group]
+        sizes = [t.numel() if t.dim() != 2 else symmetric_numel(t.shape[0]) for t in group]
         head = flags.numel() if first else 0
         flat = torch.empty(head + sum(sizes), dtype=dtype, device=device)
         flat[:head] = flags
@@ -195,7 +195,7 @@ def all_reduce_factors_(comm: Communicator, flags: Tensor, estimates: Sequence[T
             offset = flags.numel()
             first = False
         for t in group:
-            n = t.numel() if t.dim() == 1 else symmetric_numel(t.shape[0])
+            n = t.numel() if t.dim() != 2 else symmetric_numel(t.shape[0])
             unpack_symmetric_(t, flat[offset:offset + n])
             offset += n
 

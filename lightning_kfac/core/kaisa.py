@@ -70,6 +70,8 @@ def _column_major(method: str, dtype: torch.dtype) -> FrozenSet[str]:
 
 def decomposition_layout(block, relative: bool) -> Optional[Layout]:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
+    if getattr(block.kind, "groups", 1) > 1:
+        return None  # stacked per-group factors (grouped convolutions): decomposed everywhere
     a, g, dtype = block.kind.a_dim(), block.kind.g_dim(), block.dtype
     method = str(getattr(block.compute_method, "value", block.compute_method))
     diagonal = getattr(block.kind, "diagonal_a", False)  # nn.Embedding: A kept as a vector
@@ -181,7 +183,7 @@ class DistributedWork:
         out: Dict[str, Dict[str, Tensor]] = {}
         for block in blocks:
             src, layout = self.owners()[block.name], self.layout(block)
-            device = block.kind.module.weight.device
+            device = block.kind.weight.device
             if src == rank:
                 dec = block.decomposition
                 _check_layout(block, dec, layout)
@@ -250,7 +252,7 @@ class DistributedWork:
         the result holds every layer whose owner produced a P (in ``blocks`` order).
         """
         blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)
-                  and (lr_of is None or id(b.kind.module.weight) in lr_of)]  # this optimizer's
+                  and (lr_of is None or id(b.kind.weight) in lr_of)]  # this optimizer's
         if self.mode != "gradients" or not blocks:
             return work
         rank = self.comm.rank
@@ -259,7 +261,7 @@ class DistributedWork:
         received: Dict[str, Tuple[Tensor, Tensor]] = {}
         for block in blocks:
             src = self.owners()[block.name]
-            device = block.kind.module.weight.device
+            device = block.kind.weight.device
             shape = (block.kind.g_dim(), block.kind.a_dim())
             item = local.get(block.name) if src == rank else None
             if item is not None:
@@ -304,7 +306,7 @@ class DistributedWork:
 
 def _device(blocks: Sequence[Any]) -> torch.device:
     """Where collective buffers live (nccl needs CUDA tensors): the first layer's device."""
-    return blocks[0].kind.module.weight.device if len(blocks) else torch.device("cpu")
+    return blocks[0].kind.weight.device if len(blocks) else torch.device("cpu")
 
 
 def _a_numel(block) -> int:
@@ -314,7 +316,7 @@ def _a_numel(block) -> int:
 
 
 def _work_item(block, lr_of):
-    weight = block.kind.module.weight
+    weight = block.kind.weight
     if lr_of is not None and id(weight) not in lr_of:
         return None
     raw = block.kind.grad_matrix()

@@ -15,18 +15,20 @@ Every retry is announced with a ``DecompositionRetryWarning`` (the preconditione
 logs them per layer), never silently. Eigenvalues are clamped at zero (factors are PSD;
 round-off can make them slightly negative).
 
-Conditioning before decomposing: the factor is symmetrized, and its exactly-zero rows/columns
-are split off (deflation). An input feature that is zero in every captured row (a conv kernel
-tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet stage at 1x1 resolution,
-where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives a zero row and
-column of ``A``: ``e_j`` is then an exact eigenvector with eigenvalue 0, and only the support
-block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3 times cheaper,
-and it removes the massively repeated zero eigenvalue on which float32 ``eigh`` fails to
-converge. When the support is at most half of A, it is kept (``"A_support"``, with the block
-``"A_support_Q"`` or ``"A_support_inv"``) so that preconditioning multiplies only ``grad[:, S]``
-by the (|S| x |S|) block (the zero part is ``grad[:, Z]`` over the damping).
+Conditioning before decomposing: the factor is symmetrized, and the exactly-zero rows/columns of
+a 2-D factor are split off (deflation). An input feature that is zero in every captured row (a
+conv kernel tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet stage at 1x1
+resolution, where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives a
+zero row and column of ``A``: ``e_j`` is then an exact eigenvector with eigenvalue 0, and only
+the support block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3
+times cheaper, and it removes the massively repeated zero eigenvalue on which float32 ``eigh``
+fails to converge. When the support is at most half of A, it is kept (``"A_support"``, with the
+block ``"A_support_Q"`` or ``"A_support_inv"``) so that preconditioning multiplies only
+``grad[:, S]`` by the (|S| x |S|) block (the zero part is ``grad[:, Z]`` over the damping).
 A 1-D ``A`` is a diagonal factor (nn.Embedding): its eigenbasis is the identity (no ``QA`` is
-stored), its eigenvalues are its entries and its damped inverse is a vector.
+stored), its eigenvalues are its entries and its damped inverse is a vector. Stacked factors
+(K x d x d, grouped convolutions: one block per group) are decomposed and applied batched; the
+inverse method takes each group's own pi.
 """
 
 from __future__ import annotations
@@ -62,13 +64,14 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     if not torch.isfinite(matrix).all():
         raise DecompositionError(f"{what}: the factor has non-finite entries")
+    shape = "x".join(str(n) for n in matrix.shape)
     warnings.warn(DecompositionRetryWarning(
-        f"{what} of a {matrix.shape[0]}x{matrix.shape[0]} {matrix.dtype} factor failed "
-        f"({reason}); retrying in float64 with jitter"), stacklevel=3)
+        f"{what} of a {shape} {matrix.dtype} factor failed ({reason}); retrying in float64 "
+        "with jitter"), stacklevel=3)
     m64 = matrix.double()
-    scale = float(m64.diagonal().abs().mean()) if m64.numel() else 0.0
+    scale = float(m64.diagonal(dim1=-2, dim2=-1).abs().mean()) if m64.numel() else 0.0
     jitter = max(scale, 1.0) * 1e-10
-    m64 = m64 + jitter * torch.eye(m64.shape[0], dtype=m64.dtype, device=m64.device)
+    m64 = m64 + jitter * torch.eye(m64.shape[-1], dtype=m64.dtype, device=m64.device)
     try:
         out = fn(m64)
     except RuntimeError as err:
@@ -79,7 +82,10 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
 
 
 def support(matrix: Tensor) -> Optional[Tensor]:
-    """Indices of the rows holding a nonzero entry, or None when no row is exactly zero."""
+    """Indices of the rows of a 2-D matrix holding a nonzero entry; None when no row is exactly
+    zero (or for a stack of matrices, which is never deflated)."""
+    if matrix.dim() != 2:
+        return None
     nonzero = (matrix != 0).any(dim=1)
     if bool(nonzero.all()):
         return None
@@ -91,7 +97,7 @@ def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
     matrix, plus ``"support"`` (see ``support``) when exactly-zero rows/columns were deflated:
     their eigenvectors are unit vectors with eigenvalue 0, listed first."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
-        sym = (m + m.T) * 0.5
+        sym = (m + m.mT) * 0.5
         e, q = torch.linalg.eigh(sym)
         return {"e": e.clamp_min(0.0), "Q": q}
     keep = support(matrix)
@@ -119,16 +125,20 @@ def _layout_like(full: Tensor, ref: Tensor) -> Tensor:
     return full
 
 
-def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
-    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU);
-    exactly-zero rows/columns are deflated (their block of the inverse is ``I / damping``)."""
+def damped_inverse(matrix: Tensor, damping) -> Tensor:
+    """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU).
+
+    A stack of matrices (K x d x d) takes a float or a (K x 1 x 1) tensor of dampings. The
+    exactly-zero rows/columns of a 2-D matrix are deflated (their block is ``I / damping``)."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
-        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-        damped = (m + m.T) * 0.5 + damping * eye
+        eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+        lam = damping.to(m.dtype) if isinstance(damping, Tensor) else damping
+        damped = (m + m.mT) * 0.5 + lam * eye
         chol, info = torch.linalg.cholesky_ex(damped)
-        inv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(damped)
+        inv = (torch.cholesky_inverse(chol) if m.dim() == 2 else torch.cholesky_solve(eye, chol)) \
+            if bool((info == 0).all()) else torch.linalg.inv(damped)
         return {"inv": inv}
-    keep = support(matrix)
+    keep = support(matrix) if not isinstance(damping, Tensor) else None
     if keep is None:
         return _retry(fn, matrix, "inverse")["inv"]
     inv = torch.diag(matrix.new_full((matrix.shape[0],), 1.0 / damping))
@@ -140,9 +150,9 @@ def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
 
 
 def mean_eigenvalue(matrix: Tensor) -> float:
-    """``tr(M) / dim(M)``."""
-    diagonal = matrix if matrix.dim() == 1 else matrix.diagonal()
-    return float(diagonal.sum()) / matrix.shape[0]
+    """``tr(M) / dim(M)`` (for a stack of matrices, per group: the mean over all groups)."""
+    diagonal = matrix if matrix.dim() == 1 else matrix.diagonal(dim1=-2, dim2=-1)
+    return float(diagonal.sum()) / diagonal.numel()
 
 
 def pi_correction(A: Tensor, G: Tensor) -> float:
@@ -179,8 +189,15 @@ def _damped_inverse_any(matrix: Tensor, damping: float) -> Tensor:
 
 def inverse_decomposition(A: Tensor, G: Tensor, damping: float) -> Dict[str, Tensor]:
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
-    pi = pi_correction(A, G)
     root = math.sqrt(damping)
+    if A.dim() == 3:  # grouped convolution: each group's own pi
+        a_mean = A.diagonal(dim1=-2, dim2=-1).mean(-1)
+        g_mean = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        ok = (a_mean > 0) & (g_mean > 0)
+        pi = torch.where(ok, (a_mean / torch.where(ok, g_mean, 1.0)).sqrt(), 1.0)
+        pi = torch.where(torch.isfinite(pi), pi, 1.0).reshape(-1, 1, 1)
+        return {"A_inv": damped_inverse(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
+    pi = pi_correction(A, G)
     dec = {"A_inv": _damped_inverse_any(A, pi * root), "G_inv": damped_inverse(G, root / pi)}
     keep = support(A) if A.dim() == 2 else None
     if keep is not None and _deflation_pays(keep, A.shape[0]):  # A_inv[S, S] kept
@@ -193,7 +210,7 @@ def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> 
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
     if "A_support_Q" in dec:
         return _precondition_eigen_deflated(grad, dec, damping)
-    rotated = dec["QG"].T @ grad
+    rotated = dec["QG"].mT @ grad
     return precondition_eigen_rotated(rotated @ dec["QA"] if "QA" in dec else rotated, dec, damping)
 
 
@@ -220,9 +237,10 @@ def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: 
 
 def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
     """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
-    rotated = rotated / (torch.outer(dec["eG"], dec["eA"]) + damping)
+    eA = dec["eA"].unsqueeze(-2)
+    rotated = rotated / (dec["eG"].unsqueeze(-1) * eA + damping)
     out = dec["QG"] @ rotated
-    return out @ dec["QA"].T if "QA" in dec else out
+    return out @ dec["QA"].mT if "QA" in dec else out
 
 
 def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
@@ -238,4 +256,4 @@ def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
             result = dec["G_inv"] @ (result * A_inv.diagonal())
         result[:, keep] = dec["G_inv"] @ (grad[:, keep] @ dec["A_support_inv"])
         return result
-    return dec["G_inv"] @ grad @ A_inv if A_inv.dim() == 2 else (dec["G_inv"] @ grad) * A_inv
+    return dec["G_inv"] @ grad @ A_inv if A_inv.dim() == grad.dim() else (dec["G_inv"] @ grad) * A_inv
