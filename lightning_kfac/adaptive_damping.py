@@ -43,23 +43,31 @@ def step_loss(output: Any) -> float:
     return math.nan
 
 
-def training_loss(module: nn.Module, batch: Any, batch_idx: int, context: Any = None) -> float:
-    """``module.training_step(batch, batch_idx)``'s loss, with no side effects (see module doc)."""
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+@contextlib.contextmanager
+def silenced_logging(module: nn.Module):
+    """``module.log`` / ``module.log_dict`` do nothing inside (a re-run logs no duplicates)."""
     shadowed = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
     module.log = _silent
     module.log_dict = _silent
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
-                (context if context is not None else contextlib.nullcontext()):
-            output = module.training_step(batch, batch_idx)
+        yield module
     finally:
         for name in ("log", "log_dict"):
             if name in shadowed:
                 module.__dict__[name] = shadowed[name]
             else:
                 del module.__dict__[name]
+
+
+def training_loss(module: nn.Module, batch: Any, batch_idx: int, context: Any = None) -> float:
+    """``module.training_step(batch, batch_idx)``'s loss, with no side effects (see module doc)."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    try:
+        with silenced_logging(module), torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                (context if context is not None else contextlib.nullcontext()):
+            output = module.training_step(batch, batch_idx)
+    finally:
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)

@@ -16,6 +16,10 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   ``g`` is the gradient of the user's own loss; with ``fisher_type="mc"``, ``pre.mc_backward()``.
 - ``on_before_optimizer_step``: ``pre.step(optimizer)`` after DDP averaging and AMP unscaling,
   before Lightning's gradient clipping and the optimizer's ``step``; only the optimizer's params.
+  With ``step_rule="quadratic"`` (step_rule.py) the engine there moves the preconditioned
+  parameters itself by ``alpha Delta + mu delta_0`` (exact quadratic model, re-running
+  ``training_step`` on the batch with logging silenced) and sets their ``.grad`` to None, so the
+  optimizer, which skips parameters without a gradient, steps only the others.
   A 16-mixed overflow step (non-finite gradients, which the scaler skips) leaves the factors and
   gradients untouched.
 - ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists;
@@ -55,6 +59,7 @@ from lightning_kfac.core.distributed import Communicator, TorchDistributedCommun
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.diagnostics_callback import DiagnosticsRecorder
 from lightning_kfac.preconditioner import KFACPreconditioner
+from lightning_kfac.step_rule import STATS as STEP_RULE_STATS, lightning_closure, trainer_refusal
 
 # Matched by class name along the MRO, so that the same classes of the unified ``lightning``
 # package (``lightning.pytorch.strategies``) are refused too.
@@ -108,6 +113,7 @@ class KFACCallback(Callback):
         self._stepped = False
         self._batch_stats: Dict[str, float] = {}
         self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
+        self._batch: Optional[Tuple[Any, int]] = None  # step_rule="quadratic": the batch to re-run
 
     # -- identity and state -------------------------------------------------------------------------
     @property
@@ -178,6 +184,8 @@ class KFACCallback(Callback):
                 "training_step after the optimizer step, which under manual optimization would "
                 "step the optimizers again. Use a damping_schedule, or call "
                 "callback.preconditioner.update_damping(loss_before, loss_after) yourself.")
+        if self.config.step_rule == "quadratic" and trainer_refusal(trainer, module):
+            raise MisconfigurationException(trainer_refusal(trainer, module))
         previous = self.preconditioner
         communicator = (TorchDistributedCommunicator() if trainer.world_size > 1
                         else Communicator())
@@ -236,6 +244,7 @@ class KFACCallback(Callback):
         # Manual optimization: global_step counts every optimizer's steps; use batches that stepped.
         self._clock = trainer.global_step if pl_module.automatic_optimization else pre.steps
         pre.set_step(self._clock)
+        self._batch = (batch, batch_idx)
         if self._diagnostics is not None:  # diagnostics_callback.py: hooks on diagnostic steps
             self._diagnostics.start(self._clock)
 
@@ -272,7 +281,10 @@ class KFACCallback(Callback):
                 block.reset_accumulators()
             pre.counters["overflow_steps"] = pre.counters.get("overflow_steps", 0) + 1
         else:
-            pre.step(optimizer)
+            closure = None  # step_rule="quadratic": re-runs training_step on this batch
+            if pre.step_rule is not None and self._batch is not None:
+                closure = lightning_closure(pl_module, *self._batch)
+            pre.step(optimizer, closure=closure)
             self._record_stats(pre.last_stats)
         if manual:
             # Keep capturing at t for the rest of the batch; the clock advances at batch end.
@@ -291,10 +303,14 @@ class KFACCallback(Callback):
         merged["kfac/grad_norm_ratio"] = float(stats.get("grad_norm_ratio", 1.0))
         merged["kfac/damping"] = float(stats.get("damping", self.config.damping))
         merged["kfac/layers"] = float(stats.get("layers", 0.0))
+        for key in STEP_RULE_STATS:  # step_rule="quadratic": alpha, mu, M(delta), rho (if adapted)
+            if key in stats and math.isfinite(stats[key]):
+                merged[f"kfac/{key}"] = float(stats[key])
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         pre = self._live()
+        self._batch = None
         if pre is not None and self._stepped:
             self._stepped = False
             pre.set_step(self._clock + 1)  # manual optimization: one K-FAC step per batch

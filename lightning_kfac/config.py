@@ -91,6 +91,13 @@ class Distribute(_StrEnum):
     GRADIENTS = "gradients"
 
 
+class StepRule(_StrEnum):
+    """Who turns the preconditioned direction into the update (lightning_kfac/step_rule.py)."""
+
+    OPTIMIZER = "optimizer"
+    QUADRATIC = "quadratic"
+
+
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
 
@@ -209,6 +216,10 @@ class KFACConfig:
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
             step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
+        step_rule: "optimizer" (default: the preconditioned gradient replaces ``.grad`` and the
+            user's optimizer steps) or "quadratic" (Martens & Grosse 2015, sec. 7: the engine
+            moves the preconditioned parameters by ``alpha Delta + mu delta_0`` chosen on the
+            exact quadratic model and sets their ``.grad`` to None; lightning_kfac/step_rule.py).
     """
 
     damping: float = 1e-3
@@ -241,6 +252,7 @@ class KFACConfig:
     low_rank: bool = True
     stagger_refresh: bool = False
     diagnostics_every_n_steps: Optional[int] = None
+    step_rule: StepRule = StepRule.OPTIMIZER  # issue 11 item 2 (lightning_kfac/step_rule.py)
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
@@ -279,6 +291,7 @@ class KFACConfig:
             except ValueError:
                 raise _invalid("diagnostics_every_n_steps", self.diagnostics_every_n_steps,
                                "must be None (off) or an integer >= 1") from None
+        self.step_rule = _check_enum("step_rule", self.step_rule, StepRule)
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "

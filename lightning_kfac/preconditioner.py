@@ -36,6 +36,7 @@ from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, d
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
+from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
@@ -89,6 +90,8 @@ class KFACPreconditioner:
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
+        # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
+        self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
@@ -156,8 +159,17 @@ class KFACPreconditioner:
                              "mc_backward(): it needs fisher_type='mc'.")
         self.mc.backward(output)
 
-    def step(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """Update factors / decompositions on their clocks, then precondition the gradients."""
+    def step(self, optimizer: Optional[torch.optim.Optimizer] = None,
+             closure: Optional[Any] = None) -> None:
+        """Update factors / decompositions on their clocks, then precondition the gradients.
+
+        ``step_rule="quadratic"`` (step_rule.py) needs ``closure`` (re-computes the batch loss):
+        then this call also moves the preconditioned parameters by ``alpha Delta + mu delta_0``
+        and sets their ``.grad`` to None; ``closure`` is ignored otherwise.
+        """
+        # -- step_rule="quadratic": the rule runs this method's body inside its own step --
+        if self.step_rule is not None and not self.step_rule.running:
+            return self.step_rule.step(optimizer, closure)
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
@@ -224,6 +236,7 @@ class KFACPreconditioner:
             "layers": {name: b.state_dict() for name, b in self.blocks.items()},
             "damping": self.damping_control.state_dict(),
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
+            **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
         self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
         return state
@@ -245,6 +258,8 @@ class KFACPreconditioner:
             self.blocks[name].load_state_dict(block_state)
         if self.mc is not None and "mc" in state:
             self.mc.load_state_dict(state["mc"])
+        if self.step_rule is not None and "step_rule" in state:
+            self.step_rule.load_state_dict(state["step_rule"])
         self._set_capture()
 
     # -- internals -------------------------------------------------------------------------------

@@ -152,8 +152,8 @@ def test_experiments_select_their_components_and_the_command_line_wins():
 def test_presets_hold_their_papers_settings():
     m = compose_cfg("kfac=martens2015").kfac
     assert (m.compute_method, m.factor_decay, m.inv_update_steps, m.factor_update_steps,
-            m.fisher_type, m.adaptive_damping, m.adaptive_damping_interval) == (
-        "inverse", 0.95, 20, 1, "mc", True, 5)
+            m.fisher_type, m.adaptive_damping, m.adaptive_damping_interval, m.step_rule,
+            m.kl_clip) == ("inverse", 0.95, 20, 1, "mc", True, 5, "quadratic", None)
     k = compose_cfg("kfac=kaisa").kfac
     assert (k.factor_update_steps, k.inv_update_steps, k.kl_clip, k.damping,
             k.compute_method) == (10, 100, 1e-3, 1e-3, "eigen")

@@ -31,6 +31,10 @@ factors' mean eigenvalues, so every rank computes the same model).
 (damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a zero
 step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
 are averaged over ranks first, so every rank takes the same decision.
+
+With ``step_rule="quadratic"`` (lightning_kfac/step_rule.py) the same LM update
+(:meth:`DampingControl.apply_rho`) runs on the exact quadratic model of that rule instead, and
+the snapshot above is never taken (:meth:`DampingControl.due` is False).
 """
 
 from __future__ import annotations
@@ -143,9 +147,16 @@ class DampingControl:
         if str(self.config.damping_schedule) != "constant":
             self.value = scheduled_damping(self.config, step)
 
-    def due(self, step: int) -> bool:
+    def adaptation_step(self, step: int) -> bool:
         """True on the adaptation steps: every ``adaptive_damping_interval``-th step."""
         return self.config.adaptive_damping and step % self.config.adaptive_damping_interval == 0
+
+    def due(self, step: int) -> bool:
+        """An adaptation step on the K-FAC model (snapshot now, ``adapt`` after the step).
+
+        Never with ``step_rule="quadratic"``: that rule adapts on the exact model itself
+        (lightning_kfac/step_rule.py, through :meth:`apply_rho`)."""
+        return self.adaptation_step(step) and str(self.config.step_rule) == "optimizer"
 
     # -- adaptation ------------------------------------------------------------------------------
     def snapshot(self, pre: Any, optimizer: Optional[torch.optim.Optimizer], step: int) -> None:
@@ -209,6 +220,14 @@ class DampingControl:
         before, after = _as_float(loss_before), _as_float(loss_after)
         predicted = self.model_decrease()
         self.pending = None
+        return self.apply_rho(pre, before, after, predicted)
+
+    def apply_rho(self, pre: Any, before: float, after: float, predicted: float) -> float:
+        """``rho = (after - before) / predicted`` and the LM update of the damping; returns rho.
+
+        ``predicted`` is the model's change ``M(delta) - M(0)``. Under DDP the three numbers are
+        averaged over ranks first (one decision everywhere).
+        """
         comm = pre.comm
         if comm.world_size > 1:  # one decision for all ranks: average both losses (and M)
             device = next((p.device for p in pre.model.parameters()), torch.device("cpu"))
