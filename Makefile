@@ -1,6 +1,8 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # Both create (or reuse) a virtual environment in .venv and install the package with pinned
-# versions (constraints.txt pins torch==2.13.0, the CPU wheel, for reproducible CI).
+# versions (constraints.txt pins torch==2.13.0 for reproducible CI; which build pip installs is
+# the package index's choice: the CPU build (2.13.0+cpu) on this machine, the CUDA build from
+# PyPI's default index on Linux x86_64).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

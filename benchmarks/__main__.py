@@ -1,5 +1,7 @@
 """Run every benchmark: ``python -m benchmarks [--tiny] [--out DIR] [--only NAME ...]``.
 
+``python -m benchmarks suite [...]`` runs the time-to-target suite instead (benchmarks/suite.py).
+
 Each benchmark prints a plain-text table and writes ``DIR/<name>.json`` and ``DIR/<name>.png``
 (default ``bench_results/``). ``--tiny`` runs small sizes for a smoke test (well under a minute).
 """
@@ -7,6 +9,7 @@ Each benchmark prints a plain-text table and writes ``DIR/<name>.json`` and ``DI
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -17,6 +20,11 @@ BENCHMARKS = {"step_overhead": step_overhead, "time_to_target": time_to_target,
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["suite"]:
+        from benchmarks import suite
+
+        return {"suite": suite.main(argv[1:])}
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description=__doc__.splitlines()[0])
     common.add_common_args(parser)

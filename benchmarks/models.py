@@ -43,15 +43,16 @@ def sparse_init_(model: nn.Module, nonzero: int = 15, generator: torch.Generator
 
 
 def autoencoder(encoder: Sequence[int] = (784, 1000, 500, 250, 30), sparse_init: bool = False,
-                generator: torch.Generator = None) -> nn.Sequential:
-    """Sigmoid encoder/decoder with a linear code layer; outputs logits (use BCE with logits)."""
+                generator: torch.Generator = None, act=nn.Sigmoid) -> nn.Sequential:
+    """``act`` (default sigmoid) encoder/decoder with a linear code layer; outputs logits (use
+    BCE with logits)."""
     sizes = list(encoder) + list(reversed(encoder[:-1]))
     code = len(encoder) - 2  # index of the code layer (linear, no activation)
     layers = []
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(d_in, d_out))
         if i != code and i < len(sizes) - 2:
-            layers.append(nn.Sigmoid())
+            layers.append(act())
     model = nn.Sequential(*layers)
     if sparse_init:
         sparse_init_(model, generator=generator)

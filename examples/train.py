@@ -1,9 +1,9 @@
 """Train any of the digits examples from the Hydra config tree in ``conf/``, with or without K-FAC.
 
     python examples/train.py                                   # digits autoencoder + K-FAC defaults
-    python examples/train.py kfac.damping=1e-2 trainer.max_epochs=3
+    python examples/train.py kfac.kl_clip=1e-2 trainer.max_epochs=3  # the best kl_clip here
     python examples/train.py kfac=off                          # the baseline: no callback
-    python examples/train.py experiment=classifier kfac=kaisa optimizer=adam
+    python examples/train.py experiment=classifier kfac=kaisa kfac.damping=3e-2  # README: 3e-2
     python examples/train.py -m kfac.damping=1e-3,1e-2         # a sweep, outputs in multirun/
 
 K-FAC is one callback built from ``cfg.kfac`` (``_target_: lightning_kfac.KFACCallback``, checked
@@ -31,7 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lightning_kfac.hydra import register_configs  # noqa: E402
 
-register_configs()  # the kfac/schema node that conf/kfac/*.yaml extend
+register_configs()  # the kfac_schema node that conf/kfac/*.yaml extend
 CONF_DIR = ROOT / "conf"
 
 
@@ -103,6 +103,25 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Optional[Path]:
     return out_png
 
 
+def task_overrides() -> List[str]:
+    """The command-line overrides of this Hydra job (``[]`` outside a Hydra app, e.g. compose)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def plot_title(model_name: str, kfac_on: bool, overrides: List[str], width: int = 70) -> str:
+    """``MLPClassifier on digits, K-FAC`` plus the job's overrides (wrapped), so that the plots
+    of a sweep (``-m kfac.damping=1e-3,1e-2``) say which run each one is."""
+    import textwrap
+
+    title = f"{model_name} on digits, {'K-FAC' if kfac_on else 'no K-FAC'}"
+    if overrides:
+        title += "\n" + "\n".join(textwrap.wrap(" ".join(overrides), width))
+    return title
+
+
 def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
         csv_logger: bool = True) -> RunResult:
     """Fit, test (if ``cfg.test``), then plot (if ``cfg.plot``); files go to ``output_dir``.
@@ -122,8 +141,7 @@ def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] 
     metrics_csv = metrics_csv if metrics_csv.exists() else None
     plot = None
     if cfg.get("plot", True) and metrics_csv is not None and trainer.is_global_zero:
-        label = "K-FAC" if kfac is not None else "no K-FAC"
-        title = f"{type(model).__name__} on digits, {label}"
+        title = plot_title(type(model).__name__, kfac is not None, task_overrides())
         plot = plot_losses(metrics_csv, output_dir / "loss.png", title)
     return RunResult(trainer, model, datamodule, kfac, test_metrics, output_dir, metrics_csv, plot)
 

@@ -1,6 +1,6 @@
 """lightning-kfac: K-FAC second-order preconditioning for PyTorch Lightning in one line.
 
-    trainer = Trainer(callbacks=[KFACCallback(damping=1e-3)])
+    trainer = Trainer(callbacks=[KFACCallback()])
 
 ``KFACPreconditioner`` is the same engine for plain PyTorch loops; ``KFACConfig`` holds every
 option; ``register_layer`` adds a layer type (docs/layers.md). Importing this package does not
@@ -8,11 +8,12 @@ import Hydra; Lightning is imported lazily, only when ``KFACCallback`` is first 
 """
 
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.coverage import KFACCoverageWarning
 from lightning_kfac.core.layers import LayerKind, register_layer, unregister_layer
 from lightning_kfac.preconditioner import KFACOptimizer, KFACPreconditioner
 
-__all__ = ["KFACCallback", "KFACConfig", "KFACOptimizer", "KFACPreconditioner", "LayerKind",
-           "register_layer", "unregister_layer"]
+__all__ = ["KFACCallback", "KFACConfig", "KFACCoverageWarning", "KFACOptimizer",
+           "KFACPreconditioner", "LayerKind", "register_layer", "unregister_layer"]
 __version__ = "0.1.0"
 
 

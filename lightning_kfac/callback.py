@@ -22,8 +22,16 @@ Hook map (one optimizer step t = ``trainer.global_step`` before the step):
   optimizer, which skips parameters without a gradient, steps only the others.
   A 16-mixed overflow step (non-finite gradients, which the scaler skips) leaves the factors and
   gradients untouched.
-- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists;
-  Lightning writes them every ``log_every_n_steps``).
+- ``on_train_batch_end``: log ``kfac/*`` through ``pl_module.log`` (only when a logger exists,
+  or ``prog_bar=True``; Lightning writes them every ``log_every_n_steps``). What K-FAC costs:
+  ``kfac/time_ms`` = ``time_factors_ms`` (factor estimates and their all-reduce) +
+  ``time_decompose_ms`` (eigendecompositions / inverses, EKFAC scalings) +
+  ``time_precondition_ms`` (preconditioning, KL clip) + bookkeeping, host wall time of
+  ``pre.step``; ``kfac/step_ms`` the training step's wall time (batch start to batch end, summed
+  over accumulated batches); each a mean per optimizer step since the last write (refreshes
+  amortized); ``kfac/overhead_share`` = sum time_ms / sum step_ms over them. The capture hooks' time
+  inside forward/backward is not in time_ms. On a GPU the times are of kernel launches unless
+  something synchronizes.
 - ``on_fit_end`` / ``teardown`` / ``on_exception``: remove every hook; ``factors()`` stays
   available.
 - ``diagnostics_every_n_steps``: on those steps only, ``diagnostics_callback.py`` records the
@@ -42,8 +50,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import re
+import time
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -53,6 +64,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_kfac import cli_errors
 from lightning_kfac.adaptive_damping import adapt_damping
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
@@ -87,9 +99,18 @@ def check_strategy(strategy: Any) -> None:
 class KFACCallback(Callback):
     """K-FAC second-order preconditioning for any LightningModule, with no model changes.
 
+    Every ``KFACConfig`` option is a typed keyword of ``__init__`` (its description is generated
+    from ``KFACConfig``'s docstring), so IDEs, ``LightningCLI --help`` and jsonargparse see them;
+    enum options take their lowercase strings (``compute_method="inverse"``).
+
     Args:
-        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig``) or None.
-        **options: any ``KFACConfig`` option; overrides ``config``.
+        config: a ``KFACConfig``, a mapping of its options (e.g. a Hydra ``DictConfig`` or a
+            ``LightningCLI`` ``config:`` mapping) or None.
+        prog_bar: also show ``kfac/overhead_share`` (K-FAC's share of the step time) in the
+            progress bar.
+        **options: any ``KFACConfig`` option. A keyword overrides ``config``'s value unless it is
+            left at its default, so ``KFACCallback(config={"damping": 1e-2})`` keeps 1e-2 even when
+            a CLI passes every keyword at its default.
 
     Raises:
         MisconfigurationException: an invalid option (same message as ``KFACConfig``'s
@@ -99,19 +120,65 @@ class KFACCallback(Callback):
         >>> trainer = Trainer(callbacks=[KFACCallback(damping=1e-3, inv_update_steps=50)])
     """
 
-    def __init__(self, config: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        config: Union[Dict[str, Any], KFACConfig, None] = None,
+        *,
+        damping: float = 0.1,
+        factor_update_steps: int = 10,
+        inv_update_steps: int = 100,
+        factor_decay: float = 0.95,
+        kl_clip: Optional[float] = 1e-3,
+        compute_method: Literal["eigen", "inverse", "ekfac"] = "eigen",
+        fisher_type: Literal["empirical", "mc"] = "empirical",
+        likelihood: Literal["categorical", "bernoulli", "gaussian"] = "categorical",
+        output_module: Optional[str] = None,
+        mc_samples: int = 1,
+        gaussian_variance: float = 1.0,
+        skip_layers: Optional[List[str]] = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        output_reduction: Literal["mean", "sum"] = "mean",
+        damping_mode: Literal["absolute", "relative"] = "relative",
+        factor_init: Literal["identity", "batch", "scaled_identity"] = "identity",
+        warmup_steps: int = 0,
+        damping_schedule: Literal["constant", "exponential", "step"] = "constant",
+        damping_decay: float = 0.5,
+        damping_step_size: int = 1000,
+        adaptive_damping: bool = False,
+        adaptive_damping_interval: int = 5,
+        adaptive_damping_factor: Optional[float] = None,
+        min_damping: float = 0.0,
+        max_damping: Optional[float] = None,
+        layer_overrides: Optional[List[Dict[str, Any]]] = None,
+        nonfinite: Literal["skip", "raise"] = "skip",
+        max_decomposition_failures: int = 3,
+        distribute: Literal["replicate", "decompositions", "gradients"] = "gradients",
+        low_rank: bool = True,
+        diagnostics_every_n_steps: Optional[int] = None,
+        step_rule: Literal["optimizer", "quadratic"] = "optimizer",
+        prog_bar: bool = False,
+        **options: Any,
+    ) -> None:
+        given = locals()
+        named = {name: given[name] for name, default in _OPTION_DEFAULTS.items()
+                 if not _equals_default(given[name], default)}
         try:
-            self.config = KFACConfig.from_any(config, **options)
+            self.config = KFACConfig.from_any(config, **named, **options)
         except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
+            raise MisconfigurationException(str(err)) from None
+        self.prog_bar = bool(prog_bar)
         self._state_key = self._generate_state_key(**self.config.to_dict())
         self.preconditioner: Optional[KFACPreconditioner] = None
         self._pending_state: Optional[Dict[str, Any]] = None
+        self._stage: Optional[str] = None  # the Trainer entry point running ("fit", "validate"...)
         self._fit_module: Optional[pl.LightningModule] = None
         self._active = False
         self._clock = 0
         self._stepped = False
         self._batch_stats: Dict[str, float] = {}
+        self._batch_start: Optional[float] = None  # kfac/overhead_share: the step's wall time
+        self._step_ms = 0.0
+        self._interval_ms: Dict[str, float] = {}  # time sums since the last write (amortized)
         self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
         self._batch: Optional[Tuple[Any, int]] = None  # step_rule="quadratic": the batch to re-run
 
@@ -137,7 +204,14 @@ class KFACCallback(Callback):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Stash the state: Lightning calls this before ``on_fit_start`` (no hooks yet)."""
+        """Stash the state: Lightning calls this before ``on_fit_start`` (no hooks yet).
+
+        Lightning calls it for every entry point given a ``ckpt_path``; only ``fit`` restores
+        K-FAC state, so under ``validate`` / ``test`` / ``predict`` the state is ignored (it
+        would otherwise leak into the next ``fit`` of a reused callback).
+        """
+        if self._stage is not None and self._stage != "fit":
+            return
         self._pending_state = dict(state_dict)
         if self._active and self.preconditioner is not None:
             self._apply_pending_state()
@@ -151,7 +225,7 @@ class KFACCallback(Callback):
         KFACCallback state is in the checkpoint, it is loaded (the current options win).
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
+        if self.state_key in states or getattr(trainer.state.fn, "value", None) != "fit":
             return
         prefix = type(self).__qualname__ + "{"
         claimed = {cb.state_key for cb in trainer.callbacks}
@@ -169,6 +243,10 @@ class KFACCallback(Callback):
                 "options and none matches this callback's; K-FAC restarts from empty factors.")
 
     # -- fit lifecycle ---------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Remember the entry point: Lightning restores checkpoint state after ``setup``."""
+        self._stage = str(getattr(stage, "value", stage))  # a TrainerFn ("fit", "validate"...)
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         check_strategy(trainer.strategy)
         for optimizer in trainer.optimizers:  # closure-based ones (LBFGS): core/optim_check.py
@@ -206,6 +284,7 @@ class KFACCallback(Callback):
                 "KFACCallback of this Trainer; preconditioning twice would apply the inverse "
                 "Fisher twice. Give each instance disjoint layers (skip_layers) or keep one.")
         self.preconditioner = pre
+        pre.undoable = True  # on_exception undoes a K-FAC step whose optimizer step never ran
         self._active = True
         self._diagnostics = DiagnosticsRecorder.for_fit(self.config, pre, trainer)  # None if off
         if self._pending_state is None and previous is not None \
@@ -230,9 +309,21 @@ class KFACCallback(Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hooks()
+        self._pending_state = None  # applied at on_fit_start, or not meant for a fit
+        self._stage = None
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
+        """Undo the K-FAC step of an optimizer step that never ran, then remove the hooks.
+
+        An exception (or Ctrl+C) between ``pre.step`` and ``optimizer.step()`` leaves
+        ``trainer.global_step`` at t, so a later ``fit`` repeats step t: its factor update must
+        not be applied twice (core/transaction.py). Under manual optimization only what was
+        captured is dropped (several optimizers may have stepped).
+        """
+        pre = self._live()
+        if pre is not None:
+            pre.abort_step(trainer.global_step if pl_module.automatic_optimization else None)
         self._remove_hooks()
 
     # -- clocks and scales -----------------------------------------------------------------------------
@@ -244,6 +335,7 @@ class KFACCallback(Callback):
         # Manual optimization: global_step counts every optimizer's steps; use batches that stepped.
         self._clock = trainer.global_step if pl_module.automatic_optimization else pre.steps
         pre.set_step(self._clock)
+        self._batch_start = time.perf_counter()
         self._batch = (batch, batch_idx)
         if self._diagnostics is not None:  # diagnostics_callback.py: hooks on diagnostic steps
             self._diagnostics.start(self._clock)
@@ -297,7 +389,8 @@ class KFACCallback(Callback):
     def _record_stats(self, stats: Mapping[str, float]) -> None:
         """Merge the engine's per-step statistics over the optimizer steps of one batch."""
         merged = self._batch_stats
-        merged["kfac/time_ms"] = merged.get("kfac/time_ms", 0.0) + float(stats.get("time_ms", 0.0))
+        for key in _TIME_KEYS:  # summed over the optimizers of the batch
+            merged[f"kfac/{key}"] = merged.get(f"kfac/{key}", 0.0) + float(stats.get(key, 0.0))
         nu = float(stats.get("kl_clip_factor", 1.0))
         merged["kfac/kl_clip_factor"] = min(nu, merged.get("kfac/kl_clip_factor", math.inf))
         merged["kfac/grad_norm_ratio"] = float(stats.get("grad_norm_ratio", 1.0))
@@ -310,6 +403,8 @@ class KFACCallback(Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         pre = self._live()
+        if pre is not None:
+            pre.commit_step()  # the batch's optimizer step ran: the K-FAC step is final
         self._batch = None
         if pre is not None and self._stepped:
             self._stepped = False
@@ -321,15 +416,34 @@ class KFACCallback(Callback):
             if self._batch_stats:
                 self._batch_stats["kfac/rho"] = float(rho)
         stats, self._batch_stats = self._batch_stats, {}
+        if pre is not None and self._batch_start is not None:  # the training step's wall time
+            self._step_ms += 1e3 * (time.perf_counter() - self._batch_start)
+            self._batch_start = None
+        if stats:  # this optimizer step's times (step_ms: its batches, with accumulation)
+            stats["kfac/step_ms"], self._step_ms = self._step_ms, 0.0
+            interval = self._interval_ms
+            for key in (*_TIME_KEYS, "step_ms"):
+                interval[key] = interval.get(key, 0.0) + stats[f"kfac/{key}"]
+            interval["steps"] = interval.get("steps", 0.0) + 1.0
         # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small model's step)
-        if not stats or not trainer.loggers or trainer.global_step % trainer.log_every_n_steps:
+        if not stats or not (trainer.loggers or self.prog_bar) \
+                or trainer.global_step % trainer.log_every_n_steps:
             return
+        # Times: means per optimizer step since the last write, so that factor and decomposition
+        # refreshes (every N / M steps) are amortized into what is logged, not missed or spiked.
+        interval, self._interval_ms = self._interval_ms, {}
+        for key in (*_TIME_KEYS, "step_ms"):
+            stats[f"kfac/{key}"] = interval[key] / interval["steps"]
+        stats["kfac/overhead_share"] = (min(1.0, interval["time_ms"] / interval["step_ms"])
+                                        if interval["step_ms"] > 0 else 0.0)
         if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
             for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
                         "decomposition_retries", "overflow_steps"):
                 stats[f"kfac/{key}"] = float(pre.counters.get(key, 0))
         for name, value in stats.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1,
+                          prog_bar=self.prog_bar and name == "kfac/overhead_share",
+                          logger=bool(trainer.loggers))
 
     # -- results ---------------------------------------------------------------------------------------
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
@@ -355,9 +469,11 @@ class KFACCallback(Callback):
     def _remove_hooks(self) -> None:
         if self.preconditioner is not None:
             self.preconditioner.remove()
+            self.preconditioner.commit_step()  # no undo information kept after fit
         self._active = False
         self._stepped = False
         self._batch_stats = {}
+        self._batch_start, self._step_ms, self._interval_ms = None, 0.0, {}
         if self._diagnostics is not None:
             self._diagnostics.remove()
 
@@ -375,3 +491,53 @@ def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     if not grads:
         return False
     return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+#: The engine's per-step timings (``KFACPreconditioner.last_stats``), logged as ``kfac/<key>``.
+_TIME_KEYS = ("time_ms", "time_factors_ms", "time_decompose_ms", "time_precondition_ms")
+
+
+# -- the typed signature ---------------------------------------------------------------------------
+#: Keywords of ``KFACCallback.__init__`` that are the callback's own, not ``KFACConfig`` options.
+CALLBACK_ONLY_OPTIONS = ("prog_bar",)
+#: The ``KFACConfig`` options of the signature and their defaults (tests/test_callback_signature.py
+#: checks that they mirror ``KFACConfig``'s fields, types and defaults).
+_OPTION_DEFAULTS = {name: param.default for name, param
+                    in inspect.signature(KFACCallback.__init__).parameters.items()
+                    if param.kind is inspect.Parameter.KEYWORD_ONLY
+                    and name not in CALLBACK_ONLY_OPTIONS}
+
+
+def _equals_default(value: Any, default: Any) -> bool:
+    """True when a keyword holds its signature default (it then leaves ``config``'s value).
+
+    Strict on type, so that ``adaptive_damping=0`` or ``mc_samples=True`` still reach
+    ``KFACConfig``'s validation instead of passing for the default.
+    """
+    if default is None or isinstance(default, bool):
+        return value is default
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default  # enum members are str subclasses
+    if type(value) not in (int, float):
+        return False
+    return value == default
+
+
+def _init_docstring() -> str:
+    """``__init__``'s ``Args:`` section, built from ``KFACConfig``'s ``Attributes:`` (one source
+    for the descriptions that IDEs and ``LightningCLI --help`` show)."""
+    doc = inspect.getdoc(KFACConfig) or ""
+    section = doc.split("Attributes:", 1)[-1]
+    lines = ["Build the callback; every keyword is a KFACConfig option unless noted.", "",
+             "Args:",
+             "    config: a KFACConfig, a mapping of its options or None; a keyword left at its",
+             "        default leaves config's value, any other keyword overrides it."]
+    for line in section.splitlines():
+        if re.match(r"^    \w+: ", line) or (line.startswith("        ") and len(lines) > 5):
+            lines.append(line)
+    lines.append("    prog_bar: (callback only) show kfac/overhead_share in the progress bar.")
+    return "\n".join(lines)
+
+
+KFACCallback.__init__.__doc__ = _init_docstring()
+cli_errors.register(KFACCallback)  # LightningCLI: a bad value is one line, not a traceback

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import re
@@ -60,11 +61,30 @@ class LossReduction(_StrEnum):
     SUM = "sum"
 
 
+class OutputReduction(_StrEnum):
+    """``fisher_type="mc"`` (bernoulli, gaussian): how the loss reduces one example's outputs:
+    ``mean`` (PyTorch's default ``BCEWithLogitsLoss`` / ``MSELoss``) or ``sum`` (the last
+    dimension summed, e.g. a cross-entropy summed over pixels per case)."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
 class DampingMode(_StrEnum):
     """``absolute``: damping as given; ``relative``: multiplied per layer by (tr A/dim A)(tr G/dim G)."""
 
     ABSOLUTE = "absolute"
     RELATIVE = "relative"
+
+
+class FactorInit(_StrEnum):
+    """How the running factors start (core/blocks.py): ``batch`` sets them to the first batch
+    estimate; ``identity`` starts both at ``I`` and ``scaled_identity`` at ``(tr X^/dim X^) I`` (the
+    isotropic part of the first estimate), blending the estimates in by the running average."""
+
+    BATCH = "batch"
+    IDENTITY = "identity"
+    SCALED_IDENTITY = "scaled_identity"
 
 
 class DampingSchedule(_StrEnum):
@@ -100,6 +120,13 @@ class StepRule(_StrEnum):
 
 def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
+
+
+def _unknown_options(unknown: List[str], allowed: List[str]) -> ValueError:
+    """``Invalid option(s) ['dampng'] (did you mean 'damping'?): allowed options are [...]``."""
+    close = [match for name in unknown for match in difflib.get_close_matches(name, allowed, n=1)]
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return ValueError(f"Invalid option(s) {unknown}{hint}: allowed options are {allowed}.")
 
 
 def _is_real(value: Any) -> bool:
@@ -180,7 +207,16 @@ class KFACConfig:
         gaussian_variance: variance of the Gaussian likelihood for ``fisher_type="mc"``.
         skip_layers: regexes searched in each module's qualified name and class name.
         loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
-        damping_mode: "absolute" (default) or "relative" (scaled by the factors' mean eigenvalues).
+        output_reduction: for ``fisher_type="mc"`` with a bernoulli or gaussian likelihood under
+            ``loss_reduction="mean"``: "mean" (default, as ``nn.MSELoss()`` and
+            ``nn.BCEWithLogitsLoss()``: the mean over every output element, so a loss averaged
+            over C outputs scales the MC G by 1/C^2 like the empirical one) or "sum" (the last
+            dimension is summed, the other positions averaged). core/mc.py, ``loss_terms``.
+        damping_mode: "relative" (default: damping x (tr A/dim A)(tr G/dim G) per layer) or
+            "absolute" (damping as given); docs/defaults.md.
+        factor_init: "batch" (the first update sets the factors to the batch estimates),
+            "identity" (start at I, then the running average) or "scaled_identity" (start at
+            (tr X^/dim) I of the first estimate X^, then the running average); see FactorInit.
         warmup_steps: steps during which factors are estimated but gradients are left raw.
         damping_schedule: "constant" (default), "exponential" or "step" (see DampingSchedule).
         damping_decay: the schedule's factor per ``damping_step_size`` steps, in (0, 1].
@@ -222,7 +258,7 @@ class KFACConfig:
             exact quadratic model and sets their ``.grad`` to None; lightning_kfac/step_rule.py).
     """
 
-    damping: float = 1e-3
+    damping: float = 0.1
     factor_update_steps: int = 10
     inv_update_steps: int = 100
     factor_decay: float = 0.95
@@ -235,7 +271,9 @@ class KFACConfig:
     gaussian_variance: float = 1.0
     skip_layers: List[str] = dataclasses.field(default_factory=list)
     loss_reduction: LossReduction = LossReduction.MEAN
-    damping_mode: DampingMode = DampingMode.ABSOLUTE
+    output_reduction: OutputReduction = OutputReduction.MEAN
+    damping_mode: DampingMode = DampingMode.RELATIVE
+    factor_init: FactorInit = FactorInit.IDENTITY
     warmup_steps: int = 0
     damping_schedule: DampingSchedule = DampingSchedule.CONSTANT
     damping_decay: float = 0.5
@@ -272,7 +310,10 @@ class KFACConfig:
         self.gaussian_variance = _check_float("gaussian_variance", self.gaussian_variance, low=0.0)
         self.skip_layers = _check_regex_list("skip_layers", self.skip_layers)
         self.loss_reduction = _check_enum("loss_reduction", self.loss_reduction, LossReduction)
+        self.output_reduction = _check_enum("output_reduction", self.output_reduction,
+                                            OutputReduction)
         self.damping_mode = _check_enum("damping_mode", self.damping_mode, DampingMode)
+        self.factor_init = _check_enum("factor_init", self.factor_init, FactorInit)
         self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, low=0)
         self._check_damping_over_time()
         self.layer_overrides = self._check_overrides(self.layer_overrides)
@@ -380,7 +421,7 @@ class KFACConfig:
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+            raise _unknown_options(unknown, allowed)
         if config is None:
             return cls(**options)
         if isinstance(config, cls):
@@ -390,6 +431,6 @@ class KFACConfig:
             merged.update(options)
             unknown = sorted(set(merged) - set(allowed))
             if unknown:
-                raise ValueError(f"Invalid option(s) {unknown}: allowed options are {allowed}.")
+                raise _unknown_options(unknown, allowed)
             return cls(**merged)
         raise ValueError(f"Invalid config={config!r}: must be a KFACConfig, a mapping or None.")

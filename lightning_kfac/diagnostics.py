@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac.core.layers import make_kind
+from lightning_kfac.core.parametrized import parametrization_reason
 
 __all__ = ["LayerRows", "KroneckerError", "record_rows", "kronecker_error", "population_terms",
            "mean_gradient", "diagnose", "sampled_nll", "to_scalars"]
@@ -134,6 +135,8 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
     for name in names:
         module = modules[name]
         kind, _ = make_kind(module)
+        if kind is not None and parametrization_reason(module):
+            kind = None  # never evaluate a parametrization (core/parametrized.py)
         plain = kind is not None and kind.groups == 1 and (  # one 2-D W~, unmasked rows
             getattr(module, "padding_idx", None) is None or not kind.diagonal_a)
         if plain and kind.weight.requires_grad:

@@ -13,7 +13,7 @@ drift from it: enum fields become ``str`` (YAML-friendly; KFACConfig validates t
 other field keeps its type and default. Two Hydra keys are added: ``_target_`` (the callback) and
 ``_convert_: all`` (the callback receives plain lists/dicts, not OmegaConf containers).
 
-Usage (``conf/kfac/default.yaml`` lists ``schema`` first in its defaults)::
+Usage (``conf/kfac/default.yaml`` lists ``/kfac_schema@_here_`` first in its defaults)::
 
     from lightning_kfac.hydra import register_configs
     register_configs()          # before @hydra.main runs, or before initialize_config_dir
@@ -30,9 +30,11 @@ from hydra.core.config_store import ConfigStore
 
 from lightning_kfac.config import KFACConfig
 
-#: The config group and name under which the schema is stored (``conf/kfac/*.yaml`` extend it).
-SCHEMA_GROUP = "kfac"
-SCHEMA_NAME = "schema"
+#: The schema is stored as a config outside any group (``kfac_schema``), so that ``--help`` does
+#: not offer it as a ``kfac=`` choice; ``conf/kfac/*.yaml`` extend it with
+#: ``defaults: [/kfac_schema@_here_, _self_]``.
+SCHEMA_GROUP = None
+SCHEMA_NAME = "kfac_schema"
 #: What ``hydra.utils.instantiate(cfg.kfac)`` builds.
 CALLBACK_TARGET = "lightning_kfac.KFACCallback"
 
@@ -84,7 +86,7 @@ KFACSchema = _build_schema()
 
 
 def register_configs(store: Optional[ConfigStore] = None) -> None:
-    """Store :data:`KFACSchema` as ``kfac/schema`` in Hydra's ConfigStore (idempotent)."""
+    """Store :data:`KFACSchema` as ``kfac_schema`` in Hydra's ConfigStore (idempotent)."""
     (store or ConfigStore.instance()).store(group=SCHEMA_GROUP, name=SCHEMA_NAME, node=KFACSchema)
 
 

@@ -2,7 +2,7 @@
 
 Usage in a plain PyTorch loop::
 
-    pre = KFACPreconditioner(model, damping=1e-3)
+    pre = KFACPreconditioner(model)
     for x, y in loader:
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import linalg, lowrank, stagger
+from lightning_kfac.core import coverage, linalg, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss
@@ -36,12 +36,15 @@ from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, d
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
+from lightning_kfac.core import state_checks
+from lightning_kfac.core.state_checks import STATE_VERSION
+from lightning_kfac.core.transaction import StepUndo, discard_captured
+from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
 from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
              "decomposition_failures", "dropped_layers", "decomposition_retries")
-STATE_VERSION = 1
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -69,6 +72,9 @@ class KFACPreconditioner:
         check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
+        for message in coverage.registration_messages(self.model, self.blocks, self.skipped):
+            warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
+        self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
         self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
@@ -90,6 +96,9 @@ class KFACPreconditioner:
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
+        self._undecomposed = set(self.blocks)  # no decomposition yet: next update makes one
+        self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
+        self._undo: Optional[StepUndo] = None
         # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
         self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
         self._set_capture()
@@ -166,6 +175,10 @@ class KFACPreconditioner:
         ``step_rule="quadratic"`` (step_rule.py) needs ``closure`` (re-computes the batch loss):
         then this call also moves the preconditioned parameters by ``alpha Delta + mu delta_0``
         and sets their ``.grad`` to None; ``closure`` is ignored otherwise.
+
+        Atomic: an exception (or KeyboardInterrupt) inside leaves the K-FAC state as it was
+        before the call (core/transaction.py); with ``undoable=True`` the step can also be undone
+        afterwards with ``abort_step`` until ``commit_step``.
         """
         # -- step_rule="quadratic": the rule runs this method's body inside its own step --
         if self.step_rule is not None and not self.step_rule.running:
@@ -174,16 +187,58 @@ class KFACPreconditioner:
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
         t = self.steps
+        undo = StepUndo(self, t)
+        try:
+            self._step(optimizer, t, undo)
+        except BaseException:
+            undo.restore(self, keep_captured=True)
+            raise
+        if self.undoable:
+            same_step = self._undo is not None and self._undo.t == t
+            self._undo = self._undo.merge(undo) if same_step else undo
+        self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
+        self.last_stats["layers"] = float(len(self.blocks))
+        self.last_stats["damping"] = self.damping_control.value
+
+    def commit_step(self) -> None:
+        """The optimizer step of the last ``step()`` happened: forget its undo information."""
+        self._undo = None
+
+    def abort_step(self, step: Optional[int] = None) -> bool:
+        """Forget the step in progress: what was captured for it, its MC draws and, when
+        ``step()`` already ran at clock ``step`` with ``undoable=True``, everything it changed.
+
+        Call it when the optimizer step never ran (an exception between ``pre.step()`` and
+        ``optimizer.step()``), so that repeating the step does not apply its factor update
+        twice. Returns True when a ``step()`` was undone.
+        """
+        undo, self._undo = self._undo, None
+        if undo is not None and step is not None and undo.t == int(step):
+            undo.restore(self)
+            return True
+        discard_captured(self)
+        if self.mc is not None:
+            self.mc.rewind(self.mc.step_start_rng())
+        return False
+
+    def _step(self, optimizer: Optional[torch.optim.Optimizer], t: int, undo: StepUndo) -> None:
         self.damping_control.at_step(t)
         if self.mc is not None:
             self.mc.finish_step(any(b.kind.weight.grad is not None
                                     for b in self.blocks.values()))
         active = self._blocks_of(optimizer)
-        self._update_factors([b for b in active if t % b.factor_update_steps == 0])
-        self._update_decompositions([b for b in active
-                                     if self._decomposition_due(b, t) and b.A is not None])
+        first = {b.name for b in active if b.A is None}  # rank-consistent (factors all-reduced)
+        factors_due = [b for b in active if t % b.factor_update_steps == 0]
+        undo.save_blocks(self.blocks.values(), factors_due)
+        factors_start = time.perf_counter()
+        self._update_factors(factors_due)
+        decompose_start = time.perf_counter()
+        self._update_decompositions([b for b in active if b.A is not None and (
+            self._decomposition_due(b, t)  # first factors came late (unfrozen): decompose now
+            or (b.name in first and t >= self.config.warmup_steps))])
         if self.ekfac is not None:
             self._update_ekfac_scaling(t)
+        precondition_start = time.perf_counter()
         if t >= self.config.warmup_steps:
             if self.damping_control.due(t):
                 self.damping_control.snapshot(self, optimizer, t)
@@ -192,11 +247,19 @@ class KFACPreconditioner:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
         for block in active:
             block.clear_rows()
+        late = self._first_interval.late(t, [b for b in active if b.name in self.blocks],
+                                         self.config.warmup_steps)
+        if late:
+            warnings.warn(coverage.late_message(self.model, late, t),
+                          coverage.KFACCoverageWarning, stacklevel=2)
         self.steps = t + 1
         self._set_capture()
-        self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
-        self.last_stats["layers"] = float(len(self.blocks))
-        self.last_stats["damping"] = self.damping_control.value
+        end = time.perf_counter()
+        # Host time of each phase (on a GPU, of the kernel launches unless something syncs);
+        # step() adds the total, the layer count and the damping.
+        self.last_stats["time_factors_ms"] = 1e3 * (decompose_start - factors_start)
+        self.last_stats["time_decompose_ms"] = 1e3 * (precondition_start - decompose_start)
+        self.last_stats["time_precondition_ms"] = 1e3 * (end - precondition_start)
 
     def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Name -> ``(A, G)``: detached copies of the running factors of every updated layer."""
@@ -221,6 +284,11 @@ class KFACPreconditioner:
         """Registration summary: covered modules, skipped modules and why, parameter share."""
         return format_summary(self.model, self.blocks, self.skipped)
 
+    def coverage(self) -> Dict[str, float]:
+        """``{"covered", "trainable", "share"}``: trainable parameters of the preconditioned
+        layers (frozen-for-now ones excluded), all trainable parameters, and their ratio."""
+        return coverage.coverage(self.model, self.blocks)
+
     def memory_bytes(self) -> int:
         """Bytes held by running factors and decompositions."""
         return sum(b.memory_bytes() for b in self.blocks.values())
@@ -242,7 +310,16 @@ class KFACPreconditioner:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a ``state_dict``; every saved layer must exist here (no silent partial load)."""
+        """Restore a ``state_dict``; every saved layer must exist here (no silent partial load).
+
+        Checked before anything changes (core/state_checks.py): the state's version, and every
+        layer's factor and decomposition shapes (a ``ValueError`` names the layer). Tensors are
+        cast to this run's dtypes. Decompositions saved under other options (``compute_method``,
+        ``damping_mode``, an inverse's damping) are recomputed from the restored factors, with a
+        warning naming the option, so the current options act from the first resumed step; with
+        unchanged options the resume is bit-identical.
+        """
+        state_checks.check_version(state)
         layers = state.get("layers", {})
         missing = sorted(set(layers) - set(self.blocks))
         if missing:
@@ -250,17 +327,40 @@ class KFACPreconditioner:
                 f"K-FAC state has layers {missing} that this model does not precondition "
                 f"(preconditioned here: {sorted(self.blocks)}). Was the checkpoint made with "
                 "another model or other skip_layers?")
+        for name, block_state in layers.items():
+            state_checks.check_layer(name, self.blocks[name], block_state)
+        stale = state_checks.stale_decompositions(self, state)
         self.steps = int(state.get("steps", 0))
         if "damping" in state:
             self.damping_control.load_state_dict(state["damping"])
         self.counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
         for name, block_state in layers.items():
-            self.blocks[name].load_state_dict(block_state)
+            self.blocks[name].load_state_dict(state_checks.cast_layer(self.blocks[name],
+                                                                      block_state))
+        self._undecomposed = {name for name, b in self.blocks.items() if not b.decomposition}
         if self.mc is not None and "mc" in state:
             self.mc.load_state_dict(state["mc"])
         if self.step_rule is not None and "step_rule" in state:
             self.step_rule.load_state_dict(state["step_rule"])
+        self._undo = None
+        discard_captured(self)
         self._set_capture()
+        if stale:
+            self._recompute_stale(stale)
+
+    def _recompute_stale(self, stale: Dict[str, str]) -> None:
+        """Decompose again, from the restored factors, the layers whose options changed."""
+        warnings.warn(
+            "K-FAC: options changed since the state was saved ("
+            + "; ".join(f"{name}: {why}" for name, why in sorted(stale.items()))
+            + "); these decompositions are recomputed from the restored factors.",
+            UserWarning, stacklevel=3)
+        blocks = [self.blocks[name] for name in self.blocks if name in stale]
+        for block in blocks:
+            block.decomposition = {}
+            self._undecomposed.add(block.name)  # a success takes it out again
+        self.damping_control.at_step(self.steps)
+        self._update_decompositions([b for b in blocks if b.A is not None])
 
     # -- internals -------------------------------------------------------------------------------
     def _enable_low_rank(self) -> None:
@@ -285,15 +385,17 @@ class KFACPreconditioner:
         return pair
 
     def _blocks_of(self, optimizer: Optional[torch.optim.Optimizer]) -> List[KFACBlock]:
-        """The blocks whose weight ``optimizer`` steps (all blocks when there is none).
+        """The trainable blocks whose weight ``optimizer`` steps (all trainable ones when there is
+        none). Frozen-for-now layers and layers that left the optimizer are not touched.
 
         With several optimizers (manual optimization) each ``step(opt)`` touches only its own
         layers, so layers of an optimizer that has not run yet are neither updated nor dropped.
         """
+        trainable = [b for b in self.blocks.values() if is_trainable(b)]
         if optimizer is None:
-            return list(self.blocks.values())
+            return trainable
         params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in self.blocks.values() if id(b.kind.weight) in params]
+        return [b for b in trainable if id(b.kind.weight) in params]
 
     def _set_capture(self) -> None:
         for block in self.blocks.values():
@@ -358,7 +460,9 @@ class KFACPreconditioner:
             if seen > 1:  # mean over the ranks that ran the layer this step
                 a_hat.div_(seen)
                 g_hat.div_(seen)
-            block.update_factors(a_hat, g_hat, self.config.factor_decay)
+            restart_if_reshaped(block, a_hat, g_hat)  # a bias changed trainability
+            block.update_factors(a_hat, g_hat, self.config.factor_decay,
+                                 str(self.config.factor_init))
             self.counters["factor_updates"] += 1
         if dropped:
             self._drop(dropped)
@@ -366,14 +470,13 @@ class KFACPreconditioner:
     def _drop(self, names: List[str]) -> None:
         """Forget layers whose hooks never fired in a training forward (e.g. MHA's out_proj)."""
         self.capture.remove(names)
+        message = coverage.dropped_message(self.model, [self.blocks[n] for n in names])
         for name in names:
             block = self.blocks.pop(name)
+            self._undecomposed.discard(name)
             self.skipped.append(_skipped_unseen(block))
         self.counters["dropped_layers"] += len(names)
-        warnings.warn(
-            f"K-FAC: layers {names} were registered but never ran in a training forward "
-            "(their weights may be used functionally, e.g. MultiheadAttention.out_proj); "
-            "they are not preconditioned.", RuntimeWarning, stacklevel=3)
+        warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=3)
 
     def _decompose(self, block: KFACBlock) -> Dict[str, Tensor]:
         method = block.compute_method
@@ -400,8 +503,11 @@ class KFACPreconditioner:
 
     def _decomposition_due(self, block: KFACBlock, t: int) -> bool:
         """On the block's clock, and once at the end of warm-up (t == warmup_steps > 0), so the
-        first preconditioned step uses the warmed-up factors, not those of step 0.
-        ``stagger_refresh``: on the block's offset clock (core/stagger.py)."""
+        first preconditioned step uses the warmed-up factors, not those of step 0; and on the
+        first factor-update step of a block with no decomposition in use yet (e.g. K-FAC added
+        when resuming a run without K-FAC state), unless its last decomposition failed.
+        ``stagger_refresh``: the block's own offset clock (core/stagger.py) instead of
+        ``t % inv_update_steps``."""
         if t == self.config.warmup_steps > 0:
             return True
         if self.config.stagger_refresh:
@@ -409,8 +515,12 @@ class KFACPreconditioner:
                 self._offsets = stagger.refresh_offsets(
                     self.blocks.values(), self.config.factor_update_steps,
                     self.config.inv_update_steps)
-            return stagger.due(self._offsets.get(block.name, 0), block.inv_update_steps, t)
-        return t % block.inv_update_steps == 0
+            if stagger.due(self._offsets.get(block.name, 0), block.inv_update_steps, t):
+                return True
+        elif t % block.inv_update_steps == 0:
+            return True
+        return (block.name in self._undecomposed and block.failures == 0
+                and t % block.factor_update_steps == 0)
 
     def _update_decompositions(self, due: List[KFACBlock]) -> None:
         # core/kaisa.py: owner ranks decompose and share; a failure anywhere fails everywhere.
@@ -426,6 +536,7 @@ class KFACPreconditioner:
             if err is None:
                 block.failures = 0
                 self.counters["decompositions"] += 1
+                self._undecomposed.discard(block.name)
             else:
                 block.failures += 1
                 self.counters["decomposition_failures"] += 1
@@ -462,7 +573,8 @@ class KFACPreconditioner:
         work = []
         for block in self.blocks.values():
             weight = block.kind.weight
-            if not block.decomposition or (lr_of is not None and id(weight) not in lr_of):
+            if not block.decomposition or not is_trainable(block) \
+                    or (lr_of is not None and id(weight) not in lr_of):
                 continue
             raw = block.kind.grad_matrix()
             if raw is None:
@@ -534,11 +646,24 @@ class KFACOptimizer:
         return self.optimizer.state
 
     def step(self, closure=None):
+        """Precondition, then step the inner optimizer; if that raises, the K-FAC step is undone
+        (core/transaction.py), so running the batch again does not count its factors twice."""
         if closure is not None:
             raise ValueError("Invalid closure: KFACOptimizer needs the gradients before step(); "
                              "call loss.backward() first and step() without a closure.")
-        self.preconditioner.step(self.optimizer)
-        return self.optimizer.step()
+        pre = self.preconditioner
+        kept, pre.undoable = pre.undoable, True
+        try:
+            pre.step(self.optimizer)
+            try:
+                result = self.optimizer.step()
+            except BaseException:
+                pre.abort_step(pre.steps - 1)
+                raise
+            pre.commit_step()
+        finally:
+            pre.undoable = kept
+        return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

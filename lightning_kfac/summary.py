@@ -6,7 +6,7 @@ decomposition in use holds as many again (eigen: eigenvectors + eigenvalues; inv
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -33,6 +33,30 @@ def predicted_memory_bytes(blocks: Dict) -> int:
     return total
 
 
+def skipped_rows(skipped: List, trainable: int, shown: int = 3) -> List[Tuple[str, ...]]:
+    """One row per (type, reason) of the skipped modules, with their count and share of the
+    trainable parameters (a ResNet's 20 BatchNorm2d are one row, not 20).
+
+    Columns as in the summary table: modules (the first ``shown`` names, ``+N more``), type,
+    A, G, params, status.
+    """
+    groups: Dict[Tuple[str, str], List] = {}
+    for s in skipped:
+        groups.setdefault((s.type_name, s.reason), []).append(s)
+    rows = []
+    for (type_name, reason), members in groups.items():
+        names = [m.name or "<root>" for m in members[:shown]]
+        if len(members) > shown:
+            names.append(f"+{len(members) - shown} more")
+        label = ", ".join(names) if len(members) == 1 else \
+            f"{len(members)} modules: {', '.join(names)}"
+        params = sum(m.num_params for m in members)
+        share = 100.0 * params / trainable if trainable else 0.0
+        rows.append((label, type_name, "-", "-", f"{params:,}",
+                     f"skipped: {reason} ({share:.1f}% of params)"))
+    return rows
+
+
 def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     """A plain-text table of covered and skipped modules, with the share of parameters covered."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -41,18 +65,18 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
     for name, block in blocks.items():
         module = block.kind.module
         n = sum(p.numel() for p in block.kind.params)
-        covered += n
+        frozen = not block.kind.weight.requires_grad  # core/trainability.py
+        covered += 0 if frozen else n
         a, g = block.kind.a_dim(), block.kind.g_dim()
         a_shape = f"{a} (diag)" if block.kind.diagonal_a else f"{a}x{a}"
         g_shape, groups = f"{g}x{g}", getattr(block.kind, "groups", 1)
         if groups > 1:  # grouped convolution: one factor pair per group
             a_shape, g_shape = f"{groups} x {a_shape}", f"{groups} x {g_shape}"
         type_name = getattr(block.kind, "type_name", type(module).__name__)
+        status = f"K-FAC ({block.compute_method})"
         rows.append((name or "<root>", type_name, a_shape, g_shape, f"{n:,}",
-                     f"K-FAC ({block.compute_method})"))
-    for s in skipped:
-        rows.append((s.name or "<root>", s.type_name, "-", "-", f"{s.num_params:,}",
-                     f"skipped: {s.reason}"))
+                     f"frozen (for now): {status} once trainable" if frozen else status))
+    rows.extend(skipped_rows(skipped, trainable))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

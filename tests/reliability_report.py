@@ -20,8 +20,11 @@ import pytest
 
 # RELIABILITY.md's row order; rows with other names follow in the order they were recorded
 ORDER = ["exactness oracle", "state round trip", "resume sweep", "fit twice, no leak",
-         "eval is silent", "non-finite gradients", "non-finite statistics, finite gradients",
+         "eval is silent", "refit after validate/test", "add-K-FAC resume",
+         "option change on resume", "state checks", "interrupted step",
+         "non-finite gradients", "non-finite statistics, finite gradients",
          "decomposition failure", "ill-conditioning", "damping sweep", "mixed precision",
+         "low-rank with penalties", "MC/empirical scale",
          "DDP identical ranks", "DDP fault on one rank", "gradient accumulation",
          "sharing and freezing", "wrapped optimizers", "Lightning matrix", "config fuzz",
          "memory soak"]

@@ -112,3 +112,27 @@ def test_kronecker_reports_every_layer_stage_and_fisher(bench_run):
         assert len(sel) == 4 * layers
         for r in sel:
             assert r["kronecker_error"] >= 0 and 0 <= r["mean_grad_ratio"] <= 1
+
+
+def test_tiny_time_to_target_runs_a_step_budget(bench_run):
+    """--tiny trains every run for a fixed number of steps (not seconds), so which methods reach
+    the target, at which step, and the target itself are the same under any machine load; each
+    is reached after step 0, so every time ratio is finite."""
+    payload = _load(bench_run[0], "time_to_target")
+    assert payload["budget_s"] is None
+    for run in payload["runs"]:
+        assert run["steps"][-1] == payload["budget_steps"][run["problem"]]
+    for row in payload["rows"]:
+        assert row["steps"] >= 1 and math.isfinite(row["x_best_baseline"])
+
+
+def test_time_to_target_step_budget_ignores_the_clock():
+    """``max_steps`` wins over a zero-second budget: exactly that many steps, evaluated after
+    each (eval_every=1), and the same losses on a second run (no dependence on timing)."""
+    from benchmarks import time_to_target
+
+    data = time_to_target.load_data()
+    runs = [time_to_target.train("digits_mlp", "kfac+sgd", 3e-4, 0, data, budget_s=0.0,
+                                 eval_every=1, max_steps=5) for _ in range(2)]
+    assert runs[0]["steps"] == [0, 1, 2, 3, 4, 5]
+    assert runs[0]["losses"] == runs[1]["losses"]

@@ -130,6 +130,22 @@ def test_cli_wrong_type_is_reported_by_hydra_naming_the_key():
     assert "could not be converted to Integer" in proc.stderr
 
 
+def test_cli_help_offers_the_presets_but_not_the_internal_schema():
+    proc = cli("--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("kfac: ")]
+    presets = sorted(p.stem for p in (CONF_DIR / "kfac").glob("*.yaml"))
+    assert line == "kfac: " + ", ".join(presets) and "schema" not in line
+
+
+def test_plot_title_carries_the_sweep_overrides():
+    from examples.train import plot_title
+
+    title = plot_title("MLPClassifier", True, ["experiment=classifier", "kfac.damping=0.01"])
+    assert title == "MLPClassifier on digits, K-FAC\nexperiment=classifier kfac.damping=0.01"
+    assert plot_title("DeepAutoencoder", False, []) == "DeepAutoencoder on digits, no K-FAC"
+
+
 # -- `make demo` at a tiny budget ---------------------------------------------------------------
 def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
     results = demo.main(["--budget", "120", "--max-steps", "6", "--window", "3",
@@ -150,7 +166,8 @@ def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
     assert curves["K-FAC"][0]["loss"] == curves["no K-FAC"][0]["loss"]
     assert results["K-FAC"]["target"] == max(r["final_loss"] for r in results.values())
     table = (tmp_path / "summary.md").read_text()
-    for text in ("| K-FAC |", "| no K-FAC |", "final train loss", "steps/s", "s to loss<="):
+    for text in ("| K-FAC |", "| no K-FAC |", "final train loss", "steps/cpu s",
+                 "cpu s to loss<=", "CPU seconds of the training thread"):
         assert text in table and text in printed
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
     assert len(results["K-FAC"]["diagnostics"]) == 8 and "diagnostics" not in results["no K-FAC"]

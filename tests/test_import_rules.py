@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIGHTNING_ADAPTERS = {"callback.py", "adaptive_damping.py", "diagnostics_callback.py"}
+LIGHTNING_ADAPTERS = {"callback.py", "adaptive_damping.py", "diagnostics_callback.py",
+                      "lightning.py", "cli_errors.py"}  # lightning.py: the unified package's class
 
 BLOCKER = r'''
 import importlib.abc, sys

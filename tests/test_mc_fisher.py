@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jacrev
 
-from lightning_kfac import KFACPreconditioner
+from tests.helpers.legacy import KFACPreconditioner
 
 DT = torch.float64
 
@@ -145,18 +145,23 @@ def test_sampled_categorical_G_converges_to_the_exact_fisher() -> None:
     assert _within_5_se(samples["4"], empirical) > 5.0
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_sampled_last_layer_G_matches_closed_form(likelihood: str) -> None:
+def test_sampled_last_layer_G_matches_closed_form(likelihood: str, reduction: str) -> None:
     """Last layer: bernoulli g = sigmoid(f) - y -> E[g g^T] = diag(p(1-p)); gaussian g = (f-y)/v
-    -> E[g g^T] = I / v."""
+    -> E[g g^T] = I / v; with output_reduction="mean" the loss averages the C = 3 outputs, so
+    g is C times smaller and G C^2 times smaller."""
     model, x, var = _mlp(out=3), torch.randn(6, 4, dtype=DT), 0.25
-    samples = _sampled_estimates(model, x, k=200, likelihood=likelihood, gaussian_variance=var)
+    samples = _sampled_estimates(model, x, k=200, likelihood=likelihood, gaussian_variance=var,
+                                 output_reduction=reduction)
     f = _layer_outputs(model, x)["4"]
     if likelihood == "bernoulli":
         p = torch.sigmoid(f)
         expected = torch.diag((p * (1 - p)).mean(0))
     else:
         expected = torch.eye(3, dtype=DT) / var
+    if reduction == "mean":
+        expected = expected / 9
     assert _within_5_se(samples["4"], expected) < 5.0
     wrong = expected * 2  # e.g. a sampler that ignored the variance / the probabilities
     assert _within_5_se(samples["4"], wrong) > 5.0
@@ -364,7 +369,7 @@ def test_digits_mc_fisher_beats_sgd() -> None:
 
 # -- through Lightning (KFACCallback calls pre.mc_backward() in on_before_backward) -------------
 pl = pytest.importorskip("pytorch_lightning", reason="the callback tests need pytorch_lightning")
-from lightning_kfac.callback import KFACCallback  # noqa: E402
+from tests.helpers.legacy_callback import KFACCallback  # noqa: E402
 from tests.test_callback_support import (MLP, assert_factors_equal, assert_params_equal,  # noqa: E402
                                          clone_module, loader, make_dataset, make_trainer)
 from torch.utils.data import TensorDataset  # noqa: E402

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig, KFACPreconditioner
+from lightning_kfac import KFACConfig
+
+from tests.helpers.legacy import KFACPreconditioner
 from lightning_kfac.core.discovery import layer_settings
 from tests.helpers import dense as D
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kfac import KFACPreconditioner
+from tests.helpers.legacy import KFACPreconditioner
 
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) not installed")
 
@@ -127,7 +127,7 @@ def _pattern_tokens(n, vocab, seq, seed=0):
 
 
 def _fit(tmp_path, kfac: bool, steps: int):
-    from lightning_kfac.callback import KFACCallback
+    from tests.helpers.legacy_callback import KFACCallback
     from tests.test_callback_support import make_trainer
 
     torch.manual_seed(0)

@@ -2,9 +2,11 @@
 
 Accumulators hold the row sums ``sum a a^T`` and ``sum g g^T`` (and their divisors) of every
 captured micro-batch since the last factor update; ``batch_estimates()`` turns them into
-``A^ = sum a a^T / div_A`` and ``G^ = sum g g^T / div_G``. Running averages (CONTRACT.md): the
-first update sets ``A = A^`` (no bias toward zero or identity), later ones
-``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5).
+``A^ = sum a a^T / div_A`` and ``G^ = sum g g^T / div_G``. Running averages
+``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5); what they start from is
+``factor_init``: ``batch`` sets ``A = A^`` at the first update (no bias toward zero or identity),
+``identity`` starts from ``I`` and ``scaled_identity`` from ``(tr A^/dim) I`` and blends the first
+estimate in like any later one (so early steps are damped toward a scaled first-order step).
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ import torch
 from torch import Tensor
 
 from lightning_kfac.core.layers import LayerKind, accumulate_outer
+
+
+def _isotropic(estimate: Tensor, init: str) -> Tensor:
+    """``I`` (``identity``) or ``(tr X/dim X) I`` (``scaled_identity``) shaped like ``estimate``
+    (a 1-D estimate is a diagonal factor: a vector of ones; a 3-D one a stack of blocks)."""
+    diag = estimate if estimate.dim() == 1 else estimate.diagonal(dim1=-2, dim2=-1)
+    scale = float(diag.mean()) if init == "scaled_identity" and diag.numel() else 1.0
+    ones = torch.full_like(diag, scale)
+    return ones if estimate.dim() == 1 else torch.diag_embed(ones)  # (groups x) d x d
 
 
 class KFACBlock:
@@ -79,12 +90,16 @@ class KFACBlock:
         return self.a_sum / self.a_div, self.g_sum / self.g_div
 
     # -- running averages ----------------------------------------------------------------------
-    def update_factors(self, a_hat: Tensor, g_hat: Tensor, decay: float) -> None:
+    def update_factors(self, a_hat: Tensor, g_hat: Tensor, decay: float,
+                       init: str = "batch") -> None:
+        """Running averages; ``init`` (``factor_init``) sets what the first update starts from."""
         if self.A is None:
-            self.A, self.G = a_hat.clone(), g_hat.clone()
-        else:
-            self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
-            self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
+            if init == "batch":
+                self.A, self.G = a_hat.clone(), g_hat.clone()
+                return
+            self.A, self.G = _isotropic(a_hat, init), _isotropic(g_hat, init)
+        self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
+        self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
 
     def dense_fisher(self) -> Tensor:
         """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import LayerKind
 from lightning_kfac.core.sharing import uses_of
+from lightning_kfac.core.trainability import is_trainable
 
 
 def _is_transformed(x: Tensor) -> bool:
@@ -120,6 +121,8 @@ class Capture:
             capturing, keep_rows = block.capturing, block.row_limit > 0
             if not ((capturing or keep_rows) and module.training and torch.is_grad_enabled()):
                 return None
+            if not is_trainable(block):
+                return None  # frozen for now (core/trainability.py)
             if not isinstance(output, Tensor):
                 return None
             x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
@@ -144,7 +147,9 @@ class Capture:
             if empirical or keep_rows:
                 output.register_hook(self._make_grad_hook(route, empirical, keep_rows, pair))
             return None
-        return hook
+        # Under torch.compile the hook runs eagerly (a graph break), on the real tensors: the
+        # accumulators and the output's tensor hook are Python side effects (docs/compile.md).
+        return torch.compiler.disable(hook)
 
     @staticmethod
     def _keep_a_rows(block: KFACBlock, rows: Tensor) -> bool:
@@ -168,11 +173,13 @@ class Capture:
         return hook
 
     def add_output_grad(self, target: KFACBlock | Route, grad: Tensor, per_example: bool = False,
-                        a_rows: Tensor | None = None) -> None:
+                        a_rows: Tensor | None = None, loss_terms: int | None = None) -> None:
         """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
 
-        ``per_example=True`` means ``grad`` already holds per-example gradients ``d l_n / d s_n``
-        (e.g. from the sampled loss of ``fisher_type="mc"``), so no rescaling is applied.
+        ``per_example=True`` means ``grad`` is the gradient of a *summed* loss (e.g. the sampled
+        loss of ``fisher_type="mc"``): no AMP / accumulation scale to undo. ``loss_terms``: the
+        loss it stands for is the mean over that many terms, so ``g`` is scaled by
+        ``examples / loss_terms``, as the user's gradient of a mean loss is (N x its 1/N).
         ``target``: the block, or the ``Route`` of the forward that produced the output.
         ``a_rows``: the same forward's input rows, handed on to ``pair_sink`` (EKFAC).
         """
@@ -180,7 +187,7 @@ class Capture:
         block = route.block
         rows, divisor, examples = route.grad_rows(grad.detach())
         if per_example:
-            scale = 1.0
+            scale = 1.0 if loss_terms is None or loss_terms == examples else examples / loss_terms
         else:
             scale = (examples if self.mean_reduction else 1.0) / self.grad_scale
         if divisor > 0:

@@ -3,7 +3,8 @@
 A weight held by several supported modules (tied weights) is one block fed by all of them
 (core/sharing.py). Every module that owns trainable parameters but is not preconditioned is
 listed with the reason (unsupported type, matched ``skip_layers``, a weight also held by an
-unsupported module), for the registration summary.
+unsupported module, a parametrized weight), for the registration summary. Frozen layers are
+registered as frozen-for-now (core/trainability.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import MHA_REASON, make_kind, registered_kind
+from lightning_kfac.core.parametrized import (is_parametrization_container, own_trainable,
+                                              parametrization_reason)
 from lightning_kfac.core.sharing import share
 
 
@@ -32,7 +35,7 @@ class Skipped:
 
 
 def _own_trainable(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+    return own_trainable(module)  # parametrizations' originals included (core/parametrized.py)
 
 
 def _matches(patterns: List[str], name: str, type_name: str) -> str:
@@ -73,7 +76,8 @@ def factor_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def _refuse_all(skipped: List[Skipped], holders, reason: str) -> None:
     for name, module, _ in holders:
-        skipped.append(Skipped(name, type(module).__name__, reason, _own_trainable(module)))
+        if _own_trainable(module):  # frozen-for-now holders are not listed
+            skipped.append(Skipped(name, type(module).__name__, reason, _own_trainable(module)))
 
 
 def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock], List[Skipped]]:
@@ -89,8 +93,12 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
     functional = {id(m.out_proj): name for name, m in model.named_modules()
                   if isinstance(m, nn.MultiheadAttention)}  # used through F.*, never called
     for name, module in model.named_modules():
+        if is_parametrization_container(module):
+            continue  # its ``original`` parameters are counted (and listed) with their owner
         trainable = _own_trainable(module)
         kind, reason = make_kind(module)
+        if kind is not None and parametrization_reason(module):  # never evaluate it
+            kind, reason = None, parametrization_reason(module)
         if id(module) in functional and kind is not None and registered_kind(module) is None:
             kind, reason = None, (f"output projection of MultiheadAttention "
                                   f"{functional[id(module)]!r}: {MHA_REASON}")
@@ -98,8 +106,9 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
             if trainable:
                 skipped.append(Skipped(name, type(module).__name__, reason, trainable))
             continue
-        if not kind.weight.requires_grad:
-            continue  # frozen: nothing to precondition (not listed: it is not trained)
+        # A frozen weight is registered too ("frozen (for now)" in the summary): it is neither
+        # captured nor preconditioned until trainable and in the optimizer again (Lightning's
+        # BackboneFinetuning, requires_grad_(True) mid-fit; core/trainability.py).
         by_weight.setdefault(id(kind.weight), []).append((name, module, kind))
     for holders in by_weight.values():
         name, module, kind = holders[0]

@@ -15,11 +15,12 @@ Every retry is announced with a ``DecompositionRetryWarning`` (the preconditione
 logs them per layer), never silently. Eigenvalues are clamped at zero (factors are PSD;
 round-off can make them slightly negative).
 
-Conditioning before decomposing: the factor is symmetrized, and the exactly-zero rows/columns of
-a 2-D factor are split off (deflation). An input feature that is zero in every captured row (a
+Conditioning before decomposing: the factor is symmetrized, and the decoupled rows/columns of a
+2-D factor (zero off the diagonal) are split off (deflation). An input feature that is zero in every captured row (a
 conv kernel tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet stage at 1x1
 resolution, where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives a
-zero row and column of ``A``: ``e_j`` is then an exact eigenvector with eigenvalue 0, and only
+zero row and column of ``A`` (or, with an identity-blended factor, a row that is zero off the
+diagonal): ``e_j`` is then an exact eigenvector with eigenvalue ``A_jj``, and only
 the support block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3
 times cheaper, and it removes the massively repeated zero eigenvalue on which float32 ``eigh``
 fails to converge. When the support is at most half of A, it is kept (``"A_support"``, with the
@@ -82,20 +83,24 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
 
 
 def support(matrix: Tensor) -> Optional[Tensor]:
-    """Indices of the rows of a 2-D matrix holding a nonzero entry; None when no row is exactly
-    zero (or for a stack of matrices, which is never deflated)."""
+    """Indices of the rows of a 2-D matrix with a nonzero OFF-diagonal entry; None when every
+    row has one (or for a stack of matrices, which is never deflated). The other rows are
+    decoupled: zero apart from the diagonal (an always-zero input feature: exactly zero, or the
+    diagonal of an identity-blended factor)."""
     if matrix.dim() != 2:
         return None
-    nonzero = (matrix != 0).any(dim=1)
-    if bool(nonzero.all()):
+    coupled = matrix != 0
+    coupled.fill_diagonal_(False)
+    coupled = coupled.any(dim=1)
+    if bool(coupled.all()):
         return None
-    return nonzero.nonzero().flatten()
+    return coupled.nonzero().flatten()
 
 
 def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
-    """``{"e": eigenvalues clamped >= 0 (ascending), "Q": eigenvectors}`` of a symmetric PSD
-    matrix, plus ``"support"`` (see ``support``) when exactly-zero rows/columns were deflated:
-    their eigenvectors are unit vectors with eigenvalue 0, listed first."""
+    """``{"e": eigenvalues clamped >= 0, "Q": eigenvectors}`` of a symmetric PSD matrix, plus
+    ``"support"`` (see ``support``) when decoupled rows/columns were deflated: their
+    eigenvectors are unit vectors with their diagonal entry as eigenvalue, listed first."""
     def fn(m: Tensor) -> Dict[str, Tensor]:
         sym = (m + m.mT) * 0.5
         e, q = torch.linalg.eigh(sym)
@@ -108,8 +113,10 @@ def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
     zero = torch.ones(n, dtype=torch.bool, device=matrix.device)
     zero[keep] = False
     Q = matrix.new_zeros(n, n)
-    Q[zero.nonzero().flatten(), torch.arange(n - k, device=matrix.device)] = 1.0
+    zero_idx = zero.nonzero().flatten()
+    Q[zero_idx, torch.arange(n - k, device=matrix.device)] = 1.0
     e = matrix.new_zeros(n)
+    e[:n - k] = matrix.diagonal()[zero_idx].clamp_min(0.0)
     if k:
         Q[keep.unsqueeze(1), torch.arange(n - k, n, device=matrix.device)] = sub["Q"]
         e[n - k:] = sub["e"]
@@ -141,7 +148,7 @@ def damped_inverse(matrix: Tensor, damping) -> Tensor:
     keep = support(matrix) if not isinstance(damping, Tensor) else None
     if keep is None:
         return _retry(fn, matrix, "inverse")["inv"]
-    inv = torch.diag(matrix.new_full((matrix.shape[0],), 1.0 / damping))
+    inv = torch.diag(1.0 / (matrix.diagonal().clamp_min(0.0) + damping))
     if keep.numel():
         sub = _retry(fn, matrix[keep][:, keep], "inverse")["inv"]
         inv[keep.unsqueeze(1), keep] = sub
@@ -223,12 +230,21 @@ def _deflation_pays(keep: Tensor, a_dim: int) -> bool:
 def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
     """The eigen method when A has zero rows/columns Z (support S, ``eigh_psd``).
 
-    ``Q_A = [e_Z | Q_S]`` with ``e_A = [0 | e_S]``, so ``P[:, Z] = grad[:, Z] / damping`` and
+    ``Q_A = [e_Z | Q_S]`` with ``e_A = [d_Z | e_S]``, so
+    ``P[:, Z] = Q_G [(Q_G^T grad[:, Z]) / (e_G d_Z^T + damping)]`` (nothing to do when
+    ``grad[:, Z]`` is zero, as it is when the gradient comes from the captured inputs) and
     ``P[:, S] = Q_G [(Q_G^T grad[:, S] Q_S) / (e_G e_S^T + damping)] Q_S^T``: the (|S| x |S|)
     block instead of the full (a x a) rotation."""
     keep, QG, QS = dec["A_support"], dec["QG"], dec["A_support_Q"]
-    eS = dec["eA"][grad.shape[1] - keep.numel():]
-    out = grad / damping
+    n, k = grad.shape[1], keep.numel()
+    eS = dec["eA"][n - k:]
+    out = grad.index_fill(1, keep, 0.0)
+    if bool(out.any()):
+        zero = torch.ones(n, dtype=torch.bool, device=grad.device)
+        zero[keep] = False
+        Z = zero.nonzero().flatten()
+        part = (QG.T @ grad[:, Z]) / (torch.outer(dec["eG"], dec["eA"][:n - k]) + damping)
+        out[:, Z] = QG @ part
     rotated = (QG.T @ grad[:, keep]) @ QS
     rotated = rotated / (torch.outer(dec["eG"], eS) + damping)
     out[:, keep] = (QG @ rotated) @ QS.T
@@ -249,8 +265,8 @@ def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor]) -> Tensor:
     A_inv = dec["A_inv"]
     if "A_support_inv" in dec:
         keep = dec["A_support"]
-        # grad[:, Z] is zero whenever the gradient comes from the captured inputs; then
-        # G_inv grad[:, Z] / d = 0 is skipped
+        # A_inv[Z, Z] is diagonal; grad[:, Z] is zero whenever the gradient comes from the
+        # captured inputs, and then G_inv grad[:, Z] A_inv[Z, Z] = 0 is skipped
         result = grad.index_fill(1, keep, 0.0)
         if bool(result.any()):
             result = dec["G_inv"] @ (result * A_inv.diagonal())

@@ -71,6 +71,8 @@ class MCFisher:
                  capturing: Callable[[], bool], rank: int = 0):
         self.likelihood = str(config.likelihood.value)
         self.samples = int(config.mc_samples)
+        self.loss_mean = str(config.loss_reduction.value) == "mean"
+        self.output_reduction = str(config.output_reduction.value)
         self.variance = float(config.gaussian_variance)
         self.output_name = config.output_module
         self.capture = capture
@@ -82,6 +84,7 @@ class MCFisher:
         self.seed = (torch.initial_seed() + 1_000_003 * int(rank)) % (2 ** 63)
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[Dict[str, Any]] = None
+        self._rng_mark: Optional[Dict[str, Any]] = None  # generator state before this step's draws
         self._unfed: set = set()
         self._handle = module.register_forward_hook(self._on_output)
         capture.output_sink = self._keep
@@ -125,6 +128,7 @@ class MCFisher:
         f = self._check_output(output)
         draws = self._enumerate(f) if enumerate_classes else [(y, None) for y in self._sample(f)]
         edges = [edge for _, edge, _ in kept]
+        terms = self.loss_terms(f)
         fed: Dict[str, bool] = {}
         for y, weight in draws:
             nll = self.nll(f, y, weight)
@@ -143,7 +147,8 @@ class MCFisher:
                 if grad is None:
                     continue
                 fed[block.name] = True
-                self.capture.add_output_grad(block, grad, per_example=True, a_rows=a_rows)
+                self.capture.add_output_grad(block, grad, per_example=True, a_rows=a_rows,
+                                             loss_terms=terms)
         self.calls += 1
         unfed = sorted(n for n, ok in fed.items() if not ok and n not in self._unfed)
         if unfed:
@@ -158,6 +163,7 @@ class MCFisher:
         """End of an optimizer step: refuse a backward that skipped ``mc_backward``; forget."""
         pending = bool(self._kept)
         calls, self.calls = self.calls, 0
+        self._rng_mark = None
         self.discard()
         if pending and calls == 0 and backward_happened:
             raise RuntimeError(
@@ -210,6 +216,8 @@ class MCFisher:
     def _sample(self, f: Tensor) -> Tensor:
         """``S`` label draws ``y~ ~ p(y|f)``, stacked on a leading dimension of size S."""
         gen = self._generator(f.device)
+        if self._rng_mark is None:  # the step's first draw: where an aborted step rewinds to
+            self._rng_mark = {"device": gen.device.type, "state": gen.get_state()}
         with torch.no_grad():
             # Non-finite outputs are sanitized for sampling only: the NLL below still sees them,
             # so G becomes non-finite and the engine's non-finite policy skips that update.
@@ -249,6 +257,41 @@ class MCFisher:
         if self.likelihood == "bernoulli":
             return F.binary_cross_entropy_with_logits(f, y.to(f.dtype), reduction="sum")
         return (f - y.to(f.dtype)).square().sum() / (2.0 * self.variance)
+
+    def loss_terms(self, f: Tensor) -> Optional[int]:
+        """How many terms the user's loss averages over for an output ``f`` (None: a sum).
+
+        The sampled loss stands for the user's loss, reduced the way PyTorch's losses reduce with
+        ``reduction="mean"`` (``loss_reduction="mean"``): ``cross_entropy`` (categorical) over
+        every position of ``f`` but the class dimension; ``binary_cross_entropy_with_logits`` and
+        ``mse_loss`` (bernoulli, gaussian) over every element (``output_reduction="mean"``) or,
+        with ``output_reduction="sum"``, over every position but the last dimension, whose
+        features are summed. Each layer's ``g`` is then scaled as the empirical Fisher scales the
+        user's gradient (times the layer's examples), so a loss averaged over C outputs per
+        example makes both Fisher types' G smaller by C^2.
+        """
+        if not self.loss_mean:
+            return None
+        numel = f.numel()
+        if self.likelihood == "categorical" or (self.output_reduction == "sum" and f.dim() >= 2):
+            return numel // max(f.shape[-1], 1)
+        return numel
+
+    def step_start_rng(self) -> Optional[Dict[str, Any]]:
+        """The sampling generator's state before the current step's first draw (None: unused)."""
+        if self._rng_mark is not None:
+            return self._rng_mark
+        if self.generator is not None:
+            return {"device": self.generator.device.type, "state": self.generator.get_state()}
+        return self._pending_rng
+
+    def rewind(self, rng: Optional[Dict[str, Any]]) -> None:
+        """Put the sampling generator back to ``rng`` (from ``step_start_rng``)."""
+        self._rng_mark = None
+        if rng is None and self.generator is None:
+            return
+        self.generator = None
+        self._pending_rng = rng
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

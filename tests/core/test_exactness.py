@@ -23,7 +23,7 @@ PRECOND_TOL = 1e-8
 
 
 def _kfac():
-    from lightning_kfac import KFACPreconditioner
+    from tests.helpers.legacy import KFACPreconditioner
 
     return KFACPreconditioner
 

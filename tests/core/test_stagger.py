@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig, KFACPreconditioner
+from lightning_kfac import KFACConfig
+from tests.helpers.legacy import KFACPreconditioner
 from lightning_kfac.core import stagger
 from tests.helpers import dense as D
 

@@ -28,7 +28,7 @@ BATCH = 4
 FAULT_STEP = 3
 FAULT_LAYER = "3"
 OPTIONS = dict(factor_update_steps=1, inv_update_steps=3, damping=1e-2, factor_decay=0.8,
-               kl_clip=1e-2)
+               kl_clip=1e-2, damping_mode="absolute", factor_init="batch")
 
 
 def make_model() -> nn.Module:

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_kfac import KFACConfig, KFACPreconditioner
+from lightning_kfac import KFACConfig
+
+from tests.helpers.legacy import KFACPreconditioner
 from tests.helpers import dense as D
 from tests.reliability.common import all_finite, batch, factors_finite
 

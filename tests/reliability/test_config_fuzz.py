@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_kfac import KFACConfig, KFACPreconditioner
+from lightning_kfac import KFACConfig
+
+from tests.helpers.legacy import KFACPreconditioner
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 
 pytestmark = pytest.mark.reliability
@@ -148,7 +150,9 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "gaussian_variance": st.floats(0.1, 10.0),
         "skip_layers": st.lists(st.sampled_from(LAYERS), max_size=2),
         "loss_reduction": st.sampled_from(_enum_values("loss_reduction")),
+        "output_reduction": st.sampled_from(_enum_values("output_reduction")),
         "damping_mode": st.sampled_from(_enum_values("damping_mode")),
+        "factor_init": st.sampled_from(_enum_values("factor_init")),
         "warmup_steps": st.integers(0, 2),
         "damping_schedule": st.sampled_from(_enum_values("damping_schedule") or ["-"]),
         "damping_decay": st.floats(0.1, 1.0),
@@ -166,8 +170,10 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
 
 
 # options the valid strategy leaves at their default: they need a model-specific value
-# (output_module) or are bounds/factors of the damping options
-DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_damping"}
+# (output_module), are bounds/factors of the damping options, or need a loss closure in
+# pre.step (step_rule="quadratic", tested in tests/test_step_rule.py)
+DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_damping",
+             "step_rule"}
 
 
 def valid_options() -> st.SearchStrategy:

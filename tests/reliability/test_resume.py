@@ -20,7 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_kfac import KFACConfig, KFACPreconditioner
+from lightning_kfac import KFACConfig
+
+from tests.helpers.legacy import KFACPreconditioner
 from tests.reliability.common import batch, small_cnn
 
 pytestmark = pytest.mark.reliability
