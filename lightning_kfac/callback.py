@@ -444,7 +444,7 @@ class KFACCallback(Callback):
                                         if interval["step_ms"] > 0 else 0.0)
         if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
             for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
-                        "overflow_steps"):
+                        "decomposition_retries", "overflow_steps"):
                 stats[f"kfac/{key}"] = float(pre.counters.get(key, 0))
         for name, value in stats.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1,

@@ -246,6 +246,11 @@ class KFACConfig:
         low_rank: precondition Linear layers at rank R (the step's example rows) when R is small
             against the layer width and Freivalds' check proves ``grad W~ == Gm^T Am``
             (core/lowrank.py); exact, falls back to the full computation otherwise.
+        stagger_refresh: spread the layers' refreshes over the ``inv_update_steps`` interval
+            (core/stagger.py): each layer keeps its period but gets an offset on the factor clock,
+            chosen to balance the decomposition cost (d_A^3 + d_G^3) per step, so that no step
+            after the first (t = 0, every layer) decomposes every layer. Off by default (then
+            every layer refreshes at t % inv_update_steps == 0).
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
             step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
@@ -293,6 +298,7 @@ class KFACConfig:
     max_decomposition_failures: int = 3
     distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
+    stagger_refresh: bool = False
     diagnostics_every_n_steps: Optional[int] = None
     max_dense_dim: int = 2048
     memory_budget_gib: Optional[float] = 2.0
@@ -326,6 +332,8 @@ class KFACConfig:
         self.nonfinite = _check_enum("nonfinite", self.nonfinite, NonFinitePolicy)
         if not isinstance(self.low_rank, bool):
             raise _invalid("low_rank", self.low_rank, "must be true or false")
+        if not isinstance(self.stagger_refresh, bool):
+            raise _invalid("stagger_refresh", self.stagger_refresh, "must be true or false")
         self.max_decomposition_failures = _check_int(
             "max_decomposition_failures", self.max_decomposition_failures, low=1)
         self.distribute = _check_enum("distribute", self.distribute, Distribute)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import coverage, linalg, lowrank
+from lightning_kfac.core import coverage, linalg, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
@@ -36,6 +36,7 @@ from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
 from lightning_kfac.core.optim_check import check_optimizer
+from lightning_kfac.core.refresh import RefreshMonitor
 from lightning_kfac.core import state_checks
 from lightning_kfac.core.state_checks import STATE_VERSION
 from lightning_kfac.core.transaction import StepUndo, discard_captured
@@ -44,7 +45,7 @@ from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
-             "decomposition_failures", "dropped_layers")
+             "decomposition_failures", "dropped_layers", "decomposition_retries")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -82,6 +83,8 @@ class KFACPreconditioner:
         self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
         self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
+        self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
+        self._offsets: Optional[Dict[str, int]] = None  # stagger_refresh (core/stagger.py)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
         self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
         if self.config.fisher_type == "mc":
@@ -508,15 +511,34 @@ class KFACPreconditioner:
         """On the block's clock, and once at the end of warm-up (t == warmup_steps > 0), so the
         first preconditioned step uses the warmed-up factors, not those of step 0; and on the
         first factor-update step of a block with no decomposition in use yet (e.g. K-FAC added
-        when resuming a run without K-FAC state), unless its last decomposition failed."""
-        if t % block.inv_update_steps == 0 or t == self.config.warmup_steps > 0:
+        when resuming a run without K-FAC state), unless its last decomposition failed.
+        ``stagger_refresh``: the block's own offset clock (core/stagger.py) instead of
+        ``t % inv_update_steps``."""
+        if t == self.config.warmup_steps > 0:
+            return True
+        if self.config.stagger_refresh:
+            if self._offsets is None:
+                self._offsets = stagger.refresh_offsets(
+                    self.blocks.values(), self.config.factor_update_steps,
+                    self.config.inv_update_steps)
+            if stagger.due(self._offsets.get(block.name, 0), block.inv_update_steps, t):
+                return True
+        elif t % block.inv_update_steps == 0:
             return True
         return (block.name in self._undecomposed and block.failures == 0
                 and t % block.factor_update_steps == 0)
 
     def _update_decompositions(self, due: List[KFACBlock]) -> None:
         # core/kaisa.py: owner ranks decompose and share; a failure anywhere fails everywhere.
-        for block, err in self.kaisa.decompose(due, self._decompose):
+        # core/refresh.py: float64 retries are counted and logged, a slow refresh reports progress.
+        retries = self.refresh.retries
+        self.refresh.begin(self.steps, len(due))
+        try:
+            results = self.kaisa.decompose(due, lambda b: self.refresh.run(b, self._decompose))
+        finally:
+            self.refresh.end()
+            self.counters["decomposition_retries"] += self.refresh.retries - retries
+        for block, err in results:
             if err is None:
                 block.failures = 0
                 self.counters["decompositions"] += 1

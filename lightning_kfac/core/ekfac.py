@@ -12,13 +12,18 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
   ``dW~_n = g_n a_n^T`` and ``(Q_G^T g_n a_n^T Q_A)^2 = (Q_G^T g_n)^2 ((Q_A^T a_n)^2)^T``: the sum over
   rows is one matmul of squared rotated rows. For convolutions ``dW~_n = sum_t g_{n,t} a_{n,t}^T``
   (the sum over output locations, as in the paper, sec. 4), averaged over the B examples.
-- Clocks: at a refresh the scaling is initialised to K-FAC's own ``e_G e_A^T`` in the new basis
-  (EKFAC starts where K-FAC is); on every factor-update step it is then updated with the batch
-  estimate ``s^`` as a running average, ``s <- decay s + (1 - decay) s^``. Since a refresh step
-  decomposes before its gradients can be rotated, the rows captured on such a step are kept until
-  ``update`` and rotated in the new basis; on other factor-update steps they are rotated as soon
-  as the backward delivers them and only the (g_dim x a_dim) sum is kept.
-- ``s`` lives in the block's decomposition (``"scale"``), so state_dict / resume keep it.
+- Clocks (paper, Algorithm 1): a refresh computes new eigenbases, and the scaling is then
+  re-estimated IN THE NEW BASIS from the refresh step's own per-example gradients: the first
+  batch estimate ``s^`` after a refresh replaces the scaling outright (``s = s^``; an old scaling
+  is a diagonal in another basis and K-FAC's ``e_G e_A^T`` would pin EKFAC to K-FAC), and every
+  later factor-update step averages, ``s <- decay s + (1 - decay) s^``. Until the first estimate
+  (a refresh off the factor clock, e.g. at the end of warm-up with no rows captured) the scaling
+  is K-FAC's ``e_G e_A^T`` in the new basis. Since a refresh step decomposes before its gradients
+  can be rotated, the rows captured on such a step are kept until ``update`` and rotated in the
+  new basis; on other factor-update steps they are rotated as soon as the backward delivers them
+  and only the (g_dim x a_dim) sum is kept.
+- ``s`` lives in the block's decomposition (``"scale"``, with ``"scale_updates"``: the number
+  of estimates averaged into it in this basis), so state_dict / resume keep it.
 - nn.Embedding (diagonal A, no ``Q_A``: the basis is the identity): ``dW~_n = g_n e_{i_n}^T``, so
   the squared rotated gradient lands in column ``i_n`` (an index_add over the token ids).
 - A diagonal side (core/factors.py) has the identity as basis: its rows enter unrotated.
@@ -43,6 +48,7 @@ def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
     """Eigenbases of A and G and the initial scaling ``e_G e_A^T`` (K-FAC's own eigenvalues)."""
     dec = linalg.eigen_decomposition(A, G, sa, sg)
     dec["scale"] = torch.outer(dec["eG"], dec["eA"])
+    dec["scale_updates"] = torch.zeros((), dtype=torch.float64)  # no estimate in this basis yet
     return dec
 
 
@@ -152,5 +158,11 @@ class EKFACScaling:
             if not bool(torch.isfinite(s_hat).all()):
                 bad.append(block.name)
                 continue
-            block.decomposition["scale"].mul_(decay).add_(s_hat, alpha=1.0 - decay)
+            dec = block.decomposition
+            updates = dec.setdefault("scale_updates", torch.ones((), dtype=torch.float64))
+            if float(updates) == 0:  # first estimate in a new basis: it replaces e_G e_A^T
+                dec["scale"] = s_hat.to(dec["scale"].dtype)
+            else:
+                dec["scale"].mul_(decay).add_(s_hat, alpha=1.0 - decay)
+            updates.add_(1.0)
         return bad

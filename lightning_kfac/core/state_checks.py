@@ -103,7 +103,10 @@ def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
         if key in out:
             out[key] = out[key].to(block.dtype)
     dec = layer_state.get("decomposition") or {}
-    out["decomposition"] = {k: v.to(torch.float64 if k == "damping_scale" else block.dtype)
+    # integer entries (the support indices of a deflated factor, core/linalg.py) keep their dtype
+    out["decomposition"] = {k: v if not v.is_floating_point() else
+                            v.to(torch.float64 if k in ("damping_scale", "scale_updates")
+                                 else block.dtype)
                             for k, v in dec.items()}
     return out
 

@@ -164,6 +164,7 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
         "max_decomposition_failures": st.integers(1, 5),
         "distribute": st.sampled_from(_enum_values("distribute") or ["-"]),
         "low_rank": st.booleans(),
+        "stagger_refresh": st.booleans(),
         "diagnostics_every_n_steps": st.one_of(st.none(), st.integers(1, 3)),
         "max_dense_dim": st.integers(0, 64),  # 0: every factor side diagonal
         "memory_budget_gib": st.one_of(st.none(), st.just(2.0)),
