@@ -159,6 +159,7 @@ class KFACCallback(Callback):
         step_rule: Literal["optimizer", "quadratic"] = "optimizer",
         max_dense_dim: int = 2048,
         memory_budget_gib: Optional[float] = 2.0,
+        stagger_refresh: bool = False,
         prog_bar: bool = False,
         **options: Any,
     ) -> None:
