@@ -68,8 +68,10 @@ def decomposition_numel(block) -> int:
 
 
 def held_bytes(block) -> int:
-    """Bytes of the running factors and the decomposition in use (between steps)."""
-    return (factor_numel(block) + decomposition_numel(block)) * _item(block)
+    """Bytes of the running factors and the decomposition in use (between steps); EKFAC also
+    keeps a float64 count of the scaling estimates since its last refresh (core/ekfac.py)."""
+    counter = 8 if _method(block) == "ekfac" else 0
+    return (factor_numel(block) + decomposition_numel(block)) * _item(block) + counter
 
 
 def _grad_numel(block) -> int:
