@@ -6,7 +6,7 @@ training, for the empirical Fisher (the true labels / pixels) and the true Fishe
 sampled from the model: categorical for the classifier, Bernoulli pixels for the autoencoder):
 
 - ``kronecker_error``: ``||E[(a a^T) (x) (g g^T)] - A (x) G||_F / ||E[(a a^T) (x) (g g^T)]||_F``,
-  the relative error of K-FAC's block on the training set (seed notes: a sum of 3rd/4th-order
+  the relative error of K-FAC's block on the training set (a sum of 3rd/4th-order
   cumulants); ``population_error``: the unbiased estimate of the same for the distribution the
   training set is drawn from (no small-sample bias; see ``lightning_kfac.diagnostics``);
 - ``mean_grad_ratio``: ``||E[g]|| / sqrt(E||g||^2)``, zero in expectation for the true Fisher.

@@ -16,7 +16,7 @@ somewhat under load: shared caches). The table gives the final training loss, te
 steps, CPU seconds, steps per CPU second, the steps and CPU seconds to a common target loss, and
 wall seconds for reference. ``demo_results/`` gets ``demo.png`` (loss against CPU time and
 against steps), ``curves.csv`` (every step of both runs) and ``summary.md`` (the table). After
-the K-FAC run, the seed notes' diagnostics (per-layer Kronecker error and ``||E[g]||``) of the
+the K-FAC run, the Kronecker-factorization diagnostics (per-layer Kronecker error and ``||E[g]||``) of the
 trained model on a training batch are printed and drawn to ``diagnostics.png``
 (examples/demo_diagnostics.py).
 
@@ -240,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
             else None
         results[name] = {"test": res.test_metrics,
                          "preconditioned_layers": len(res.kfac.factors()) if res.kfac else 0}
-        if res.kfac is not None:  # issue 8: how Kronecker-factored is the trained net's Fisher?
+        if res.kfac is not None:  # how Kronecker-factored is the trained net's Fisher?
             results[name]["diagnostics"] = diagnose_trained(res.model, res.datamodule,
                                                             list(res.kfac.factors()))
 

@@ -1,7 +1,7 @@
 """The demo's diagnostics: how Kronecker-factored is the trained network's Fisher, per layer?
 
 After the K-FAC run, ``examples/demo.py`` calls :func:`diagnose_trained` on the first training
-batch of the trained model (``lightning_kfac.diagnostics.diagnose``; the seed notes, Martens &
+batch of the trained model (``lightning_kfac.diagnostics.diagnose``; Martens &
 Grosse 2015 sec. 3), prints :func:`format_diagnostics` and draws :func:`plot_diagnostics`:
 
 - Kronecker error ``||M - A (x) G||_F / ||M||_F`` with ``M = E_n[(a_n a_n^T) (x) (g_n g_n^T)]``,

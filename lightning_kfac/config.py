@@ -32,7 +32,7 @@ class _StrEnum(str, enum.Enum):
 
 
 class ComputeMethod(_StrEnum):
-    """How ``(A (x) G + damping I)^-1`` is applied (CONTRACT.md, "The mathematics")."""
+    """How ``(A (x) G + damping I)^-1`` is applied (docs/conventions.md)."""
 
     EIGEN = "eigen"
     INVERSE = "inverse"
@@ -190,7 +190,7 @@ _OVERRIDE_KEYS = {"regex", "damping", "factor_update_steps", "inv_update_steps",
 
 @dataclasses.dataclass(kw_only=True)
 class KFACConfig:
-    """All K-FAC options (CONTRACT.md, "Options"). Keyword-only; validated in ``__post_init__``.
+    """All K-FAC options (docs/conventions.md). Keyword-only; validated in ``__post_init__``.
 
     Attributes:
         damping: Tikhonov damping lambda > 0 added to the Kronecker-factored Fisher.
@@ -302,7 +302,7 @@ class KFACConfig:
     diagnostics_every_n_steps: Optional[int] = None
     max_dense_dim: int = 2048
     memory_budget_gib: Optional[float] = 2.0
-    step_rule: StepRule = StepRule.OPTIMIZER  # issue 11 item 2 (lightning_kfac/step_rule.py)
+    step_rule: StepRule = StepRule.OPTIMIZER  # lightning_kfac/step_rule.py
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)

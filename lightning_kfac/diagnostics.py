@@ -12,7 +12,7 @@ when ``a`` and ``g`` are independent and ``E[g] = 0``. We report the relative Fr
 ``||M - K||_F / ||M||_F`` per layer, and the mean gradient ``E[g]`` (zero in expectation under
 the true Fisher, i.e. labels sampled from the model; not under the empirical Fisher).
 
-Conventions are those of CONTRACT.md and the engine (``lightning_kfac.core.layers``): ``a`` has
+Conventions are those of docs/conventions.md and the engine (``lightning_kfac.core.layers``): ``a`` has
 a trailing 1 when the layer has a bias; with a mean-reduced loss ``g_n = N x`` autograd's gradient
 (N = rows for Linear, B for conv); conv layers follow KFC: example n owns T rows
 ``(a_{n,t}, g_{n,t})``, ``J_n = sum_t g_{n,t} a_{n,t}^T``, ``A = (1/B) sum a a^T``,
@@ -36,7 +36,7 @@ is small against the layer: the batch ``M`` has rank <= B while ``A (x) G`` has 
 B^2, so with B << d_in d_out it tends to 1 whatever the network (e.g. 0.90, 0.82, 0.52, 0.23 at
 B = 16, 128, 1024, 8192 for a 50-40 tanh layer on Gaussian inputs). For one row per example
 (Linear) and B >= 4 we also report ``population``: the ratio of unbiased U-statistic estimates
-of the population's ``||M - A (x) G||^2`` and ``||M||^2`` (the quantity in the seed notes). With
+of the population's ``||M - A (x) G||^2`` and ``||M||^2`` (the error measure of the Kronecker approximation). With
 ``P_nm = (a_n . a_m)^2`` and ``Q_nm = (g_n . g_m)^2`` over distinct examples,
 ``||M||^2 = E[P_nm Q_nm]``, ``<K, M> = E[P_nm Q_nk]``, ``||K||^2 = E[P_nm Q_kl]`` (indices all
 distinct), summed over distinct index tuples by inclusion-exclusion at O(B^2 (d_in + d_out)).
@@ -163,7 +163,7 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
         inputs: the batch inputs.
         loss_fn: maps the model output to the scalar loss (bind targets with a closure).
         layers: qualified module names to record; None records every trainable Linear/Conv.
-        loss_reduction: "mean" (``g_n = N x grad``, CONTRACT.md) or "sum" (``g_n = grad``).
+        loss_reduction: "mean" (``g_n = N x grad``, docs/conventions.md) or "sum" (``g_n = grad``).
         dtype: dtype of the returned rows (float64 by default, for exact error figures).
         preconditioner: the ``KFACPreconditioner`` attached to ``model``, if any: its capture is
             paused during this extra forward/backward. Without it, a capturing preconditioner
@@ -379,8 +379,8 @@ def kronecker_error(a: Tensor, g: Tensor, num_examples: Optional[int] = None, *,
 def mean_gradient(rows: LayerRows) -> Tensor:
     """``E[g]`` over all rows, shape (d_out,).
 
-    Under the true Fisher (labels drawn from the model) ``E_y[g] = E_y[grad_s log p(y|s)] = 0``
-    (seed notes); under the empirical Fisher it is the bias gradient times rows per example, so
+    Under the true Fisher (labels drawn from the model) ``E_y[g] = E_y[grad_s log p(y|s)] = 0``;
+    under the empirical Fisher it is the bias gradient times rows per example, so
     it measures how far the empirical Fisher's ``G`` is from a covariance.
     """
     return rows.g.mean(0)
@@ -443,7 +443,7 @@ def sampled_nll(likelihood: str = "categorical", *, variance: float = 1.0,
 
     "categorical": logits over the last dimension; "bernoulli": logits, summed over features;
     "gaussian": the output is the mean of ``N(mean, variance I)``, summed over features.
-    The loss is a mean over the leading (batch) dimension, so ``g`` follows CONTRACT.md.
+    The loss is a mean over the leading (batch) dimension, so ``g`` follows docs/conventions.md.
     """
     _check_choice("likelihood", likelihood, ("categorical", "bernoulli", "gaussian"))
     if not (isinstance(variance, (int, float)) and variance > 0 and math.isfinite(variance)):

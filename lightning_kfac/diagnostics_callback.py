@@ -3,7 +3,7 @@
 Every N optimizer steps (steps t with ``t % N == 0`` on the K-FAC clock, step 0 included) the
 callback logs, for every preconditioned layer, the Kronecker approximation error of that step's
 batch and the norm of the mean output gradient (``lightning_kfac.diagnostics``; Martens & Grosse
-2015, sec. 3; issue 8):
+2015, sec. 3):
 
     kfac_diag/<layer>/kronecker_error       ||M - A (x) G||_F / ||M||_F of the batch,
                                             M = E_n[(a_n a_n^T) (x) (g_n g_n^T)]

@@ -11,7 +11,7 @@ Usage in a plain PyTorch loop::
 
 At optimizer step t (0-based): factors are updated when ``t % factor_update_steps == 0``,
 decompositions recomputed when ``t % inv_update_steps == 0``, in that order, then the gradient is
-preconditioned with the decompositions in use and KL-clipped (CONTRACT.md, "Clocks").
+preconditioned with the decompositions in use and KL-clipped (docs/conventions.md, "Clocks").
 """
 
 from __future__ import annotations

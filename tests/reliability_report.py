@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import pytest
 
-# RELIABILITY.md's row order; rows with other names follow in the order they were recorded
+# the fault list's row order; rows with other names follow in the order they were recorded
 ORDER = ["exactness oracle", "state round trip", "resume sweep", "fit twice, no leak",
          "eval is silent", "refit after validate/test", "add-K-FAC resume",
          "option change on resume", "state checks", "interrupted step",

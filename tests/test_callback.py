@@ -97,7 +97,7 @@ def test_resume_is_bit_identical(tmp_path, batches_per_epoch, resume_step):
 
     Step 5: neither factors nor decompositions are due; step 6: factors due, decomposition from
     step 4 still in use. Resume points sit at epoch ends (a plain DataLoader replays a resumed
-    epoch from its first batch, LIGHTNING_FACTS.md).
+    epoch from its first batch, as Lightning 2.x does).
     """
     data = loader(make_dataset(batches_per_epoch * 8), batch_size=8)
     model = MLP(optimizer="adam", lr=1e-2)

@@ -145,7 +145,7 @@ def test_gradients_mode_holds_only_owned_decompositions(runs) -> None:
 
 @pytest.mark.reliability
 def test_reliability_rows(runs, request) -> None:
-    """RELIABILITY.md rows "DDP identical ranks" and "DDP fault on one rank" (make reliability)."""
+    """reliability rows "DDP identical ranks" and "DDP fault on one rank" (make reliability)."""
     from tests.reliability_report import Row, record_row
 
     diffs = {case: max(_max_diff(runs[0][case][k], runs[1][case][k])

@@ -2,7 +2,7 @@
 process on the concatenated batches, checkpoints moving between DDP and a single process, and
 plain ``strategy="ddp"`` from a standalone script (tests/ddp_scripts/lightning_ddp.py).
 
-Callback state does not come back from forked/spawned ranks (LIGHTNING_FACTS.md), so each rank
+Callback state does not come back from forked/spawned ranks (Lightning 2.x behaviour), so each rank
 writes what it holds at ``on_fit_end`` to ``tmp_path`` (``RankDump``) and the test compares files.
 The per-rank batches: ``RankSlice`` gives rank r the examples r, r + 2, r + 4, ... (Lightning's
 own DistributedSampler shuffles here, so ``use_distributed_sampler=False``); the single-process

@@ -2,7 +2,7 @@
 
 The scaling is ``s = E_n[(Q_G^T dW~_n Q_A)^2]`` with per-example gradients ``dW~_n`` from
 ``torch.func`` (Linear: one row per example; conv: the whole example, i.e. summed over output
-locations; Linear on sequences: every position is an example, CONTRACT.md). ``P`` is checked
+locations; Linear on sequences: every position is an example, docs/conventions.md). ``P`` is checked
 against a dense solve of ``(Q_A (x) Q_G) diag(vec s) (Q_A (x) Q_G)^T + damping I``. Everything in
 float64; the engine's own eigenbases are used where only the scaling is under test (eigenvectors
 are unique up to sign, and squares do not see the sign).
@@ -85,7 +85,7 @@ def test_scaling_and_step_equal_brute_force_after_refresh(kind: str) -> None:
 
 
 def test_sequence_linear_uses_one_example_per_position() -> None:
-    """Linear on (B, T, d): every position is an example (CONTRACT.md), g = N x autograd grad."""
+    """Linear on (B, T, d): every position is an example (docs/conventions.md), g = N x autograd grad."""
 
     class Seq(nn.Module):
         def __init__(self):

@@ -1,4 +1,4 @@
-"""The dependency direction of ARCHITECTURE.md: the engine never imports Lightning or Hydra.
+"""The dependency direction of the package: the engine never imports Lightning or Hydra.
 
 ``lightning_kfac.core``, the preconditioner and the diagnostics must import with
 ``pytorch_lightning``, ``lightning`` and ``hydra`` unavailable; the modules that adapt to

@@ -53,7 +53,7 @@ def _train(model, pre, batches, names=NAMES):
 
 
 def _running(estimates, steps, decay):
-    """CONTRACT running average over the given steps: first sets, later decay-average."""
+    """The running average of docs/conventions.md over the given steps: first sets, later decay-average."""
     A = G = None
     for t in steps:
         a, g = estimates[t]

@@ -1,7 +1,7 @@
 """Plain PyTorch loop on scikit-learn's digits: K-FAC+SGD reaches a lower training loss than
 SGD alone with the same learning rate and number of steps (fixed seeds; an ordering, no timing).
 
-The loop is the one CONTRACT.md promises: ``loss.backward(); pre.step(optimizer); optimizer.step()``.
+The loop the engine documents: ``loss.backward(); pre.step(optimizer); optimizer.step()``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ For a Linear layer the weight gradient of one step is a sum of R outer products,
 ``grad W~ = Gm^T Am`` with ``Am`` (R x d_A) the layer-input rows (a trailing 1 for the bias) and
 ``Gm`` (R x d_G) the output-gradient rows that autograd delivered (R = rows of all micro-batches).
 When R is small compared with the layer width, the preconditioner can work at rank R
-(issue 8, "going below the naive bound"):
+(going below the naive bound):
 
 - inverse: ``P = G_inv grad A_inv = (G_inv Gm^T)(Am A_inv)``: 2R(d_G^2 + d_A^2 + d_G d_A) flops
   instead of 2 d_G d_A (d_G + d_A);

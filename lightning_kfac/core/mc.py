@@ -1,7 +1,7 @@
 """The true (Monte-Carlo) Fisher: ``g`` from labels sampled from the model's own predictive.
 
 K-FAC approximates the Fisher ``F = E_x E_{y~p(y|x,theta)}[grad log p grad log p^T]`` (Martens &
-Grosse 2015, sec. 5; the seed notes: ``E_{y~p}[grad log p] = 0`` and ``E[H] = F`` for the negative
+Grosse 2015, sec. 5; ``E_{y~p}[grad log p] = 0`` and ``E[H] = F`` for the negative
 log-likelihood). The empirical Fisher uses the training labels instead of ``y~p``; here, on
 factor-update steps, one extra backward replaces them by sampled labels:
 
@@ -13,7 +13,7 @@ factor-update steps, one extra backward replaces them by sampled labels:
    ``nll = sum_rows -log p(y~|f(x))`` and calls ``torch.autograd.grad(nll, kept_outputs,
    retain_graph=True)``. Parameter ``.grad`` fields are never touched. Because the loss is a
    *sum*, the gradient of a row is that example's own ``g_n = d(-log p(y~_n))/ds_n``
-   (CONTRACT.md), so it is added with ``per_example=True``; with ``mc_samples = S`` each of the S
+   (docs/conventions.md), so it is added with ``per_example=True``; with ``mc_samples = S`` each of the S
    sampled losses adds its own ``sum g g^T`` and its rows to the divisor, i.e. ``G^`` averages
    over examples and samples (scale ``1/S``).
 

@@ -1,4 +1,4 @@
-"""Option validation (CONTRACT.md, "Options"): every bad value raises ValueError naming the
+"""Option validation (docs/conventions.md): every bad value raises ValueError naming the
 option and the value; strings are accepted for enums, case-insensitively."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_preconditioner_rejects_unknown_keyword() -> None:
 
 
 def test_preconditioner_accepts_config_object_and_keywords() -> None:
-    """A KFACConfig or the same keywords give the same factors and update (CONTRACT.md)."""
+    """A KFACConfig or the same keywords give the same factors and update (docs/conventions.md)."""
     import torch
 
     from lightning_kfac import KFACPreconditioner

@@ -1,4 +1,4 @@
-"""K-FAC against brute force, in float64 (CONTRACT.md, "The mathematics").
+"""K-FAC against brute force, in float64 (docs/conventions.md).
 
 Where K-FAC is exact (one example: the Fisher block of ``vec(W~)`` is ``(a a^T) (x) (g g^T)``),
 ``A (x) G`` must equal the per-example Fisher from ``torch.func``. Elsewhere the engine's factors

@@ -1,6 +1,6 @@
 """Dense brute-force references for K-FAC, built independently of ``lightning_kfac``.
 
-Conventions (CONTRACT.md, "The mathematics"): ``W~ = [W b]`` is out x (in+1) (conv weights are
+Conventions (docs/conventions.md): ``W~ = [W b]`` is out x (in+1) (conv weights are
 flattened to out x (C_in * kernel elements), channel-major as in ``F.unfold``); ``vec`` stacks
 columns, so ``vec(g a^T) = a (x) g`` and ``vec(M) = M.T.reshape(-1)``. The Fisher block of
 ``vec(W~)`` is approximated by ``A (x) G = torch.kron(A, G)``.
@@ -114,7 +114,7 @@ def record(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, List[Tu
 
 
 # --------------------------------------------------------------------------------------------
-# brute-force factors by the CONTRACT.md definitions
+# brute-force factors by the definitions of docs/conventions.md
 
 
 def _append_one(a: Tensor, bias: bool) -> Tensor:

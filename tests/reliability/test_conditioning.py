@@ -1,6 +1,6 @@
 """Ill-conditioned and degenerate factors, and the damping sweep.
 
-Ill-conditioning (RELIABILITY.md): batch size 1 (rank-1 factors), dead ReLU units (zero rows of
+Ill-conditioning (docs/reliability.md): batch size 1 (rank-1 factors), dead ReLU units (zero rows of
 G and of the next layer's A), duplicated and all-zero input features (singular A) and inputs whose
 covariance has condition number 1e4 ... 1e16. Must hold: finite factors, decompositions and
 parameters, eigenvalues clamped >= 0, no decomposition failure; in float64 the preconditioned

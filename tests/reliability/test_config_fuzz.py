@@ -1,6 +1,6 @@
 """Config fuzz (hypothesis): random values for every KFACConfig option.
 
-Must hold (RELIABILITY.md, "config fuzz"): an invalid value raises ``ValueError`` naming the
+Must hold (docs/reliability.md, "config fuzz"): an invalid value raises ``ValueError`` naming the
 option; a valid configuration trains a few steps with finite parameters and factors; any other
 exception is a crash, and crashes must be 0. Two properties, derandomized (fixed examples, so the
 suite is reproducible) and modest in size:

@@ -1,6 +1,6 @@
 """Decomposition failures injected into the real engine by patching ``torch.linalg``.
 
-What must hold (RELIABILITY.md, "decomposition failure"): a float32 eigh/inverse that raises or
+What must hold (docs/reliability.md, "decomposition failure"): a float32 eigh/inverse that raises or
 returns NaN is retried in float64 (with a tiny jitter) and succeeds; when the retry fails too,
 the previous decomposition stays in use (bit-identical) and the step is preconditioned with it
 (dense reference: ``(A_old (x) G_old + damping I)^-1 vec(grad)``); the next healthy

@@ -1,7 +1,7 @@
 """Lightning rows: fit twice / no leak, eval is silent, the Lightning matrix, and the resume sweep
 through real checkpoints (including a crash in the middle of gradient accumulation).
 
-Must hold (RELIABILITY.md): hook handles per module constant during fit and zero after every fit,
+Must hold (docs/reliability.md): hook handles per module constant during fit and zero after every fit,
 validate, test, predict and crash, and nothing captured kept by the engine; no factor update
 outside training (sanity check, validation, predict, ``no_grad`` and eval-mode forwards inside
 ``training_step``, a ``training_step`` returning None); every cell of the matrix works or raises

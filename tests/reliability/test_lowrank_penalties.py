@@ -1,6 +1,6 @@
 """The low-rank path against L2 penalties: exact whenever it is used, never drops a real term.
 
-Must hold (issue 13): with ``low_rank=True`` (the default) the preconditioned gradient equals the
+Must hold: with ``low_rank=True`` (the default) the preconditioned gradient equals the
 full path's for every gradient term above float rounding. On one fixed K-FAC state (float32, a
 batch of R = 6 rows against layers 40 -> 60 -> 50, so the rank-R path is eligible) the loss gets
 an L2 penalty ``lam |W|^2`` for lam = 1e-8 ... 1e-2. The penalty's gradient ``2 lam W`` is

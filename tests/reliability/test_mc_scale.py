@@ -1,6 +1,6 @@
 """MC and empirical Fisher describe the same loss when it averages over C outputs.
 
-Must hold (issue 13; the scale convention in docs/engine.md): with labels drawn from the model,
+Must hold (the scale convention in docs/engine.md): with labels drawn from the model,
 the expected MC G equals the expected empirical G, so a loss averaged over C outputs
 (``nn.BCEWithLogitsLoss()``, ``nn.MSELoss()`` with ``gaussian_variance=0.5``, for which
 ``-log p`` is the squared error) makes both 1/C^2 of the summed loss's. Here C = 5: both Fisher

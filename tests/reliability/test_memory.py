@@ -1,6 +1,6 @@
 """Memory: factor / decomposition bytes against the formula, no growth, nothing captured kept.
 
-Must hold (RELIABILITY.md, "memory soak"; issue 7 "Memory"): the running factors of a layer hold
+Must hold (docs/reliability.md, "memory soak"): the running factors of a layer hold
 exactly ``(d_A^2 + d_G^2) x bytes``; ``pre.memory_bytes()`` (factors + decompositions) equals
 ``lightning_kfac.summary.predicted_memory_bytes`` and the registration summary reports it; the
 tensors reachable from the engine between steps total exactly that (no hidden copies, no

@@ -1,7 +1,7 @@
 """Non-finite values: NaN/inf activations and gradients, and finite values whose K-FAC statistics
 overflow float32.
 
-What must hold (RELIABILITY.md, "non-finite gradients"): no non-finite value reaches the
+What must hold (docs/reliability.md, "non-finite gradients"): no non-finite value reaches the
 parameters or the running factors; the factor update of an affected layer is skipped (its
 factors stay bit-identical) while healthy layers update by the running-average formula
 ``A <- decay A + (1 - decay) A^`` (Martens & Grosse 2015, sec. 5); one warning per layer; a
@@ -30,7 +30,7 @@ DECAY = 0.9
 
 
 def _expected_skips(model, store, scale: float) -> Set[str]:
-    """Layers whose brute-force batch estimate (CONTRACT.md definitions) is not finite."""
+    """Layers whose brute-force batch estimate (docs/conventions.md definitions) is not finite."""
     brute = D.brute_factors(model, store)
     return {n for n, (a, g) in brute.items() if not all_finite([a, g / scale**2])}
 

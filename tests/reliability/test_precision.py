@@ -1,7 +1,7 @@
 """Mixed precision under Lightning on CPU: bf16-mixed, and 16-mixed with a CPU GradScaler and
 overflows forced at random steps (seed 11).
 
-Must hold (RELIABILITY.md, "mixed precision"; LIGHTNING_FACTS.md, "Precision"): an overflow step
+Must hold (docs/reliability.md, "mixed precision"; Lightning's precision plugins): an overflow step
 (inf fp16 gradients, skipped by the scaler) leaves the running factors and the parameters
 bit-identical; the loss scale s is undone (G is divided by s^2, so it matches a 32-true run);
 factors are kept in float32 under both 16-mixed and bf16-mixed.

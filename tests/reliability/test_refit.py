@@ -1,6 +1,6 @@
 """Refit and resume through real Lightning Trainers: what state a fit starts from.
 
-Must hold (issue 13): only a fit resumed from a checkpoint restores K-FAC state (``validate`` /
+Must hold: only a fit resumed from a checkpoint restores K-FAC state (``validate`` /
 ``test`` / ``predict`` with ``ckpt_path`` leave nothing for the next ``fit`` of a reused
 callback); K-FAC added when resuming a checkpoint without K-FAC state decomposes at its first
 factor update; a checkpoint saved under other options (``compute_method``, ``damping``) resumes

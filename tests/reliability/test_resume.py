@@ -1,6 +1,6 @@
 """State round trip and the resume sweep (engine level, plain PyTorch loop).
 
-Must hold (RELIABILITY.md, "state round trip", "resume sweep"; CONTRACT.md: a resumed run
+Must hold (docs/reliability.md, "state round trip", "resume sweep"; docs/conventions.md: a resumed run
 continues bit-identically): save model + optimizer + ``pre.state_dict()``, load them into fresh
 objects with ``torch.load(weights_only=True)`` and continue; every tensor (parameters, optimizer
 state, factors, decompositions, scalings) is ``torch.equal`` to an uninterrupted run. The sweep

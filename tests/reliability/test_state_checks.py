@@ -1,6 +1,6 @@
 """Restoring engine state: checked, converted, recomputed where options changed, transactional.
 
-Must hold (issue 13): ``load_state_dict`` refuses an unknown ``version`` and any layer whose
+Must hold: ``load_state_dict`` refuses an unknown ``version`` and any layer whose
 factor or decomposition shape does not fit (a resized layer, a frozen bias), naming the layer and
 changing nothing; it casts states to the run's dtype (float32 <-> float64 resumes); a state saved
 under another ``compute_method``, ``damping`` or ``damping_mode`` gets decompositions equal to a
