@@ -78,6 +78,30 @@ def test_no_warning_for_full_coverage_or_deliberate_skips():
     assert messages == []
 
 
+class TiedWithOwnBiases(nn.Module):
+    """One weight held by two Linear modules with different biases: the weight is one block, each
+    holder's bias keeps its raw gradient (core/sharing.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_skipped_count_leaves_out_the_preconditioned_shared_weight():
+    """The warning counts what keeps its raw gradient (the biases), not the shared weight too."""
+    model = TiedWithOwnBiases()
+    pre, messages = _kfac_warnings(lambda: KFACPreconditioner(model))
+    total = sum(p.numel() for p in model.parameters())
+    raw = total - pre.coverage()["covered"]
+    assert raw == 12  # the two biases
+    assert len(messages) == 1 and f"holding {raw:,} trainable parameters" in messages[0]
+    pre.remove()
+
+
 class Functional(nn.Module):
     """``proj``'s weight is read by its parent, never called (as MHA does with out_proj)."""
 

@@ -59,8 +59,10 @@ def coverage(model: nn.Module, blocks: Dict) -> Dict[str, float]:
     return {"covered": covered, "trainable": total, "share": covered / total if total else 0.0}
 
 
-def _unique_trainable(model: nn.Module, names: Iterable[str]) -> int:
-    """Trainable parameters held by the named modules, each tensor once (tied weights)."""
+def _unique_trainable(model: nn.Module, names: Iterable[str], covered: frozenset = frozenset()) -> int:
+    """Trainable parameters held by the named modules, each tensor once (tied weights), leaving
+    out those in ``covered`` (ids of preconditioned tensors: a shared weight whose holder keeps
+    only its bias raw counts the bias alone)."""
     modules = dict(model.named_modules())
     unique = {}
     for name in names:
@@ -70,11 +72,12 @@ def _unique_trainable(model: nn.Module, names: Iterable[str]) -> int:
         params = list(module.parameters(recurse=False))
         if parametrize.is_parametrized(module):
             params += list(module.parametrizations.parameters())
-        unique.update({id(p): p for p in params if p.requires_grad})
+        unique.update({id(p): p for p in params if p.requires_grad and id(p) not in covered})
     return sum(p.numel() for p in unique.values())
 
 
-def skipped_message(model: nn.Module, skipped: Iterable, total: int) -> Optional[str]:
+def skipped_message(model: nn.Module, skipped: Iterable, total: int,
+                    covered: frozenset = frozenset()) -> Optional[str]:
     """One message for every involuntarily skipped module with trainable parameters, by reason."""
     by_reason: Dict[str, List] = {}
     for s in skipped:
@@ -83,11 +86,11 @@ def skipped_message(model: nn.Module, skipped: Iterable, total: int) -> Optional
     if not by_reason:
         return None
     count = sum(len(v) for v in by_reason.values())
-    params = _unique_trainable(model, [s.name for v in by_reason.values() for s in v])
+    params = _unique_trainable(model, [s.name for v in by_reason.values() for s in v], covered)
     share = 100.0 * params / total if total else 0.0
     lines = [f"K-FAC does not precondition {count} module(s) holding {params:,} trainable "
              f"parameters ({share:.1f}% of the model's); they keep their raw gradient:"]
-    sizes = {reason: _unique_trainable(model, [s.name for s in group])
+    sizes = {reason: _unique_trainable(model, [s.name for s in group], covered)
              for reason, group in by_reason.items()}
     for reason, group in sorted(by_reason.items(), key=lambda kv: -sizes[kv[0]]):
         lines.append(f"  {len(group)} x {group[0].type_name} ({sizes[reason]:,} params: "
@@ -116,7 +119,8 @@ def coverage_message(total: int, covered: int, skipped: Iterable) -> Optional[st
 def registration_messages(model: nn.Module, blocks: Dict, skipped: Sequence) -> List[str]:
     """The registration warnings (skipped modules, low coverage), possibly none."""
     total = trainable_total(model)
-    found = [skipped_message(model, skipped, total),
+    covered = frozenset(id(p) for b in blocks.values() for p in b.kind.params)
+    found = [skipped_message(model, skipped, total, covered),
              coverage_message(total, covered_params(blocks), skipped)]
     return [m for m in found if m]
 
