@@ -213,9 +213,9 @@ class KFACConfig:
             ``nn.BCEWithLogitsLoss()``: the mean over every output element, so a loss averaged
             over C outputs scales the MC G by 1/C^2 like the empirical one) or "sum" (the last
             dimension is summed, the other positions averaged). core/mc.py, ``loss_terms``.
-        damping_mode: "relative" (default: damping x (tr A/dim A)(tr G/dim G) per layer) or
-            "absolute" (damping as given); docs/defaults.md.
-        factor_init: "batch" (the first update sets the factors to the batch estimates),
+        damping_mode: "absolute" (default: damping as given) or "relative" (damping x
+            (tr A/dim A)(tr G/dim G) per layer, one value for any loss scale); docs/defaults.md.
+        factor_init: "batch" (default: the first update sets the factors to the batch estimates),
             "identity" (start at I, then the running average) or "scaled_identity" (start at
             (tr X^/dim) I of the first estimate X^, then the running average); see FactorInit.
         warmup_steps: steps during which factors are estimated but gradients are left raw.
@@ -268,7 +268,7 @@ class KFACConfig:
             exact quadratic model and sets their ``.grad`` to None; lightning_kfac/step_rule.py).
     """
 
-    damping: float = 0.1
+    damping: float = 1e-3
     factor_update_steps: int = 10
     inv_update_steps: int = 100
     factor_decay: float = 0.95
@@ -282,8 +282,8 @@ class KFACConfig:
     skip_layers: List[str] = dataclasses.field(default_factory=list)
     loss_reduction: LossReduction = LossReduction.MEAN
     output_reduction: OutputReduction = OutputReduction.MEAN
-    damping_mode: DampingMode = DampingMode.RELATIVE
-    factor_init: FactorInit = FactorInit.IDENTITY
+    damping_mode: DampingMode = DampingMode.ABSOLUTE
+    factor_init: FactorInit = FactorInit.BATCH
     warmup_steps: int = 0
     damping_schedule: DampingSchedule = DampingSchedule.CONSTANT
     damping_decay: float = 0.5
