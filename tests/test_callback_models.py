@@ -18,8 +18,8 @@ from pytorch_lightning.demos.transformer import LightningTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers.legacy import KFACPreconditioner
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACCallback
 from tests.test_callback_support import (assert_factors_equal, assert_params_equal,
                                          clone_module, engine_bug_step_drops_other_optimizers_layers,
                                          loader, make_dataset, make_trainer)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.test_callback_support import (MLP, Recorder, engine_bug_autocast_capture, loader,
                                          make_dataset, make_trainer)
 

@@ -13,7 +13,7 @@ import csv
 import pytest
 from pytorch_lightning.loggers import CSVLogger
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.test_callback_support import MLP, Recorder, loader, make_dataset, make_trainer
 
 PHASES = ("kfac/time_factors_ms", "kfac/time_decompose_ms", "kfac/time_precondition_ms")

@@ -26,9 +26,9 @@ from torch.nn.utils import parametrizations
 
 from lightning_kfac import KFACCoverageWarning
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.test_callback_support import loader, make_dataset, make_trainer
 
 EVERY = dict(factor_update_steps=1, inv_update_steps=1)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lightning_kfac import KFACConfig
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import damping as dmp
 from tests.helpers import dense as D
 
@@ -385,7 +385,7 @@ def test_callback_adaptive_damping_equals_hand_loop(tmp_path):
     """Trainer.fit == zero_grad; backward; pre.step; opt.step; pre.update_damping(loss, closure)
     on the same batches: same damping after every step and bit-identical parameters."""
     pl, S = _lightning()
-    from tests.helpers.legacy_callback import KFACCallback
+    from lightning_kfac import KFACCallback
 
     data = S.loader(S.make_dataset(8 * 8), batch_size=8)
     model = S.MLP(lr=0.5)
@@ -415,7 +415,7 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
     """Every step adapts, yet BatchNorm counts each batch once and the epoch mean of a logged
     metric is the mean of the training losses only."""
     pl, S = _lightning()
-    from tests.helpers.legacy_callback import KFACCallback
+    from lightning_kfac import KFACCallback
 
     class LoggingBN(S.MLP):
         def __init__(self):
@@ -447,7 +447,7 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
 def test_callback_adaptive_damping_refuses_manual_optimization(tmp_path):
     pl, S = _lightning()
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
-    from tests.helpers.legacy_callback import KFACCallback
+    from lightning_kfac import KFACCallback
 
     class Manual(S.MLP):
         def __init__(self):

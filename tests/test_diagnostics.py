@@ -239,7 +239,7 @@ def test_bad_diagnose_arguments():
 
 def test_rows_match_engine_factors():
     """The rows' A = sum a a^T / B and G = sum g g^T / R equal the engine's first factors."""
-    from tests.helpers.legacy import KFACPreconditioner
+    from lightning_kfac import KFACPreconditioner
 
     cases = ((_mlp(8), torch.randn(6, 4, dtype=DT)), (_cnn(8), torch.randn(3, 2, 4, 4, dtype=DT)))
     for model, x in cases:
@@ -260,7 +260,7 @@ def test_rows_match_engine_factors():
 def test_diagnose_pauses_an_attached_preconditioner():
     """A capturing preconditioner would add the diagnostic pass to its accumulators; passing it
     as ``preconditioner=`` pauses capture (and restores it)."""
-    from tests.helpers.legacy import KFACPreconditioner
+    from lightning_kfac import KFACPreconditioner
 
     model = _mlp(9)
     x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.assignment import greedy_assignment, layer_cost, rank_loads
 from lightning_kfac.core.distributed import pack_symmetric, unpack_symmetric_
 from lightning_kfac.core.kaisa import communication_bytes

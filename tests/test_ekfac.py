@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.helpers.dense import (brute_factors, grad_matrix, linear_rows, per_example_grads,
                                  record, rel_err, unvec, vec)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.helpers import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, factor_decay=0.5)

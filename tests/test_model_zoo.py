@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.zoo import final_loss, train
 from benchmarks.zoo_models import ZOO, build
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 
 pytest.importorskip("transformers")
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_kfac import KFACConfig
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.discovery import layer_settings
 from tests.helpers import dense as D
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 
 datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn (a dev extra) is needed")
 

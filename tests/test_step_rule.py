@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import damping as dmp
 from lightning_kfac.core.quadratic_model import solve_step
 from tests.helpers import dense as D

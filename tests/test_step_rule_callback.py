@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.helpers import dense as D
 
 LR, WD, MOMENTUM, LAMBDA = 0.05, 1e-3, 0.9, 0.1

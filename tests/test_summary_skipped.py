@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.summary import skipped_rows
 
 

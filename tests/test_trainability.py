@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import BackboneFinetuning, Callback
 from torch import nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.helpers import dense as D
 from tests.test_callback_support import loader, make_dataset, make_trainer
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) not installed")
 
@@ -127,7 +127,7 @@ def _pattern_tokens(n, vocab, seq, seed=0):
 
 
 def _fit(tmp_path, kfac: bool, steps: int):
-    from tests.helpers.legacy_callback import KFACCallback
+    from lightning_kfac import KFACCallback
     from tests.test_callback_support import make_trainer
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import linalg
 from lightning_kfac.core.factors import DenseFactor
 from lightning_kfac.core.refresh import logger

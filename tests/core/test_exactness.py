@@ -23,7 +23,7 @@ PRECOND_TOL = 1e-8
 
 
 def _kfac():
-    from tests.helpers.legacy import KFACPreconditioner
+    from lightning_kfac import KFACPreconditioner
 
     return KFACPreconditioner
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor
 from tests.helpers import dense as D
-from tests.helpers.legacy import KFACPreconditioner  # absolute damping, batch-initialised factors
+from lightning_kfac import KFACPreconditioner
 
 DT = torch.float64
 DAMPING = 1e-2

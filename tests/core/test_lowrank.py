@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import lowrank
 
 

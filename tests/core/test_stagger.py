@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACConfig
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import stagger
 from tests.helpers import dense as D
 

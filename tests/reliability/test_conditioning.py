@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_kfac import KFACConfig
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.helpers import dense as D
 from tests.reliability.common import all_finite, batch, factors_finite
 

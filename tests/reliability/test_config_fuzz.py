@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from lightning_kfac import KFACConfig
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 
 pytestmark = pytest.mark.reliability

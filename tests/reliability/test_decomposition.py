@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.helpers import dense as D
 from tests.reliability.common import all_finite, batch, mlp
 

@@ -24,7 +24,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_kfac.callback import check_strategy
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from lightning_kfac.summary import predicted_memory_bytes
 from tests.reliability.test_memory import held_bytes
 from tests.reliability.test_resume import mismatches

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 
 pytestmark = pytest.mark.reliability
 

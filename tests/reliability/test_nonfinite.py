@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.helpers import dense as D
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.helpers import dense as D
 from tests.test_callback_support import MLP, Recorder, loader, make_dataset, make_trainer
 

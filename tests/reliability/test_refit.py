@@ -19,7 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.helpers.legacy_callback import KFACCallback
+from lightning_kfac import KFACCallback
 from tests.test_callback_support import (MLP, assert_factors_equal, assert_params_equal,
                                          hand_loop, loader, make_dataset, make_trainer)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lightning_kfac import KFACConfig
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.reliability.common import batch, small_cnn
 
 pytestmark = pytest.mark.reliability

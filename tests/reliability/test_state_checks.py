@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.legacy import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner
 from tests.reliability.common import LAYERS, batch, mlp
 from tests.reliability.test_resume import mismatches
 
