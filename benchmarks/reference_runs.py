@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zlib
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -114,7 +115,7 @@ def _flatten(prefix: str, value: Any, out: Dict[str, Tensor]) -> None:
         for i, item in enumerate(value):
             _flatten(f"{prefix}/{i}", item, out)
     elif isinstance(value, (int, float, bool, str)) or value is None:
-        out[prefix] = torch.tensor([float(hash(value) if isinstance(value, str) else
+        out[prefix] = torch.tensor([float(zlib.crc32(value.encode()) if isinstance(value, str) else
                                           (0.0 if value is None else value))],
                                    dtype=torch.float64)
 
@@ -182,6 +183,13 @@ def run_all(with_demo: bool = True) -> Dict[str, Dict[str, Tensor]]:
     return results
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal bit for bit, NaN equal to NaN (a missing statistic is saved as NaN)."""
+    if a.is_floating_point():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
+
+
 def compare(old: Dict[str, Dict[str, Tensor]], new: Dict[str, Dict[str, Tensor]]) -> List[str]:
     """Every difference, as text; empty when bit-identical."""
     diffs = []
@@ -196,7 +204,7 @@ def compare(old: Dict[str, Dict[str, Tensor]], new: Dict[str, Dict[str, Tensor]]
             elif a[key].dtype != b[key].dtype or a[key].shape != b[key].shape:
                 diffs.append(f"{case}: {key} {a[key].dtype}{tuple(a[key].shape)} vs "
                              f"{b[key].dtype}{tuple(b[key].shape)}")
-            elif not torch.equal(a[key], b[key]):
+            elif not _same(a[key], b[key]):
                 err = float((a[key].double() - b[key].double()).abs().max())
                 diffs.append(f"{case}: {key} differs (max abs {err:.3g})")
     return diffs
