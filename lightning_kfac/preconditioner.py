@@ -592,14 +592,16 @@ class KFACPreconditioner:
         if not work:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
             return
-        # One host sync for every layer's (finite?, <P, grad>, |grad|^2, |P|^2) (a sync per
-        # float() would stall a GPU once per layer and statistic).
-        sums = torch.stack([torch.stack([torch.isfinite(p).all().double(), (p * g).sum().double(),
-                                         g.square().sum().double(), p.square().sum().double()])
+        # One host sync for every layer's (<P, grad>, |grad|^2, |P|^2) (a sync per float() would
+        # stall a GPU once per layer and statistic). P is finite iff |P|^2 is, except when the
+        # squares overflow: only then is P scanned entry by entry (a separate isfinite pass cost
+        # as much as the three sums together).
+        sums = torch.stack([torch.stack([(p * g).sum().double(), _dot(g, g), _dot(p, p)])
                             for _, g, p, _ in work]).tolist()
-        finite = [bool(row[0]) for row in sums]
+        finite = [math.isfinite(row[2]) or bool(torch.isfinite(p).all())
+                  for (_, _, p, _), row in zip(work, sums)]
         vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
-        for (block, grad, pre, lr), (ok, vg, _, _) in zip(work, sums):
+        for (block, grad, pre, lr), ok, (vg, _, _) in zip(work, finite, sums):
             if ok:
                 if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
                     vg = float((pre.double() * grad.double()).sum())
@@ -607,7 +609,7 @@ class KFACPreconditioner:
         nu = 1.0
         if self.config.kl_clip is not None and vg_sum != 0.0:
             nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))
-        for (block, grad, pre, lr), ok, (_, _, g_sq, p_sq) in zip(work, finite, sums):
+        for (block, grad, pre, lr), ok, (_, g_sq, p_sq) in zip(work, finite, sums):
             if not ok:
                 self._nonfinite("nonfinite_gradients", f"nonfinite-grad:{block.name}",
                                 f"K-FAC: non-finite preconditioned gradient for layer "
@@ -621,6 +623,11 @@ class KFACPreconditioner:
             block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
         ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
         self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` in float64 (one pass, no temporary; for the norm statistics only)."""
+    return torch.dot(x.reshape(-1), y.reshape(-1)).double()
 
 
 def _skipped_unseen(block: KFACBlock):
