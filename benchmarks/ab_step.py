@@ -70,7 +70,8 @@ def _run_child(tree: str, method: str, low_rank: bool, steps: int, sizes: str,
     out = subprocess.run([sys.executable, "-c", _CHILD, method, "1" if low_rank else "0",
                           str(steps), sizes, str(batch)], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.abspath(tree))
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
