@@ -440,7 +440,7 @@ class KFACPreconditioner:
             f = FACTOR_FLAGS * i
             a_hat, g_hat = block.batch_estimates()
             seen = block.has_estimates()
-            finite = seen and bool(torch.isfinite(a_hat).all() and torch.isfinite(g_hat).all())
+            finite = seen and linalg.all_finite(a_hat, g_hat)
             if seen and not finite:
                 a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
             flags[f], flags[f + 1] = float(seen), float(seen and not finite)
