@@ -9,7 +9,11 @@ step-overhead MLP 784-1000-500-250-10 at batch 128 (``--sizes``, ``--batch``) wi
 steps, decompositions every 100). A subprocess times ``--steps`` K-FAC steps after three warm-up
 steps, and a plain SGD step of the same model, with the CPU-time clock of its thread
 (``time.thread_time``: other processes on a shared machine do not count). Rounds alternate the
-trees, so drift in the machine's speed hits both alike. Printed: per variant, the median over
+trees, so drift in the machine's speed hits both alike. SGD with lr 1e-3 and momentum 0.9 as
+in ``step_overhead``: with lr 1e-2 the fixed batch is memorized within a few steps, the softmax
+gradients turn subnormal and float32 arithmetic on them gets 3-10x slower on x86 (eigen steps
+of 53 to 610 ms in one run; 53-56 ms with ``torch.set_flush_denormal(True)``), which buries any
+difference between the trees. Printed: per variant, the median over
 rounds of (mean engine ms per step, the median step's engine ms: a preconditioning-only step
 under these clocks, mean whole step / plain SGD step). A tree is a directory holding a
 ``lightning_kfac`` package (e.g. ``git archive <commit> lightning_kfac | tar -x -C <dir>``).
@@ -38,7 +42,7 @@ layers = []
 for d_in, d_out in zip(sizes[:-1], sizes[1:]):
     layers += [nn.Linear(d_in, d_out), nn.ReLU()]
 model = nn.Sequential(*layers[:-1])
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # as step_overhead
 pre = KFACPreconditioner(model, compute_method=method, low_rank=low_rank)
 x, y = torch.randn(batch, sizes[0]), torch.randint(0, sizes[-1], (batch,))
 def step(use_pre):
