@@ -82,7 +82,8 @@ class KFACPreconditioner:
             warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
         self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
-        self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
+        # Who decomposes and who preconditions under DDP (config.distribute; KAISA's assignment).
+        self.distributed = DistributedWork(self)
         self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
         self._offsets: Optional[Dict[str, int]] = None  # stagger_refresh (core/stagger.py)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
@@ -112,7 +113,11 @@ class KFACPreconditioner:
     # -- public API ------------------------------------------------------------------------------
     @property
     def layers(self) -> Dict[str, KFACBlock]:
-        """Qualified module name -> block, for every preconditioned layer."""
+        """Qualified module name -> block, for every preconditioned layer.
+
+        The public name of the engine's block dictionary: ``pre.layers is pre.blocks`` (the same
+        dict object; ``blocks`` is the engine's internal name for it). Layers dropped because
+        their hooks never fired leave both at once."""
         return self.blocks
 
     @property
@@ -311,7 +316,7 @@ class KFACPreconditioner:
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
             **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
-        self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
+        self.distributed.complete_state(state["layers"])  # distribute="gradients": collective gather
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -534,7 +539,7 @@ class KFACPreconditioner:
         retries = self.refresh.retries
         self.refresh.begin(self.steps, len(due))
         try:
-            results = self.kaisa.decompose(due, lambda b: self.refresh.run(b, self._decompose))
+            results = self.distributed.decompose(due, lambda b: self.refresh.run(b, self._decompose))
         finally:
             self.refresh.end()
             self.counters["decomposition_retries"] += self.refresh.retries - retries
@@ -588,7 +593,7 @@ class KFACPreconditioner:
             grad = raw.to(block.dtype)
             work.append((block, grad, self._precondition_block(block, grad),
                          1.0 if lr_of is None else lr_of[id(weight)]))
-        work = self.kaisa.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
+        work = self.distributed.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
         if not work:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
             return

@@ -109,10 +109,6 @@ class Capture:
             for handle in self._handles.pop(name, ()):
                 handle.remove()
 
-    @property
-    def num_hooks(self) -> int:
-        return sum(len(handles) for handles in self._handles.values())
-
     def _make_forward_hook(self, block: KFACBlock, kind: Optional[LayerKind] = None,
                            flipped: bool = False):
         kind = block.kind if kind is None else kind

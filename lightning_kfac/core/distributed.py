@@ -39,10 +39,6 @@ class Communicator:
     def broadcast_(self, tensors: Sequence[Tensor], src: int) -> None:
         """Overwrite each tensor with rank ``src``'s copy, in place."""
 
-    def total_bytes(self) -> int:
-        """Payload bytes handed to collectives so far (all-reduce + broadcast)."""
-        return sum(getattr(self, "bytes", {}).values())
-
 
 def _flatten_by_dtype(tensors: Sequence[Tensor]):
     groups = defaultdict(list)
