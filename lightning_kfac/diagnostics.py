@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kfac.core.capture import install_tap, output_grad_scale
 from lightning_kfac.core.layers import make_kind
 from lightning_kfac.core.parametrized import parametrization_reason
 
@@ -175,40 +176,21 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     """
     _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
     covered = _covered_modules(model, layers)
-    a_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
-    g_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
-    n_store: Dict[str, List[int]] = {n: [] for n in covered}
-    handles = []
+    recorders = {name: _RowRecorder(make_kind(module)[0], dtype) for name, module in covered.items()}
+    handles = [install_tap(covered[name], recorder.kind, recorder)
+               for name, recorder in recorders.items()]
     paused = []
     if preconditioner is not None:
         for block in preconditioner.layers.values():
             paused.append((block, block.capturing))
             block.capturing = False
-
-    for name, module in covered.items():
-        kind, _ = make_kind(module)
-
-        def forward_hook(mod, args, output, name=name, kind=kind):
-            rows, _ = kind.input_rows(args[0].detach())
-            a_store[name].append(rows.to(dtype))
-            if output.requires_grad:
-                slot = len(a_store[name]) - 1
-
-                def tensor_hook(grad, name=name, slot=slot, kind=kind):
-                    g_rows, _, examples = kind.grad_rows(grad.detach())
-                    g_store[name].append((slot, g_rows.to(dtype)))
-                    n_store[name].append((slot, examples))
-
-                output.register_hook(tensor_hook)
-
-        handles.append(module.register_forward_hook(forward_hook))
     try:
         with torch.enable_grad():
             output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
             loss = loss_fn(output)
             if not (isinstance(loss, Tensor) and loss.dim() == 0):
                 raise ValueError(f"Invalid loss_fn: must return a scalar tensor, got {loss!r}.")
-            weights = [m.weight for n, m in covered.items() if a_store[n]]
+            weights = [m.weight for n, m in covered.items() if recorders[n].a]
             if weights:
                 torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
@@ -218,19 +200,42 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
             block.capturing = capturing
 
     result = {}
-    for name in covered:
-        if not a_store[name] or not g_store[name]:
+    for name, recorder in recorders.items():
+        if not recorder.a or not recorder.g:
             continue
-        g_by_slot = dict(g_store[name])
-        n_by_slot = dict(n_store[name])
-        slots = sorted(g_by_slot)
-        examples = sum(n_by_slot[s] for s in slots)
+        slots = sorted(recorder.g)
+        examples = sum(recorder.g[s][1] for s in slots)
         # per call, as the engine: a mean loss over N examples gives each call's rows grad / N
-        a = torch.cat([a_store[name][s] for s in slots])
-        g = torch.cat([g_by_slot[s] * (float(n_by_slot[s]) if loss_reduction == "mean" else 1.0)
-                       for s in slots])
+        mean = loss_reduction == "mean"
+        a = torch.cat([recorder.a[s] for s in slots])
+        g = torch.cat([g_rows * output_grad_scale(n, mean_reduction=mean)
+                       for g_rows, n in (recorder.g[s] for s in slots)])
         result[name] = LayerRows(a=a, g=g, num_examples=examples)
     return result
+
+
+class _RowRecorder:
+    """A capture tap (core/capture.py) keeping every forward's raw rows of one layer: ``a`` by
+    call, and ``(g rows, examples)`` by the call whose output gradient arrived."""
+
+    def __init__(self, kind: Any, dtype: torch.dtype):
+        self.kind = kind
+        self.dtype = dtype
+        self.a: List[Tensor] = []
+        self.g: Dict[int, Tuple[Tensor, int]] = {}
+
+    def wants(self, module: nn.Module) -> bool:
+        return True  # the model's train/eval mode is used as is
+
+    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
+                   output: Tensor) -> Callable[[Tensor], None]:
+        self.a.append(rows.to(self.dtype))
+        slot = len(self.a) - 1
+
+        def grad_hook(grad: Tensor) -> None:
+            g_rows, _, examples = self.kind.grad_rows(grad.detach())
+            self.g[slot] = (g_rows.to(self.dtype), examples)
+        return grad_hook
 
 
 def _factors(a: Tensor, g: Tensor, B: int):

@@ -29,7 +29,7 @@ from lightning_kfac.core import coverage, linalg, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
-from lightning_kfac.core.damping import DampingControl, Loss
+from lightning_kfac.core.damping import DampingControl, Loss, model_device
 from lightning_kfac.core.discovery import discover
 from lightning_kfac.core.ekfac import EKFACScaling, ekfac_decomposition, precondition_ekfac
 from lightning_kfac.core.mc import MCFisher
@@ -39,7 +39,7 @@ from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
 from lightning_kfac.core import state_checks
 from lightning_kfac.core.state_checks import STATE_VERSION
-from lightning_kfac.core.transaction import StepUndo, discard_captured
+from lightning_kfac.core.transaction import StepParts, StepUndo, discard_captured
 from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
 from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
@@ -89,8 +89,7 @@ class KFACPreconditioner:
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
         self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
         if self.config.fisher_type == "mc":
-            self.mc = MCFisher(self.model, self.capture, self.config, self._any_capturing,
-                               rank=self.comm.rank)
+            self.mc = MCFisher(self.model, self.capture, self.config, rank=self.comm.rank)
         self.ekfac: Optional[EKFACScaling] = None  # compute_method="ekfac" (core/ekfac.py)
         if any(b.compute_method == "ekfac" for b in self.blocks.values()):
             self.ekfac = EKFACScaling(lambda block: self._decomposition_due(block, self.steps))
@@ -99,13 +98,16 @@ class KFACPreconditioner:
         self._enable_low_rank()
         self.optimizer = optimizer
         self.steps = 0
-        self.damping_control = DampingControl(self.config)  # schedule / LM rule (core/damping.py)
+        # schedule / LM rule (core/damping.py)
+        self.damping_control = DampingControl(self.config, self.comm)
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
         self._warned: set = set()
         self._undecomposed = set(self.blocks)  # no decomposition yet: next update makes one
         self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
         self._undo: Optional[StepUndo] = None
+        self._parts = StepParts(self.blocks, self.counters, self.damping_control, self.mc,
+                                self.ekfac)  # what a step changes, for StepUndo
         # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
         self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
         self._set_capture()
@@ -154,7 +156,7 @@ class KFACPreconditioner:
             loss = loss_fn(model(x), y); loss.backward(); pre.step(opt); opt.step()
             pre.update_damping(loss, lambda: loss_fn(model(x), y))
         """
-        return self.damping_control.adapt(self, loss_before, loss_after)
+        return self.damping_control.adapt(loss_before, loss_after, model_device(self.model))
 
     def set_step(self, step: int) -> None:
         """Set the optimizer-step clock t (e.g. ``trainer.global_step``); switches capture."""
@@ -198,11 +200,11 @@ class KFACPreconditioner:
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
         t = self.steps
-        undo = StepUndo(self, t)
+        undo = StepUndo(self._parts, t, self._undecomposed)
         try:
             self._step(optimizer, t, undo)
         except BaseException:
-            undo.restore(self, keep_captured=True)
+            self._restore(undo, keep_captured=True)
             raise
         if self.undoable:
             same_step = self._undo is not None and self._undo.t == t
@@ -225,12 +227,17 @@ class KFACPreconditioner:
         """
         undo, self._undo = self._undo, None
         if undo is not None and step is not None and undo.t == int(step):
-            undo.restore(self)
+            self._restore(undo)
             return True
-        discard_captured(self)
+        discard_captured(self._parts)
         if self.mc is not None:
             self.mc.rewind(self.mc.step_start_rng())
         return False
+
+    def _restore(self, undo: StepUndo, keep_captured: bool = False) -> None:
+        """Put the engine back to where it was before ``undo``'s step (core/transaction.py)."""
+        self._undecomposed = undo.restore(keep_captured)
+        self.set_step(undo.t)
 
     def _step(self, optimizer: Optional[torch.optim.Optimizer], t: int, undo: StepUndo) -> None:
         self.damping_control.at_step(t)
@@ -252,7 +259,7 @@ class KFACPreconditioner:
         precondition_start = time.perf_counter()
         if t >= self.config.warmup_steps:
             if self.damping_control.due(t):
-                self.damping_control.snapshot(self, optimizer, t)
+                self.damping_control.snapshot(self.blocks.values(), self.model, optimizer, t)
             self._precondition(optimizer)
         else:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
@@ -353,7 +360,7 @@ class KFACPreconditioner:
         if self.step_rule is not None and "step_rule" in state:
             self.step_rule.load_state_dict(state["step_rule"])
         self._undo = None
-        discard_captured(self)
+        discard_captured(self._parts)
         self._set_capture()
         if stale:
             self._recompute_stale(stale)
@@ -411,9 +418,6 @@ class KFACPreconditioner:
     def _set_capture(self) -> None:
         for block in self.blocks.values():
             block.capturing = self.steps % block.factor_update_steps == 0
-
-    def _any_capturing(self) -> bool:
-        return any(block.capturing for block in self.blocks.values())
 
     def _update_ekfac_scaling(self, t: int) -> None:
         """EKFAC: running average of the eigenbasis scaling on factor-update steps."""
