@@ -109,7 +109,10 @@ class KFACPreconditioner:
         self._parts = StepParts(self.blocks, self.counters, self.damping_control, self.mc,
                                 self.ekfac)  # what a step changes, for StepUndo
         # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
-        self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
+        self.step_rule: Optional[QuadraticStepRule] = None
+        if self.config.step_rule == "quadratic":
+            self.step_rule = QuadraticStepRule(self.model, self.config, self.comm,
+                                               self.damping_control, self.counters)
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
@@ -193,9 +196,29 @@ class KFACPreconditioner:
         before the call (core/transaction.py); with ``undoable=True`` the step can also be undone
         afterwards with ``abort_step`` until ``commit_step``.
         """
-        # -- step_rule="quadratic": the rule runs this method's body inside its own step --
-        if self.step_rule is not None and not self.step_rule.running:
-            return self.step_rule.step(optimizer, closure)
+        if self.step_rule is not None:  # step_rule="quadratic": the rule's step around ours
+            return self._quadratic_step(optimizer, closure)
+        self._atomic_step(optimizer)
+
+    def _quadratic_step(self, optimizer: Optional[torch.optim.Optimizer],
+                        closure: Optional[Any]) -> None:
+        """``step_rule="quadratic"`` (step_rule.py): the rule prepares, this engine preconditions,
+        the rule chooses alpha and mu and moves the preconditioned parameters."""
+        rule = self.step_rule
+        assert rule is not None
+        start = time.perf_counter()
+        t = self.steps
+        pending = rule.prepare(optimizer, closure, self._blocks_of(optimizer))
+        self._atomic_step(optimizer)
+        stats = rule.finish(pending, closure, t, self.blocks.values())
+        if stats is None:
+            return
+        self.last_stats.update(stats)
+        self.last_stats["damping"] = self.damping_control.value
+        self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)  # the engine's and ours
+
+    def _atomic_step(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """The step itself; an exception inside restores the state (core/transaction.py)."""
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
