@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
+                    Tuple, Union, cast)
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.capture import install_tap, output_grad_scale
 from lightning_kfac.core.layers import make_kind
 from lightning_kfac.core.parametrized import parametrization_reason
@@ -68,6 +70,14 @@ _METHODS = ("auto", "dense", "gram", "probe")
 _DENSE_MAX_PARAMS = 1024  # "auto": form the dense block when d_in * d_out <= this
 _GRAM_MAX_FLOPS = 4e9  # "auto": exact (dense or Gram) when it costs at most this many flops
 _PROBE_CHUNK_ELEMENTS = 1 << 24  # bound on the temporaries of one chunk of probes
+
+
+class CapturingLayers(Protocol):
+    """What the diagnostics need of a preconditioner (``KFACPreconditioner`` is one): its
+    blocks, whose ``capturing`` switch is turned off during the diagnostic pass."""
+
+    @property
+    def layers(self) -> Mapping[str, KFACBlock]: ...
 
 
 @dataclass
@@ -140,7 +150,7 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
             kind = None  # never evaluate a parametrization (core/parametrized.py)
         plain = kind is not None and kind.groups == 1 and (  # one 2-D W~, unmasked rows
             getattr(module, "padding_idx", None) is None or not kind.diagonal_a)
-        if plain and kind.weight.requires_grad:
+        if plain and kind is not None and kind.weight.requires_grad:
             out[name] = module
     if layers is not None and len(out) != len(names):
         bad = [n for n in names if n not in out]
@@ -151,7 +161,7 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
 def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
                 loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
                 loss_reduction: str = "mean", dtype: torch.dtype = torch.float64,
-                preconditioner: Any = None) -> Dict[str, LayerRows]:
+                preconditioner: Optional[CapturingLayers] = None) -> Dict[str, LayerRows]:
     """Per-example ``a`` and ``g`` rows of every Linear/Conv layer for one batch.
 
     Runs ``loss = loss_fn(model(inputs))`` (``model(*inputs)`` for a tuple/list) with forward
@@ -190,7 +200,7 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
             loss = loss_fn(output)
             if not (isinstance(loss, Tensor) and loss.dim() == 0):
                 raise ValueError(f"Invalid loss_fn: must return a scalar tensor, got {loss!r}.")
-            weights = [m.weight for n, m in covered.items() if recorders[n].a]
+            weights = [cast(Tensor, m.weight) for n, m in covered.items() if recorders[n].a]
             if weights:
                 torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
@@ -238,7 +248,7 @@ class _RowRecorder:
         return grad_hook
 
 
-def _factors(a: Tensor, g: Tensor, B: int):
+def _factors(a: Tensor, g: Tensor, B: int) -> Tuple[Tensor, Tensor]:
     return a.T @ a / B, g.T @ g / g.shape[0]
 
 
@@ -248,7 +258,7 @@ def _per_example_grads(a: Tensor, g: Tensor, B: int) -> Tensor:
     return torch.einsum("bto,bti->boi", g.reshape(B, T, -1), a.reshape(B, T, -1))
 
 
-def _dense(a: Tensor, g: Tensor, B: int):
+def _dense(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
     A, G = _factors(a, g, B)
     J = _per_example_grads(a, g, B)
     vecJ = J.transpose(1, 2).reshape(B, -1)  # column-stacking vec: vec(g a^T) = a (x) g
@@ -256,7 +266,7 @@ def _dense(a: Tensor, g: Tensor, B: int):
     return float(torch.linalg.norm(M - torch.kron(A, G))), float(torch.linalg.norm(M))
 
 
-def _gram(a: Tensor, g: Tensor, B: int):
+def _gram(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
     A, G = _factors(a, g, B)
     if a.shape[0] == B:  # one row per example: <J_n, J_m> = (a_n.a_m)(g_n.g_m)
         C = (a @ a.T) * (g @ g.T)
@@ -272,12 +282,14 @@ def _gram(a: Tensor, g: Tensor, B: int):
     return math.sqrt(e2), math.sqrt(m2)
 
 
-def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Generator):
+def _probe(a: Tensor, g: Tensor, B: int, num_probes: int,
+           generator: torch.Generator) -> Tuple[float, float, float]:
     A, G = _factors(a, g, B)
     R, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
     T = R // B
     chunk = max(1, _PROBE_CHUNK_ELEMENTS // (R * max(d_in, d_out) + d_in * d_out))
-    y_err, y_blk = [], []
+    err_parts: List[Tensor] = []
+    blk_parts: List[Tensor] = []
     for start in range(0, num_probes, chunk):
         k = min(chunk, num_probes - start)
         V = torch.randn(k, d_out, d_in, dtype=a.dtype, generator=generator).to(a.device)
@@ -285,9 +297,9 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Gener
         s = s.reshape(k, B, T).sum(-1).repeat_interleave(T, dim=1)  # <J_n, V> on each row of n
         Mv = torch.matmul((g * s.unsqueeze(-1)).transpose(1, 2), a) / B  # E_n[<J_n,V> J_n]
         Kv = torch.matmul(torch.matmul(G, V), A)
-        y_err.append(((Mv - Kv) ** 2).sum((1, 2)))
-        y_blk.append((Mv ** 2).sum((1, 2)))
-    y_err, y_blk = torch.cat(y_err), torch.cat(y_blk)
+        err_parts.append(((Mv - Kv) ** 2).sum((1, 2)))
+        blk_parts.append((Mv ** 2).sum((1, 2)))
+    y_err, y_blk = torch.cat(err_parts), torch.cat(blk_parts)
     e2, m2 = float(y_err.mean()), float(y_blk.mean())
     ratio = e2 / m2 if m2 > 0 else 0.0
     rel = math.sqrt(max(ratio, 0.0))
@@ -300,7 +312,7 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Gener
     return math.sqrt(max(e2, 0.0)), math.sqrt(max(m2, 0.0)), std
 
 
-def population_terms(a: Tensor, g: Tensor):
+def population_terms(a: Tensor, g: Tensor) -> Tuple[float, float]:
     """Unbiased estimates ``(||M - K||^2, ||M||^2)`` of the population block, one row per example.
 
     U-statistics over distinct examples (B >= 4): with ``P = (a a^T)^2``, ``Q = (g g^T)^2``
@@ -394,7 +406,8 @@ def mean_gradient(rows: LayerRows) -> Tensor:
 def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
              loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
              loss_reduction: str = "mean", method: str = "auto", num_probes: int = 64,
-             seed: int = 0, preconditioner: Any = None) -> Dict[str, Dict[str, float]]:
+             seed: int = 0, preconditioner: Optional[CapturingLayers] = None
+             ) -> Dict[str, Dict[str, float]]:
     """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments; from a
     training loop pass ``layers=list(pre.layers)`` and ``preconditioner=pre``).
 

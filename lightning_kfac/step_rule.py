@@ -52,7 +52,7 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -168,7 +168,7 @@ class QuadraticStepRule:
                 if id(p) in seen or p.grad is None or not p.requires_grad or id(p) not in names:
                     continue
                 seen.add(id(p))
-                out.append((names[id(p)], p, decay.get(id(p), 0.0), block))
+                out.append((names[id(p)], cast(nn.Parameter, p), decay.get(id(p), 0.0), block))
         return out
 
     def _solve(self, products: ExactProducts, params: List[Param],
@@ -304,7 +304,7 @@ def lightning_closure(module: nn.Module, batch: Any, batch_idx: int) -> Closure:
 
     def closure() -> Any:
         with silenced_logging(module):
-            return module.training_step(batch, batch_idx)
+            return module.training_step(batch, batch_idx)  # type: ignore[operator]
 
     return closure
 
