@@ -109,6 +109,14 @@ class MCFisher:
     def discard(self) -> None:
         self._kept, self._output = [], None
 
+    def captured(self) -> Tuple[Any, ...]:
+        """What this step has kept so far (outputs, draws' mark, calls), for ``put_back``."""
+        return self._kept, self._output, self.calls, self._rng_mark
+
+    def put_back(self, captured: Tuple[Any, ...]) -> None:
+        """Restore what ``captured`` returned (a step retried on the same backward)."""
+        self._kept, self._output, self.calls, self._rng_mark = captured
+
     # -- the extra backward --------------------------------------------------------------------
     def backward(self, output: Optional[Tensor] = None, *, enumerate_classes: bool = False) -> None:
         """Sample ``y~`` and add the per-example ``g g^T`` of ``-log p(y~|f)`` to every kept layer.

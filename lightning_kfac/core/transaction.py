@@ -84,7 +84,7 @@ class StepUndo:
         # inside step(), so that step() can be retried on the same backward.
         self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
                                 b.kept_rows) for name, b in parts.blocks.items()}
-        self.mc_kept = (mc._kept, mc._output, mc.calls, mc._rng_mark) if mc is not None else None
+        self.mc_kept = mc.captured() if mc is not None else None
         ekfac = parts.ekfac
         self.ekfac_acc = dict(ekfac._acc) if ekfac is not None else None
 
@@ -150,8 +150,7 @@ class StepUndo:
                 (block.a_sum, block.a_div, block.g_sum, block.g_div, block.a_rows, block.g_rows,
                  block.kept_rows) = saved
         if self.mc_kept is not None and parts.mc is not None:
-            mc = parts.mc
-            mc._kept, mc._output, mc.calls, mc._rng_mark = self.mc_kept
+            parts.mc.put_back(self.mc_kept)
         if self.ekfac_acc is not None and parts.ekfac is not None:
             parts.ekfac._acc.update(self.ekfac_acc)
 
