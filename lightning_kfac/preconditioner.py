@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +102,7 @@ class KFACPreconditioner:
         self.damping_control = DampingControl(self.config, self.comm)
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
-        self._warned: set = set()
+        self._warned: Set[str] = set()
         self._undecomposed = set(self.blocks)  # no decomposition yet: next update makes one
         self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
         self._undo: Optional[StepUndo] = None
@@ -210,7 +210,7 @@ class KFACPreconditioner:
         t = self.steps
         pending = rule.prepare(optimizer, closure, self._blocks_of(optimizer))
         self._atomic_step(optimizer)
-        stats = rule.finish(pending, closure, t, self.blocks.values())
+        stats = rule.finish(pending, t, self.blocks.values())
         if stats is None:
             return
         self.last_stats.update(stats)
@@ -230,8 +230,8 @@ class KFACPreconditioner:
             self._restore(undo, keep_captured=True)
             raise
         if self.undoable:
-            same_step = self._undo is not None and self._undo.t == t
-            self._undo = self._undo.merge(undo) if same_step else undo
+            kept = self._undo
+            self._undo = kept.merge(undo) if kept is not None and kept.t == t else undo
         self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
         self.last_stats["layers"] = float(len(self.blocks))
         self.last_stats["damping"] = self.damping_control.value

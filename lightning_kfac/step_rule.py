@@ -78,6 +78,7 @@ class Pending:
 
     params: List[Param]
     grads: List[Tensor]  # raw gradients (plus eta theta) before preconditioning
+    closure: Closure  # re-computes the batch loss
 
 
 class QuadraticStepRule:
@@ -127,15 +128,15 @@ class QuadraticStepRule:
             if eta:
                 p.grad.add_(p.detach(), alpha=eta)  # type: ignore[union-attr]
         grads = [p.grad.detach().clone() for _, p, _, _ in params]  # type: ignore[union-attr]
-        return Pending(params, grads)
+        return Pending(params, grads, closure)
 
-    def finish(self, pending: Pending, closure: Closure, t: int,
+    def finish(self, pending: Pending, t: int,
                blocks: Iterable[KFACBlock]) -> Optional[Dict[str, float]]:
         """After the engine's step at clock ``t``: choose ``alpha``, ``mu`` and move ``P``.
 
         ``blocks``: every block (their capture is off during the re-runs). Returns the step's
         statistics (None when no preconditioned parameter had a gradient)."""
-        params, grads = pending.params, pending.grads
+        params, grads, closure = pending.params, pending.grads, pending.closure
         if not params:
             return None
         directions = [-p.grad.detach().clone() for _, p, _, _ in params]  # type: ignore[union-attr]
