@@ -251,7 +251,7 @@ class QuadraticStepRule:
             raise FloatingPointError(message)
         if not self._warned:  # once per run
             self._warned = True
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of pre.step()
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
