@@ -20,6 +20,7 @@ decompositions it replaces; nothing is kept between steps unless ``undoable`` is
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor
@@ -48,7 +49,7 @@ class StepUndo:
         self.damping = (control.value, control.last_rho, control.adaptations, control.pending)
         self.undecomposed = set(pre._undecomposed)
         self.mc_rng = pre.mc.step_start_rng() if pre.mc is not None else None
-        self.blocks: Dict[str, Tuple[Any, Any, Dict[str, Tensor], int]] = {}
+        self.blocks: Dict[str, Tuple[Any, Any, Any, int]] = {}  # A, G, decomposition, failures
         # What was captured for step t (the step consumes it): back in place after an exception
         # inside step(), so that step() can be retried on the same backward.
         self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
@@ -64,9 +65,9 @@ class StepUndo:
             if block.name in self.blocks:
                 continue
             updated = id(block) in due
-            dec = dict(block.decomposition)
-            if "scale" in dec and self.t % block.factor_update_steps == 0:  # EKFAC, in place
-                dec["scale"] = dec["scale"].clone()
+            dec = None if block.decomposition is None else block.decomposition.copy()
+            if dec is not None and "scale" in dec and self.t % block.factor_update_steps == 0:
+                dec = dataclasses.replace(dec, scale=dec["scale"].clone())  # EKFAC: in place
             self.blocks[block.name] = (_clone(block.A) if updated else _UNCHANGED,
                                        _clone(block.G) if updated else _UNCHANGED,
                                        dec, block.failures)

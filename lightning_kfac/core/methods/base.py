@@ -1,0 +1,193 @@
+"""What a compute method is: one small interface, and its typed decomposition.
+
+A compute method turns a layer's Kronecker factors ``A`` (a_dim x a_dim) and ``G``
+(g_dim x g_dim) into a *decomposition* (refreshed every ``inv_update_steps``) and applies that
+decomposition to the layer's gradient ``grad W~`` (g_dim x a_dim) at every step. Everything that
+depends on the method lives in its class (``core/methods/<name>.py``):
+
+- ``decompose(A, G, sa, sg, damping)``: the decomposition, a dataclass of tensors;
+- ``precondition(grad, dec, damping, sa, sg, rows)``: ``P`` from ``grad`` (``rows``: the rank-R
+  rows ``(Am, Gm)`` of ``grad = Gm^T Am`` when the low-rank path applies, core/lowrank.py);
+- ``damping_in_decomposition``: True when the damping is baked into the decomposition
+  (then ``precondition`` ignores its ``damping`` argument and a changed damping needs a new
+  decomposition), False when it is applied at every step;
+- ``needs_pairs``: True when the method needs each forward's input rows paired with the
+  output-gradient rows of the same forward (EKFAC's per-example scaling);
+- ``low_rank``: True when ``precondition`` can use the rank-R rows;
+- ``layout(...)``: the tensors an owner rank sends to the others (core/kaisa.py), or None when
+  the decomposition is never shared.
+
+A decomposition is a dataclass whose field names are the keys of the plain dict saved in a
+``state_dict`` (``to_state()`` writes it, ``from_state()`` reads it back: the keys are the
+checkpoint format and never change; fields that are None are not written). It also reads like
+that dict (``dec["QA"]``, ``"A_support_Q" in dec``, ``dec.get("QA")``), read-only: code that
+changes a decomposition sets its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.core.factors import FactorStructure
+
+#: One transferred tensor: state key, shape, dtype, column-major (see ``column_major``).
+LayoutEntry = Tuple[str, Tuple[int, ...], torch.dtype, bool]
+Layout = List[LayoutEntry]
+#: The rank-R rows ``(Am, Gm)`` of a Linear layer's gradient ``grad = Gm^T Am`` (core/lowrank.py).
+Rows = Tuple[Tensor, Tensor]
+
+D = TypeVar("D", bound="Decomposition")
+
+
+def column_major() -> Any:
+    """Field metadata for a matrix LAPACK returns column-major (``eigh``'s eigenvectors, the
+    Cholesky inverse). Receivers of a transfer allocate it column-major too, so that their
+    matmuls see the owner's memory layout and give bit-identical results."""
+    return dataclasses.field(default=None, metadata={"column_major": True})
+
+
+def optional() -> Any:
+    """Field metadata for an optional tensor stored in its natural (row-major) layout."""
+    return dataclasses.field(default=None, metadata={"column_major": False})
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Decomposition(Mapping[str, Tensor]):
+    """Base of every typed decomposition (a read-only mapping of its set fields).
+
+    Attributes:
+        damping_scale: ``damping_mode="relative"`` only: ``(tr A/dim A)(tr G/dim G)`` of the
+            factors it was computed from (a float64 scalar), the scale of the absolute damping.
+    """
+
+    damping_scale: Optional[Tensor] = optional()
+
+    def to_state(self) -> Dict[str, Tensor]:
+        """The checkpoint dict: ``{key: tensor}`` for every field that is set."""
+        return {f.name: value for f in self._ordered_fields()
+                if (value := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_state(cls: Type[D], state: Mapping[str, Tensor]) -> D:
+        """Read ``to_state``'s dict back; unknown keys are refused (a checkpoint of another
+        method is detected by ``core/state_checks.py`` before this is called)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(state) - names)
+        if unknown:
+            raise ValueError(f"K-FAC: {cls.__name__} has no entries {unknown} "
+                             f"(it holds {sorted(names)}).")
+        return cls(**dict(state))
+
+    @classmethod
+    def state_keys(cls) -> Tuple[str, ...]:
+        """Every key the state of this type may hold."""
+        return tuple(f.name for f in cls._ordered_fields())
+
+    @classmethod
+    def _ordered_fields(cls) -> List["dataclasses.Field[Any]"]:
+        fields = list(dataclasses.fields(cls))
+        # damping_scale (declared first, in the base) is written last, as it always was
+        return [f for f in fields if f.name != "damping_scale"] + \
+            [f for f in fields if f.name == "damping_scale"]
+
+    @classmethod
+    def is_column_major(cls, key: str) -> bool:
+        """True when the field ``key`` holds a matrix produced column-major (LAPACK)."""
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                return bool(f.metadata.get("column_major", False))
+        raise KeyError(key)
+
+    # -- read-only mapping view: the set fields, in ``to_state`` order -------------------------
+    def __getitem__(self, key: str) -> Tensor:
+        value = getattr(self, key, None)  # only fields hold tensors
+        if not isinstance(value, Tensor):
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_state())
+
+    def __len__(self) -> int:
+        return len(self.to_state())
+
+    def tensors(self) -> List[Tensor]:
+        """Every tensor held (for memory accounting)."""
+        return list(self.to_state().values())
+
+    def copy(self: D) -> D:
+        """A shallow copy: the same tensors, in a new object."""
+        return dataclasses.replace(self)
+
+    def cloned(self: D) -> D:
+        """A deep copy: every tensor cloned."""
+        return type(self).from_state({k: v.clone() for k, v in self.to_state().items()})
+
+    def to(self: D, device: torch.device) -> D:
+        """A copy with every tensor moved to ``device`` (and cloned)."""
+        return type(self).from_state({k: v.to(device).clone() for k, v in self.to_state().items()})
+
+
+def layout_entry(cls: Type[Decomposition], key: str, shape: Tuple[int, ...],
+                 dtype: torch.dtype) -> LayoutEntry:
+    """One transfer entry; column-major only for a matrix the type declares column-major."""
+    return (key, tuple(shape), dtype, cls.is_column_major(key) and len(shape) == 2)
+
+
+class Method(ABC):
+    """One compute method (eigen, inverse, ekfac...). Stateless: one instance per name.
+
+    Class attributes:
+        name: the ``compute_method`` value that selects it.
+        decomposition_type: the dataclass its ``decompose`` returns.
+        damping_in_decomposition: the damping is baked into the decomposition.
+        needs_pairs: the capture must pair each forward's input rows with its gradient rows.
+        low_rank: ``precondition`` can use the rank-R rows of a Linear layer's gradient.
+    """
+
+    name: ClassVar[str]
+    decomposition_type: ClassVar[Type[Decomposition]]
+    damping_in_decomposition: ClassVar[bool] = False
+    needs_pairs: ClassVar[bool] = False
+    low_rank: ClassVar[bool] = False
+
+    @abstractmethod
+    def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
+                  damping: float) -> Decomposition:
+        """The decomposition of ``A (x) G``; ``damping`` is used only when
+        ``damping_in_decomposition`` (the layer's absolute damping at this step)."""
+
+    @abstractmethod
+    def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
+                     sa: FactorStructure, sg: FactorStructure,
+                     rows: Optional[Rows] = None) -> Tensor:
+        """``P`` for ``grad`` (g_dim x a_dim). ``damping`` is the absolute damping in use (unused
+        when ``damping_in_decomposition``); ``rows`` as in the module docstring."""
+
+    def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
+               relative: bool) -> Optional[Layout]:
+        """The tensors an owner sends (core/kaisa.py), or None: never shared (the default)."""
+        return None
+
+    def state_type(self, state: Mapping[str, Tensor]) -> Type[Decomposition]:
+        """The type to read a saved decomposition of this method with."""
+        return self.decomposition_type
+
+    def from_state(self, state: Mapping[str, Tensor]) -> Decomposition:
+        return self.state_type(state).from_state(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def with_damping_scale(layout: Layout, relative: bool) -> Layout:
+    """``layout`` plus the relative damping's float64 scale when ``relative``."""
+    if relative:
+        return layout + [("damping_scale", (), torch.float64, False)]
+    return layout
