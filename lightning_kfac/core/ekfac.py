@@ -124,6 +124,7 @@ class EKFACScaling:
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             dec, acc = block.decomposition, self._acc.get(block.name)
+            assert dec is not None  # filtered above
             total = torch.zeros_like(dec["scale"])
             if acc is not None:
                 if acc.rotated is not None and acc.basis is dec["eG"]:

@@ -210,11 +210,11 @@ class DistributedWork:
         to_send = []
         for i, (block, src) in enumerate(zip(due, owners)):
             if failed[i] > 0:
-                err = local.get(i)
-                if not isinstance(err, Exception):
+                mine = local.get(i)
+                if not isinstance(mine, Exception):
                     where = "another rank" if src is None else f"rank {src}"
-                    err = DecompositionError(f"the decomposition failed on {where}")
-                results.append((block, err))
+                    mine = DecompositionError(f"the decomposition failed on {where}")
+                results.append((block, mine))
                 continue
             if src is None or src == rank:
                 block.decomposition = local[i]
@@ -248,7 +248,7 @@ class DistributedWork:
             device = block.kind.weight.device
             shape = (block.kind.g_dim(), block.kind.a_dim())
             item = local.get(block.name) if src == rank else None
-            if item is not None:
+            if item is not None and item[2] is not None:
                 pre_grad = item[2].contiguous()
                 flag = torch.ones(1, dtype=pre_grad.dtype, device=device)
             else:

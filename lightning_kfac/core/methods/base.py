@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor
@@ -37,24 +37,18 @@ from torch import Tensor
 from lightning_kfac.core.factors import FactorStructure
 
 #: One transferred tensor: state key, shape, dtype, column-major (see ``column_major``).
-LayoutEntry = Tuple[str, Tuple[int, ...], torch.dtype, bool]
-Layout = List[LayoutEntry]
+LayoutEntry = tuple[str, tuple[int, ...], torch.dtype, bool]
+Layout = list[LayoutEntry]
 #: The rank-R rows ``(Am, Gm)`` of a Linear layer's gradient ``grad = Gm^T Am`` (core/lowrank.py).
-Rows = Tuple[Tensor, Tensor]
-
-D = TypeVar("D", bound="Decomposition")
+Rows = tuple[Tensor, Tensor]
 
 
-def column_major() -> Any:
-    """Field metadata for a matrix LAPACK returns column-major (``eigh``'s eigenvectors, the
-    Cholesky inverse). Receivers of a transfer allocate it column-major too, so that their
-    matmuls see the owner's memory layout and give bit-identical results."""
-    return dataclasses.field(default=None, metadata={"column_major": True})
 
-
-def optional() -> Any:
-    """Field metadata for an optional tensor stored in its natural (row-major) layout."""
-    return dataclasses.field(default=None, metadata={"column_major": False})
+#: Field metadata of a matrix LAPACK returns column-major (``eigh``'s eigenvectors, the Cholesky
+#: inverse): ``field(metadata=COLUMN_MAJOR)``. Receivers of a transfer allocate it
+#: column-major too, so that their matmuls see the owner's memory layout and give bit-identical
+#: results. Other fields are stored row-major.
+COLUMN_MAJOR: Mapping[str, bool] = {"column_major": True}
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -66,15 +60,15 @@ class Decomposition(Mapping[str, Tensor]):
             factors it was computed from (a float64 scalar), the scale of the absolute damping.
     """
 
-    damping_scale: Optional[Tensor] = optional()
+    damping_scale: Tensor | None = None
 
-    def to_state(self) -> Dict[str, Tensor]:
+    def to_state(self) -> dict[str, Tensor]:
         """The checkpoint dict: ``{key: tensor}`` for every field that is set."""
         return {f.name: value for f in self._ordered_fields()
                 if (value := getattr(self, f.name)) is not None}
 
     @classmethod
-    def from_state(cls: Type[D], state: Mapping[str, Tensor]) -> D:
+    def from_state(cls, state: Mapping[str, Tensor]) -> Self:
         """Read ``to_state``'s dict back; unknown keys are refused (a checkpoint of another
         method is detected by ``core/state_checks.py`` before this is called)."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -85,12 +79,12 @@ class Decomposition(Mapping[str, Tensor]):
         return cls(**dict(state))
 
     @classmethod
-    def state_keys(cls) -> Tuple[str, ...]:
+    def state_keys(cls) -> tuple[str, ...]:
         """Every key the state of this type may hold."""
         return tuple(f.name for f in cls._ordered_fields())
 
     @classmethod
-    def _ordered_fields(cls) -> List["dataclasses.Field[Any]"]:
+    def _ordered_fields(cls) -> list[dataclasses.Field[Any]]:
         fields = list(dataclasses.fields(cls))
         # damping_scale (declared first, in the base) is written last, as it always was
         return [f for f in fields if f.name != "damping_scale"] + \
@@ -117,24 +111,24 @@ class Decomposition(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.to_state())
 
-    def tensors(self) -> List[Tensor]:
+    def tensors(self) -> list[Tensor]:
         """Every tensor held (for memory accounting)."""
         return list(self.to_state().values())
 
-    def copy(self: D) -> D:
+    def copy(self) -> Self:
         """A shallow copy: the same tensors, in a new object."""
         return dataclasses.replace(self)
 
-    def cloned(self: D) -> D:
+    def cloned(self) -> Self:
         """A deep copy: every tensor cloned."""
         return type(self).from_state({k: v.clone() for k, v in self.to_state().items()})
 
-    def to(self: D, device: torch.device) -> D:
+    def to(self, device: torch.device) -> Self:
         """A copy with every tensor moved to ``device`` (and cloned)."""
         return type(self).from_state({k: v.to(device).clone() for k, v in self.to_state().items()})
 
 
-def layout_entry(cls: Type[Decomposition], key: str, shape: Tuple[int, ...],
+def layout_entry(cls: type[Decomposition], key: str, shape: tuple[int, ...],
                  dtype: torch.dtype) -> LayoutEntry:
     """One transfer entry; column-major only for a matrix the type declares column-major."""
     return (key, tuple(shape), dtype, cls.is_column_major(key) and len(shape) == 2)
@@ -152,7 +146,7 @@ class Method(ABC):
     """
 
     name: ClassVar[str]
-    decomposition_type: ClassVar[Type[Decomposition]]
+    decomposition_type: ClassVar[type[Decomposition]]
     damping_in_decomposition: ClassVar[bool] = False
     needs_pairs: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
@@ -166,16 +160,16 @@ class Method(ABC):
     @abstractmethod
     def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
                      sa: FactorStructure, sg: FactorStructure,
-                     rows: Optional[Rows] = None) -> Tensor:
+                     rows: Rows | None = None) -> Tensor:
         """``P`` for ``grad`` (g_dim x a_dim). ``damping`` is the absolute damping in use (unused
         when ``damping_in_decomposition``); ``rows`` as in the module docstring."""
 
     def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Optional[Layout]:
+               relative: bool) -> Layout | None:
         """The tensors an owner sends (core/kaisa.py), or None: never shared (the default)."""
         return None
 
-    def state_type(self, state: Mapping[str, Tensor]) -> Type[Decomposition]:
+    def state_type(self, state: Mapping[str, Tensor]) -> type[Decomposition]:
         """The type to read a saved decomposition of this method with."""
         return self.decomposition_type
 

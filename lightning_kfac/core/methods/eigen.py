@@ -11,15 +11,21 @@ The formulas and their conditioning are in core/linalg.py.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.core import linalg, lowrank
 from lightning_kfac.core.factors import FactorStructure
-from lightning_kfac.core.methods.base import (Decomposition, Layout, Method, Rows, column_major,
-                                              layout_entry, optional, with_damping_scale)
+from lightning_kfac.core.methods.base import (
+    COLUMN_MAJOR,
+    Decomposition,
+    Layout,
+    Method,
+    Rows,
+    layout_entry,
+    with_damping_scale,
+)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -34,12 +40,12 @@ class EigenDecomposition(Decomposition):
             product multiplies only ``grad[:, S]`` (core/linalg.py, deflation).
     """
 
-    QA: Optional[Tensor] = column_major()
-    eA: Tensor = optional()
-    QG: Optional[Tensor] = column_major()
-    eG: Tensor = optional()
-    A_support: Optional[Tensor] = optional()
-    A_support_Q: Optional[Tensor] = optional()
+    QA: Tensor | None = dataclasses.field(default=None, metadata=COLUMN_MAJOR)
+    eA: Tensor
+    QG: Tensor | None = dataclasses.field(default=None, metadata=COLUMN_MAJOR)
+    eG: Tensor
+    A_support: Tensor | None = None
+    A_support_Q: Tensor | None = None
 
 
 def eigen_layout(sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
@@ -66,12 +72,12 @@ class EigenMethod(Method):
 
     def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
                      sa: FactorStructure, sg: FactorStructure,
-                     rows: Optional[Rows] = None) -> Tensor:
+                     rows: Rows | None = None) -> Tensor:
         if rows is not None:
             rotated = lowrank.rotated_gradient(dec, *rows)
             return linalg.precondition_eigen_rotated(rotated, dec, damping, sa, sg)
         return linalg.precondition_eigen(grad, dec, damping, sa, sg)
 
     def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Optional[Layout]:
+               relative: bool) -> Layout | None:
         return eigen_layout(sa, sg, dtype, relative)

@@ -11,14 +11,13 @@ K-FAC's ``e_G e_A^T`` and is re-estimated from captured (input, output-gradient)
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.core import linalg
 from lightning_kfac.core.factors import FactorStructure
-from lightning_kfac.core.methods.base import Decomposition, Method, Rows, optional
+from lightning_kfac.core.methods.base import Decomposition, Method, Rows
 from lightning_kfac.core.methods.eigen import EigenDecomposition
 
 
@@ -33,8 +32,8 @@ class EKFACDecomposition(EigenDecomposition):
             scalar; 0 until the first estimate, which then replaces ``e_G e_A^T`` outright).
     """
 
-    scale: Optional[Tensor] = optional()
-    scale_updates: Optional[Tensor] = optional()
+    scale: Tensor | None = None
+    scale_updates: Tensor | None = None
 
 
 def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
@@ -69,5 +68,5 @@ class EKFACMethod(Method):
 
     def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
                      sa: FactorStructure, sg: FactorStructure,
-                     rows: Optional[Rows] = None) -> Tensor:
+                     rows: Rows | None = None) -> Tensor:
         return precondition_ekfac(grad, dec, damping, sa, sg)

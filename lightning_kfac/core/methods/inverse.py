@@ -9,15 +9,21 @@ take each group's own pi. The formulas and their conditioning are in core/linalg
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.core import linalg, lowrank
 from lightning_kfac.core.factors import FactorStructure
-from lightning_kfac.core.methods.base import (Decomposition, Layout, Method, Rows, column_major,
-                                              layout_entry, optional, with_damping_scale)
+from lightning_kfac.core.methods.base import (
+    COLUMN_MAJOR,
+    Decomposition,
+    Layout,
+    Method,
+    Rows,
+    layout_entry,
+    with_damping_scale,
+)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -31,10 +37,10 @@ class InverseDecomposition(Decomposition):
             of it: the indices S and ``A_inv[S, S]`` (core/linalg.py, deflation).
     """
 
-    A_inv: Tensor = column_major()
-    G_inv: Tensor = column_major()
-    A_support: Optional[Tensor] = optional()
-    A_support_inv: Optional[Tensor] = optional()
+    A_inv: Tensor = dataclasses.field(metadata=COLUMN_MAJOR)
+    G_inv: Tensor = dataclasses.field(metadata=COLUMN_MAJOR)
+    A_support: Tensor | None = None
+    A_support_inv: Tensor | None = None
 
 
 class InverseMethod(Method):
@@ -52,13 +58,13 @@ class InverseMethod(Method):
 
     def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
                      sa: FactorStructure, sg: FactorStructure,
-                     rows: Optional[Rows] = None) -> Tensor:
+                     rows: Rows | None = None) -> Tensor:
         if rows is not None:
             return lowrank.inverse_product(dec, *rows)
         return linalg.precondition_inverse(grad, dec, sa, sg)
 
     def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Optional[Layout]:
+               relative: bool) -> Layout | None:
         cls = InverseDecomposition
         return with_damping_scale([layout_entry(cls, "A_inv", sa.shape(), dtype),
                                    layout_entry(cls, "G_inv", sg.shape(), dtype)], relative)

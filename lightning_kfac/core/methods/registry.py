@@ -3,28 +3,28 @@ subclass and its ``Decomposition`` dataclass, see base.py) and one line in ``MET
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple, Type
+from collections.abc import Mapping
 
 from lightning_kfac.core.methods.base import Method
-from lightning_kfac.core.methods.ekfac import EKFACMethod
 from lightning_kfac.core.methods.eigen import EigenMethod
+from lightning_kfac.core.methods.ekfac import EKFACMethod
 from lightning_kfac.core.methods.inverse import InverseMethod
 
-METHODS: Dict[str, Type[Method]] = {
+METHODS: dict[str, type[Method]] = {
     EigenMethod.name: EigenMethod,
     InverseMethod.name: InverseMethod,
     EKFACMethod.name: EKFACMethod,
 }
 
-_INSTANCES: Dict[str, Method] = {}
+_INSTANCES: dict[str, Method] = {}
 
 
-def method_names() -> Tuple[str, ...]:
+def method_names() -> tuple[str, ...]:
     """Every registered ``compute_method`` value."""
     return tuple(METHODS)
 
 
-def register(method: Type[Method]) -> Type[Method]:
+def register(method: type[Method]) -> type[Method]:
     """Add ``method`` under its ``name`` (usable as a class decorator); a name is taken once."""
     if method.name in METHODS and METHODS[method.name] is not method:
         raise ValueError(f"Invalid compute method {method.name!r}: the name is already taken by "
@@ -51,7 +51,7 @@ def method_for(name: object) -> Method:
     return instance
 
 
-def method_of_state(state: Mapping[str, object]) -> Optional[Method]:
+def method_of_state(state: Mapping[str, object]) -> Method | None:
     """The method a saved decomposition was built by, from its keys: the registered method with
     the fewest keys that holds them all (eigen's keys are a subset of EKFAC's); None for an
     empty decomposition (or one holding only the relative damping's scale)."""
