@@ -16,8 +16,14 @@ import torch
 from torch import Tensor
 
 from lightning_kfac.core.factors import FactorStructure
-from lightning_kfac.core.methods.base import (Decomposition, Layout, Method, Rows, layout_entry,
-                                              with_damping_scale)
+from lightning_kfac.core.methods.base import (
+    Decomposition,
+    Layout,
+    Method,
+    Rows,
+    layout_entry,
+    with_damping_scale,
+)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -44,6 +50,9 @@ class DiagonalMethod(Method):
                      rows: Rows | None = None) -> Tensor:
         assert isinstance(dec, DiagonalDecomposition)
         return grad / (torch.outer(dec.dG, dec.dA) + damping)
+
+    def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
+        return sa.dim + sg.dim  # for the summary's memory column (the default is eigen's)
 
     def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
                relative: bool) -> Layout | None:

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor
 
+from lightning_kfac.core import linalg
 from lightning_kfac.core.factors import FactorStructure
 
 #: One transferred tensor: state key, shape, dtype, column-major (see ``column_major``).
@@ -168,6 +169,26 @@ class Method(ABC):
                relative: bool) -> Layout | None:
         """The tensors an owner sends (core/kaisa.py), or None: never shared (the default)."""
         return None
+
+    # -- cost model (core/footprint.py, the summary); the defaults are the eigen method's -------
+    #: Bytes held besides the decomposition's tensors of the method's element size (EKFAC: its
+    #: float64 estimate count).
+    extra_held_bytes: ClassVar[int] = 0
+
+    def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
+        """Elements of a decomposition of sides ``sa``, ``sg`` (in the factor dtype)."""
+        return sa.eigen_numel() + sg.eigen_numel()
+
+    def product_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
+        """g_dim x a_dim tensors alive at the peak of one ``precondition``, the result included
+        (eigen: the rotated gradient, the denominator, the divided one, one per side rotated
+        back, dense sides only)."""
+        return 2 + int(sa.has_basis) + int(sg.has_basis)
+
+    @staticmethod
+    def decompose_side(matrix: Tensor) -> None:
+        """The dense kernel a refresh runs on one side (timed to predict refresh times)."""
+        linalg.eigh_psd(matrix)
 
     def state_type(self, state: Mapping[str, Tensor]) -> type[Decomposition]:
         """The type to read a saved decomposition of this method with."""

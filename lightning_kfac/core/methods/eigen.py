@@ -81,3 +81,4 @@ class EigenMethod(Method):
     def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
                relative: bool) -> Layout | None:
         return eigen_layout(sa, sg, dtype, relative)
+    # cost model (held_numel, product_numel, decompose_side): Method's defaults are eigen's

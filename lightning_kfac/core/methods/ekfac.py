@@ -61,6 +61,7 @@ class EKFACMethod(Method):
     name = "ekfac"
     decomposition_type = EKFACDecomposition
     needs_pairs = True
+    extra_held_bytes = 8  # the float64 scale_updates
 
     def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
                   damping: float) -> EKFACDecomposition:
@@ -70,3 +71,7 @@ class EKFACMethod(Method):
                      sa: FactorStructure, sg: FactorStructure,
                      rows: Rows | None = None) -> Tensor:
         return precondition_ekfac(grad, dec, damping, sa, sg)
+
+    def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
+        scaling = sa.groups * sg.dim * sa.dim  # s: g_dim x a_dim
+        return sa.eigen_numel() + sg.eigen_numel() + scaling

@@ -68,3 +68,13 @@ class InverseMethod(Method):
         cls = InverseDecomposition
         return with_damping_scale([layout_entry(cls, "A_inv", sa.shape(), dtype),
                                    layout_entry(cls, "G_inv", sg.shape(), dtype)], relative)
+
+    def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
+        return sa.inverse_numel() + sg.inverse_numel()
+
+    def product_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
+        return 2  # G_inv grad and the result
+
+    @staticmethod
+    def decompose_side(matrix: Tensor) -> None:
+        linalg.damped_inverse(matrix, 1e-3)
