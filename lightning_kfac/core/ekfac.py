@@ -39,7 +39,6 @@ from torch import Tensor
 
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
-from lightning_kfac.core.factors import FactorStructure
 from lightning_kfac.core.layers import ConvKind
 from lightning_kfac.core.methods.ekfac import (EKFACDecomposition, ekfac_decomposition,
                                                precondition_ekfac)
