@@ -20,7 +20,6 @@ decompositions it replaces; nothing is kept between steps unless ``undoable`` is
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
 from torch import Tensor
@@ -65,9 +64,9 @@ class StepUndo:
             if block.name in self.blocks:
                 continue
             updated = id(block) in due
-            dec = None if block.decomposition is None else block.decomposition.copy()
-            if dec is not None and "scale" in dec and self.t % block.factor_update_steps == 0:
-                dec = dataclasses.replace(dec, scale=dec["scale"].clone())  # EKFAC: in place
+            dec = block.decomposition
+            if dec is not None:  # EKFAC's scaling changes in place on factor-update steps
+                dec = dec.snapshot() if self.t % block.factor_update_steps == 0 else dec.copy()
             self.blocks[block.name] = (_clone(block.A) if updated else _UNCHANGED,
                                        _clone(block.G) if updated else _UNCHANGED,
                                        dec, block.failures)

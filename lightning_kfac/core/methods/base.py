@@ -62,6 +62,9 @@ class Decomposition(Mapping[str, Tensor]):
     """
 
     damping_scale: Tensor | None = None
+    #: Fields changed in place between refreshes (EKFAC's scaling on factor-update steps):
+    #: ``snapshot`` clones them, so an undone step (core/transaction.py) restores their values.
+    updated_in_place: ClassVar[tuple[str, ...]] = ()
 
     def to_state(self) -> dict[str, Tensor]:
         """The checkpoint dict: ``{key: tensor}`` for every field that is set."""
@@ -119,6 +122,15 @@ class Decomposition(Mapping[str, Tensor]):
     def copy(self) -> Self:
         """A shallow copy: the same tensors, in a new object."""
         return dataclasses.replace(self)
+
+    def snapshot(self) -> Self:
+        """A shallow copy with the ``updated_in_place`` fields cloned (what undo keeps)."""
+        copy = self.copy()
+        for name in self.updated_in_place:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(copy, name, value.clone())
+        return copy
 
     def cloned(self) -> Self:
         """A deep copy: every tensor cloned."""

@@ -11,6 +11,7 @@ K-FAC's ``e_G e_A^T`` and is re-estimated from captured (input, output-gradient)
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -34,6 +35,7 @@ class EKFACDecomposition(EigenDecomposition):
 
     scale: Tensor | None = None
     scale_updates: Tensor | None = None
+    updated_in_place: ClassVar[tuple[str, ...]] = ("scale", "scale_updates")
 
 
 def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
