@@ -346,7 +346,7 @@ class KFACPreconditioner:
                 "another model or other skip_layers?")
         for name, block_state in layers.items():
             state_checks.check_layer(name, self.blocks[name], block_state)
-        stale = state_checks.stale_decompositions(self, state)
+        stale = state_checks.stale_decompositions(self.blocks, self.config, state)
         self.steps = int(state.get("steps", 0))
         if "damping" in state:
             self.damping_control.load_state_dict(state["damping"])

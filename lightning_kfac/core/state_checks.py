@@ -113,8 +113,11 @@ def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def stale_decompositions(pre: Any, state: Mapping[str, Any]) -> Dict[str, str]:
+def stale_decompositions(blocks: Mapping[str, Any], config: Any,
+                         state: Mapping[str, Any]) -> Dict[str, str]:
     """Layer name -> the changed option(s), for saved decompositions built under other options.
+
+    ``blocks``: this run's name -> block; ``config``: this run's ``KFACConfig``.
 
     Compared: the method (from the decomposition's keys), ``damping_mode`` (a relative
     decomposition holds ``damping_scale``) and, for a method that bakes the damping into its
@@ -123,14 +126,14 @@ def stale_decompositions(pre: Any, state: Mapping[str, Any]) -> Dict[str, str]:
     needs no new decomposition there.
     """
     saved_config = state.get("config") or {}
-    current = pre.config.to_dict()
+    current = config.to_dict()
     changed_damping = [k for k in DAMPING_OPTIONS
                        if k in saved_config and saved_config[k] != current[k]]
-    relative = str(pre.config.damping_mode) == "relative"
+    relative = str(config.damping_mode) == "relative"
     stale: Dict[str, str] = {}
     for name, layer_state in (state.get("layers") or {}).items():
         dec = layer_state.get("decomposition") or {}
-        block = pre.blocks[name]
+        block = blocks[name]
         saved = decomposition_method(dec)
         if saved is None:
             continue
@@ -139,7 +142,7 @@ def stale_decompositions(pre: Any, state: Mapping[str, Any]) -> Dict[str, str]:
             reasons.append(f"compute_method {saved!r} -> {block.method.name!r}")
         if ("damping_scale" in dec) != relative:
             was = "relative" if "damping_scale" in dec else "absolute"
-            reasons.append(f"damping_mode {was!r} -> {str(pre.config.damping_mode)!r}")
+            reasons.append(f"damping_mode {was!r} -> {str(config.damping_mode)!r}")
         if saved == block.method.name and method_for(saved).damping_in_decomposition:
             layer_damping = layer_state.get("damping")
             if layer_damping is not None and float(layer_damping) != float(block.damping):
