@@ -27,9 +27,10 @@ changes a decomposition sets its fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Self
+from typing import ClassVar, Self
 
 import torch
 from torch import Tensor
@@ -68,8 +69,8 @@ class Decomposition(Mapping[str, Tensor]):
 
     def to_state(self) -> dict[str, Tensor]:
         """The checkpoint dict: ``{key: tensor}`` for every field that is set."""
-        return {f.name: value for f in self._ordered_fields()
-                if (value := getattr(self, f.name)) is not None}
+        return {name: value for name in self.state_keys()
+                if (value := getattr(self, name)) is not None}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Tensor]) -> Self:
@@ -84,15 +85,8 @@ class Decomposition(Mapping[str, Tensor]):
 
     @classmethod
     def state_keys(cls) -> tuple[str, ...]:
-        """Every key the state of this type may hold."""
-        return tuple(f.name for f in cls._ordered_fields())
-
-    @classmethod
-    def _ordered_fields(cls) -> list[dataclasses.Field[Any]]:
-        fields = list(dataclasses.fields(cls))
-        # damping_scale (declared first, in the base) is written last, as it always was
-        return [f for f in fields if f.name != "damping_scale"] + \
-            [f for f in fields if f.name == "damping_scale"]
+        """Every key the state of this type may hold, in the order ``to_state`` writes them."""
+        return _state_keys(cls)
 
     @classmethod
     def is_column_major(cls, key: str) -> bool:
@@ -115,13 +109,18 @@ class Decomposition(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.to_state())
 
+    def __bool__(self) -> bool:
+        return True  # a decomposition in use (``block.decomposition`` is None when there is none)
+
     def tensors(self) -> list[Tensor]:
         """Every tensor held (for memory accounting)."""
         return list(self.to_state().values())
 
     def copy(self) -> Self:
         """A shallow copy: the same tensors, in a new object."""
-        return dataclasses.replace(self)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     def snapshot(self) -> Self:
         """A shallow copy with the ``updated_in_place`` fields cloned (what undo keeps)."""
@@ -139,6 +138,14 @@ class Decomposition(Mapping[str, Tensor]):
     def to(self, device: torch.device) -> Self:
         """A copy with every tensor moved to ``device`` (and cloned)."""
         return type(self).from_state({k: v.to(device).clone() for k, v in self.to_state().items()})
+
+
+@functools.cache
+def _state_keys(cls: type[Decomposition]) -> tuple[str, ...]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    # damping_scale (declared first, in the base) is written last, as it always was
+    return tuple([n for n in names if n != "damping_scale"]
+                 + [n for n in names if n == "damping_scale"])
 
 
 def layout_entry(cls: type[Decomposition], key: str, shape: tuple[int, ...],
