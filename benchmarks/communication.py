@@ -73,7 +73,7 @@ def byte_rows(names: List[str], world: int = 2) -> List[Dict]:
         model = build(name)
         for mode in MODES:
             pre = KFACPreconditioner(model, distribute=mode)
-            fig = pre.kaisa.communication_bytes(world_size=world)
+            fig = pre.distributed.communication_bytes(world_size=world)
             full = sum((b.kind.a_dim() ** 2 + b.kind.g_dim() ** 2 + FACTOR_FLAGS) * 4
                        for b in pre.blocks.values())
             amortized = fig["factor_update"] / 10 + fig["decomposition_refresh"] / 100 + fig["per_step"]
@@ -161,7 +161,7 @@ def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[st
         for _ in range(repeats):
             for mode, transport in variants:
                 pre, blocks, precondition = setups[mode]
-                pre.kaisa.transport = transport
+                pre.distributed.transport = transport
                 times[(mode, transport)][0].append(
                     _time_once(lambda: pre._update_decompositions(blocks)))
                 for _ in range(3):

@@ -122,7 +122,7 @@ def test_bytes_counter_matches_communication_bytes(runs) -> None:
     refreshes = math.ceil(E.STEPS / E.OPTIONS["inv_update_steps"])
     for mode in ("replicate", "decompositions", "gradients"):
         pre = KFACPreconditioner(model, distribute=mode, **E.OPTIONS)
-        fig = pre.kaisa.communication_bytes(world_size=WORLD)
+        fig = pre.distributed.communication_bytes(world_size=WORLD)
         expected = (E.STEPS * (fig["factor_update"] + fig["per_step"])
                     + refreshes * fig["decomposition_refresh"] + fig["state_dict"])
         for r in range(WORLD):
@@ -131,9 +131,9 @@ def test_bytes_counter_matches_communication_bytes(runs) -> None:
             assert sum(sent.values()) + snapshot_gather == expected, mode
         pre.remove()
     rep = KFACPreconditioner(model, distribute="replicate",
-                             **E.OPTIONS).kaisa.communication_bytes(2)
+                             **E.OPTIONS).distributed.communication_bytes(2)
     grad = KFACPreconditioner(model, distribute="gradients",
-                              **E.OPTIONS).kaisa.communication_bytes(2)
+                              **E.OPTIONS).distributed.communication_bytes(2)
     assert grad["decomposition_memory_per_rank"] < rep["decomposition_memory_per_rank"]
 
 
@@ -202,5 +202,5 @@ def test_distribute_option_validated() -> None:
 
 def test_single_process_sends_nothing() -> None:
     pre = KFACPreconditioner(nn.Linear(3, 2))
-    assert pre.kaisa.communication_bytes()["factor_update"] == 0
-    assert pre.kaisa.communication_bytes(world_size=2)["factor_update"] == (10 + 3 + 3) * 4
+    assert pre.distributed.communication_bytes()["factor_update"] == 0
+    assert pre.distributed.communication_bytes(world_size=2)["factor_update"] == (10 + 3 + 3) * 4

@@ -330,7 +330,7 @@ def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, rel
     decompositions held by the busiest rank).
 
     Example:
-        >>> KFACPreconditioner(model).kaisa.communication_bytes(world_size=2)["factor_update"]
+        >>> KFACPreconditioner(model).distributed.communication_bytes(world_size=2)["factor_update"]
     """
     world = int(world_size)
     mode = _mode(distribute)
