@@ -19,6 +19,7 @@ from torch import nn
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import MHA_REASON, make_kind, registered_kind
+from lightning_kfac.core.methods import method_for
 from lightning_kfac.core.parametrized import (is_parametrization_container, own_trainable,
                                               parametrization_reason)
 from lightning_kfac.core.sharing import share
@@ -51,7 +52,7 @@ def layer_settings(config: KFACConfig, name: str, type_name: str) -> Dict[str, A
         "damping": config.damping,
         "factor_update_steps": config.factor_update_steps,
         "inv_update_steps": config.inv_update_steps,
-        "compute_method": config.compute_method.value,
+        "compute_method": str(config.compute_method),
     }
     for override in config.layer_overrides:
         if re.search(override["regex"], name) or re.search(override["regex"], type_name):
@@ -138,9 +139,10 @@ def discover(model: nn.Module, config: KFACConfig) -> Tuple[Dict[str, KFACBlock]
             _refuse_all(skipped, holders, reason)
             continue
         unsupported = _ekfac_unsupported(kind, shared)
-        if settings["compute_method"] == "ekfac" and unsupported:
-            _refuse_all(skipped, holders, f"compute_method='ekfac' does not support {unsupported} "
-                        "(use 'eigen' for this layer through layer_overrides)")
+        method = settings["compute_method"]
+        if unsupported and method_for(method).needs_pairs:
+            _refuse_all(skipped, holders, f"compute_method={method!r} does not support "
+                        f"{unsupported} (use 'eigen' for this layer through layer_overrides)")
             continue
         if shared:
             for holder_name, holder, _ in holders:

@@ -40,9 +40,12 @@ import functools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
+from torch import Tensor
+
+from lightning_kfac.core.methods import Method
 
 _CALIBRATION_DIM = 256
 
@@ -51,8 +54,8 @@ def _item(block) -> int:
     return torch.empty((), dtype=block.dtype).element_size()
 
 
-def _method(block) -> str:
-    return str(getattr(block.compute_method, "value", block.compute_method))
+def _method(block) -> Method:
+    return block.method  # core/methods: the cost model of the block's compute method
 
 
 def factor_numel(block) -> int:
@@ -60,17 +63,13 @@ def factor_numel(block) -> int:
 
 
 def decomposition_numel(block) -> int:
-    sa, sg, method = block.a_structure, block.g_structure, _method(block)
-    if method == "inverse":
-        return sa.inverse_numel() + sg.inverse_numel()
-    extra = _grad_numel(block) if method == "ekfac" else 0  # EKFAC's eigenbasis scaling
-    return sa.eigen_numel() + sg.eigen_numel() + extra
+    return _method(block).held_numel(block.a_structure, block.g_structure)
 
 
 def held_bytes(block) -> int:
     """Bytes of the running factors and the decomposition in use (between steps); EKFAC also
     keeps a float64 count of the scaling estimates since its last refresh (core/ekfac.py)."""
-    counter = 8 if _method(block) == "ekfac" else 0
+    counter = _method(block).extra_held_bytes
     return (factor_numel(block) + decomposition_numel(block)) * _item(block) + counter
 
 
@@ -82,9 +81,7 @@ def _product_numel(block) -> int:
     """g_dim x a_dim tensors alive at the peak of one layer's product, the result included:
     eigen / EKFAC: the rotated gradient, the denominator, the divided one, one per side rotated
     back (dense sides only); inverse: ``G_inv grad`` and the result."""
-    if _method(block) == "inverse":
-        return 2
-    return 2 + int(block.a_structure.has_basis) + int(block.g_structure.has_basis)
+    return _method(block).product_numel(block.a_structure, block.g_structure)
 
 
 @dataclass
@@ -106,12 +103,12 @@ def footprint(blocks: Iterable) -> Footprint:
         return Footprint(0, 0, {})
     capture = max(max(b.a_structure.capture_transient_numel(),
                       b.g_structure.capture_transient_numel()) * _item(b) for b in blocks)
-    capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b) == "ekfac")
+    capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b).needs_pairs)
     one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b)
                        for b in blocks)
     decompose = max((decomposition_numel(b)
-                     + max(b.a_structure.decompose_transient_numel(_method(b)),
-                           b.g_structure.decompose_transient_numel(_method(b)))) * _item(b)
+                     + max(b.a_structure.decompose_transient_numel(_method(b).name),
+                           b.g_structure.decompose_transient_numel(_method(b).name))) * _item(b)
                     for b in blocks)
     buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
     product = max(max(_product_numel(b) - 1, 1) * _grad_numel(b) * _item(b) for b in blocks)
@@ -134,10 +131,9 @@ def layer_peak_share(block) -> int:
 
 # -- refresh time -----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
+def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str,
+                      dtype: torch.dtype) -> float:
     """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""
-    from lightning_kfac.core import linalg
-
     d = _CALIBRATION_DIM
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(d, d, generator=gen, dtype=dtype).to(device)
@@ -149,10 +145,7 @@ def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
     for _ in range(4):  # the first run pays one-off library loading: dropped
         sync()
         start = clock()
-        if method == "inverse":
-            linalg.damped_inverse(m, 1e-3)
-        else:
-            linalg.eigh_psd(m)
+        kernel(m)
         sync()
         times.append(clock() - start)
     return statistics.median(times[1:]) / d ** 3
@@ -160,13 +153,14 @@ def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
 
 def refresh_seconds(block) -> float:
     """Predicted seconds of one decomposition of this layer (dense sides only: ``rate * d^3``)."""
-    method = "inverse" if _method(block) == "inverse" else "eigen"
+    method = _method(block)
     device = str(block.kind.module.weight.device)
     cubes = sum(s.groups * s.dim ** 3 for s in (block.a_structure, block.g_structure)
                 if s.has_basis)
     if cubes == 0:
         return 0.0
-    return _seconds_per_cube(method, device, block.dtype) * cubes
+    # cached per kernel: methods that run the same one (eigen, EKFAC) share one calibration
+    return _seconds_per_cube(method.decompose_side, device, block.dtype) * cubes
 
 
 def describe_side(structure, reason: str) -> Tuple[str, str]:

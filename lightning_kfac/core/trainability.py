@@ -31,5 +31,5 @@ def restart_if_reshaped(block: KFACBlock, a_hat: Tensor, g_hat: Tensor) -> bool:
     became trainable or frozen); True when that happened."""
     if block.A is None or (block.A.shape == a_hat.shape and block.G.shape == g_hat.shape):
         return False
-    block.A, block.G, block.decomposition = None, None, {}
+    block.A, block.G, block.decomposition = None, None, None
     return True
