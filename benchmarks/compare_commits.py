@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,21 +39,41 @@ def resolve_tree(spec: str, stack: ExitStack) -> tuple[Path, str]:
     if (path / "lightning_kfac").is_dir():
         return path.resolve(), spec
     repo = Path(__file__).resolve().parent.parent
-    rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", spec], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    rev = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", spec],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kfac-tree-"))) / rev
-    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tmp), rev],
-                   check=True)
-    stack.callback(subprocess.run, ["git", "-C", str(repo), "worktree", "remove", "--force",
-                                    str(tmp)], check=False)
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tmp), rev], check=True
+    )
+    stack.callback(
+        subprocess.run,
+        ["git", "-C", str(repo), "worktree", "remove", "--force", str(tmp)],
+        check=False,
+    )
     return tmp, f"{spec} ({rev})"
 
 
 def probe(tree: Path, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """One measurement subprocess importing ``tree``'s package; its per-step times."""
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, str(PROBE), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--models", *args.models, "--methods", *args.methods]
+    cmd = [
+        sys.executable,
+        str(PROBE),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--models",
+        *args.models,
+        "--methods",
+        *args.methods,
+    ]
     out = subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     imported = Path(result["lightning_kfac"]).resolve()
@@ -66,24 +87,31 @@ def summarize(rounds: list[dict[str, Any]], key: str, part: str) -> dict[str, fl
     """Pooled medians (ms), their ratio B/A, and the min/max of the per-round ratios."""
     a = [t for r in rounds for t in r["A"][key][part]]
     b = [t for r in rounds for t in r["B"][key][part]]
-    per_round = [statistics.median(r["B"][key][part]) / statistics.median(r["A"][key][part])
-                 for r in rounds]
+    per_round = [
+        statistics.median(r["B"][key][part]) / statistics.median(r["A"][key][part]) for r in rounds
+    ]
     med_a, med_b = statistics.median(a), statistics.median(b)
-    return {"A_ms": 1e3 * med_a, "B_ms": 1e3 * med_b, "ratio": med_b / med_a,
-            "round_min": min(per_round), "round_max": max(per_round)}
+    return {
+        "A_ms": 1e3 * med_a,
+        "B_ms": 1e3 * med_b,
+        "ratio": med_b / med_a,
+        "round_min": min(per_round),
+        "round_max": max(per_round),
+    }
 
 
 def table(rounds: list[dict[str, Any]], keys: list[str]) -> str:
-    head = (f"{'model/method':<16}{'step A ms':>11}{'step B ms':>11}{'B/A':>7}{'rounds':>14}"
-            f"{'engine A':>10}{'engine B':>10}{'B/A':>7}{'rounds':>14}")
+    head = (
+        f"{'model/method':<16}{'step A ms':>11}{'step B ms':>11}{'B/A':>7}{'rounds':>14}"
+        f"{'engine A':>10}{'engine B':>10}{'B/A':>7}{'rounds':>14}"
+    )
     lines = [head, "-" * len(head)]
     for key in keys:
         cells = f"{key:<16}"
-        for part in ("step", "engine"):
+        for part, width in (("step", 11), ("engine", 10)):
             s = summarize(rounds, key, part)
-            cells += (f"{s['A_ms']:>{11 if part == 'step' else 10}.1f}"
-                      f"{s['B_ms']:>{11 if part == 'step' else 10}.1f}{s['ratio']:>7.3f}"
-                      f"{'[' + format(s['round_min'], '.3f') + ',' + format(s['round_max'], '.3f') + ']':>14}")
+            spread = f"[{s['round_min']:.3f},{s['round_max']:.3f}]"
+            cells += f"{s['A_ms']:>{width}.1f}{s['B_ms']:>{width}.1f}{s['ratio']:>7.3f}{spread:>14}"
         lines.append(cells)
     return "\n".join(lines)
 
@@ -102,21 +130,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
+    # a kill (SIGTERM) unwinds like Ctrl-C, so the temporary worktrees are removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with ExitStack() as stack:
-        (tree_a, label_a), (tree_b, label_b) = (resolve_tree(args.tree_a, stack),
-                                                resolve_tree(args.tree_b, stack))
+        (tree_a, label_a), (tree_b, label_b) = (
+            resolve_tree(args.tree_a, stack),
+            resolve_tree(args.tree_b, stack),
+        )
         rounds: list[dict[str, Any]] = []
         start = time.perf_counter()
         for r in range(args.rounds):
             order = ("A", "B") if r % 2 == 0 else ("B", "A")
             result = {side: probe(tree_a if side == "A" else tree_b, args) for side in order}
             rounds.append(result)
-            print(f"round {r + 1}/{args.rounds} ({'-'.join(order)}) done "
-                  f"at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1}/{args.rounds} ({'-'.join(order)}) done "
+                f"at {time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     keys = [f"{m}/{meth}" for m in args.models for meth in args.methods]
-    print(f"A = {label_a}\nB = {label_b}\n{args.rounds} rounds x {args.steps} steps per tree, "
-          f"{args.threads} thread(s); CPU ms per step, medians; 'rounds' = min/max of the "
-          f"per-round B/A ratios (the noise)")
+    print(
+        f"A = {label_a}\nB = {label_b}\n{args.rounds} rounds x {args.steps} steps per tree, "
+        f"{args.threads} thread(s); CPU ms per step, medians; 'rounds' = min/max of the "
+        f"per-round B/A ratios (the noise)"
+    )
     print(table(rounds, keys))
     payload = {"A": label_a, "B": label_b, "args": vars(args), "rounds": rounds}
     if args.json:

@@ -24,6 +24,7 @@ prints one JSON line: ``{"lightning_kfac": <path of the imported package>, "time
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ def build(model: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     if model == "mlp":
         sizes = (784, 1000, 500, 250, 10)
         layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(d_in, d_out))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
@@ -54,9 +55,15 @@ def build(model: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         return nn.Sequential(*layers), x, torch.randint(0, 10, (128,), generator=gen)
     if model == "cnn":
         net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 10))
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 10),
+        )
         x = torch.randn(128, 3, 32, 32, generator=gen)
         return net, x, torch.randint(0, 10, (128,), generator=gen)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
@@ -66,8 +73,9 @@ def measure(model: str, method: str, steps: int, warmup: int) -> dict[str, list[
     """CPU seconds of each of ``steps`` timed steps: whole step and the ``pre.step`` part."""
     net, x, y = build(model)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    pre = KFACPreconditioner(net, damping=1e-2, compute_method=method, factor_update_steps=1,
-                             inv_update_steps=1)
+    pre = KFACPreconditioner(
+        net, damping=1e-2, compute_method=method, factor_update_steps=1, inv_update_steps=1
+    )
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     times: dict[str, list[float]] = {"step": [], "engine": []}
     for i in range(warmup + steps):
@@ -95,8 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    times = {f"{m}/{meth}": measure(m, meth, args.steps, args.warmup)
-             for m in args.models for meth in args.methods}
+    times = {
+        f"{m}/{meth}": measure(m, meth, args.steps, args.warmup)
+        for m in args.models
+        for meth in args.methods
+    }
     print(json.dumps({"lightning_kfac": lightning_kfac.__file__, "times": times}), flush=True)
 
 
