@@ -39,8 +39,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
 
 import torch
 
@@ -93,7 +93,7 @@ class Footprint:
 
     held: int
     peak: int
-    phases: Dict[str, int]
+    phases: dict[str, int]
 
 
 def footprint(blocks: Iterable) -> Footprint:
@@ -104,15 +104,24 @@ def footprint(blocks: Iterable) -> Footprint:
     held = F + D
     if not blocks:
         return Footprint(0, 0, {})
-    capture = max(max(b.a_structure.capture_transient_numel(),
-                      b.g_structure.capture_transient_numel()) * _item(b) for b in blocks)
+    capture = max(
+        max(b.a_structure.capture_transient_numel(), b.g_structure.capture_transient_numel())
+        * _item(b)
+        for b in blocks
+    )
     capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b) == "ekfac")
-    one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b)
-                       for b in blocks)
-    decompose = max((decomposition_numel(b)
-                     + max(b.a_structure.decompose_transient_numel(_method(b)),
-                           b.g_structure.decompose_transient_numel(_method(b)))) * _item(b)
-                    for b in blocks)
+    one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b) for b in blocks)
+    decompose = max(
+        (
+            decomposition_numel(b)
+            + max(
+                b.a_structure.decompose_transient_numel(_method(b)),
+                b.g_structure.decompose_transient_numel(_method(b)),
+            )
+        )
+        * _item(b)
+        for b in blocks
+    )
     buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
     product = max(max(_product_numel(b) - 1, 1) * _grad_numel(b) * _item(b) for b in blocks)
     # the step's undo record (core/transaction.py) keeps the captured accumulators and a copy of
@@ -132,8 +141,8 @@ def layer_peak_share(block) -> int:
     return footprint([block]).peak
 
 
-# -- refresh time -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+# -- refresh time ---------------------------------------------------------------------------------
+@functools.cache
 def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
     """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""
     from lightning_kfac.core import linalg
@@ -155,21 +164,20 @@ def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
             linalg.eigh_psd(m)
         sync()
         times.append(clock() - start)
-    return statistics.median(times[1:]) / d ** 3
+    return statistics.median(times[1:]) / d**3
 
 
 def refresh_seconds(block) -> float:
     """Predicted seconds of one decomposition of this layer (dense sides only: ``rate * d^3``)."""
     method = "inverse" if _method(block) == "inverse" else "eigen"
     device = str(block.kind.module.weight.device)
-    cubes = sum(s.groups * s.dim ** 3 for s in (block.a_structure, block.g_structure)
-                if s.has_basis)
+    cubes = sum(s.groups * s.dim**3 for s in (block.a_structure, block.g_structure) if s.has_basis)
     if cubes == 0:
         return 0.0
     return _seconds_per_cube(method, device, block.dtype) * cubes
 
 
-def describe_side(structure, reason: str) -> Tuple[str, str]:
+def describe_side(structure, reason: str) -> tuple[str, str]:
     """``("64x64", "dense")`` / ``("32000", "diagonal (> max_dense_dim)")`` for the summary; a
     grouped side reads ``"8 x 9x9"`` (one factor per group)."""
     d = structure.dim

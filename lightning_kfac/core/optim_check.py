@@ -1,11 +1,11 @@
 """Which optimizers K-FAC can drive: every ``step(closure=None)`` optimizer, not closure-based ones.
 
 K-FAC replaces ``p.grad`` of one forward/backward pass by ``(A (x) G + damping I)^-1 grad``
-before ``optimizer.step()``. An optimizer whose ``step`` *requires* a closure (``torch.optim.LBFGS``,
-line-search methods) re-evaluates the loss and the gradients several times inside one step,
-overwriting the preconditioned gradient and capturing factors from its inner evaluations, so it
-is refused with a ``ValueError`` naming the optimizer. The callback re-raises it as Lightning's
-``MisconfigurationException``.
+before ``optimizer.step()``. An optimizer whose ``step`` *requires* a closure
+(``torch.optim.LBFGS``, line-search methods) re-evaluates the loss and the gradients several
+times inside one step, overwriting the preconditioned gradient and capturing factors from its
+inner evaluations, so it is refused with a ``ValueError`` naming the optimizer. The callback
+re-raises it as Lightning's ``MisconfigurationException``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import inspect
 from typing import Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _closure_required(cls: type) -> bool:
     try:
         params = inspect.signature(cls.step).parameters
@@ -37,4 +37,5 @@ def check_optimizer(optimizer: Any) -> None:
         raise ValueError(
             f"Invalid optimizer={name}: its step(closure) re-evaluates the loss and gradients "
             "several times per step, which would overwrite the K-FAC preconditioned gradient. "
-            "Use an optimizer whose step() needs no closure (SGD, Adam, AdamW, ...).")
+            "Use an optimizer whose step() needs no closure (SGD, Adam, AdamW, ...)."
+        )
