@@ -47,7 +47,7 @@ def greedy_assignment(costs: Sequence[tuple[str, int]], world_size: int) -> dict
     return {name: owner[name] for name, _ in costs}
 
 
-def rank_loads(owner: Mapping[str, int], costs: Mapping[str, int], world_size: int) -> list:
+def rank_loads(owner: Mapping[str, int], costs: Mapping[str, int], world_size: int) -> list[int]:
     """Summed cost per rank of an assignment (for summaries and tests)."""
     load = [0] * world_size
     for name, rank in owner.items():

@@ -11,8 +11,14 @@ the engine is built, before any hook is installed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from lightning_kfac.core.factors import DiagonalFactor
 from lightning_kfac.core.footprint import footprint, layer_peak_share
+
+if TYPE_CHECKING:
+    from lightning_kfac.core.blocks import KFACBlock
 
 GIB = 1024**3
 
@@ -25,8 +31,9 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.3g} GiB"
 
 
-def _widest_dense_side(blocks: dict) -> tuple[object, str] | None:
-    best, best_dim = None, -1
+def _widest_dense_side(blocks: Mapping[str, KFACBlock]) -> tuple[KFACBlock, str] | None:
+    best: tuple[KFACBlock, str] | None = None
+    best_dim = -1
     for block in blocks.values():
         for side, structure in (("A", block.a_structure), ("G", block.g_structure)):
             if structure.has_basis and structure.dim > best_dim:
@@ -34,7 +41,7 @@ def _widest_dense_side(blocks: dict) -> tuple[object, str] | None:
     return best
 
 
-def apply_memory_budget(blocks: dict, budget_gib: float | None) -> list[str]:
+def apply_memory_budget(blocks: Mapping[str, KFACBlock], budget_gib: float | None) -> list[str]:
     """Make the widest dense sides diagonal until the predicted peak fits ``budget_gib``.
 
     Returns ``"layer.A"`` / ``"layer.G"`` for every side changed; raises ``MemoryBudgetError``

@@ -19,12 +19,17 @@ itself so that a plain PyTorch loop gets them as well as the Lightning callback:
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_kfac.core.parametrized import parametrization_reason
+
+if TYPE_CHECKING:
+    from lightning_kfac.core.blocks import KFACBlock
+    from lightning_kfac.core.discovery import Skipped
 
 COVERAGE_WARNING_SHARE = 0.5  # below this share of trainable parameters: the coverage warning
 _USER_CHOICES = ("matched skip_layers", "layer_overrides: compute_method=skip")
@@ -48,21 +53,21 @@ def trainable_total(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def covered_params(blocks: dict) -> int:
+def covered_params(blocks: Mapping[str, KFACBlock]) -> int:
     """Trainable parameters of the registered layers, each tensor once (frozen-for-now layers
     count 0)."""
     unique = {id(p): p for b in blocks.values() for p in b.kind.params if p.requires_grad}
     return sum(p.numel() for p in unique.values())
 
 
-def coverage(model: nn.Module, blocks: dict) -> dict[str, float]:
+def coverage(model: nn.Module, blocks: Mapping[str, KFACBlock]) -> dict[str, float]:
     """``{"covered", "trainable", "share"}``: preconditioned / trainable parameters now."""
     total, covered = trainable_total(model), covered_params(blocks)
     return {"covered": covered, "trainable": total, "share": covered / total if total else 0.0}
 
 
 def _unique_trainable(
-    model: nn.Module, names: Iterable[str], covered: frozenset = frozenset()
+    model: nn.Module, names: Iterable[str], covered: frozenset[int] = frozenset()
 ) -> int:
     """Trainable parameters held by the named modules, each tensor once (tied weights), leaving
     out those in ``covered`` (ids of preconditioned tensors: a shared weight whose holder keeps
@@ -81,10 +86,10 @@ def _unique_trainable(
 
 
 def skipped_message(
-    model: nn.Module, skipped: Iterable, total: int, covered: frozenset = frozenset()
+    model: nn.Module, skipped: Iterable[Skipped], total: int, covered: frozenset[int] = frozenset()
 ) -> str | None:
     """One message for every involuntarily skipped module with trainable parameters, by reason."""
-    by_reason: dict[str, list] = {}
+    by_reason: dict[str, list[Skipped]] = {}
     for s in skipped:
         if s.num_params and not s.reason.startswith(_USER_CHOICES):
             by_reason.setdefault(s.reason, []).append(s)
@@ -109,7 +114,7 @@ def skipped_message(
     return "\n".join(lines)
 
 
-def coverage_message(total: int, covered: int, skipped: Iterable) -> str | None:
+def coverage_message(total: int, covered: int, skipped: Iterable[Skipped]) -> str | None:
     """The low-coverage message (below ``COVERAGE_WARNING_SHARE``), or None."""
     if total <= 0 or covered >= COVERAGE_WARNING_SHARE * total:
         return None
@@ -131,7 +136,9 @@ def coverage_message(total: int, covered: int, skipped: Iterable) -> str | None:
     return "\n".join(lines)
 
 
-def registration_messages(model: nn.Module, blocks: dict, skipped: Sequence) -> list[str]:
+def registration_messages(
+    model: nn.Module, blocks: Mapping[str, KFACBlock], skipped: Sequence[Skipped]
+) -> list[str]:
     """The registration warnings (skipped modules, low coverage), possibly none."""
     total = trainable_total(model)
     covered = frozenset(id(p) for b in blocks.values() for p in b.kind.params)
@@ -191,7 +198,9 @@ def compiled_path(model: nn.Module, name: str, wrappers: dict[int, str] | None =
     return found
 
 
-def unpreconditioned_cause(model: nn.Module, block, wrappers: dict[int, str] | None = None) -> str:
+def unpreconditioned_cause(
+    model: nn.Module, block: KFACBlock, wrappers: dict[int, str] | None = None
+) -> str:
     """The most likely reason why ``block`` has not been preconditioned yet (``wrappers``: a
     precomputed ``_optimized_wrappers()``, a scan of every live object)."""
     module = block.kind.module
@@ -243,10 +252,10 @@ class FirstIntervalCheck:
 
     def __init__(self) -> None:
         self._since: dict[str, int] = {}
-        self._warned: set = set()
+        self._warned: set[str] = set()
 
-    def late(self, t: int, active: Iterable, warmup_steps: int) -> list:
-        due = []
+    def late(self, t: int, active: Iterable[KFACBlock], warmup_steps: int) -> list[KFACBlock]:
+        due: list[KFACBlock] = []
         for block in active:
             start = self._since.setdefault(block.name, t)
             if block.name in self._warned or block.A is not None:
@@ -258,7 +267,7 @@ class FirstIntervalCheck:
         return due
 
 
-def _by_cause(model: nn.Module, blocks: Sequence) -> list[str]:
+def _by_cause(model: nn.Module, blocks: Sequence[KFACBlock]) -> list[str]:
     """One line per distinct cause, naming its layers."""
     groups: dict[str, list[str]] = {}
     wrappers = _optimized_wrappers()  # one scan of the live objects for all the layers
@@ -267,7 +276,7 @@ def _by_cause(model: nn.Module, blocks: Sequence) -> list[str]:
     return [f"  {_names(names, limit=6)}: {cause}" for cause, names in groups.items()]
 
 
-def late_message(model: nn.Module, blocks: Sequence, t: int) -> str:
+def late_message(model: nn.Module, blocks: Sequence[KFACBlock], t: int) -> str:
     lines = [
         f"K-FAC: {len(blocks)} registered layer(s) not preconditioned by the end of their "
         f"first decomposition interval (step {t}); they keep their raw gradient:"
@@ -275,7 +284,7 @@ def late_message(model: nn.Module, blocks: Sequence, t: int) -> str:
     return "\n".join(lines + _by_cause(model, blocks))
 
 
-def dropped_message(model: nn.Module, blocks: Sequence) -> str:
+def dropped_message(model: nn.Module, blocks: Sequence[KFACBlock]) -> str:
     names = [b.name for b in blocks]
     lines = [
         f"K-FAC: layers {names} were registered but never ran in a training forward "

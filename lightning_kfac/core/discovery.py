@@ -10,6 +10,7 @@ registered as frozen-for-now (core/trainability.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,9 @@ def factor_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def _refuse_all(skipped: list[Skipped], holders, reason: str) -> None:
+def _refuse_all(
+    skipped: list[Skipped], holders: Iterable[tuple[str, nn.Module, Any]], reason: str
+) -> None:
     for name, module, _ in holders:
         if _own_trainable(module):  # frozen-for-now holders are not listed
             skipped.append(Skipped(name, type(module).__name__, reason, _own_trainable(module)))

@@ -63,10 +63,11 @@ class FactorStructure:
 
     def __eq__(self, other: object) -> bool:
         return (
-            type(other) is type(self)
-            and other.dim == self.dim  # type: ignore[attr-defined]
+            isinstance(other, FactorStructure)
+            and type(other) is type(self)
+            and other.dim == self.dim
             and other.groups == self.groups
-        )  # type: ignore[attr-defined]
+        )
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.dim, self.groups))
@@ -130,7 +131,7 @@ class FactorStructure:
         """``(Q, e)`` with ``F = Q diag(e) Q^T``, ``e >= 0``; ``Q`` None: an identity basis."""
         raise NotImplementedError
 
-    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping: float | Tensor) -> Tensor:
         """``(F + damping I)^-1`` in this structure (damping: a float, or per group a (groups,)
         tensor)."""
         raise NotImplementedError
@@ -211,21 +212,25 @@ class DenseFactor(FactorStructure):
         out = eigh_psd(factor)
         return out["Q"], out["e"]
 
-    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping: float | Tensor) -> Tensor:
         if isinstance(damping, Tensor):
             damping = damping.reshape(-1, 1, 1)
         return damped_inverse(factor, damping)
 
     def left_rotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return Q.mT @ X
 
     def left_unrotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return Q @ X
 
     def right_rotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return X @ Q
 
     def right_unrotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return X @ Q.mT
 
     def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
@@ -288,7 +293,7 @@ class DiagonalFactor(FactorStructure):
         self._check_finite(factor, "eigendecomposition")
         return None, factor.clamp_min(0.0)
 
-    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping: float | Tensor) -> Tensor:
         self._check_finite(factor, "inverse")
         if isinstance(damping, Tensor):
             damping = damping.reshape(-1, 1).to(factor.dtype)

@@ -16,7 +16,7 @@ from typing import Any
 
 
 @functools.cache
-def _closure_required(cls: type) -> bool:
+def _closure_required(cls: type[Any]) -> bool:
     try:
         params = inspect.signature(cls.step).parameters
     except (TypeError, ValueError):  # a builtin / C step without a signature: assume no closure
@@ -25,9 +25,10 @@ def _closure_required(cls: type) -> bool:
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
-def closure_required(optimizer: Any) -> bool:
+def closure_required(optimizer: object) -> bool:
     """True when ``type(optimizer).step`` has a ``closure`` argument without a default."""
-    return _closure_required(type(optimizer))
+    # a class is hashable (type.__hash__); mypy matches type[...] against Hashable wrongly
+    return _closure_required(type(optimizer))  # type: ignore[arg-type]
 
 
 def check_optimizer(optimizer: Any) -> None:

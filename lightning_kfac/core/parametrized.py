@@ -16,6 +16,9 @@ this reason, and nothing here reads ``module.weight`` of a parametrized module.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -35,17 +38,21 @@ def _legacy_hooks(module: nn.Module) -> list[str]:
     return found
 
 
+def _parametrizations(module: nn.Module) -> Mapping[str, parametrize.ParametrizationList]:
+    """``module.parametrizations`` (a ModuleDict of ParametrizationList), typed."""
+    return cast("Mapping[str, parametrize.ParametrizationList]", module.parametrizations)
+
+
 def parametrization_reason(module: nn.Module) -> str:
     """Why ``module``'s weight cannot be preconditioned as a plain parameter; "" when it can."""
     if parametrize.is_parametrized(module):
-        tensors = list(module.parametrizations.keys())
-        kinds = sorted(
-            {type(p).__name__ for name in tensors for p in module.parametrizations[name]}
-        )
+        lists = _parametrizations(module)
+        tensors = list(lists.keys())
+        kinds = sorted({type(p).__name__ for name in tensors for p in lists[name]})
         originals = [
             f"{name}.{p}"
             for name in tensors
-            for p, _ in module.parametrizations[name].named_parameters(recurse=False)
+            for p, _ in lists[name].named_parameters(recurse=False)
         ]
         return (
             f"parametrized {', '.join(tensors)} ({', '.join(kinds)}, torch.nn.utils."
@@ -73,5 +80,5 @@ def own_trainable(module: nn.Module) -> int:
     (read from the containers: no parametrization is evaluated)."""
     params = list(module.parameters(recurse=False))
     if parametrize.is_parametrized(module):
-        params += list(module.parametrizations.parameters())
+        params += list(cast(nn.Module, module.parametrizations).parameters())
     return sum(p.numel() for p in params if p.requires_grad)

@@ -27,6 +27,7 @@ otherwise each holder's own bias keeps its raw gradient (listed as skipped).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -73,13 +74,13 @@ class SharedKind(LayerKind):
         return self.base.g_dim()
 
     # the first holder's rows (for diagnostics that look at one module's rows)
-    def input_rows(self, x: Tensor):
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         return self.base.input_rows(x)
 
-    def grad_rows(self, g: Tensor, *context):
+    def grad_rows(self, g: Tensor, *context: Any) -> tuple[Tensor, int, int]:
         return self.base.grad_rows(g, *context)
 
-    def grad_context(self, x: Tensor):
+    def grad_context(self, x: Tensor) -> Any:
         return self.base.grad_context(x)
 
     def as_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
