@@ -40,7 +40,8 @@ subclass (see docs/layers.md).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +95,14 @@ class LayerKind:
     groups = 1  # > 1: factors stacked per group (grouped convolutions)
 
     def __init__(self, module: nn.Module, *, use_bias: bool = True):
-        self.module = module
+        # duck-typed: torch's layers and registered types alike only need ``weight`` (``bias``)
+        self.module: Any = module
         self.use_bias = use_bias  # False: the bias stays out of W~ (kept raw)
 
     @property
     def weight(self) -> Tensor:
-        return self.module.weight
+        weight: Tensor = self.module.weight
+        return weight
 
     @property
     def has_bias(self) -> bool:
@@ -114,7 +117,7 @@ class LayerKind:
         raise NotImplementedError
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[0]
+        return self.weight.shape[0]
 
     def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and G (a vector for a diagonal A; stacked per group when groups > 1)."""
@@ -185,7 +188,7 @@ class LinearKind(LayerKind):
     name = "Linear"
 
     def a_dim(self) -> int:
-        return self.module.weight.shape[1] + (1 if self.has_bias else 0)
+        return self.weight.shape[1] + (1 if self.has_bias else 0)
 
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         rows = x.reshape(-1, x.shape[-1])
@@ -204,10 +207,10 @@ class LinearTransposedKind(LinearKind):
     transposed = True
 
     def a_dim(self) -> int:
-        return self.module.weight.shape[0] + (1 if self.has_bias else 0)
+        return self.weight.shape[0] + (1 if self.has_bias else 0)
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[1]
+        return self.weight.shape[1]
 
 
 class ConvKind(LayerKind):
@@ -216,8 +219,7 @@ class ConvKind(LayerKind):
     name = "Conv"
 
     def a_dim(self) -> int:
-        weight = self.module.weight
-        return weight[0].numel() + (1 if self.has_bias else 0)
+        return self.weight[0].numel() + (1 if self.has_bias else 0)
 
     def _patches(self, x: Tensor) -> Tensor:
         """(B, C_in * prod(kernel), T) patches, in the order of ``weight.view(out, -1)``."""
@@ -229,7 +231,7 @@ class ConvKind(LayerKind):
             padding = (0,) * nd
         if nd in (1, 2) and not isinstance(padding, str):
 
-            def as2d(v):
+            def as2d(v: tuple[int, ...]) -> tuple[int, ...]:
                 return (1, v[0]) if nd == 1 else tuple(v)
 
             x4 = x.unsqueeze(2) if nd == 1 else x
@@ -272,13 +274,13 @@ class GroupedConvKind(ConvKind):
 
     def __init__(self, module: nn.Module, **kwargs: Any):
         super().__init__(module, **kwargs)
-        self.groups = module.groups
+        self.groups: int = self.module.groups
 
     def a_dim(self) -> int:
-        return self.module.weight[0].numel() + (1 if self.has_bias else 0)  # (C_in/K) * kernel
+        return self.weight[0].numel() + (1 if self.has_bias else 0)  # (C_in/K) * kernel
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[0] // self.groups
+        return self.weight.shape[0] // self.groups
 
     def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         patches = self._patches(x)  # B x (C_in * k) x T, channel-major: group k is a slice
@@ -322,10 +324,10 @@ class EmbeddingKind(LayerKind):
     transposed = True
 
     def a_dim(self) -> int:
-        return self.module.weight.shape[0]
+        return self.weight.shape[0]
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[1]
+        return self.weight.shape[1]
 
     def _keep(self, x: Tensor) -> Tensor | None:
         padding = getattr(self.module, "padding_idx", None)
@@ -361,7 +363,8 @@ def _embedding_refusal(module: nn.Module) -> str:
 
 
 def _conv_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
-    return (GroupedConvKind(module) if module.groups > 1 else ConvKind(module)), ""
+    grouped = cast(int, module.groups) > 1
+    return (GroupedConvKind(module) if grouped else ConvKind(module)), ""
 
 
 def _embedding_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
@@ -375,7 +378,7 @@ MHA_REASON = (
     "out_proj keep raw gradients (a model can use nn.Linear projections instead)"
 )
 
-BUILTIN_KINDS: dict[str, Any] = {
+BUILTIN_KINDS: dict[str, Callable[[nn.Module], tuple[LayerKind | None, str]]] = {
     "linear": lambda m: (LinearKind(m), ""),
     "linear_transposed": lambda m: (LinearTransposedKind(m), ""),
     "conv": _conv_kind,
@@ -433,8 +436,8 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
     return (
         cls.__name__ == "Conv1D"
         and cls.__module__.split(".")[0] == "transformers"
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and module.weight.dim() == 2
+        and isinstance(weight := getattr(module, "weight", None), Tensor)
+        and weight.dim() == 2
     )
 
 
