@@ -1,12 +1,12 @@
 """Per-step engine time of two trees (two commits), measured interleaved in one run.
 
-Each measurement is a short subprocess running ``benchmarks/step_time_probe.py`` (of THIS tree,
-passed by path; it imports only the public API, so it runs against any commit) with
-``PYTHONPATH`` set to one tree. Measurements alternate A, B, B, A, A, B, ... (the order flips
-every round, so a drift in the machine's speed hits both trees alike). Reported per model/method:
-the median CPU time per step over all timed steps of each tree, the ratio B/A, and the spread of
-the per-round ratios (median of B's steps in round r over A's in round r), which is the noise of
-the comparison: running a tree against itself gives ratios around 1.00 within that spread.
+Each tree gets one worker subprocess running ``benchmarks/step_time_probe.py --serve`` (of THIS
+tree, passed by path; it imports only the public API, so it runs against any commit) with
+``PYTHONPATH`` set to that tree. The driver asks the two workers for single training steps in
+turn, A B B A A B ..., so a drift in the machine's speed (other jobs, frequency) hits both trees
+alike. Reported per model/method: the median CPU time per step of each tree over all timed
+steps, the ratio B/A, and the min/max of the per-round ratios (median of B's steps in round r
+over A's), which shows the noise: two identical trees give ratios around 1.00 within it.
 
 A tree is a directory holding ``lightning_kfac/`` or a git revision, checked out for the run with
 ``git worktree add --detach`` in a temporary directory and removed afterwards:
@@ -57,30 +57,69 @@ def resolve_tree(spec: str, stack: ExitStack) -> tuple[Path, str]:
     return tmp, f"{spec} ({rev})"
 
 
-def probe(tree: Path, args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    """One measurement subprocess importing ``tree``'s package; its per-step times."""
-    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads))
-    cmd = [
-        sys.executable,
-        str(PROBE),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--models",
-        *args.models,
-        "--methods",
-        *args.methods,
-    ]
-    out = subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True, text=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    imported = Path(result["lightning_kfac"]).resolve()
-    if tree not in imported.parents:
-        raise RuntimeError(f"the probe for {tree} imported lightning_kfac from {imported}")
-    times: dict[str, dict[str, list[float]]] = result["times"]
-    return times
+class Worker:
+    """A probe subprocess in ``--serve`` mode importing ``tree``'s package: steps on request."""
+
+    def __init__(self, tree: Path, threads: int) -> None:
+        env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads))
+        cmd = [sys.executable, str(PROBE), "--serve", "--threads", str(threads)]
+        self.proc = subprocess.Popen(
+            cmd, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        imported = Path(json.loads(self._read())["lightning_kfac"]).resolve()
+        if tree not in imported.parents:
+            self.close()
+            raise RuntimeError(f"the probe for {tree} imported lightning_kfac from {imported}")
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the probe exited (code {self.proc.wait()}); see its stderr above")
+        return line
+
+    def step(self, key: str) -> tuple[float, float]:
+        """One step of ``key`` (``model/method``): CPU seconds of the step and of ``pre.step``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(key + "\n")
+        self.proc.stdin.flush()
+        step_s, engine_s = json.loads(self._read())
+        return float(step_s), float(engine_s)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def measure(
+    workers: dict[str, Worker], keys: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """``rounds[r][side][key]["step"|"engine"]``: seconds of the timed steps of round r.
+
+    Steps alternate between the trees A B B A A B ... within each round and model/method, so
+    both see the same machine state within a fraction of a second."""
+    for key in keys:  # builds each trainee (first decomposition, allocations): untimed
+        for _ in range(args.warmup):
+            for worker in workers.values():
+                worker.step(key)
+    rounds: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for r in range(args.rounds):
+        result: dict[str, Any] = {side: {} for side in workers}
+        for key in keys:
+            for side in workers:
+                result[side][key] = {"step": [], "engine": []}
+            for i in range(args.steps):
+                for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                    step_s, engine_s = workers[side].step(key)
+                    result[side][key]["step"].append(step_s)
+                    result[side][key]["engine"].append(engine_s)
+        rounds.append(result)
+        elapsed = time.perf_counter() - start
+        print(f"round {r + 1}/{args.rounds} done at {elapsed:.0f} s", file=sys.stderr, flush=True)
+    return rounds
 
 
 def summarize(rounds: list[dict[str, Any]], key: str, part: str) -> dict[str, float]:
@@ -120,12 +159,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tree_a", help="baseline: a directory or a git revision")
     parser.add_argument("tree_b", help="candidate: a directory or a git revision")
-    parser.add_argument("--rounds", type=int, default=6, help="measurements per tree")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=6, help="rounds (the noise is read off their spread)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed steps per tree, model/method and round"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per tree and model/method first"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the probe")
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--methods", nargs="+", default=["eigen", "inverse"])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["eigen", "inverse"], choices=["eigen", "inverse", "ekfac"]
+    )
     parser.add_argument("--json", default=None, help="also write the raw times here")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -137,25 +184,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             resolve_tree(args.tree_a, stack),
             resolve_tree(args.tree_b, stack),
         )
-        rounds: list[dict[str, Any]] = []
-        start = time.perf_counter()
-        for r in range(args.rounds):
-            order = ("A", "B") if r % 2 == 0 else ("B", "A")
-            result = {side: probe(tree_a if side == "A" else tree_b, args) for side in order}
-            rounds.append(result)
-            print(
-                f"round {r + 1}/{args.rounds} ({'-'.join(order)}) done "
-                f"at {time.perf_counter() - start:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-    keys = [f"{m}/{meth}" for m in args.models for meth in args.methods]
+        keys = [f"{m}/{meth}" for m in args.models for meth in args.methods]
+        workers = {
+            side: Worker(tree, args.threads) for side, tree in (("A", tree_a), ("B", tree_b))
+        }
+        for worker in workers.values():
+            stack.callback(worker.close)
+        rounds = measure(workers, keys, args)
     print(
         f"A = {label_a}\nB = {label_b}\n{args.rounds} rounds x {args.steps} steps per tree, "
         f"{args.threads} thread(s); CPU ms per step, medians; 'rounds' = min/max of the "
         f"per-round B/A ratios (the noise)"
     )
     print(table(rounds, keys))
+    step_ratios = [summarize(rounds, key, "step")["ratio"] for key in keys]
+    print(
+        f"geometric mean of the step-time ratios B/A: {statistics.geometric_mean(step_ratios):.3f}"
+    )
     payload = {"A": label_a, "B": label_b, "args": vars(args), "rounds": rounds}
     if args.json:
         Path(args.json).write_text(json.dumps(payload))

@@ -18,7 +18,9 @@ the measurement.
         --methods eigen inverse
 
 prints one JSON line: ``{"lightning_kfac": <path of the imported package>, "times": {"<model>/
-<method>": {"step": [...], "engine": [...]}}}`` (seconds per timed step).
+<method>": {"step": [...], "engine": [...]}}}`` (seconds per timed step). With ``--serve`` it
+steps on request instead (one step per stdin line; see ``serve``), which the driver uses to
+interleave the two trees step by step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable
 
@@ -69,29 +72,57 @@ def build(model: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
+class Trainee:
+    """One model, its SGD optimizer and a K-FAC preconditioner refreshing everything every step."""
+
+    def __init__(self, model: str, method: str) -> None:
+        self.net, self.x, self.y = build(model)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=1e-3, momentum=0.9)
+        self.pre = KFACPreconditioner(
+            self.net, damping=1e-2, compute_method=method, factor_update_steps=1, inv_update_steps=1
+        )
+        self.loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+    def step(self) -> tuple[float, float]:
+        """One training step; CPU seconds of the whole step and of its ``pre.step`` part."""
+        t0 = time.process_time()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(self.net(self.x), self.y).backward()
+        t1 = time.process_time()
+        self.pre.step(self.opt)
+        t2 = time.process_time()
+        self.opt.step()
+        t3 = time.process_time()
+        return t3 - t0, t2 - t1
+
+
 def measure(model: str, method: str, steps: int, warmup: int) -> dict[str, list[float]]:
     """CPU seconds of each of ``steps`` timed steps: whole step and the ``pre.step`` part."""
-    net, x, y = build(model)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    pre = KFACPreconditioner(
-        net, damping=1e-2, compute_method=method, factor_update_steps=1, inv_update_steps=1
-    )
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    trainee = Trainee(model, method)
     times: dict[str, list[float]] = {"step": [], "engine": []}
     for i in range(warmup + steps):
-        t0 = time.process_time()
-        opt.zero_grad(set_to_none=True)
-        loss(net(x), y).backward()
-        t1 = time.process_time()
-        pre.step(opt)
-        t2 = time.process_time()
-        opt.step()
-        t3 = time.process_time()
+        step_s, engine_s = trainee.step()
         if i >= warmup:
-            times["step"].append(t3 - t0)
-            times["engine"].append(t2 - t1)
-    pre.remove()
+            times["step"].append(step_s)
+            times["engine"].append(engine_s)
+    trainee.pre.remove()
     return times
+
+
+def serve() -> None:
+    """Step on request: each stdin line ``<model>/<method>`` runs one step of that trainee (built
+    on first use) and answers one JSON line ``[step_s, engine_s]``; the first line written is
+    ``{"lightning_kfac": <path>}``. Lets a driver interleave two trees step by step."""
+    print(json.dumps({"lightning_kfac": lightning_kfac.__file__}), flush=True)
+    trainees: dict[str, Trainee] = {}
+    for line in sys.stdin:
+        key = line.strip()
+        if not key:
+            break
+        if key not in trainees:
+            model, method = key.split("/")
+            trainees[key] = Trainee(model, method)
+        print(json.dumps(trainees[key].step()), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,8 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--methods", nargs="+", default=["eigen", "inverse"], choices=METHODS)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--serve", action="store_true", help="step on request (see serve())")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.serve:
+        serve()
+        return
     times = {
         f"{m}/{meth}": measure(m, meth, args.steps, args.warmup)
         for m in args.models
