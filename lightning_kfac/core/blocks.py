@@ -132,13 +132,6 @@ class KFACBlock:
         self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
         self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
 
-    def dense_fisher(self) -> Tensor:
-        """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
-        A, G = self.factor_matrices()
-        if self.a_structure.groups > 1:  # grouped convolution: block-diagonal over groups
-            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
-        return torch.kron(A, G)
-
     def factor_matrices(self) -> Tuple[Tensor, Tensor]:
         """``(A, G)`` as dense matrices (copies); a diagonal side becomes ``diag(F)``."""
         return self.a_structure.to_matrix(self.A), self.g_structure.to_matrix(self.G)
