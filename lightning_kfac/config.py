@@ -28,7 +28,8 @@ class _StrEnum(str, enum.Enum):
     """An enum whose members compare equal to their string value ("eigen" == ComputeMethod.EIGEN)."""
 
     def __str__(self) -> str:  # pragma: no cover - trivial
-        return self.value
+        text: str = self.value
+        return text
 
 
 class ComputeMethod(_StrEnum):
@@ -158,10 +159,11 @@ def _check_int(name: str, value: Any, *, low: int) -> int:
             raise _invalid(name, value, f"must be an integer >= {low}")
     if value < low:
         raise _invalid(name, value, f"must be an integer >= {low}")
-    return value
+    checked: int = value
+    return checked
 
 
-def _check_enum(name: str, value: Any, enum_cls: type) -> Any:
+def _check_enum(name: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
     try:
         return enum_cls(value.lower() if isinstance(value, str) else value)
     except ValueError:

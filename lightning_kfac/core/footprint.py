@@ -39,45 +39,50 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Tuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.core.methods import Method
 
+if TYPE_CHECKING:
+    from lightning_kfac.core.blocks import KFACBlock
+    from lightning_kfac.core.factors import FactorStructure
+
 _CALIBRATION_DIM = 256
 
 
-def _item(block) -> int:
+def _item(block: KFACBlock) -> int:
     return torch.empty((), dtype=block.dtype).element_size()
 
 
-def _method(block) -> Method:
+def _method(block: KFACBlock) -> Method:
     return block.method  # core/methods: the cost model of the block's compute method
 
 
-def factor_numel(block) -> int:
+def factor_numel(block: KFACBlock) -> int:
     return block.a_structure.numel() + block.g_structure.numel()
 
 
-def decomposition_numel(block) -> int:
+def decomposition_numel(block: KFACBlock) -> int:
     return _method(block).held_numel(block.a_structure, block.g_structure)
 
 
-def held_bytes(block) -> int:
+def held_bytes(block: KFACBlock) -> int:
     """Bytes of the running factors and the decomposition in use (between steps); EKFAC also
     keeps a float64 count of the scaling estimates since its last refresh (core/ekfac.py)."""
     counter = _method(block).extra_held_bytes
     return (factor_numel(block) + decomposition_numel(block)) * _item(block) + counter
 
 
-def _grad_numel(block) -> int:
+def _grad_numel(block: KFACBlock) -> int:
     return block.a_structure.groups * block.g_structure.dim * block.a_structure.dim
 
 
-def _product_numel(block) -> int:
+def _product_numel(block: KFACBlock) -> int:
     """g_dim x a_dim tensors alive at the peak of one layer's product, the result included:
     eigen / EKFAC: the rotated gradient, the denominator, the divided one, one per side rotated
     back (dense sides only); inverse: ``G_inv grad`` and the result."""
@@ -90,10 +95,10 @@ class Footprint:
 
     held: int
     peak: int
-    phases: Dict[str, int]
+    phases: dict[str, int]
 
 
-def footprint(blocks: Iterable) -> Footprint:
+def footprint(blocks: Iterable[KFACBlock]) -> Footprint:
     """The memory model of the module docstring for a set of blocks."""
     blocks = list(blocks)
     F = sum(factor_numel(b) * _item(b) for b in blocks)
@@ -124,9 +129,13 @@ def footprint(blocks: Iterable) -> Footprint:
     return Footprint(held, max(phases.values()), phases)
 
 
-def layer_peak_share(block) -> int:
+def layer_peak_share(block: KFACBlock) -> int:
     """One layer's own contribution to the peak (for naming the layers that do not fit)."""
     return footprint([block]).peak
+
+
+def _no_sync() -> None:
+    """Nothing to wait for on the CPU."""
 
 
 # -- refresh time -----------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str,
     x = torch.randn(d, d, generator=gen, dtype=dtype).to(device)
     m = x @ x.T / d
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync: Callable[[], None] = torch.cuda.synchronize if cuda else _no_sync
     clock = time.perf_counter if cuda else time.process_time  # CPU: all threads' CPU time
     times = []
     for _ in range(4):  # the first run pays one-off library loading: dropped
@@ -148,22 +157,21 @@ def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str,
         kernel(m)
         sync()
         times.append(clock() - start)
-    return statistics.median(times[1:]) / d ** 3
+    return statistics.median(times[1:]) / d**3
 
 
-def refresh_seconds(block) -> float:
+def refresh_seconds(block: KFACBlock) -> float:
     """Predicted seconds of one decomposition of this layer (dense sides only: ``rate * d^3``)."""
     method = _method(block)
     device = str(block.kind.module.weight.device)
-    cubes = sum(s.groups * s.dim ** 3 for s in (block.a_structure, block.g_structure)
-                if s.has_basis)
+    cubes = sum(s.groups * s.dim**3 for s in (block.a_structure, block.g_structure) if s.has_basis)
     if cubes == 0:
         return 0.0
     # cached per kernel: methods that run the same one (eigen, EKFAC) share one calibration
     return _seconds_per_cube(method.decompose_side, device, block.dtype) * cubes
 
 
-def describe_side(structure, reason: str) -> Tuple[str, str]:
+def describe_side(structure: FactorStructure, reason: str) -> tuple[str, str]:
     """``("64x64", "dense")`` / ``("32000", "diagonal (> max_dense_dim)")`` for the summary; a
     grouped side reads ``"8 x 9x9"`` (one factor per group)."""
     d = structure.dim
