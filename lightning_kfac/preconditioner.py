@@ -35,6 +35,7 @@ from lightning_kfac.core.ekfac import EKFACScaling
 from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
+from lightning_kfac.core.linalg import all_finite
 from lightning_kfac.core.methods import Decomposition
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
@@ -492,7 +493,7 @@ class KFACPreconditioner:
             f = FACTOR_FLAGS * i
             a_hat, g_hat = block.batch_estimates()
             seen = block.has_estimates()
-            finite = seen and linalg.all_finite(a_hat, g_hat)
+            finite = seen and all_finite(a_hat, g_hat)
             if seen and not finite:
                 a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
             flags[f], flags[f + 1] = float(seen), float(seen and not finite)
@@ -641,7 +642,7 @@ class KFACPreconditioner:
         finite = [math.isfinite(row[2]) or bool(torch.isfinite(p).all())
                   for (_, _, p, _), row in zip(work, sums)]
         vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
-        for (block, grad, pre, lr), ok, (vg, _, _) in zip(work, finite, sums):
+        for (_, grad, pre, lr), ok, (vg, _, _) in zip(work, finite, sums):
             if ok:
                 if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
                     vg = float((pre.double() * grad.double()).sum())
