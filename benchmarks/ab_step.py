@@ -10,10 +10,9 @@ steps, decompositions every 100). A subprocess times ``--steps`` K-FAC steps aft
 steps, and a plain SGD step of the same model, with the CPU-time clock of its thread
 (``time.thread_time``: other processes on a shared machine do not count). Rounds alternate the
 trees, so drift in the machine's speed hits both alike. SGD with lr 1e-3 and momentum 0.9 as
-in ``step_overhead``: with lr 1e-2 the fixed batch is memorized within a few steps, the softmax
-gradients turn subnormal and float32 arithmetic on them gets 3-10x slower on x86 (eigen steps
-of 53 to 610 ms in one run; 53-56 ms with ``torch.set_flush_denormal(True)``), which buries any
-difference between the trees. Printed: per variant, the median over
+in ``step_overhead``. Read the median step: K-FAC fits the fixed batch within about 15 steps,
+after which many per-example output-gradient rows are subnormal floats and the low-rank path's
+products on them get up to 50x slower on x86 (docs/cnn_cost.md), which swamps the means. Printed: per variant, the median over
 rounds of (mean engine ms per step, the median step's engine ms: a preconditioning-only step
 under these clocks, mean whole step / plain SGD step). A tree is a directory holding a
 ``lightning_kfac`` package (e.g. ``git archive <commit> lightning_kfac | tar -x -C <dir>``).
