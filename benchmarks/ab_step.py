@@ -5,14 +5,16 @@
 
 Each round runs, for every (method, low_rank, tree), one fresh subprocess with that tree first on
 ``PYTHONPATH`` (so it imports that tree's ``lightning_kfac``), one torch thread, on the
-step-overhead MLP 784-1000-500-250-10 at batch 128 (``--sizes``, ``--batch``) with the default clocks (factors every 10
+step-overhead MLP 784-1000-500-250-10 at batch 128 (``--sizes``, ``--batch``) with the default
+clocks (factors every 10
 steps, decompositions every 100). A subprocess times ``--steps`` K-FAC steps after three warm-up
 steps, and a plain SGD step of the same model, with the CPU-time clock of its thread
 (``time.thread_time``: other processes on a shared machine do not count). Rounds alternate the
 trees, so drift in the machine's speed hits both alike. SGD with lr 1e-3 and momentum 0.9 as
 in ``step_overhead``. Read the median step: K-FAC fits the fixed batch within about 15 steps,
 after which many per-example output-gradient rows are subnormal floats and the low-rank path's
-products on them get up to 50x slower on x86 (docs/cnn_cost.md), which swamps the means. Printed: per variant, the median over
+products on them get up to 50x slower on x86 (docs/cnn_cost.md), which swamps the means.
+Printed: per variant, the median over
 rounds of (mean engine ms per step, the median step's engine ms: a preconditioning-only step
 under these clocks, mean whole step / plain SGD step). A tree is a directory holding a
 ``lightning_kfac`` package (e.g. ``git archive <commit> lightning_kfac | tar -x -C <dir>``).
@@ -60,7 +62,8 @@ pre.set_step(100)  # the timed window starts at a decomposition step
 kfac = [step(True) for _ in range(steps)]
 pre.remove()
 plain = [step(False)[0] for _ in range(steps)]
-print(json.dumps({"step": sum(k[0] for k in kfac) / steps, "engine": sum(k[1] for k in kfac) / steps,
+print(json.dumps({"step": sum(k[0] for k in kfac) / steps,
+                  "engine": sum(k[1] for k in kfac) / steps,
                   "engine_median": sorted(k[1] for k in kfac)[steps // 2],
                   "plain": sorted(plain)[len(plain) // 2],
                   "low_rank_steps": pre.counters.get("low_rank_steps", 0)}))
@@ -71,7 +74,8 @@ def _run_child(tree: str, method: str, low_rank: bool, steps: int, sizes: str,
                batch: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", _CHILD, method, "1" if low_rank else "0",
-                          str(steps), sizes, str(batch)], env=env, capture_output=True, text=True, check=True,
+                          str(steps), sizes, str(batch)], env=env, capture_output=True,
+                         text=True, check=True,
                          cwd=os.path.abspath(tree))
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
