@@ -26,6 +26,7 @@ the steps after the batch is fit, and the share of subnormal entries in the kept
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ def subnormal_share(rows: Tensor) -> float:
 
 def synthetic_layer(rows: int, d_a: int, d_g: int, fraction: float,
                     seed: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """``(a_rows, g_rows, eigenbases)`` like a fit ReLU layer's: a ``fraction`` of ``g`` subnormal."""
+    """``(a_rows, g_rows, eigenbases)`` as a fit ReLU layer's; a ``fraction`` of g subnormal."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.relu(torch.randn(rows, d_a - 1, generator=gen))
     a = torch.cat([a, torch.ones(rows, 1)], 1)
@@ -108,7 +109,7 @@ def _mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     sizes = [784, 1000, 500, 250, 10]
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+    for d_in, d_out in itertools.pairwise(sizes):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 
@@ -116,8 +117,12 @@ def _mlp(seed: int) -> nn.Module:
 def _percentiles(ms: list[float]) -> str:
     if not ms:
         return "- | - | -"
-    q = statistics.quantiles(ms, n=10) if len(ms) > 1 else [ms[0]] * 9
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
     return f"{statistics.median(ms):.1f} | {q[8]:.1f} | {max(ms):.1f}"
+
+
+def _no_flush(rows: Tensor) -> Tensor:
+    return rows
 
 
 def long_run(steps: int, methods: list[str], fit_after: int) -> None:
@@ -132,25 +137,26 @@ def long_run(steps: int, methods: list[str], fit_after: int) -> None:
           "| low-rank layer-steps | subnormal share of kept g rows (last step) | final loss |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in methods:
-        runs = {}
+        runs: dict[str, tuple[nn.Module, torch.optim.SGD, KFACPreconditioner, list[float],
+                              list[float]]] = {}
         for v in variants:
             model = _mlp(0)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             runs[v] = (model, opt, KFACPreconditioner(model, compute_method=method,
                                                       low_rank=True), [], [0.0])
         try:
-            for step in range(steps):
+            for _ in range(steps):
                 for v in variants:
                     model, opt, pre, ms, loss_box = runs[v]
-                    lowrank.flush_subnormals = flush if v == "flush" else (lambda r: r)
+                    lowrank.flush_subnormals = flush if v == "flush" else _no_flush
                     ftz = v == "ftz" and torch.set_flush_denormal(True)
                     try:
                         opt.zero_grad()
                         loss = F.cross_entropy(model(x), y)
-                        loss.backward()
+                        loss.backward()  # type: ignore[no-untyped-call]
                         ms.append(_cpu_ms(lambda: pre.step(opt)))
                         opt.step()
-                        loss_box[0] = float(loss)
+                        loss_box[0] = float(loss.detach())
                     finally:
                         if ftz:
                             torch.set_flush_denormal(False)
