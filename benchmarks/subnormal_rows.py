@@ -121,6 +121,34 @@ def _percentiles(ms: list[float]) -> str:
     return f"{statistics.median(ms):.1f} | {q[8]:.1f} | {max(ms):.1f}"
 
 
+class _Copy:
+    """One training copy of the long run: its model, optimizer, engine and measurements."""
+
+    def __init__(self, method: str) -> None:
+        self.model = _mlp(0)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.pre = KFACPreconditioner(self.model, compute_method=method, low_rank=True)
+        self.engine: list[float] = []
+        self.whole: list[float] = []
+        self.loss = self.rows_share = self.grad_share = 0.0
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        start = time.thread_time()
+        self.opt.zero_grad()
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        backward_done = time.thread_time()
+        kept = [r.flatten() for b in self.pre.blocks.values() for r in b.g_rows]
+        self.rows_share = subnormal_share(torch.cat(kept)) if kept else 0.0
+        grads = [p.grad.flatten() for p in self.model.parameters() if p.grad is not None]
+        self.grad_share = subnormal_share(torch.cat(grads))
+        pause = time.thread_time()  # the two shares are not timed
+        self.engine.append(_cpu_ms(lambda: self.pre.step(self.opt)))
+        self.opt.step()
+        self.whole.append(1e3 * (time.thread_time() - pause + backward_done - start))
+        self.loss = float(loss.detach())
+
+
 def _no_flush(rows: Tensor) -> Tensor:
     return rows
 
@@ -132,43 +160,32 @@ def long_run(steps: int, methods: list[str], fit_after: int) -> None:
     flush = lowrank.flush_subnormals
     variants = ["raw", "flush", "ftz"]
     print(f"MLP 784-1000-500-250-10, batch 128 (one fixed batch), {steps} steps, 1 thread, "
-          f"engine thread CPU ms per step (pre.step only); 'fit' = steps {fit_after}..{steps - 1}")
-    print("| method | variant | median | p90 | max | fit: median | fit: p90 | fit: max "
-          "| low-rank layer-steps | subnormal share of kept g rows (last step) | final loss |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"thread CPU ms per step; engine = pre.step only; 'fit' = steps {fit_after}..{steps - 1}")
+    print("| method | variant | engine median | p90 | max | fit: engine median | p90 | max "
+          "| fit: whole step median | low-rank layer-steps | subnormal share, kept g rows / "
+          "weight gradients (last step) | final loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in methods:
-        runs: dict[str, tuple[nn.Module, torch.optim.SGD, KFACPreconditioner, list[float],
-                              list[float]]] = {}
-        for v in variants:
-            model = _mlp(0)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            runs[v] = (model, opt, KFACPreconditioner(model, compute_method=method,
-                                                      low_rank=True), [], [0.0])
+        copies = {v: _Copy(method) for v in variants}
         try:
             for _ in range(steps):
-                for v in variants:
-                    model, opt, pre, ms, loss_box = runs[v]
+                for v, copy in copies.items():
                     lowrank.flush_subnormals = flush if v == "flush" else _no_flush
                     ftz = v == "ftz" and torch.set_flush_denormal(True)
                     try:
-                        opt.zero_grad()
-                        loss = F.cross_entropy(model(x), y)
-                        loss.backward()  # type: ignore[no-untyped-call]
-                        ms.append(_cpu_ms(lambda: pre.step(opt)))
-                        opt.step()
-                        loss_box[0] = float(loss.detach())
+                        copy.step(x, y)
                     finally:
                         if ftz:
                             torch.set_flush_denormal(False)
         finally:
             lowrank.flush_subnormals = flush
-        for v in variants:
-            model, opt, pre, ms, loss_box = runs[v]
-            kept = [r for b in pre.blocks.values() for r in b.g_rows]
-            share = subnormal_share(torch.cat([r.flatten() for r in kept])) if kept else 0.0
-            print(f"| {method} | {v} | {_percentiles(ms)} | {_percentiles(ms[fit_after:])} | "
-                  f"{pre.counters.get('low_rank_steps', 0)} | {share:.1%} | {loss_box[0]:.2e} |")
-            pre.remove()
+        for v, c in copies.items():
+            print(f"| {method} | {v} | {_percentiles(c.engine)} | "
+                  f"{_percentiles(c.engine[fit_after:])} | "
+                  f"{statistics.median(c.whole[fit_after:] or c.whole):.1f} | "
+                  f"{c.pre.counters.get('low_rank_steps', 0)} | {c.rows_share:.1%} / "
+                  f"{c.grad_share:.1%} | {c.loss:.2e} |")
+            c.pre.remove()
 
 
 def main(argv: list[str] | None = None) -> None:
