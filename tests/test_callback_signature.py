@@ -17,7 +17,7 @@ import pytest
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_kfac import KFACConfig
-from lightning_kfac.callback import CALLBACK_ONLY_OPTIONS, KFACCallback
+from lightning_kfac.integrations.lightning.callback import CALLBACK_ONLY_OPTIONS, KFACCallback
 
 FIELDS = {f.name: f for f in dataclasses.fields(KFACConfig)}
 CONFIG_HINTS = typing.get_type_hints(KFACConfig)
@@ -60,7 +60,7 @@ def test_every_kfacconfig_option_is_a_typed_keyword_with_its_default():
     missing = [name for name in FIELDS if name not in PARAMS]
     assert not missing, (
         "KFACConfig has options that KFACCallback.__init__ does not list; add these keyword-only "
-        "parameters to its signature (lightning_kfac/callback.py), before `prog_bar`:\n    "
+        "parameters to its signature (lightning_kfac/integrations/lightning/callback.py), before `prog_bar`:\n    "
         + "\n    ".join(suggested_line(name) for name in missing))
     extra = [name for name, p in PARAMS.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
              and name not in FIELDS and name not in CALLBACK_ONLY_OPTIONS]
@@ -79,7 +79,7 @@ def test_every_kfacconfig_option_is_a_typed_keyword_with_its_default():
 
 def test_the_suggested_line_is_valid_python_for_the_right_annotation_and_default():
     """What the failure message tells to add evaluates to the expected annotation and default."""
-    import lightning_kfac.callback as module
+    import lightning_kfac.integrations.lightning.callback as module
 
     for name in FIELDS:
         text, default = suggested_line(name).rstrip(",").split(": ", 1)[1].split(" = ")
@@ -127,7 +127,7 @@ def test_lightning_package_class_is_both_packages_callback():
     lightning_pytorch = pytest.importorskip("lightning.pytorch")
     import pytorch_lightning as pl
 
-    from lightning_kfac.lightning import KFACCallback as UnifiedKFACCallback
+    from lightning_kfac.integrations.lightning.unified import KFACCallback as UnifiedKFACCallback
 
     callback = UnifiedKFACCallback(damping=2e-2)
     assert isinstance(callback, lightning_pytorch.Callback) and isinstance(callback, pl.Callback)

@@ -25,7 +25,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lightning_kfac.callback import KFACCallback, check_strategy
+from lightning_kfac.integrations.lightning.callback import KFACCallback, check_strategy
 from tests.test_callback_support import MLP, make_dataset, make_trainer
 from tests.helpers.compare import nested_equal
 

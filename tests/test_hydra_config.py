@@ -1,4 +1,4 @@
-"""The Hydra config tree (conf/) and the structured K-FAC schema (lightning_kfac/hydra.py).
+"""The Hydra config tree (conf/) and the structured K-FAC schema (lightning_kfac/integrations/hydra.py).
 
 Every option of every group is composed with ``initialize_config_dir`` + ``compose`` (no argv, no
 chdir) and instantiated; the typo / wrong-type / out-of-range errors name the offending key.
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from examples.data import load_digits_tensors
 from examples.train import CONF_DIR, build_kfac_callback  # registers the schema
 from lightning_kfac import KFACConfig
-from lightning_kfac.hydra import KFACSchema
+from lightning_kfac.integrations.hydra import KFACSchema
 
 GROUPS = ("data", "model", "optimizer", "kfac", "trainer", "experiment")
 
@@ -205,7 +205,7 @@ def test_only_lightning_kfac_hydra_imports_hydra():
     package = ROOT / "lightning_kfac"
     importers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                        if re.search(r"^\s*(import hydra|from hydra\b)", p.read_text(), re.M))
-    assert importers == ["hydra.py"]
+    assert importers == ["integrations/hydra.py"]
     code = ("import sys, lightning_kfac; lightning_kfac.KFACConfig(); "
             "print(sorted(m for m in sys.modules if m == 'hydra' or m.startswith('hydra.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

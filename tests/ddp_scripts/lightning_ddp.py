@@ -20,7 +20,7 @@ from tests.test_callback_support import MLP, make_dataset, make_trainer  # noqa:
 from tests.test_distributed_lightning import (BATCH, N, OPTIONS, RankDump,  # noqa: E402
                                               rank_loader)
 
-from lightning_kfac.callback import KFACCallback  # noqa: E402
+from lightning_kfac.integrations.lightning.callback import KFACCallback  # noqa: E402
 
 
 def main(out_dir: str, steps: int, nodes: int = 1) -> None:

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_kfac.callback import check_strategy
+from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac import KFACCallback
 from lightning_kfac.summary import predicted_memory_bytes
 from tests.reliability.test_memory import held_bytes

@@ -1,4 +1,10 @@
-"""Adaptive damping in Lightning: re-evaluate the training loss on the same batch after a step.
+"""Re-run ``training_step`` on the step's batch: the loss after the step, and step-rule closures.
+
+Two users in ``KFACCallback``: adaptive damping (the loss after the update, below) and
+``step_rule="quadratic"`` (:func:`lightning_closure`, which re-runs ``training_step`` for the
+exact curvature products of ``step_rule.py``; logging silenced the same way).
+
+Adaptive damping in Lightning: re-evaluate the training loss on the same batch after a step.
 
 The Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5; ``core/damping.py``) needs the
 loss before and after the update on the batch that produced the gradient. ``KFACCallback`` calls
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +50,7 @@ def step_loss(output: Any) -> float:
 
 
 @contextlib.contextmanager
-def silenced_logging(module: nn.Module):
+def silenced_logging(module: nn.Module) -> Iterator[nn.Module]:
     """``module.log`` / ``module.log_dict`` do nothing inside (a re-run logs no duplicates)."""
     shadowed = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
     module.log = _silent
@@ -84,3 +90,13 @@ def adapt_damping(pre: Any, trainer: Any, module: nn.Module, outputs: Any, batch
         return pre.update_damping(before, before)
     context = trainer.precision_plugin.train_step_context()
     return pre.update_damping(before, lambda: training_loss(module, batch, batch_idx, context))
+
+
+def lightning_closure(module: nn.Module, batch: Any, batch_idx: int) -> Callable[[], Any]:
+    """A closure that re-runs ``module.training_step(batch, batch_idx)`` with logging silenced."""
+
+    def closure() -> Any:
+        with silenced_logging(module):
+            return module.training_step(batch, batch_idx)
+
+    return closure
