@@ -31,7 +31,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lightning_kfac.integrations.hydra import register_configs  # noqa: E402
 
-register_configs()  # the kfac_schema node that conf/kfac/*.yaml extend
+register_configs()  # the kfac_schema node that conf/kfac/default.yaml extends (the presets extend default)
 CONF_DIR = ROOT / "conf"
 
 
