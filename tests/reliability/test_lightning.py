@@ -28,7 +28,7 @@ from lightning_kfac import KFACCallback
 from lightning_kfac.summary import predicted_memory_bytes
 from tests.reliability.test_memory import held_bytes
 from tests.reliability.test_resume import mismatches
-from tests.test_callback_support import (MLP, Recorder, count_hooks, loader, make_dataset,
+from tests.support.lightning import (MLP, Recorder, count_hooks, loader, make_dataset,
                                          make_trainer)
 
 pytestmark = [pytest.mark.reliability,

@@ -521,8 +521,9 @@ _TIME_KEYS = ("time_ms", "time_factors_ms", "time_decompose_ms", "time_precondit
 # -- the typed signature ---------------------------------------------------------------------------
 #: Keywords of ``KFACCallback.__init__`` that are the callback's own, not ``KFACConfig`` options.
 CALLBACK_ONLY_OPTIONS = ("prog_bar",)
-#: The ``KFACConfig`` options of the signature and their defaults (tests/test_callback_signature.py
-#: checks that they mirror ``KFACConfig``'s fields, types and defaults).
+#: The ``KFACConfig`` options of the signature and their defaults
+#: (tests/integrations/lightning/test_callback_signature.py checks that they mirror
+#: ``KFACConfig``'s fields, types and defaults).
 _OPTION_DEFAULTS = {name: param.default for name, param
                     in inspect.signature(KFACCallback.__init__).parameters.items()
                     if param.kind is inspect.Parameter.KEYWORD_ONLY

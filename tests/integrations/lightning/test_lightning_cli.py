@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (dev extra)")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "tests" / "cli_scripts" / "boring_cli.py"
 PACKAGES = {"pytorch_lightning": "lightning_kfac.KFACCallback",
             "lightning": "lightning_kfac.integrations.lightning.unified.KFACCallback"}
