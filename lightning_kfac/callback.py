@@ -4,6 +4,10 @@ Kept so that code importing the old module path (``from lightning_kfac.callback 
 KFACCallback``) keeps working; new code imports ``lightning_kfac.KFACCallback``.
 """
 
-from lightning_kfac.integrations.lightning.callback import *  # noqa: F401,F403
-from lightning_kfac.integrations.lightning.callback import (  # noqa: F401
-    CALLBACK_ONLY_OPTIONS, KFACCallback, check_strategy)
+from lightning_kfac.integrations.lightning.callback import (
+    CALLBACK_ONLY_OPTIONS,
+    KFACCallback,
+    check_strategy,
+)
+
+__all__ = ["CALLBACK_ONLY_OPTIONS", "KFACCallback", "check_strategy"]

@@ -4,4 +4,12 @@ Kept so that code importing the old module path (``from lightning_kfac.hydra imp
 register_configs``) keeps working.
 """
 
-from lightning_kfac.integrations.hydra import *  # noqa: F401,F403
+from lightning_kfac.integrations.hydra import (
+    CALLBACK_TARGET,
+    SCHEMA_GROUP,
+    SCHEMA_NAME,
+    KFACSchema,
+    register_configs,
+)
+
+__all__ = ["CALLBACK_TARGET", "SCHEMA_GROUP", "SCHEMA_NAME", "KFACSchema", "register_configs"]

@@ -5,6 +5,6 @@ Kept so that the old class path ``lightning_kfac.lightning.KFACCallback`` (e.g. 
 ``LightningCLI`` config) keeps working. Importing it imports ``lightning`` and ``pytorch_lightning``.
 """
 
-from lightning_kfac.integrations.lightning.unified import KFACCallback  # noqa: F401
+from lightning_kfac.integrations.lightning.unified import KFACCallback
 
 __all__ = ["KFACCallback"]

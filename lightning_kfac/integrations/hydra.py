@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -49,28 +50,29 @@ def _schema_type(hint: Any) -> Any:
     if hint in _SUPPORTED:
         return hint
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union and type(None) in args and len(args) == 2:
+    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
         inner = _schema_type(next(a for a in args if a is not type(None)))
-        return Optional[inner] if inner is not Any else Any
-    if origin in (list, List) and len(args) == 1:
-        return List[_schema_type(args[0])]
-    if origin in (dict, Dict) and len(args) == 2 and args[0] is str:
-        return Dict[str, _schema_type(args[1])]
+        return Optional[inner] if inner is not Any else Any  # noqa: UP045 (OmegaConf's spelling)
+    if origin is list and len(args) == 1:
+        return types.GenericAlias(list, (_schema_type(args[0]),))  # list[element]
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return types.GenericAlias(dict, (str, _schema_type(args[1])))  # dict[str, value]
     return Any
 
 
-def _schema_field(field: dataclasses.Field) -> dataclasses.Field:
+def _schema_field(field: dataclasses.Field[Any]) -> dataclasses.Field[Any]:
     if field.default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=field.default_factory)
     default = field.default
     if isinstance(default, enum.Enum):
         default = default.value
-    return dataclasses.field(default=default)
+    schema_field: dataclasses.Field[Any] = dataclasses.field(default=default)
+    return schema_field
 
 
 def _build_schema() -> type:
     hints = typing.get_type_hints(KFACConfig)
-    fields: List[tuple] = [
+    fields: list[tuple[str, Any, Any]] = [  # (name, type, dataclasses.field)
         ("_target_", str, dataclasses.field(default=CALLBACK_TARGET)),
         ("_convert_", str, dataclasses.field(default="all")),
     ]
@@ -85,9 +87,9 @@ def _build_schema() -> type:
 KFACSchema = _build_schema()
 
 
-def register_configs(store: Optional[ConfigStore] = None) -> None:
+def register_configs(store: ConfigStore | None = None) -> None:
     """Store :data:`KFACSchema` as ``kfac_schema`` in Hydra's ConfigStore (idempotent)."""
     (store or ConfigStore.instance()).store(group=SCHEMA_GROUP, name=SCHEMA_NAME, node=KFACSchema)
 
 
-__all__ = ["KFACSchema", "register_configs", "SCHEMA_GROUP", "SCHEMA_NAME", "CALLBACK_TARGET"]
+__all__ = ["CALLBACK_TARGET", "SCHEMA_GROUP", "SCHEMA_NAME", "KFACSchema", "register_configs"]

@@ -18,8 +18,13 @@ from pathlib import Path
 import torch
 
 from lightning_kfac.integrations.lightning.callback import KFACCallback
-from tests.integrations.lightning.test_distributed_lightning import (BATCH, N, OPTIONS, RankDump,
-                                                                     rank_loader)
+from tests.integrations.lightning.test_distributed_lightning import (
+    BATCH,
+    OPTIONS,
+    N,
+    RankDump,
+    rank_loader,
+)
 from tests.support.lightning import MLP, make_dataset, make_trainer
 
 

@@ -54,26 +54,34 @@ import inspect
 import math
 import re
 import time
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
-
-import torch
-from torch import Tensor
-from typing_extensions import override
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import (  # type: ignore[attr-defined]
+    MisconfigurationException,  # re-exported from lightning_fabric without __all__
+)
+from torch import Tensor
+from typing_extensions import override
 
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.budget import MemoryBudgetError
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.integrations.lightning import cli_errors
-from lightning_kfac.integrations.lightning.diagnostics_callback import DiagnosticsRecorder
-from lightning_kfac.integrations.lightning.training_step_rerun import adapt_damping, lightning_closure
+from lightning_kfac.integrations.lightning.diagnostics_callback import (
+    DiagnosticsRecorder,
+)
+from lightning_kfac.integrations.lightning.training_step_rerun import (
+    adapt_damping,
+    lightning_closure,
+)
 from lightning_kfac.preconditioner import KFACPreconditioner
-from lightning_kfac.step_rule import STATS as STEP_RULE_STATS, trainer_refusal
+from lightning_kfac.step_rule import STATS as STEP_RULE_STATS
+from lightning_kfac.step_rule import trainer_refusal
 
 # Matched by class name along the MRO, so that the same classes of the unified ``lightning``
 # package (``lightning.pytorch.strategies``) are refused too.
@@ -124,20 +132,20 @@ class KFACCallback(Callback):
 
     def __init__(
         self,
-        config: Union[Dict[str, Any], KFACConfig, None] = None,
+        config: dict[str, Any] | KFACConfig | None = None,
         *,
         damping: float = 1e-3,
         factor_update_steps: int = 10,
         inv_update_steps: int = 100,
         factor_decay: float = 0.95,
-        kl_clip: Optional[float] = 1e-3,
+        kl_clip: float | None = 1e-3,
         compute_method: Literal["eigen", "inverse", "ekfac"] = "eigen",
         fisher_type: Literal["empirical", "mc"] = "empirical",
         likelihood: Literal["categorical", "bernoulli", "gaussian"] = "categorical",
-        output_module: Optional[str] = None,
+        output_module: str | None = None,
         mc_samples: int = 1,
         gaussian_variance: float = 1.0,
-        skip_layers: Optional[List[str]] = None,
+        skip_layers: list[str] | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         output_reduction: Literal["mean", "sum"] = "mean",
         damping_mode: Literal["absolute", "relative"] = "absolute",
@@ -148,18 +156,18 @@ class KFACCallback(Callback):
         damping_step_size: int = 1000,
         adaptive_damping: bool = False,
         adaptive_damping_interval: int = 5,
-        adaptive_damping_factor: Optional[float] = None,
+        adaptive_damping_factor: float | None = None,
         min_damping: float = 0.0,
-        max_damping: Optional[float] = None,
-        layer_overrides: Optional[List[Dict[str, Any]]] = None,
+        max_damping: float | None = None,
+        layer_overrides: list[dict[str, Any]] | None = None,
         nonfinite: Literal["skip", "raise"] = "skip",
         max_decomposition_failures: int = 3,
         distribute: Literal["replicate", "decompositions", "gradients"] = "gradients",
         low_rank: bool = True,
-        diagnostics_every_n_steps: Optional[int] = None,
+        diagnostics_every_n_steps: int | None = None,
         step_rule: Literal["optimizer", "quadratic"] = "optimizer",
         max_dense_dim: int = 2048,
-        memory_budget_gib: Optional[float] = 2.0,
+        memory_budget_gib: float | None = 2.0,
         stagger_refresh: bool = False,
         prog_bar: bool = False,
         **options: Any,
@@ -173,19 +181,19 @@ class KFACCallback(Callback):
             raise MisconfigurationException(str(err)) from None
         self.prog_bar = bool(prog_bar)
         self._state_key = self._generate_state_key(**self.config.to_dict())
-        self.preconditioner: Optional[KFACPreconditioner] = None
-        self._pending_state: Optional[Dict[str, Any]] = None
-        self._stage: Optional[str] = None  # the Trainer entry point running ("fit", "validate"...)
-        self._fit_module: Optional[pl.LightningModule] = None
+        self.preconditioner: KFACPreconditioner | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._stage: str | None = None  # the Trainer entry point running ("fit", "validate"...)
+        self._fit_module: pl.LightningModule | None = None
         self._active = False
         self._clock = 0
         self._stepped = False
-        self._batch_stats: Dict[str, float] = {}
-        self._batch_start: Optional[float] = None  # kfac/overhead_share: the step's wall time
+        self._batch_stats: dict[str, float] = {}
+        self._batch_start: float | None = None  # kfac/overhead_share: the step's wall time
         self._step_ms = 0.0
-        self._interval_ms: Dict[str, float] = {}  # time sums since the last write (amortized)
-        self._diagnostics: Optional[DiagnosticsRecorder] = None  # diagnostics_every_n_steps
-        self._batch: Optional[Tuple[Any, int]] = None  # step_rule="quadratic": the batch to re-run
+        self._interval_ms: dict[str, float] = {}  # time sums since the last write (amortized)
+        self._diagnostics: DiagnosticsRecorder | None = None  # diagnostics_every_n_steps
+        self._batch: tuple[Any, int] | None = None  # step_rule="quadratic": the batch to re-run
 
     # -- identity and state -------------------------------------------------------------------------
     @property
@@ -195,7 +203,7 @@ class KFACCallback(Callback):
         return self._state_key
 
     @override
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The preconditioner's state (factors, decompositions in use, clock, counters, config).
 
         Never empty (Lightning does not save an empty state): without a preconditioner yet, the
@@ -211,7 +219,7 @@ class KFACCallback(Callback):
         return state
 
     @override
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Stash the state: Lightning calls this before ``on_fit_start`` (no hooks yet).
 
         Lightning calls it for every entry point given a ``ckpt_path``; only ``fit`` restores
@@ -225,8 +233,8 @@ class KFACCallback(Callback):
             self._apply_pending_state()
 
     @override
-    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                           checkpoint: Dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         """Adopt the K-FAC state of a checkpoint saved with other options, with a warning.
 
         The state key encodes the options, so after changing e.g. ``damping`` the key no longer
@@ -237,7 +245,7 @@ class KFACCallback(Callback):
         if self.state_key in states or getattr(trainer.state.fn, "value", None) != "fit":
             return
         prefix = type(self).__qualname__ + "{"
-        claimed = {cb.state_key for cb in trainer.callbacks}
+        claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
         others = [k for k in states if isinstance(k, str) and k.startswith(prefix)
                   and k not in claimed]
         if len(others) == 1 and states[others[0]]:
@@ -253,12 +261,12 @@ class KFACCallback(Callback):
 
     # -- fit lifecycle ---------------------------------------------------------------------------------
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remember the entry point: Lightning restores checkpoint state after ``setup``."""
         self._stage = str(getattr(stage, "value", stage))  # a TrainerFn ("fit", "validate"...)
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_strategy(trainer.strategy)
         for optimizer in trainer.optimizers:  # closure-based ones (LBFGS): core/optim_check.py
             try:
@@ -319,17 +327,17 @@ class KFACCallback(Callback):
                 "unless they run in train mode. Call model.train() before fit.")
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
     @override
-    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._pending_state = None  # applied at on_fit_start, or not meant for a fit
         self._stage = None
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         """Undo the K-FAC step of an optimizer step that never ran, then remove the hooks.
 
@@ -345,7 +353,7 @@ class KFACCallback(Callback):
 
     # -- clocks and scales -----------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         pre = self._live()
         if pre is None:
@@ -359,7 +367,7 @@ class KFACCallback(Callback):
             self._diagnostics.start(self._clock)
 
     @override
-    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: Tensor) -> None:
         pre = self._live()
         if pre is None:
@@ -377,7 +385,7 @@ class KFACCallback(Callback):
 
     # -- preconditioning -------------------------------------------------------------------------------
     @override
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         pre = self._live()
         if pre is None:
@@ -421,7 +429,7 @@ class KFACCallback(Callback):
                 merged[f"kfac/{key}"] = float(stats[key])
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         pre = self._live()
         if pre is not None:
@@ -434,7 +442,7 @@ class KFACCallback(Callback):
             self._diagnostics.end(trainer)
         if pre is not None and pre.adaptation_pending:  # adaptive_damping (training_step_rerun.py)
             rho = adapt_damping(pre, trainer, pl_module, outputs, batch, batch_idx)
-            if self._batch_stats:
+            if self._batch_stats and rho is not None:
                 self._batch_stats["kfac/rho"] = float(rho)
         stats, self._batch_stats = self._batch_stats, {}
         if pre is not None and self._batch_start is not None:  # the training step's wall time
@@ -448,7 +456,7 @@ class KFACCallback(Callback):
             interval["steps"] = interval.get("steps", 0.0) + 1.0
         # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small model's step)
         if not stats or not (trainer.loggers or self.prog_bar) \
-                or trainer.global_step % trainer.log_every_n_steps:
+                or trainer.global_step % trainer.log_every_n_steps:  # type: ignore[attr-defined]
             return
         # Times: means per optimizer step since the last write, so that factor and decomposition
         # refreshes (every N / M steps) are amortized into what is logged, not missed or spiked.
@@ -467,14 +475,14 @@ class KFACCallback(Callback):
                           logger=bool(trainer.loggers))
 
     # -- results ---------------------------------------------------------------------------------------
-    def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Qualified module name -> ``(A, G)`` running factors (detached copies); after fit too."""
         if self.preconditioner is None:
             return {}
         return self.preconditioner.factors()
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _live(self) -> Optional[KFACPreconditioner]:
+    def _live(self) -> KFACPreconditioner | None:
         return self.preconditioner if self._active else None
 
     def _apply_pending_state(self) -> None:
@@ -499,15 +507,16 @@ class KFACCallback(Callback):
             self._diagnostics.remove()
 
 
-def _claimed_layers(trainer: "pl.Trainer", me: KFACCallback) -> set:
+def _claimed_layers(trainer: pl.Trainer, me: KFACCallback) -> set[str]:
     """Layers preconditioned by the other active KFACCallbacks of ``trainer``."""
-    return {name for cb in trainer.callbacks if isinstance(cb, KFACCallback) and cb is not me
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
+    return {name for cb in callbacks if isinstance(cb, KFACCallback) and cb is not me
             and cb._active and cb.preconditioner is not None for name in cb.preconditioner.layers}
 
 
 def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     """True when any gradient of the optimizer's params is inf/NaN (what the GradScaler checks)."""
-    grads: List[Tensor] = [p.grad for group in optimizer.param_groups for p in group["params"]
+    grads: list[Tensor] = [p.grad for group in optimizer.param_groups for p in group["params"]
                            if p.grad is not None]
     if not grads:
         return False
@@ -542,7 +551,7 @@ def _equals_default(value: Any, default: Any) -> bool:
         return isinstance(value, str) and value == default  # enum members are str subclasses
     if type(value) not in (int, float):
         return False
-    return value == default
+    return bool(value == default)
 
 
 def _init_docstring() -> str:

@@ -18,7 +18,9 @@ import importlib.util
 import sys
 from typing import Any
 
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import (  # type: ignore[attr-defined]
+    MisconfigurationException,  # re-exported from lightning_fabric without __all__
+)
 
 
 def instantiate_or_exit(class_type: type, *args: Any, **kwargs: Any) -> Any:

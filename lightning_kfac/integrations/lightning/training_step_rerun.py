@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the annotations only; at runtime the module is used by its attributes
+    import pytorch_lightning as pl
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -53,8 +57,8 @@ def step_loss(output: Any) -> float:
 def silenced_logging(module: nn.Module) -> Iterator[nn.Module]:
     """``module.log`` / ``module.log_dict`` do nothing inside (a re-run logs no duplicates)."""
     shadowed = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
-    module.log = _silent
-    module.log_dict = _silent
+    for name in ("log", "log_dict"):
+        setattr(module, name, _silent)
     try:
         yield module
     finally:
@@ -65,7 +69,7 @@ def silenced_logging(module: nn.Module) -> Iterator[nn.Module]:
                 del module.__dict__[name]
 
 
-def training_loss(module: nn.Module, batch: Any, batch_idx: int, context: Any = None) -> float:
+def training_loss(module: pl.LightningModule, batch: Any, batch_idx: int, context: Any = None) -> float:
     """``module.training_step(batch, batch_idx)``'s loss, with no side effects (see module doc)."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
@@ -80,8 +84,8 @@ def training_loss(module: nn.Module, batch: Any, batch_idx: int, context: Any = 
     return step_loss(output)
 
 
-def adapt_damping(pre: Any, trainer: Any, module: nn.Module, outputs: Any, batch: Any,
-                  batch_idx: int) -> Optional[float]:
+def adapt_damping(pre: Any, trainer: Any, module: pl.LightningModule, outputs: Any, batch: Any,
+                  batch_idx: int) -> float | None:
     """Run the LM update after an adaptation step; rho, or None when none is pending."""
     if not pre.adaptation_pending:
         return None
@@ -92,7 +96,7 @@ def adapt_damping(pre: Any, trainer: Any, module: nn.Module, outputs: Any, batch
     return pre.update_damping(before, lambda: training_loss(module, batch, batch_idx, context))
 
 
-def lightning_closure(module: nn.Module, batch: Any, batch_idx: int) -> Callable[[], Any]:
+def lightning_closure(module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], Any]:
     """A closure that re-runs ``module.training_step(batch, batch_idx)`` with logging silenced."""
 
     def closure() -> Any:

@@ -20,7 +20,9 @@ from lightning.pytorch import Callback as _UnifiedCallback
 from lightning_kfac.integrations.lightning.callback import KFACCallback as _KFACCallback
 
 
-class KFACCallback(_KFACCallback, _UnifiedCallback):
+# mypy sees two unrelated Callback classes whose hooks name different Trainer types; at runtime
+# both packages' Trainers call the hooks by name with their own objects.
+class KFACCallback(_KFACCallback, _UnifiedCallback):  # type: ignore[misc]
     __doc__ = _KFACCallback.__doc__
 
 
