@@ -161,7 +161,7 @@ def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[st
         for _ in range(repeats):
             for mode, transport in variants:
                 pre, blocks, precondition = setups[mode]
-                pre.kaisa.transport = transport
+                pre.distributed.transport = transport
                 times[(mode, transport)][0].append(
                     _time_once(lambda: pre._update_decompositions(blocks)))
                 for _ in range(3):

@@ -185,7 +185,7 @@ def _check_regex_list(name: str, value: Any) -> List[str]:
 
 
 _OVERRIDE_KEYS = {"regex", "damping", "factor_update_steps", "inv_update_steps", "compute_method",
-                  "max_dense_dim"}
+                  "max_dense_dim", "a_structure", "g_structure"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -229,8 +229,9 @@ class KFACConfig:
         min_damping: lower bound (>= 0) for scheduled / adapted damping.
         max_damping: upper bound for scheduled / adapted damping; None means unbounded.
         layer_overrides: ordered list of {regex, damping, factor_update_steps, inv_update_steps,
-            compute_method, max_dense_dim} dicts; ``compute_method: skip`` leaves matching
-            layers out.
+            compute_method, max_dense_dim, a_structure, g_structure} dicts; ``compute_method:
+            skip`` leaves matching layers out; ``a_structure`` / ``g_structure`` pick a registered
+            factor structure ("dense", "diagonal", "isotropic") for that side.
         nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
         max_decomposition_failures: consecutive failed decompositions of one layer before an error.
         distribute: under DDP (world > 1), who does the second-order work (core/kaisa.py;
@@ -416,6 +417,10 @@ class KFACConfig:
             if "max_dense_dim" in entry:
                 entry["max_dense_dim"] = _check_int(f"{name}.max_dense_dim",
                                                     entry["max_dense_dim"], low=0)
+            for key in ("a_structure", "g_structure"):  # names checked against the registry
+                if key in entry and not isinstance(entry[key], str):  # when the block is built
+                    raise _invalid(f"{name}.{key}", entry[key], "must be a factor structure name "
+                                   "('dense', 'diagonal', 'isotropic' or a registered one)")
             if "compute_method" in entry:
                 method = entry["compute_method"]
                 if not (isinstance(method, str) and method.lower() == "skip"):

@@ -51,12 +51,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
+                    Tuple, Union, cast)
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.capture import install_tap, output_grad_scale
 from lightning_kfac.core.layers import make_kind
 from lightning_kfac.core.parametrized import parametrization_reason
 
@@ -67,6 +70,14 @@ _METHODS = ("auto", "dense", "gram", "probe")
 _DENSE_MAX_PARAMS = 1024  # "auto": form the dense block when d_in * d_out <= this
 _GRAM_MAX_FLOPS = 4e9  # "auto": exact (dense or Gram) when it costs at most this many flops
 _PROBE_CHUNK_ELEMENTS = 1 << 24  # bound on the temporaries of one chunk of probes
+
+
+class CapturingLayers(Protocol):
+    """What the diagnostics need of a preconditioner (``KFACPreconditioner`` is one): its
+    blocks, whose ``capturing`` switch is turned off during the diagnostic pass."""
+
+    @property
+    def layers(self) -> Mapping[str, KFACBlock]: ...
 
 
 @dataclass
@@ -139,7 +150,7 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
             kind = None  # never evaluate a parametrization (core/parametrized.py)
         plain = kind is not None and kind.groups == 1 and (  # one 2-D W~, unmasked rows
             getattr(module, "padding_idx", None) is None or not kind.diagonal_a)
-        if plain and kind.weight.requires_grad:
+        if plain and kind is not None and kind.weight.requires_grad:
             out[name] = module
     if layers is not None and len(out) != len(names):
         bad = [n for n in names if n not in out]
@@ -150,7 +161,7 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
 def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
                 loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
                 loss_reduction: str = "mean", dtype: torch.dtype = torch.float64,
-                preconditioner: Any = None) -> Dict[str, LayerRows]:
+                preconditioner: Optional[CapturingLayers] = None) -> Dict[str, LayerRows]:
     """Per-example ``a`` and ``g`` rows of every Linear/Conv layer for one batch.
 
     Runs ``loss = loss_fn(model(inputs))`` (``model(*inputs)`` for a tuple/list) with forward
@@ -175,40 +186,21 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     """
     _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
     covered = _covered_modules(model, layers)
-    a_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
-    g_store: Dict[str, List[Tensor]] = {n: [] for n in covered}
-    n_store: Dict[str, List[int]] = {n: [] for n in covered}
-    handles = []
+    recorders = {name: _RowRecorder(make_kind(module)[0], dtype) for name, module in covered.items()}
+    handles = [install_tap(covered[name], recorder.kind, recorder)
+               for name, recorder in recorders.items()]
     paused = []
     if preconditioner is not None:
         for block in preconditioner.layers.values():
             paused.append((block, block.capturing))
             block.capturing = False
-
-    for name, module in covered.items():
-        kind, _ = make_kind(module)
-
-        def forward_hook(mod, args, output, name=name, kind=kind):
-            rows, _ = kind.input_rows(args[0].detach())
-            a_store[name].append(rows.to(dtype))
-            if output.requires_grad:
-                slot = len(a_store[name]) - 1
-
-                def tensor_hook(grad, name=name, slot=slot, kind=kind):
-                    g_rows, _, examples = kind.grad_rows(grad.detach())
-                    g_store[name].append((slot, g_rows.to(dtype)))
-                    n_store[name].append((slot, examples))
-
-                output.register_hook(tensor_hook)
-
-        handles.append(module.register_forward_hook(forward_hook))
     try:
         with torch.enable_grad():
             output = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
             loss = loss_fn(output)
             if not (isinstance(loss, Tensor) and loss.dim() == 0):
                 raise ValueError(f"Invalid loss_fn: must return a scalar tensor, got {loss!r}.")
-            weights = [m.weight for n, m in covered.items() if a_store[n]]
+            weights = [cast(Tensor, m.weight) for n, m in covered.items() if recorders[n].a]
             if weights:
                 torch.autograd.grad(loss, weights, allow_unused=True)
     finally:
@@ -218,22 +210,45 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
             block.capturing = capturing
 
     result = {}
-    for name in covered:
-        if not a_store[name] or not g_store[name]:
+    for name, recorder in recorders.items():
+        if not recorder.a or not recorder.g:
             continue
-        g_by_slot = dict(g_store[name])
-        n_by_slot = dict(n_store[name])
-        slots = sorted(g_by_slot)
-        examples = sum(n_by_slot[s] for s in slots)
+        slots = sorted(recorder.g)
+        examples = sum(recorder.g[s][1] for s in slots)
         # per call, as the engine: a mean loss over N examples gives each call's rows grad / N
-        a = torch.cat([a_store[name][s] for s in slots])
-        g = torch.cat([g_by_slot[s] * (float(n_by_slot[s]) if loss_reduction == "mean" else 1.0)
-                       for s in slots])
+        mean = loss_reduction == "mean"
+        a = torch.cat([recorder.a[s] for s in slots])
+        g = torch.cat([g_rows * output_grad_scale(n, mean_reduction=mean)
+                       for g_rows, n in (recorder.g[s] for s in slots)])
         result[name] = LayerRows(a=a, g=g, num_examples=examples)
     return result
 
 
-def _factors(a: Tensor, g: Tensor, B: int):
+class _RowRecorder:
+    """A capture tap (core/capture.py) keeping every forward's raw rows of one layer: ``a`` by
+    call, and ``(g rows, examples)`` by the call whose output gradient arrived."""
+
+    def __init__(self, kind: Any, dtype: torch.dtype):
+        self.kind = kind
+        self.dtype = dtype
+        self.a: List[Tensor] = []
+        self.g: Dict[int, Tuple[Tensor, int]] = {}
+
+    def wants(self, module: nn.Module) -> bool:
+        return True  # the model's train/eval mode is used as is
+
+    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
+                   output: Tensor) -> Callable[[Tensor], None]:
+        self.a.append(rows.to(self.dtype))
+        slot = len(self.a) - 1
+
+        def grad_hook(grad: Tensor) -> None:
+            g_rows, _, examples = self.kind.grad_rows(grad.detach())
+            self.g[slot] = (g_rows.to(self.dtype), examples)
+        return grad_hook
+
+
+def _factors(a: Tensor, g: Tensor, B: int) -> Tuple[Tensor, Tensor]:
     return a.T @ a / B, g.T @ g / g.shape[0]
 
 
@@ -243,7 +258,7 @@ def _per_example_grads(a: Tensor, g: Tensor, B: int) -> Tensor:
     return torch.einsum("bto,bti->boi", g.reshape(B, T, -1), a.reshape(B, T, -1))
 
 
-def _dense(a: Tensor, g: Tensor, B: int):
+def _dense(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
     A, G = _factors(a, g, B)
     J = _per_example_grads(a, g, B)
     vecJ = J.transpose(1, 2).reshape(B, -1)  # column-stacking vec: vec(g a^T) = a (x) g
@@ -251,7 +266,7 @@ def _dense(a: Tensor, g: Tensor, B: int):
     return float(torch.linalg.norm(M - torch.kron(A, G))), float(torch.linalg.norm(M))
 
 
-def _gram(a: Tensor, g: Tensor, B: int):
+def _gram(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
     A, G = _factors(a, g, B)
     if a.shape[0] == B:  # one row per example: <J_n, J_m> = (a_n.a_m)(g_n.g_m)
         C = (a @ a.T) * (g @ g.T)
@@ -267,12 +282,14 @@ def _gram(a: Tensor, g: Tensor, B: int):
     return math.sqrt(e2), math.sqrt(m2)
 
 
-def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Generator):
+def _probe(a: Tensor, g: Tensor, B: int, num_probes: int,
+           generator: torch.Generator) -> Tuple[float, float, float]:
     A, G = _factors(a, g, B)
     R, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
     T = R // B
     chunk = max(1, _PROBE_CHUNK_ELEMENTS // (R * max(d_in, d_out) + d_in * d_out))
-    y_err, y_blk = [], []
+    err_parts: List[Tensor] = []
+    blk_parts: List[Tensor] = []
     for start in range(0, num_probes, chunk):
         k = min(chunk, num_probes - start)
         V = torch.randn(k, d_out, d_in, dtype=a.dtype, generator=generator).to(a.device)
@@ -280,9 +297,9 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Gener
         s = s.reshape(k, B, T).sum(-1).repeat_interleave(T, dim=1)  # <J_n, V> on each row of n
         Mv = torch.matmul((g * s.unsqueeze(-1)).transpose(1, 2), a) / B  # E_n[<J_n,V> J_n]
         Kv = torch.matmul(torch.matmul(G, V), A)
-        y_err.append(((Mv - Kv) ** 2).sum((1, 2)))
-        y_blk.append((Mv ** 2).sum((1, 2)))
-    y_err, y_blk = torch.cat(y_err), torch.cat(y_blk)
+        err_parts.append(((Mv - Kv) ** 2).sum((1, 2)))
+        blk_parts.append((Mv ** 2).sum((1, 2)))
+    y_err, y_blk = torch.cat(err_parts), torch.cat(blk_parts)
     e2, m2 = float(y_err.mean()), float(y_blk.mean())
     ratio = e2 / m2 if m2 > 0 else 0.0
     rel = math.sqrt(max(ratio, 0.0))
@@ -295,7 +312,7 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Gener
     return math.sqrt(max(e2, 0.0)), math.sqrt(max(m2, 0.0)), std
 
 
-def population_terms(a: Tensor, g: Tensor):
+def population_terms(a: Tensor, g: Tensor) -> Tuple[float, float]:
     """Unbiased estimates ``(||M - K||^2, ||M||^2)`` of the population block, one row per example.
 
     U-statistics over distinct examples (B >= 4): with ``P = (a a^T)^2``, ``Q = (g g^T)^2``
@@ -389,7 +406,8 @@ def mean_gradient(rows: LayerRows) -> Tensor:
 def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
              loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
              loss_reduction: str = "mean", method: str = "auto", num_probes: int = 64,
-             seed: int = 0, preconditioner: Any = None) -> Dict[str, Dict[str, float]]:
+             seed: int = 0, preconditioner: Optional[CapturingLayers] = None
+             ) -> Dict[str, Dict[str, float]]:
     """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments; from a
     training loop pass ``layers=list(pre.layers)`` and ``preconditioner=pre``).
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from lightning_kfac.core import coverage, linalg, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
-from lightning_kfac.core.damping import DampingControl, Loss
+from lightning_kfac.core.damping import DampingControl, Loss, model_device
 from lightning_kfac.core.discovery import discover
 from lightning_kfac.core.ekfac import EKFACScaling, ekfac_decomposition, precondition_ekfac
 from lightning_kfac.core.mc import MCFisher
@@ -39,7 +39,7 @@ from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
 from lightning_kfac.core import state_checks
 from lightning_kfac.core.state_checks import STATE_VERSION
-from lightning_kfac.core.transaction import StepUndo, discard_captured
+from lightning_kfac.core.transaction import StepParts, StepUndo, discard_captured
 from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
 from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
@@ -82,14 +82,14 @@ class KFACPreconditioner:
             warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
         self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
         self.comm = communicator if communicator is not None else default_communicator()
-        self.kaisa = DistributedWork(self)  # who decomposes under DDP (config.distribute)
+        # Who decomposes and who preconditions under DDP (config.distribute; KAISA's assignment).
+        self.distributed = DistributedWork(self)
         self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
         self._offsets: Optional[Dict[str, int]] = None  # stagger_refresh (core/stagger.py)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
         self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
         if self.config.fisher_type == "mc":
-            self.mc = MCFisher(self.model, self.capture, self.config, self._any_capturing,
-                               rank=self.comm.rank)
+            self.mc = MCFisher(self.model, self.capture, self.config, rank=self.comm.rank)
         self.ekfac: Optional[EKFACScaling] = None  # compute_method="ekfac" (core/ekfac.py)
         if any(b.compute_method == "ekfac" for b in self.blocks.values()):
             self.ekfac = EKFACScaling(lambda block: self._decomposition_due(block, self.steps))
@@ -98,21 +98,31 @@ class KFACPreconditioner:
         self._enable_low_rank()
         self.optimizer = optimizer
         self.steps = 0
-        self.damping_control = DampingControl(self.config)  # schedule / LM rule (core/damping.py)
+        # schedule / LM rule (core/damping.py)
+        self.damping_control = DampingControl(self.config, self.comm)
         self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
         self.last_stats: Dict[str, float] = {}
-        self._warned: set = set()
+        self._warned: Set[str] = set()
         self._undecomposed = set(self.blocks)  # no decomposition yet: next update makes one
         self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
         self._undo: Optional[StepUndo] = None
+        self._parts = StepParts(self.blocks, self.counters, self.damping_control, self.mc,
+                                self.ekfac)  # what a step changes, for StepUndo
         # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
-        self.step_rule = QuadraticStepRule(self) if self.config.step_rule == "quadratic" else None
+        self.step_rule: Optional[QuadraticStepRule] = None
+        if self.config.step_rule == "quadratic":
+            self.step_rule = QuadraticStepRule(self.model, self.config, self.comm,
+                                               self.damping_control, self.counters)
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
     @property
     def layers(self) -> Dict[str, KFACBlock]:
-        """Qualified module name -> block, for every preconditioned layer."""
+        """Qualified module name -> block, for every preconditioned layer.
+
+        The public name of the engine's block dictionary: ``pre.layers is pre.blocks`` (the same
+        dict object; ``blocks`` is the engine's internal name for it). Layers dropped because
+        their hooks never fired leave both at once."""
         return self.blocks
 
     @property
@@ -149,7 +159,7 @@ class KFACPreconditioner:
             loss = loss_fn(model(x), y); loss.backward(); pre.step(opt); opt.step()
             pre.update_damping(loss, lambda: loss_fn(model(x), y))
         """
-        return self.damping_control.adapt(self, loss_before, loss_after)
+        return self.damping_control.adapt(loss_before, loss_after, model_device(self.model))
 
     def set_step(self, step: int) -> None:
         """Set the optimizer-step clock t (e.g. ``trainer.global_step``); switches capture."""
@@ -186,22 +196,42 @@ class KFACPreconditioner:
         before the call (core/transaction.py); with ``undoable=True`` the step can also be undone
         afterwards with ``abort_step`` until ``commit_step``.
         """
-        # -- step_rule="quadratic": the rule runs this method's body inside its own step --
-        if self.step_rule is not None and not self.step_rule.running:
-            return self.step_rule.step(optimizer, closure)
+        if self.step_rule is not None:  # step_rule="quadratic": the rule's step around ours
+            return self._quadratic_step(optimizer, closure)
+        self._atomic_step(optimizer)
+
+    def _quadratic_step(self, optimizer: Optional[torch.optim.Optimizer],
+                        closure: Optional[Any]) -> None:
+        """``step_rule="quadratic"`` (step_rule.py): the rule prepares, this engine preconditions,
+        the rule chooses alpha and mu and moves the preconditioned parameters."""
+        rule = self.step_rule
+        assert rule is not None
+        start = time.perf_counter()
+        t = self.steps
+        pending = rule.prepare(optimizer, closure, self._blocks_of(optimizer))
+        self._atomic_step(optimizer)
+        stats = rule.finish(pending, t, self.blocks.values())
+        if stats is None:
+            return
+        self.last_stats.update(stats)
+        self.last_stats["damping"] = self.damping_control.value
+        self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)  # the engine's and ours
+
+    def _atomic_step(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """The step itself; an exception inside restores the state (core/transaction.py)."""
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
         check_optimizer(optimizer)
         t = self.steps
-        undo = StepUndo(self, t)
+        undo = StepUndo(self._parts, t, self._undecomposed)
         try:
             self._step(optimizer, t, undo)
         except BaseException:
-            undo.restore(self, keep_captured=True)
+            self._restore(undo, keep_captured=True)
             raise
         if self.undoable:
-            same_step = self._undo is not None and self._undo.t == t
-            self._undo = self._undo.merge(undo) if same_step else undo
+            kept = self._undo
+            self._undo = kept.merge(undo) if kept is not None and kept.t == t else undo
         self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)
         self.last_stats["layers"] = float(len(self.blocks))
         self.last_stats["damping"] = self.damping_control.value
@@ -220,12 +250,17 @@ class KFACPreconditioner:
         """
         undo, self._undo = self._undo, None
         if undo is not None and step is not None and undo.t == int(step):
-            undo.restore(self)
+            self._restore(undo)
             return True
-        discard_captured(self)
+        discard_captured(self._parts)
         if self.mc is not None:
             self.mc.rewind(self.mc.step_start_rng())
         return False
+
+    def _restore(self, undo: StepUndo, keep_captured: bool = False) -> None:
+        """Put the engine back to where it was before ``undo``'s step (core/transaction.py)."""
+        self._undecomposed = undo.restore(keep_captured)
+        self.set_step(undo.t)
 
     def _step(self, optimizer: Optional[torch.optim.Optimizer], t: int, undo: StepUndo) -> None:
         self.damping_control.at_step(t)
@@ -247,7 +282,7 @@ class KFACPreconditioner:
         precondition_start = time.perf_counter()
         if t >= self.config.warmup_steps:
             if self.damping_control.due(t):
-                self.damping_control.snapshot(self, optimizer, t)
+                self.damping_control.snapshot(self.blocks.values(), self.model, optimizer, t)
             self._precondition(optimizer)
         else:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
@@ -311,7 +346,7 @@ class KFACPreconditioner:
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
             **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
-        self.kaisa.complete_state(state["layers"])  # distribute="gradients": collective gather
+        self.distributed.complete_state(state["layers"])  # distribute="gradients": collective gather
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -348,7 +383,7 @@ class KFACPreconditioner:
         if self.step_rule is not None and "step_rule" in state:
             self.step_rule.load_state_dict(state["step_rule"])
         self._undo = None
-        discard_captured(self)
+        discard_captured(self._parts)
         self._set_capture()
         if stale:
             self._recompute_stale(stale)
@@ -406,9 +441,6 @@ class KFACPreconditioner:
     def _set_capture(self) -> None:
         for block in self.blocks.values():
             block.capturing = self.steps % block.factor_update_steps == 0
-
-    def _any_capturing(self) -> bool:
-        return any(block.capturing for block in self.blocks.values())
 
     def _update_ekfac_scaling(self, t: int) -> None:
         """EKFAC: running average of the eigenbasis scaling on factor-update steps."""
@@ -534,7 +566,7 @@ class KFACPreconditioner:
         retries = self.refresh.retries
         self.refresh.begin(self.steps, len(due))
         try:
-            results = self.kaisa.decompose(due, lambda b: self.refresh.run(b, self._decompose))
+            results = self.distributed.decompose(due, lambda b: self.refresh.run(b, self._decompose))
         finally:
             self.refresh.end()
             self.counters["decomposition_retries"] += self.refresh.retries - retries
@@ -588,7 +620,7 @@ class KFACPreconditioner:
             grad = raw.to(block.dtype)
             work.append((block, grad, self._precondition_block(block, grad),
                          1.0 if lr_of is None else lr_of[id(weight)]))
-        work = self.kaisa.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
+        work = self.distributed.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
         if not work:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
             return

@@ -50,24 +50,50 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from lightning_kfac.core.damping import clamp, lm_update, omega
+from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.damping import DampingControl, clamp, lm_update, model_device, omega
+from lightning_kfac.core.distributed import Communicator
 from lightning_kfac.core.mc import resolve_output_module
 from lightning_kfac.core.quadratic_model import ExactProducts, StepSolution, dot, solve_step
 
 Closure = Callable[[], Any]
+#: ``(qualified name, parameter, eta, block)`` of one preconditioned parameter.
+Param = Tuple[str, nn.Parameter, float, KFACBlock]
 
 #: Statistics of the last step, merged into ``pre.last_stats`` (and logged as ``kfac/<key>``).
 STATS = ("alpha", "mu", "model_change", "rho")
 
 
+@dataclass
+class Pending:
+    """What :meth:`QuadraticStepRule.prepare` kept for :meth:`QuadraticStepRule.finish`."""
+
+    params: List[Param]
+    grads: List[Tensor]  # raw gradients (plus eta theta) before preconditioning
+    closure: Closure  # re-computes the batch loss
+
+
 class QuadraticStepRule:
-    """Owns ``delta_0`` and applies the quadratic-model step for a ``KFACPreconditioner``.
+    """Owns ``delta_0`` and chooses the quadratic-model step around the engine's own step.
+
+    The engine calls :meth:`prepare` before its step (factors, decompositions, preconditioning)
+    and :meth:`finish` after it; it hands over the blocks and the clock, the rule never sees the
+    engine.
+
+    Args:
+        model: the (unwrapped) model; ``output_module`` names its submodule giving ``f(x)``.
+        config: ``output_module``, ``nonfinite`` (and the LM rule's settings).
+        comm: collectives across ranks (the curvature of the global batch).
+        damping: the engine's damping control (each layer's lambda; the LM update).
+        counters: the engine's counters (``step_rule_steps``, ``step_rule_skipped``).
 
     Attributes:
         previous: ``delta_0`` by qualified parameter name (empty before the first step).
@@ -75,71 +101,78 @@ class QuadraticStepRule:
             of the last step.
     """
 
-    def __init__(self, pre: Any):
-        self.pre = pre
-        self.output_module = resolve_output_module(pre.model, pre.config.output_module)
+    def __init__(self, model: nn.Module, config: KFACConfig, comm: Communicator,
+                 damping: DampingControl, counters: Dict[str, int]):
+        self.model = model
+        self.config = config
+        self.comm = comm
+        self.damping = damping
+        self.counters = counters
+        self.output_module = resolve_output_module(model, config.output_module)
         self.previous: Dict[str, Tensor] = {}
         self.last: Dict[str, float] = {}
-        self.running = False  # True while the engine's own step runs inside ours
+        self._warned = False
 
     # -- one step -----------------------------------------------------------------------------
-    def step(self, optimizer: Optional[torch.optim.Optimizer], closure: Optional[Closure]) -> None:
-        """Precondition, choose ``alpha``, ``mu`` and move the preconditioned parameters."""
+    def prepare(self, optimizer: Optional[torch.optim.Optimizer], closure: Optional[Closure],
+                blocks: List[KFACBlock]) -> Pending:
+        """Before the engine's step: the parameters ``P`` of ``blocks`` (the preconditioned
+        layers ``optimizer`` steps), ``eta theta`` added to their gradients, the gradients kept."""
         if closure is None:
             raise ValueError(
                 "Invalid closure=None for step_rule='quadratic': pre.step(optimizer, closure=...) "
                 "needs a closure that re-computes the batch loss, e.g. "
                 "closure=lambda: loss_fn(model(x), y) (the KFACCallback passes training_step).")
-        pre = self.pre
-        start = time.perf_counter()
-        t = pre.steps
-        params = self._params(optimizer)
+        params = self._params(optimizer, blocks)
         for _, p, eta, _ in params:
             if eta:
-                p.grad.add_(p.detach(), alpha=eta)
-        grads = [p.grad.detach().clone() for _, p, _, _ in params]
-        self.running = True
-        try:
-            pre.step(optimizer)
-        finally:
-            self.running = False
+                p.grad.add_(p.detach(), alpha=eta)  # type: ignore[union-attr]
+        grads = [p.grad.detach().clone() for _, p, _, _ in params]  # type: ignore[union-attr]
+        return Pending(params, grads, closure)
+
+    def finish(self, pending: Pending, t: int,
+               blocks: Iterable[KFACBlock]) -> Optional[Dict[str, float]]:
+        """After the engine's step at clock ``t``: choose ``alpha``, ``mu`` and move ``P``.
+
+        ``blocks``: every block (their capture is off during the re-runs). Returns the step's
+        statistics (None when no preconditioned parameter had a gradient)."""
+        params, grads, closure = pending.params, pending.grads, pending.closure
         if not params:
-            return
-        directions = [-p.grad.detach().clone() for _, p, _, _ in params]
+            return None
+        directions = [-p.grad.detach().clone() for _, p, _, _ in params]  # type: ignore[union-attr]
         for _, p, _, _ in params:
             p.grad = None
         previous = [self.previous.get(name) for name, _, _, _ in params]
-        with _replay(pre, closure, self.output_module) as products:
+        with _replay(self.model, blocks, closure, self.output_module) as products:
             solution, loss_before = self._solve(products, params, grads, directions, previous)
-            deltas = self._apply(params, solution, directions, previous)
+            deltas = self._apply(params, solution, directions, previous, t)
             rho = math.nan
-            if pre.damping_control.adaptation_step(t):
+            if self.damping.adaptation_step(t):
                 rho = self._adapt(products, params, solution, deltas, loss_before)
-        pre.counters["step_rule_steps"] = pre.counters.get("step_rule_steps", 0) + 1
+        self.counters["step_rule_steps"] = self.counters.get("step_rule_steps", 0) + 1
         self.last = {"alpha": solution.alpha, "mu": solution.mu,
                      "model_change": solution.model_change, "rho": rho}
-        pre.last_stats.update(self.last)
-        pre.last_stats["damping"] = pre.damping_control.value
-        pre.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)  # the engine's and ours
+        return dict(self.last)
 
-    def _params(self, optimizer: Optional[torch.optim.Optimizer]
-                ) -> List[Tuple[str, nn.Parameter, float, Any]]:
+    def _params(self, optimizer: Optional[torch.optim.Optimizer],
+                blocks: List[KFACBlock]) -> List[Param]:
         """``(name, param, eta, block)`` of every preconditioned parameter with a gradient."""
-        names = {id(p): n for n, p in self.pre.model.named_parameters()}  # tied: first name
+        names = {id(p): n for n, p in self.model.named_parameters()}  # tied: first name
         decay: Dict[int, float] = {}
         if optimizer is not None:
             decay = {id(p): float(g.get("weight_decay", 0.0) or 0.0)
                      for g in optimizer.param_groups for p in g["params"]}
-        out, seen = [], set()
-        for block in self.pre._blocks_of(optimizer):
+        out: List[Param] = []
+        seen: Set[int] = set()
+        for block in blocks:
             for p in block.kind.params:
                 if id(p) in seen or p.grad is None or not p.requires_grad or id(p) not in names:
                     continue
                 seen.add(id(p))
-                out.append((names[id(p)], p, decay.get(id(p), 0.0), block))
+                out.append((names[id(p)], cast(nn.Parameter, p), decay.get(id(p), 0.0), block))
         return out
 
-    def _solve(self, products: ExactProducts, params: List[Tuple[str, nn.Parameter, float, Any]],
+    def _solve(self, products: ExactProducts, params: List[Param],
                grads: List[Tensor], directions: List[Tensor], previous: List[Optional[Tensor]]
                ) -> Tuple[StepSolution, float]:
         """The 1 x 1 or 2 x 2 model ``K x = -b`` from exact products; returns (solution, h(theta))."""
@@ -152,7 +185,7 @@ class QuadraticStepRule:
                 vectors.append(zeros)
                 outputs.append(products.jvp(dict(zip(names, zeros)))[2])
         _, curvature = products.output_hessian(f, outputs)
-        comm = self.pre.comm
+        comm = self.comm
         if comm.world_size > 1:  # C of the global batch: the mean of the ranks' local C
             comm.all_reduce_sum_([curvature])
             curvature = curvature / comm.world_size
@@ -166,11 +199,11 @@ class QuadraticStepRule:
                 K[i, j] = curvature[i, j] + dot(vectors[i], vectors[j], weights)
         return solve_step(K, b), float(loss)
 
-    def _apply(self, params: List[Tuple[str, nn.Parameter, float, Any]], solution: StepSolution,
-               directions: List[Tensor], previous: List[Optional[Tensor]]) -> List[Tensor]:
+    def _apply(self, params: List[Param], solution: StepSolution, directions: List[Tensor],
+               previous: List[Optional[Tensor]], t: int) -> List[Tensor]:
         """``delta = alpha Delta + mu delta_0`` added to the parameters; kept as next delta_0."""
         if not solution.ok:
-            self._skipped(solution.reason)
+            self._skipped(solution.reason, t)
             self.previous = {}
             return [torch.zeros_like(d) for d in directions]
         deltas = []
@@ -184,13 +217,13 @@ class QuadraticStepRule:
         self.previous = {name: d for (name, _, _, _), d in zip(params, deltas)}
         return deltas
 
-    def _adapt(self, products: ExactProducts, params: List[Tuple[str, nn.Parameter, float, Any]],
-               solution: StepSolution, deltas: List[Tensor], loss_before: float) -> float:
+    def _adapt(self, products: ExactProducts, params: List[Param], solution: StepSolution,
+               deltas: List[Tensor], loss_before: float) -> float:
         """LM rule on ``rho`` (damping term out of the model, L2 term's exact change in h)."""
-        control = self.pre.damping_control
+        control = self.damping
         if not solution.ok:  # no usable model: more damping, as for an overshoot
-            control.value = clamp(self.pre.config, lm_update(control.value, -math.inf,
-                                                             omega(self.pre.config)))
+            control.value = clamp(self.config, lm_update(control.value, -math.inf,
+                                                         omega(self.config)))
             control.last_rho = -math.inf
             control.adaptations += 1
             return -math.inf
@@ -201,30 +234,31 @@ class QuadraticStepRule:
         if any(etas):  # h includes eta/2 |theta|^2: its change is eta (theta_old.delta + |delta|^2/2)
             old = [p.detach() - d.to(p.dtype) for (_, p, _, _), d in zip(params, deltas)]
             after += dot(old, deltas, etas) + 0.5 * dot(deltas, deltas, etas)
-        return control.apply_rho(self.pre, loss_before, after, predicted)
+        return control.apply_rho(loss_before, after, predicted, model_device(self.model))
 
-    def _damping(self, block: Any) -> float:
+    def _damping(self, block: KFACBlock) -> float:
         """The layer's absolute damping lambda (the engine's, see ``DampingControl``)."""
         if block.A is None:
-            return block.damping * self.pre.damping_control.multiplier
-        return self.pre.damping_control.layer_damping(block)
+            return block.damping * self.damping.multiplier
+        return self.damping.layer_damping(block)
 
-    def _skipped(self, reason: str) -> None:
-        pre = self.pre
-        pre.counters["step_rule_skipped"] = pre.counters.get("step_rule_skipped", 0) + 1
-        message = (f"K-FAC step_rule='quadratic': step {pre.steps - 1} moved no preconditioned "
+    def _skipped(self, reason: str, t: int) -> None:
+        self.counters["step_rule_skipped"] = self.counters.get("step_rule_skipped", 0) + 1
+        message = (f"K-FAC step_rule='quadratic': step {t} moved no preconditioned "
                    f"parameter ({reason}); delta_0 is reset (on adaptation steps the damping is "
                    "raised). Counted in counters['step_rule_skipped'].")
-        if str(pre.config.nonfinite) == "raise" and "non-finite" in reason:
+        if str(self.config.nonfinite) == "raise" and "non-finite" in reason:
             raise FloatingPointError(message)
-        pre._warn_once("step_rule_skipped", message)
+        if not self._warned:  # once per run
+            self._warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of pre.step()
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {"previous": {n: d.detach().clone() for n, d in self.previous.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        params = dict(self.pre.model.named_parameters())
+        params = dict(self.model.named_parameters())
         unknown = sorted(set(state.get("previous", {})) - set(params))
         if unknown:
             raise ValueError(f"K-FAC state has step_rule updates for parameters {unknown} that "
@@ -233,19 +267,19 @@ class QuadraticStepRule:
 
 
 @contextlib.contextmanager
-def _replay(pre: Any, closure: Closure, output_module: nn.Module) -> Iterator[ExactProducts]:
+def _replay(model: nn.Module, blocks: Iterable[KFACBlock], closure: Closure,
+            output_module: nn.Module) -> Iterator[ExactProducts]:
     """Exact products for re-runs of ``closure`` that leave no trace.
 
     Every re-run starts from the random state and buffers of the moment this context was
     entered; on exit both are restored (the training RNG streams and BatchNorm statistics are
     untouched) and the engine's capture hooks, switched off inside, are switched back.
     """
-    model = pre.model
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     cpu_state = torch.get_rng_state()
     cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    hooks = [(block, block.capturing, block.row_limit) for block in pre.blocks.values()]
+    hooks = [(block, block.capturing, block.row_limit) for block in blocks]
 
     def reset() -> None:
         torch.set_rng_state(cpu_state)

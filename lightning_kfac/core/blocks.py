@@ -22,18 +22,30 @@ from torch import Tensor
 
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor, FactorStructure
 from lightning_kfac.core.layers import LayerKind
+from lightning_kfac.core.structure_registry import make_structure
 
 
-def natural_structures(kind: LayerKind, max_dense_dim: int) -> Tuple[FactorStructure, FactorStructure]:
+def natural_structures(kind: LayerKind, max_dense_dim: int, a_name: Optional[str] = None,
+                       g_name: Optional[str] = None) -> Tuple[FactorStructure, FactorStructure]:
     """``(A side, G side)``: dense up to ``max_dense_dim``, diagonal above; a kind whose A is
-    diagonal by construction (nn.Embedding's one-hot inputs) keeps A diagonal at any size."""
+    diagonal by construction (nn.Embedding's one-hot inputs) keeps A diagonal at any size.
+    ``a_name`` / ``g_name`` (``layer_overrides``' ``a_structure`` / ``g_structure``) choose a
+    registered structure (core/structure_registry.py) instead."""
     groups = int(getattr(kind, "groups", 1))
+    diagonal_a = bool(getattr(kind, "diagonal_a", False))
 
-    def side(dim: int, diagonal: bool) -> FactorStructure:
+    def side(dim: int, diagonal: bool, name: Optional[str], option: str) -> FactorStructure:
+        if name is not None:
+            chosen = make_structure(name, dim, groups, option=option)
+            if diagonal and chosen.has_basis:
+                raise ValueError(f"Invalid {option}={name!r} for {type(kind.module).__name__}: "
+                                 "its A is diagonal by construction (one-hot inputs); allowed: "
+                                 "structures without a basis ('diagonal', 'isotropic').")
+            return chosen
         return (DiagonalFactor(dim, groups) if diagonal or dim > max_dense_dim
                 else DenseFactor(dim, groups))
-    return (side(kind.a_dim(), bool(getattr(kind, "diagonal_a", False))),
-            side(kind.g_dim(), False))
+    return (side(kind.a_dim(), diagonal_a, a_name, "layer_overrides.a_structure"),
+            side(kind.g_dim(), False, g_name, "layer_overrides.g_structure"))
 
 
 class KFACBlock:
@@ -41,7 +53,8 @@ class KFACBlock:
 
     def __init__(self, name: str, kind: LayerKind, dtype: torch.dtype, *, damping: float,
                  compute_method: str, factor_update_steps: int, inv_update_steps: int,
-                 max_dense_dim: Optional[int] = None):
+                 max_dense_dim: Optional[int] = None, a_structure: Optional[str] = None,
+                 g_structure: Optional[str] = None):
         self.name = name
         self.kind = kind
         self.dtype = dtype
@@ -51,10 +64,13 @@ class KFACBlock:
         self.inv_update_steps = inv_update_steps
         limit = max(kind.a_dim(), kind.g_dim()) if max_dense_dim is None else max_dense_dim
         self.max_dense_dim = limit
-        self.a_structure, self.g_structure = natural_structures(kind, limit)
+        self.a_structure, self.g_structure = natural_structures(kind, limit, a_structure,
+                                                                g_structure)
         # why a side is diagonal, for the summary ("" for nn.Embedding's A: exact, not a choice)
+        chosen = {"A": a_structure, "G": g_structure}
         self.structure_reason = {
-            side: (f"> max_dense_dim={limit}" if not structure.has_basis and structure.dim > limit
+            side: ("layer_overrides" if chosen[side] is not None else
+                   f"> max_dense_dim={limit}" if not structure.has_basis and structure.dim > limit
                    and not (side == "A" and getattr(kind, "diagonal_a", False)) else "")
             for side, structure in (("A", self.a_structure), ("G", self.g_structure))}
         self.capturing = False  # switched by the preconditioner's factor clock
@@ -115,13 +131,6 @@ class KFACBlock:
             self.G = self.g_structure.isotropic(g_hat, init)
         self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
         self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
-
-    def dense_fisher(self) -> Tensor:
-        """``A (x) G`` as a dense matrix (for tests and diagnostics; small layers only)."""
-        A, G = self.factor_matrices()
-        if self.a_structure.groups > 1:  # grouped convolution: block-diagonal over groups
-            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
-        return torch.kron(A, G)
 
     def factor_matrices(self) -> Tuple[Tensor, Tensor]:
         """``(A, G)`` as dense matrices (copies); a diagonal side becomes ``diag(F)``."""

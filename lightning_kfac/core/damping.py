@@ -42,12 +42,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.distributed import Communicator
 
 Loss = Union[float, Tensor, Callable[[], Any]]
 
@@ -90,13 +92,15 @@ def lm_update(damping: float, rho: float, factor: float) -> float:
     return damping
 
 
-def curvature_product(block: Any, D: Tensor) -> Tensor:
+def curvature_product(block: KFACBlock, D: Tensor) -> Tensor:
     """``G D A``, i.e. ``(A (x) G) vec(D)``, each side in its structure (core/factors.py)."""
-    GD = block.g_structure.product(block.G.double(), D, "left")
-    return block.a_structure.product(block.A.double(), GD, "right")
+    A, G = cast(Tensor, block.A), cast(Tensor, block.G)  # a layer with factors
+    GD: Tensor = block.g_structure.product(G.double(), D, "left")
+    out: Tensor = block.a_structure.product(A.double(), GD, "right")
+    return out
 
 
-def block_model(grad: Tensor, delta: Tensor, block: Any, damping: float) -> float:
+def block_model(grad: Tensor, delta: Tensor, block: KFACBlock, damping: float) -> float:
     """``<grad, D> + 1/2 <D, G D A> + 1/2 damping |D|^2`` for one layer (float64 sums)."""
     grad, delta = grad.double(), delta.double()
     curv = curvature_product(block, delta)
@@ -106,7 +110,7 @@ def block_model(grad: Tensor, delta: Tensor, block: Any, damping: float) -> floa
 
 @dataclass
 class _LayerTerm:
-    block: Any  # KFACBlock
+    block: KFACBlock
     grad: Tensor  # raw grad W~ at theta
     before: List[Tensor]  # the layer's parameters at theta
     damping: float  # absolute damping the step was preconditioned with
@@ -122,14 +126,19 @@ class _ParamTerm:
 class DampingControl:
     """The current global damping: schedule or LM adaptation, plus its checkpoint state.
 
+    Args:
+        config: the options (``damping``, the schedule, the LM rule's settings).
+        comm: collectives across ranks (the LM decision is averaged over them).
+
     Attributes:
         value: the current global damping ``lambda_t``.
         last_rho: the last reduction ratio (nan before the first adaptation).
         adaptations: how many times the LM rule ran.
     """
 
-    def __init__(self, config: KFACConfig):
+    def __init__(self, config: KFACConfig, comm: Optional[Communicator] = None):
         self.config = config
+        self.comm = Communicator() if comm is None else comm
         self.value = config.damping
         self.last_rho = math.nan
         self.adaptations = 0
@@ -158,9 +167,11 @@ class DampingControl:
         return self.adaptation_step(step) and str(self.config.step_rule) == "optimizer"
 
     # -- adaptation ------------------------------------------------------------------------------
-    def snapshot(self, pre: Any, optimizer: Optional[torch.optim.Optimizer], step: int) -> None:
+    def snapshot(self, blocks: Iterable[KFACBlock], model: nn.Module,
+                 optimizer: Optional[torch.optim.Optimizer], step: int) -> None:
         """Keep raw gradients and parameters before this step's preconditioning (memory: 2x the
-        trained parameters, released by :meth:`adapt`)."""
+        trained parameters, released by :meth:`adapt`). ``blocks``: the preconditioned layers;
+        the parameters are ``optimizer``'s (``model``'s without one)."""
         if self.pending is not None and not self._warned:
             self._warned = True
             warnings.warn(
@@ -168,10 +179,11 @@ class DampingControl:
                 f"{self.pending[0]}; that adaptation is dropped. Call "
                 "pre.update_damping(loss_before, loss_after) after optimizer.step() (the "
                 "Lightning callback does it for you).", RuntimeWarning, stacklevel=4)
-        params = _trained_params(pre.model, optimizer)
+        params = _trained_params(model, optimizer)
         wanted = {id(p) for p in params}
-        layers, covered = [], set()
-        for block in pre.blocks.values():
+        layers: List[_LayerTerm] = []
+        covered: Set[int] = set()
+        for block in blocks:
             kind = block.kind
             if id(kind.weight) not in wanted or block.A is None:
                 continue
@@ -186,14 +198,14 @@ class DampingControl:
                   for p in params if id(p) not in covered and p.grad is not None]
         self.pending = (step, layers, others)
 
-    def layer_damping(self, block: Any) -> float:
+    def layer_damping(self, block: KFACBlock) -> float:
         """The layer's absolute damping for the model: its damping times ``lambda_t / lambda_0``,
         times ``(tr A/dim A)(tr G/dim G)`` of the current factors in relative mode (the same on
         every rank, whichever rank holds the decomposition)."""
         damping = block.damping * self.multiplier
         if str(self.config.damping_mode) == "relative":
-            scale = (block.a_structure.mean_eigenvalue(block.A)
-                     * block.g_structure.mean_eigenvalue(block.G))
+            scale = (block.a_structure.mean_eigenvalue(cast(Tensor, block.A))
+                     * block.g_structure.mean_eigenvalue(cast(Tensor, block.G)))
             damping = damping * scale if scale > 0 else damping
         return damping
 
@@ -208,29 +220,33 @@ class DampingControl:
             diffs = [n.to(b.dtype) - b for n, b in zip(now, term.before)]
             delta = kind.as_matrix(diffs[0], diffs[1] if len(diffs) > 1 else None)
             total += block_model(term.grad, delta.to(block.dtype), block, term.damping)
-        for term in others:
-            delta = term.param.detach() - term.before
-            total += float((term.grad.double() * delta.double()).sum())
+        for other in others:
+            change = other.param.detach() - other.before
+            total += float((other.grad.double() * change.double()).sum())
         return total
 
-    def adapt(self, pre: Any, loss_before: Loss, loss_after: Loss) -> Optional[float]:
-        """Apply the LM rule after an adaptation step; None when no snapshot is pending."""
+    def adapt(self, loss_before: Loss, loss_after: Loss,
+              device: Optional[torch.device] = None) -> Optional[float]:
+        """Apply the LM rule after an adaptation step; None when no snapshot is pending.
+        ``device``: where the model lives (the collective's buffer under DDP)."""
         if self.pending is None:
             return None
         before, after = _as_float(loss_before), _as_float(loss_after)
         predicted = self.model_decrease()
         self.pending = None
-        return self.apply_rho(pre, before, after, predicted)
+        return self.apply_rho(before, after, predicted, device)
 
-    def apply_rho(self, pre: Any, before: float, after: float, predicted: float) -> float:
+    def apply_rho(self, before: float, after: float, predicted: float,
+                  device: Optional[torch.device] = None) -> float:
         """``rho = (after - before) / predicted`` and the LM update of the damping; returns rho.
 
         ``predicted`` is the model's change ``M(delta) - M(0)``. Under DDP the three numbers are
-        averaged over ranks first (one decision everywhere).
+        averaged over ranks first (one decision everywhere), in a buffer on ``device`` (the
+        model's; the CPU when None).
         """
-        comm = pre.comm
+        comm = self.comm
         if comm.world_size > 1:  # one decision for all ranks: average both losses (and M)
-            device = next((p.device for p in pre.model.parameters()), torch.device("cpu"))
+            device = torch.device("cpu") if device is None else device
             values = torch.tensor([before, after, predicted], dtype=torch.float64, device=device)
             comm.all_reduce_sum_([values])
             before, after, predicted = (float(v) / comm.world_size for v in values.tolist())
@@ -261,12 +277,19 @@ class DampingControl:
         self.pending = None
 
 
-def _trained_params(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> List[nn.Parameter]:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _trained_params(model: nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer]) -> List[nn.Parameter]:
     if optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
     else:
         params = list(model.parameters())
-    seen, out = set(), []
+    seen: Set[int] = set()
+    out: List[nn.Parameter] = []
     for p in params:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))

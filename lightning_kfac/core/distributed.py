@@ -17,7 +17,7 @@ by dense block copies (``pack_symmetric``) into the same buffer as the per-layer
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,13 +39,9 @@ class Communicator:
     def broadcast_(self, tensors: Sequence[Tensor], src: int) -> None:
         """Overwrite each tensor with rank ``src``'s copy, in place."""
 
-    def total_bytes(self) -> int:
-        """Payload bytes handed to collectives so far (all-reduce + broadcast)."""
-        return sum(getattr(self, "bytes", {}).values())
 
-
-def _flatten_by_dtype(tensors: Sequence[Tensor]):
-    groups = defaultdict(list)
+def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[Tuple[List[Tensor], Tensor]]:
+    groups: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = defaultdict(list)
     for t in tensors:
         groups[(t.dtype, t.device)].append(t)
     for group in groups.values():
@@ -68,7 +64,7 @@ def _unflatten_(group: List[Tensor], flat: Tensor) -> None:
 class TorchDistributedCommunicator(Communicator):
     """``torch.distributed`` collectives over ``group`` (the default group when None)."""
 
-    def __init__(self, group=None):
+    def __init__(self, group: Any = None):
         super().__init__()
         import torch.distributed as dist
 
@@ -108,14 +104,14 @@ def default_communicator() -> Communicator:
 
 
 # -- factor averaging: upper triangles + flags in one call ----------------------------------------
-def _blocks(n: int):
+def _blocks(n: int) -> Tuple[int, int, int]:
     """Split n = k + m (k = n // 2): the packed triangle is an R (rows x m) plus a B (k x m)."""
     k = n // 2
     m = n - k
     return k, m, max(m, k + 1) if k else m
 
 
-def pack_symmetric(matrix: Tensor, out: Tensor = None) -> Tensor:
+def pack_symmetric(matrix: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The upper triangle (diagonal included) of a square matrix: d(d+1)/2 values.
 
     Rectangular full packed layout (LAPACK's RFP idea): with ``M = [[M11, M12], [M21, M22]]``

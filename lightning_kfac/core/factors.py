@@ -22,13 +22,14 @@ In the preconditioned product ``grad`` is ``grad W~`` (g_dim x a_dim); G acts fr
 A from the right (``(A (x) G) vec(X) = vec(G X A)``). The ``left_*`` / ``right_*`` methods below
 are those products for one side; for a diagonal side they are broadcasts, or nothing at all.
 
-Adding a structure (e.g. block-diagonal, low rank plus diagonal) is one subclass here and one
-entry in ``STRUCTURES``.
+Adding a structure (e.g. block-diagonal, low rank plus diagonal) is one new file with a subclass
+of :class:`FactorStructure` and one entry in ``STRUCTURES`` (core/structure_registry.py);
+core/isotropic.py is the smallest example, docs/extending.md walks through it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -46,7 +47,8 @@ class FactorStructure:
     """One side of a Kronecker factor: storage, estimate, decomposition and application.
 
     Attributes:
-        name: "dense" or "diagonal" (shown in the summary, accepted by the options).
+        name: the registry name (core/structure_registry.py; shown in the summary, accepted by
+            ``layer_overrides``' ``a_structure`` / ``g_structure``).
         has_basis: True when the eigendecomposition has a non-identity eigenbasis ``Q``.
         dim: the side's dimension d.
     """
@@ -316,18 +318,3 @@ class DiagonalFactor(FactorStructure):
 
     def capture_transient_numel(self) -> int:
         return self.numel()
-
-
-#: Structure name -> class (the values accepted by ``factor_structure`` options).
-STRUCTURES: Dict[str, Callable[..., FactorStructure]] = {
-    DenseFactor.name: DenseFactor,
-    DiagonalFactor.name: DiagonalFactor,
-}
-
-
-def make_structure(name: str, dim: int, groups: int = 1) -> FactorStructure:
-    try:
-        return STRUCTURES[name](dim, groups)
-    except KeyError:
-        raise ValueError(f"Invalid factor structure {name!r}: must be one of "
-                         f"{sorted(STRUCTURES)}.") from None

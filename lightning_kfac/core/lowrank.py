@@ -44,11 +44,6 @@ def stack_rows(a_rows: List[Tensor], g_rows: List[Tensor], dtype: torch.dtype) -
     return torch.cat(a_rows).to(dtype), torch.cat(g_rows).to(dtype)
 
 
-def worthwhile(rows: int, d_a: int, d_g: int, method: str) -> bool:
-    """True when the rank-R path needs at least MIN_SAVING times fewer flops."""
-    return method in ("eigen", "inverse") and rows <= max_rows(d_a, d_g)
-
-
 def max_rows(d_a: int, d_g: int) -> int:
     """Largest R for which ``R (d_G^2 + d_A^2 + 2 d_G d_A) * MIN_SAVING <= d_G d_A (d_G + d_A)``.
 

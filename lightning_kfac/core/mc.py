@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core.blocks import KFACBlock
-from lightning_kfac.core.capture import Capture, _is_transformed
+from lightning_kfac.core.capture import Capture, Route, is_transformed, training_forward
 
 try:  # torch >= 2.2: an edge survives in-place ops on the tensor that produced it
     from torch.autograd.graph import get_gradient_edge as _edge
 except ImportError:  # pragma: no cover - older torch: differentiate the tensor itself
-    def _edge(t: Tensor) -> Any:
+    def _edge(t: Tensor) -> Any:  # type: ignore[misc]
         return t
 
 
@@ -53,7 +52,8 @@ def resolve_output_module(model: nn.Module, name: Optional[str]) -> nn.Module:
         raise ValueError(f"Invalid output_module={name!r}: the model has no submodule with that "
                          f"qualified name; allowed: None (the model's own output) or one of "
                          f"[{shown}].")
-    return modules[name]
+    module: nn.Module = modules[name]
+    return module
 
 
 class MCFisher:
@@ -61,14 +61,13 @@ class MCFisher:
 
     Args:
         model: the (unwrapped) model; its forward output, or ``output_module``'s, is ``f(x)``.
-        capture: the engine's ``Capture``; its ``output_sink`` is set to keep layer outputs.
+        capture: the engine's ``Capture``; its ``output_sink`` is set to keep layer outputs, and
+            the model output is kept only while it captures (``capture.capturing``).
         config: ``likelihood``, ``mc_samples``, ``gaussian_variance``, ``output_module``.
-        capturing: returns True while some block captures (a factor-update step).
         rank: this process's rank (added to the sampling seed).
     """
 
-    def __init__(self, model: nn.Module, capture: Capture, config: KFACConfig,
-                 capturing: Callable[[], bool], rank: int = 0):
+    def __init__(self, model: nn.Module, capture: Capture, config: KFACConfig, rank: int = 0):
         self.likelihood = str(config.likelihood.value)
         self.samples = int(config.mc_samples)
         self.loss_mean = str(config.loss_reduction.value) == "mean"
@@ -76,28 +75,27 @@ class MCFisher:
         self.variance = float(config.gaussian_variance)
         self.output_name = config.output_module
         self.capture = capture
-        self._capturing = capturing
         module = resolve_output_module(model, config.output_module)
-        self._kept: List[Tuple[KFACBlock, Any, Optional[Tensor]]] = []
+        self._kept: List[Tuple[Route, Any, Optional[Tensor]]] = []
         self._output: Any = None
         self.calls = 0  # mc backward passes since the last finish_step()
         self.seed = (torch.initial_seed() + 1_000_003 * int(rank)) % (2 ** 63)
         self.generator: Optional[torch.Generator] = None
         self._pending_rng: Optional[Dict[str, Any]] = None
         self._rng_mark: Optional[Dict[str, Any]] = None  # generator state before this step's draws
-        self._unfed: set = set()
+        self._unfed: Set[str] = set()
         self._handle = module.register_forward_hook(self._on_output)
         capture.output_sink = self._keep
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _keep(self, block: KFACBlock, output: Tensor, a_rows: Optional[Tensor] = None) -> None:
+    def _keep(self, route: Route, output: Tensor, a_rows: Optional[Tensor] = None) -> None:
         """Capture's ``output_sink``: remember the layer output's autograd edge (and EKFAC rows)."""
-        self._kept.append((block, _edge(output), a_rows))
+        self._kept.append((route, _edge(output), a_rows))
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled() and self._capturing()):
+        if not (training_forward(module) and self.capture.capturing):
             return None
-        if isinstance(output, Tensor) and _is_transformed(output):
+        if isinstance(output, Tensor) and is_transformed(output):
             return None
         self._output = output
         return None
@@ -110,6 +108,14 @@ class MCFisher:
 
     def discard(self) -> None:
         self._kept, self._output = [], None
+
+    def captured(self) -> Tuple[Any, ...]:
+        """What this step has kept so far (outputs, draws' mark, calls), for ``put_back``."""
+        return self._kept, self._output, self.calls, self._rng_mark
+
+    def put_back(self, captured: Tuple[Any, ...]) -> None:
+        """Restore what ``captured`` returned (a step retried on the same backward)."""
+        self._kept, self._output, self.calls, self._rng_mark = captured
 
     # -- the extra backward --------------------------------------------------------------------
     def backward(self, output: Optional[Tensor] = None, *, enumerate_classes: bool = False) -> None:
@@ -142,12 +148,12 @@ class MCFisher:
                     "(the graph must still be alive).") from err
             finally:
                 self.capture.sampling = False
-            for (block, _, a_rows), grad in zip(kept, grads):
-                fed.setdefault(block.name, False)
+            for (route, _, a_rows), grad in zip(kept, grads):
+                fed.setdefault(route.name, False)
                 if grad is None:
                     continue
-                fed[block.name] = True
-                self.capture.add_output_grad(block, grad, per_example=True, a_rows=a_rows,
+                fed[route.name] = True
+                self.capture.add_output_grad(route, grad, per_example=True, a_rows=a_rows,
                                              loss_terms=terms)
         self.calls += 1
         unfed = sorted(n for n, ok in fed.items() if not ok and n not in self._unfed)

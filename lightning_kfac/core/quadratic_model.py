@@ -139,12 +139,13 @@ class ExactProducts:
         self.before_each()
         try:
             with torch.no_grad(), fwAD.dual_level():
-                duals = {f"model.{name}": fwAD.make_dual(params[name].detach(), t.to(params[name]))
+                duals = {f"model.{name}": fwAD.make_dual(  # type: ignore[no-untyped-call]
+                    params[name].detach(), t.to(params[name]))
                          for name, t in tangents.items()}
                 loss = _loss_tensor(functional_call(self.run, duals, ()))
                 f = self._one_output(outputs)
-                loss_primal = fwAD.unpack_dual(loss).primal
-                f_primal, f_tangent = fwAD.unpack_dual(f)
+                loss_primal = fwAD.unpack_dual(loss).primal  # type: ignore[no-untyped-call]
+                f_primal, f_tangent = fwAD.unpack_dual(f)  # type: ignore[no-untyped-call]
         finally:
             handle.remove()
         if f_tangent is None:  # the output does not depend on the tangent parameters
@@ -186,7 +187,7 @@ class ExactProducts:
                         "output captured from the output module; set output_module to the "
                         "submodule whose output the loss is computed from.")
                 (g,) = torch.autograd.grad(loss, t, create_graph=True)
-                rows = [None] * k  # a loss linear in the output has no second derivative
+                rows: List[Optional[Tensor]] = [None] * k  # linear in the output: no curvature
                 if g.requires_grad:
                     rows = [torch.autograd.grad(g[i], t, retain_graph=i + 1 < k,
                                                 allow_unused=True)[0] for i in range(k)]

@@ -20,44 +20,75 @@ decompositions it replaces; nothing is kept between steps unless ``undoable`` is
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from torch import Tensor
+
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.damping import DampingControl
+
+if TYPE_CHECKING:
+    from lightning_kfac.core.ekfac import EKFACScaling
+    from lightning_kfac.core.mc import MCFisher
 
 _UNCHANGED = object()
 FAULT_COUNTERS = ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
                   "overflow_steps", "dropped_layers")
+_Saved = Union[Optional[Tensor], object]  # a factor, or _UNCHANGED
 
 
 def _clone(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.clone()
 
 
+@dataclass(frozen=True)
+class StepParts:
+    """The engine's state one step changes, by reference (the engine's own objects).
+
+    Attributes:
+        blocks: qualified name -> block (the engine's dict: dropped layers leave it).
+        counters: the engine's counters (restored in place).
+        damping: the damping control (value, last rho, adaptations, pending snapshot).
+        mc: the MC Fisher (``fisher_type="mc"``), else None.
+        ekfac: the EKFAC scaling (``compute_method="ekfac"``), else None.
+    """
+
+    blocks: Dict[str, KFACBlock]
+    counters: Dict[str, int]
+    damping: DampingControl
+    mc: Optional["MCFisher"] = None
+    ekfac: Optional["EKFACScaling"] = None
+
+
 class StepUndo:
     """What ``step()`` at clock ``t`` may change, saved before the change.
 
     Args:
-        pre: the ``KFACPreconditioner``.
+        parts: the engine's state (``StepParts``).
         t: the step's clock value.
+        undecomposed: names of the blocks with no decomposition yet.
     """
 
-    def __init__(self, pre: Any, t: int):
+    def __init__(self, parts: StepParts, t: int, undecomposed: Iterable[str]):
+        self.parts = parts
         self.t = t
-        self.counters = dict(pre.counters)
-        control = pre.damping_control
+        self.counters = dict(parts.counters)
+        control = parts.damping
         self.damping = (control.value, control.last_rho, control.adaptations, control.pending)
-        self.undecomposed = set(pre._undecomposed)
-        self.mc_rng = pre.mc.step_start_rng() if pre.mc is not None else None
-        self.blocks: Dict[str, Tuple[Any, Any, Dict[str, Tensor], int]] = {}
+        self.undecomposed = set(undecomposed)
+        mc = parts.mc
+        self.mc_rng = mc.step_start_rng() if mc is not None else None
+        self.blocks: Dict[str, Tuple[_Saved, _Saved, Dict[str, Tensor], int]] = {}
         # What was captured for step t (the step consumes it): back in place after an exception
         # inside step(), so that step() can be retried on the same backward.
         self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
-                                b.kept_rows) for name, b in pre.blocks.items()}
-        mc = pre.mc
-        self.mc_kept = (mc._kept, mc._output, mc.calls, mc._rng_mark) if mc is not None else None
-        self.ekfac_acc = dict(pre.ekfac._acc) if pre.ekfac is not None else None
+                                b.kept_rows) for name, b in parts.blocks.items()}
+        self.mc_kept = mc.captured() if mc is not None else None
+        ekfac = parts.ekfac
+        self.ekfac_acc = dict(ekfac._acc) if ekfac is not None else None
 
-    def save_blocks(self, blocks, factors_due) -> None:
+    def save_blocks(self, blocks: Iterable[KFACBlock], factors_due: List[KFACBlock]) -> None:
         """Save each block's state before this step touches it (first save wins)."""
         due = {id(b) for b in factors_due}
         for block in blocks:
@@ -77,8 +108,9 @@ class StepUndo:
             self.blocks.setdefault(name, saved)
         return self
 
-    def restore(self, pre: Any, keep_captured: bool = False) -> None:
-        """Put the engine back to where it was before step t.
+    def restore(self, keep_captured: bool = False) -> Set[str]:
+        """Put the state back to where it was before step t; returns the names of the blocks
+        with no decomposition then (the engine's set; it also sets its clock back to ``t``).
 
         ``keep_captured``: put back what was captured for step t (an exception inside
         ``step()``: retrying it uses the same backward); otherwise forget it and rewind the MC
@@ -87,48 +119,49 @@ class StepUndo:
         Fault counters (non-finite estimates, failed decompositions, dropped layers...) keep
         counting what happened; progress counters (factor updates, decompositions) roll back.
         """
-        faults = {k: v for k, v in pre.counters.items() if k in FAULT_COUNTERS}
-        pre.counters.clear()
-        pre.counters.update(self.counters)
-        pre.counters.update(faults)
-        control = pre.damping_control
+        parts = self.parts
+        faults = {k: v for k, v in parts.counters.items() if k in FAULT_COUNTERS}
+        parts.counters.clear()
+        parts.counters.update(self.counters)
+        parts.counters.update(faults)
+        control = parts.damping
         control.value, control.last_rho, control.adaptations, control.pending = self.damping
-        pre._undecomposed = set(self.undecomposed) & set(pre.blocks)
+        undecomposed = set(self.undecomposed) & set(parts.blocks)
         for name, (A, G, dec, failures) in self.blocks.items():
-            block = pre.blocks.get(name)
+            block = parts.blocks.get(name)
             if block is None:
                 continue
             if A is not _UNCHANGED:
-                block.A, block.G = A, G
+                block.A, block.G = A, G  # type: ignore[assignment]
             block.decomposition = dec
             block.failures = failures
-        discard_captured(pre)
+        discard_captured(parts)
         if keep_captured:
-            self._put_back_captured(pre)
-        elif pre.mc is not None:
-            pre.mc.rewind(self.mc_rng)
-        pre.set_step(self.t)
+            self._put_back_captured()
+        elif parts.mc is not None:
+            parts.mc.rewind(self.mc_rng)
+        return undecomposed
 
-    def _put_back_captured(self, pre: Any) -> None:
+    def _put_back_captured(self) -> None:
+        parts = self.parts
         for name, saved in self.captured.items():
-            block = pre.blocks.get(name)
+            block = parts.blocks.get(name)
             if block is not None:
                 (block.a_sum, block.a_div, block.g_sum, block.g_div, block.a_rows, block.g_rows,
                  block.kept_rows) = saved
-        if self.mc_kept is not None:
-            mc = pre.mc
-            mc._kept, mc._output, mc.calls, mc._rng_mark = self.mc_kept
-        if self.ekfac_acc is not None:
-            pre.ekfac._acc.update(self.ekfac_acc)
+        if self.mc_kept is not None and parts.mc is not None:
+            parts.mc.put_back(self.mc_kept)
+        if self.ekfac_acc is not None and parts.ekfac is not None:
+            parts.ekfac._acc.update(self.ekfac_acc)
 
 
-def discard_captured(pre: Any) -> None:
+def discard_captured(parts: StepParts) -> None:
     """Drop everything captured for the step in progress (statistics, rows, MC outputs)."""
-    for block in pre.blocks.values():
+    for block in parts.blocks.values():
         block.reset_accumulators()
         block.clear_rows()
-    if pre.mc is not None:
-        pre.mc.discard()
-        pre.mc.calls = 0
-    if pre.ekfac is not None:
-        pre.ekfac.discard()
+    if parts.mc is not None:
+        parts.mc.discard()
+        parts.mc.calls = 0
+    if parts.ekfac is not None:
+        parts.ekfac.discard()

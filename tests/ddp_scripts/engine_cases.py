@@ -88,14 +88,14 @@ def run_case(mode: str, fault: Optional[str] = None, transport: str = "broadcast
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     pre = FaultyPreconditioner(ddp, distribute=mode, **OPTIONS)
-    pre.kaisa.transport = transport
-    owner = pre.kaisa.owner(pre.blocks[FAULT_LAYER])
+    pre.distributed.transport = transport
+    owner = pre.distributed.owner(pre.blocks[FAULT_LAYER])
     fail_rank = 1 if owner is None else owner
     _train(ddp, pre, lambda t: batch(t, rank), fault, poison=rank == 1, fail=rank == fail_rank)
     sent = dict(pre.comm.bytes)
     out = _snapshot(model, pre)
-    out.update(sent=sent, local_decompositions=pre.kaisa.local_decompositions,
-               owners=dict(pre.kaisa.owners()), memory=pre.memory_bytes())
+    out.update(sent=sent, local_decompositions=pre.distributed.local_decompositions,
+               owners=dict(pre.distributed.owners()), memory=pre.memory_bytes())
     return out
 
 
