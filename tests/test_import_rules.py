@@ -9,6 +9,7 @@ outside ``lightning_kfac/integrations/`` must import with ``pytorch_lightning``,
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -92,6 +93,11 @@ def test_old_module_paths_reexport_the_same_objects():
     assert hydra.KFACSchema is integrations_hydra.KFACSchema
     assert hydra.register_configs is integrations_hydra.register_configs
     assert "lightning_kfac.KFACCallback" == hydra.CALLBACK_TARGET
+    if importlib.util.find_spec("lightning") is not None:  # the unified package (dev extra)
+        from lightning_kfac import lightning as old_unified
+        from lightning_kfac.integrations.lightning import unified
+
+        assert old_unified.KFACCallback is unified.KFACCallback
     shims = {p.name for p in PACKAGE.glob("*.py")
              if "Compatibility re-export" in p.read_text().split('"""')[1]}
     assert shims == SHIMS
