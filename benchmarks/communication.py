@@ -36,7 +36,7 @@ from torch import nn
 
 from benchmarks import models
 from lightning_kfac import KFACPreconditioner
-from lightning_kfac.core.kaisa import FACTOR_FLAGS, communication_bytes
+from lightning_kfac.core.kaisa import FACTOR_FLAGS
 
 MODES = ("replicate", "decompositions", "gradients")
 MB = 1e6
@@ -73,7 +73,7 @@ def byte_rows(names: List[str], world: int = 2) -> List[Dict]:
         model = build(name)
         for mode in MODES:
             pre = KFACPreconditioner(model, distribute=mode)
-            fig = communication_bytes(pre, world_size=world)
+            fig = pre.distributed.communication_bytes(world_size=world)
             full = sum((b.kind.a_dim() ** 2 + b.kind.g_dim() ** 2 + FACTOR_FLAGS) * 4
                        for b in pre.blocks.values())
             amortized = fig["factor_update"] / 10 + fig["decomposition_refresh"] / 100 + fig["per_step"]

@@ -28,7 +28,8 @@ class _StrEnum(str, enum.Enum):
     """An enum whose members compare equal to their string value ("eigen" == ComputeMethod.EIGEN)."""
 
     def __str__(self) -> str:  # pragma: no cover - trivial
-        return self.value
+        text: str = self.value
+        return text
 
 
 class ComputeMethod(_StrEnum):
@@ -158,14 +159,29 @@ def _check_int(name: str, value: Any, *, low: int) -> int:
             raise _invalid(name, value, f"must be an integer >= {low}")
     if value < low:
         raise _invalid(name, value, f"must be an integer >= {low}")
-    return value
+    checked: int = value
+    return checked
 
 
-def _check_enum(name: str, value: Any, enum_cls: type) -> Any:
+def _check_enum(name: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
     try:
         return enum_cls(value.lower() if isinstance(value, str) else value)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise _invalid(name, value, f"must be one of {allowed}") from None
+
+
+def _check_method(name: str, value: Any) -> Any:
+    """A built-in ``ComputeMethod``, or the name of a method added to the registry
+    (lightning_kfac/core/methods/registry.py; imported here, at validation time, only)."""
+    try:
+        return ComputeMethod(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        from lightning_kfac.core.methods.registry import METHODS
+
+        if isinstance(value, str) and value.lower() in METHODS:
+            return value.lower()
+        allowed = ", ".join(repr(m) for m in METHODS)
         raise _invalid(name, value, f"must be one of {allowed}") from None
 
 
@@ -313,7 +329,7 @@ class KFACConfig:
                                          low_inclusive=True, high_inclusive=False)
         if self.kl_clip is not None:
             self.kl_clip = _check_float("kl_clip", self.kl_clip, low=0.0)
-        self.compute_method = _check_enum("compute_method", self.compute_method, ComputeMethod)
+        self.compute_method = _check_method("compute_method", self.compute_method)
         self.fisher_type = _check_enum("fisher_type", self.fisher_type, FisherType)
         self.likelihood = _check_enum("likelihood", self.likelihood, Likelihood)
         if self.output_module is not None and not isinstance(self.output_module, str):
@@ -424,8 +440,8 @@ class KFACConfig:
             if "compute_method" in entry:
                 method = entry["compute_method"]
                 if not (isinstance(method, str) and method.lower() == "skip"):
-                    entry["compute_method"] = _check_enum(
-                        f"{name}.compute_method", method, ComputeMethod).value
+                    entry["compute_method"] = str(
+                        _check_method(f"{name}.compute_method", method))
                 else:
                     entry["compute_method"] = "skip"
             checked.append(entry)

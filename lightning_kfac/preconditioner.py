@@ -25,16 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import coverage, linalg, lowrank, stagger
+from lightning_kfac.core import coverage, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss, model_device
 from lightning_kfac.core.discovery import discover
-from lightning_kfac.core.ekfac import EKFACScaling, ekfac_decomposition, precondition_ekfac
+from lightning_kfac.core.ekfac import EKFACScaling
 from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
+from lightning_kfac.core.methods import Decomposition
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
 from lightning_kfac.core import state_checks
@@ -81,9 +82,11 @@ class KFACPreconditioner:
         for message in coverage.registration_messages(self.model, self.blocks, self.skipped):
             warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
         self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
-        self.comm = communicator if communicator is not None else default_communicator()
-        # Who decomposes and who preconditions under DDP (config.distribute; KAISA's assignment).
-        self.distributed = DistributedWork(self)
+        # Who decomposes and who preconditions under DDP (config.distribute; KAISA's
+        # assignment); it holds the communicator (``comm``).
+        self.distributed = DistributedWork(
+            communicator if communicator is not None else default_communicator(),
+            self.config.distribute, self.config.damping_mode == "relative", self.blocks)
         self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
         self._offsets: Optional[Dict[str, int]] = None  # stagger_refresh (core/stagger.py)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
@@ -91,8 +94,8 @@ class KFACPreconditioner:
         if self.config.fisher_type == "mc":
             self.mc = MCFisher(self.model, self.capture, self.config, rank=self.comm.rank)
         self.ekfac: Optional[EKFACScaling] = None  # compute_method="ekfac" (core/ekfac.py)
-        if any(b.compute_method == "ekfac" for b in self.blocks.values()):
-            self.ekfac = EKFACScaling(lambda block: self._decomposition_due(block, self.steps))
+        if any(b.method.needs_pairs for b in self.blocks.values()):
+            self.ekfac = EKFACScaling()  # its refresh_due set follows the clock (_set_capture)
             self.capture.pair_sink = self.ekfac.add_pair
         self.capture.install()
         self._enable_low_rank()
@@ -116,6 +119,15 @@ class KFACPreconditioner:
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
+    @property
+    def comm(self) -> Communicator:
+        """Collectives across ranks (settable: a communicator set later is used from then on)."""
+        return self.distributed.comm
+
+    @comm.setter
+    def comm(self, value: Communicator) -> None:
+        self.distributed.comm = value
+
     @property
     def layers(self) -> Dict[str, KFACBlock]:
         """Qualified module name -> block, for every preconditioned layer.
@@ -369,7 +381,7 @@ class KFACPreconditioner:
                 "another model or other skip_layers?")
         for name, block_state in layers.items():
             state_checks.check_layer(name, self.blocks[name], block_state)
-        stale = state_checks.stale_decompositions(self, state)
+        stale = state_checks.stale_decompositions(self.blocks, self.config, state)
         self.steps = int(state.get("steps", 0))
         if "damping" in state:
             self.damping_control.load_state_dict(state["damping"])
@@ -397,10 +409,11 @@ class KFACPreconditioner:
             UserWarning, stacklevel=3)
         blocks = [self.blocks[name] for name in self.blocks if name in stale]
         for block in blocks:
-            block.decomposition = {}
+            block.decomposition = None
             self._undecomposed.add(block.name)  # a success takes it out again
         self.damping_control.at_step(self.steps)
         self._update_decompositions([b for b in blocks if b.A is not None])
+        self._track_refreshes()
 
     # -- internals -------------------------------------------------------------------------------
     def _enable_low_rank(self) -> None:
@@ -411,7 +424,7 @@ class KFACPreconditioner:
         if not self.config.low_rank or self.comm.world_size > 1:
             return
         for block in self.blocks.values():
-            if block.kind.name == "Linear" and block.compute_method in ("eigen", "inverse") \
+            if block.kind.name == "Linear" and block.method.low_rank \
                     and block.a_structure.has_basis and block.g_structure.has_basis:
                 block.row_limit = lowrank.max_rows(block.kind.a_dim(), block.kind.g_dim())
 
@@ -441,6 +454,13 @@ class KFACPreconditioner:
     def _set_capture(self) -> None:
         for block in self.blocks.values():
             block.capturing = self.steps % block.factor_update_steps == 0
+        self._track_refreshes()
+
+    def _track_refreshes(self) -> None:
+        """EKFAC: tell the scaling which blocks refresh their eigenbasis at the current clock."""
+        if self.ekfac is not None:
+            self.ekfac.refresh_due = frozenset(
+                b.name for b in self.blocks.values() if self._decomposition_due(b, self.steps))
 
     def _update_ekfac_scaling(self, t: int) -> None:
         """EKFAC: running average of the eigenbasis scaling on factor-update steps."""
@@ -516,27 +536,23 @@ class KFACPreconditioner:
         self.counters["dropped_layers"] += len(names)
         warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=3)
 
-    def _decompose(self, block: KFACBlock) -> Dict[str, Tensor]:
-        method, sa, sg = block.compute_method, block.a_structure, block.g_structure
-        if method == "eigen":
-            dec = linalg.eigen_decomposition(block.A, block.G, sa, sg)
-        elif method == "inverse":
-            dec = linalg.inverse_decomposition(
-                block.A, block.G, self.damping_control.layer_damping(block), sa, sg)
-        elif method == "ekfac":
-            dec = ekfac_decomposition(block.A, block.G, sa, sg)
-        else:
-            raise NotImplementedError(f"compute_method={method!r} is not implemented yet")
+    def _decompose(self, block: KFACBlock) -> Decomposition:
+        method = block.method
+        damping = self.damping_control.layer_damping(block) \
+            if method.damping_in_decomposition else 0.0
+        dec = method.decompose(block.A, block.G, block.a_structure, block.g_structure, damping)
         if self.config.damping_mode == "relative":
-            scale = sa.mean_eigenvalue(block.A) * sg.mean_eigenvalue(block.G)
-            dec["damping_scale"] = torch.tensor(scale, dtype=torch.float64)
+            scale = block.a_structure.mean_eigenvalue(block.A) \
+                * block.g_structure.mean_eigenvalue(block.G)
+            dec.damping_scale = torch.tensor(scale, dtype=torch.float64)
         return dec
 
     def _effective_damping(self, block: KFACBlock) -> float:
         """The absolute damping the block's decomposition in use is applied with."""
         damping = block.damping * self.damping_control.multiplier
-        scale = block.decomposition.get("damping_scale")
-        scale = 0.0 if scale is None else float(scale)  # one device sync per layer and step
+        dec = block.decomposition
+        scale_t = None if dec is None else dec.damping_scale
+        scale = 0.0 if scale_t is None else float(scale_t)  # one device sync per layer and step
         return damping * scale if scale > 0 else damping
 
     def _decomposition_due(self, block: KFACBlock, t: int) -> bool:
@@ -589,19 +605,11 @@ class KFACPreconditioner:
                                 "keeping the previous one.")
 
     def _precondition_block(self, block: KFACBlock, grad: Tensor) -> Tensor:
-        dec, sa, sg = block.decomposition, block.a_structure, block.g_structure
+        dec, method = block.decomposition, block.method
+        assert dec is not None  # _precondition skips blocks without a decomposition
         rows = self._low_rank_rows(block, grad)
-        if block.compute_method in ("eigen", "ekfac"):
-            damping = self._effective_damping(block)
-            if block.compute_method == "ekfac":
-                return precondition_ekfac(grad, dec, damping, sa, sg)
-            if rows is not None:
-                rotated = lowrank.rotated_gradient(dec, *rows)
-                return linalg.precondition_eigen_rotated(rotated, dec, damping, sa, sg)
-            return linalg.precondition_eigen(grad, dec, damping, sa, sg)
-        if rows is not None:
-            return lowrank.inverse_product(dec, *rows)
-        return linalg.precondition_inverse(grad, dec, sa, sg)
+        damping = 0.0 if method.damping_in_decomposition else self._effective_damping(block)
+        return method.precondition(grad, dec, damping, block.a_structure, block.g_structure, rows)
 
     def _precondition(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
         lr_of: Optional[Dict[int, float]] = None

@@ -77,7 +77,7 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
                  for side, structure in (("A", block.a_structure), ("G", block.g_structure))]
         seconds = refresh_seconds(block)
         refresh += seconds
-        method = getattr(block.compute_method, "value", block.compute_method)
+        method = block.method.name
         type_name = getattr(block.kind, "type_name", type(module).__name__)
         status = f"K-FAC ({method})"
         rows.append((name or "<root>", type_name, sides[0], sides[1], f"{n:,}",

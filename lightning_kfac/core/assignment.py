@@ -12,7 +12,7 @@ the lowest rank index; costs are Python integers (no float round-off differences
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 
 def layer_cost(a_dim: int, g_dim: int) -> int:
@@ -20,7 +20,7 @@ def layer_cost(a_dim: int, g_dim: int) -> int:
     return int(a_dim) ** 3 + int(g_dim) ** 3
 
 
-def greedy_assignment(costs: Sequence[Tuple[str, int]], world_size: int) -> Dict[str, int]:
+def greedy_assignment(costs: Sequence[tuple[str, int]], world_size: int) -> dict[str, int]:
     """Map each name to a rank in ``[0, world_size)``, balancing the summed cost per rank.
 
     Args:
@@ -38,7 +38,7 @@ def greedy_assignment(costs: Sequence[Tuple[str, int]], world_size: int) -> Dict
         raise ValueError(f"Invalid world_size={world_size!r}: must be an integer >= 1.")
     order = sorted(range(len(costs)), key=lambda i: (-int(costs[i][1]), i))
     load = [0] * world_size
-    owner: Dict[str, int] = {}
+    owner: dict[str, int] = {}
     for i in order:
         name, cost = costs[i]
         rank = min(range(world_size), key=lambda r: (load[r], r))
@@ -47,7 +47,7 @@ def greedy_assignment(costs: Sequence[Tuple[str, int]], world_size: int) -> Dict
     return {name: owner[name] for name, _ in costs}
 
 
-def rank_loads(owner: Mapping[str, int], costs: Mapping[str, int], world_size: int) -> list:
+def rank_loads(owner: Mapping[str, int], costs: Mapping[str, int], world_size: int) -> list[int]:
     """Summed cost per rank of an assignment (for summaries and tests)."""
     load = [0] * world_size
     for name, rank in owner.items():

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor, FactorStructure
 from lightning_kfac.core.layers import LayerKind
+from lightning_kfac.core.methods import Decomposition, method_for, method_of_state
 from lightning_kfac.core.structure_registry import make_structure
 
 
@@ -60,6 +61,7 @@ class KFACBlock:
         self.dtype = dtype
         self.damping = damping
         self.compute_method = compute_method
+        self.method = method_for(compute_method)  # core/methods: chosen once, here
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
         limit = max(kind.a_dim(), kind.g_dim()) if max_dense_dim is None else max_dense_dim
@@ -79,7 +81,7 @@ class KFACBlock:
         self.clear_rows()
         self.A: Optional[Tensor] = None
         self.G: Optional[Tensor] = None
-        self.decomposition: Dict[str, Tensor] = {}
+        self.decomposition: Optional[Decomposition] = None  # the one in use (None: none yet)
         self.seen = False  # the forward hook fired at least once in a training forward
         self.reset_accumulators()
 
@@ -145,7 +147,9 @@ class KFACBlock:
 
     def memory_bytes(self) -> int:
         """Bytes held by the running factors and the decomposition."""
-        tensors = [t for t in (self.A, self.G) if t is not None] + list(self.decomposition.values())
+        tensors = [t for t in (self.A, self.G) if t is not None]
+        if self.decomposition is not None:
+            tensors += self.decomposition.tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- state -----------------------------------------------------------------------------------
@@ -154,7 +158,9 @@ class KFACBlock:
                                  "structures": (self.a_structure.name, self.g_structure.name)}
         if self.A is not None:
             state["A"], state["G"] = self.A.clone(), self.G.clone()
-        state["decomposition"] = {k: v.clone() for k, v in self.decomposition.items()}
+        dec = self.decomposition
+        state["decomposition"] = {} if dec is None else {k: v.clone()
+                                                         for k, v in dec.to_state().items()}
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -171,6 +177,9 @@ class KFACBlock:
         if "A" in state:
             self.A = state["A"].to(device=device, dtype=self.dtype).clone()
             self.G = state["G"].to(device=device, dtype=self.dtype).clone()
-        self.decomposition = {k: v.to(device).clone()
-                              for k, v in state.get("decomposition", {}).items()}
+        # read with the type of the method that saved it (a changed compute_method is
+        # recomputed by the engine right after loading: core/state_checks.py)
+        saved_dec = {k: v.to(device).clone() for k, v in state.get("decomposition", {}).items()}
+        method = method_of_state(saved_dec)
+        self.decomposition = None if method is None else method.from_state(saved_dec)
         self.failures = int(state.get("failures", 0))  # consecutive decomposition failures

@@ -11,12 +11,16 @@ the engine is built, before any hook is installed.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from lightning_kfac.core.factors import DiagonalFactor
 from lightning_kfac.core.footprint import footprint, layer_peak_share
 
-GIB = 1024 ** 3
+if TYPE_CHECKING:
+    from lightning_kfac.core.blocks import KFACBlock
+
+GIB = 1024**3
 
 
 class MemoryBudgetError(ValueError):
@@ -27,8 +31,9 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.3g} GiB"
 
 
-def _widest_dense_side(blocks: Dict) -> Optional[Tuple[object, str]]:
-    best, best_dim = None, -1
+def _widest_dense_side(blocks: Mapping[str, KFACBlock]) -> tuple[KFACBlock, str] | None:
+    best: tuple[KFACBlock, str] | None = None
+    best_dim = -1
     for block in blocks.values():
         for side, structure in (("A", block.a_structure), ("G", block.g_structure)):
             if structure.has_basis and structure.dim > best_dim:
@@ -36,7 +41,7 @@ def _widest_dense_side(blocks: Dict) -> Optional[Tuple[object, str]]:
     return best
 
 
-def apply_memory_budget(blocks: Dict, budget_gib: Optional[float]) -> List[str]:
+def apply_memory_budget(blocks: Mapping[str, KFACBlock], budget_gib: float | None) -> list[str]:
     """Make the widest dense sides diagonal until the predicted peak fits ``budget_gib``.
 
     Returns ``"layer.A"`` / ``"layer.G"`` for every side changed; raises ``MemoryBudgetError``
@@ -45,7 +50,7 @@ def apply_memory_budget(blocks: Dict, budget_gib: Optional[float]) -> List[str]:
     if budget_gib is None or not blocks:
         return []
     budget = budget_gib * GIB
-    changed: List[str] = []
+    changed: list[str] = []
     while footprint(blocks.values()).peak > budget:
         widest = _widest_dense_side(blocks)
         if widest is None:
@@ -68,5 +73,6 @@ def apply_memory_budget(blocks: Dict, budget_gib: Optional[float]) -> List[str]:
             f"{_gib(peak)} for these {len(blocks)} layers even with every factor side diagonal "
             f"(the preconditioned gradients alone are that large); largest layers: {names}. "
             f"Set memory_budget_gib >= {peak / GIB:.3g} (or None for no budget), or leave the "
-            "largest layers out with skip_layers.")
+            "largest layers out with skip_layers."
+        )
     return changed

@@ -179,7 +179,7 @@ class _BlockTap:
             if divisor > 0:  # e.g. an all-padding embedding batch adds nothing
                 route.add_input(rows, divisor)
         pair = rows if (capturing and capture.pair_sink is not None
-                        and block.compute_method == "ekfac") else None
+                        and block.method.needs_pairs) else None
         if keep_rows:
             keep_rows = capture._keep_a_rows(block, rows)
         if not output.requires_grad:

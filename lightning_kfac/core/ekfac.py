@@ -22,8 +22,9 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
   can be rotated, the rows captured on such a step are kept until ``update`` and rotated in the
   new basis; on other factor-update steps they are rotated as soon as the backward delivers them
   and only the (g_dim x a_dim) sum is kept.
-- ``s`` lives in the block's decomposition (``"scale"``, with ``"scale_updates"``: the number
-  of estimates averaged into it in this basis), so state_dict / resume keep it.
+- ``s`` lives in the block's decomposition (``EKFACDecomposition.scale``, with
+  ``scale_updates``: the number of estimates averaged into it in this basis,
+  core/methods/ekfac.py), so state_dict / resume keep it.
 - nn.Embedding (diagonal A, no ``Q_A``: the basis is the identity): ``dW~_n = g_n e_{i_n}^T``, so
   the squared rotated gradient lands in column ``i_n`` (an index_add over the token ids).
 - A diagonal side (core/factors.py) has the identity as basis: its rows enter unrotated.
@@ -31,34 +32,18 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import AbstractSet, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from lightning_kfac.core import linalg
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
-from lightning_kfac.core.factors import FactorStructure
 from lightning_kfac.core.layers import ConvKind
+from lightning_kfac.core.methods.ekfac import (EKFACDecomposition, ekfac_decomposition,
+                                               precondition_ekfac)
 
-
-def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
-                        sg: FactorStructure) -> Dict[str, Tensor]:
-    """Eigenbases of A and G and the initial scaling ``e_G e_A^T`` (K-FAC's own eigenvalues)."""
-    dec = linalg.eigen_decomposition(A, G, sa, sg)
-    dec["scale"] = torch.outer(dec["eG"], dec["eA"])
-    dec["scale_updates"] = torch.zeros((), dtype=torch.float64)  # no estimate in this basis yet
-    return dec
-
-
-def precondition_ekfac(grad: Tensor, dec: Dict[str, Tensor], damping: float,
-                       sa: FactorStructure, sg: FactorStructure) -> Tensor:
-    """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T`` (a diagonal side has no ``Q``)."""
-    QA, QG = dec.get("QA"), dec.get("QG")
-    scale = dec["scale"] if "scale" in dec else torch.outer(dec["eG"], dec["eA"])
-    rotated = sa.right_rotate(sg.left_rotate(QG, grad), QA)
-    return sa.right_unrotate(sg.left_unrotate(QG, rotated / (scale + damping)), QA)
+__all__ = ["EKFACScaling", "ekfac_decomposition", "precondition_ekfac", "squared_rotated_sum"]
 
 
 class _Acc:
@@ -92,19 +77,20 @@ def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, exampl
 class EKFACScaling:
     """Collects matched ``(a, g)`` rows of EKFAC blocks and maintains their scaling ``s``.
 
-    Args:
-        refresh_due: ``refresh_due(block)`` is True when this step will recompute the block's
-            eigenbasis (its rows are then kept and rotated in ``update``, after the refresh).
+    Attributes:
+        refresh_due: names of the blocks whose eigenbasis the current step will recompute
+            (their rows are then kept and rotated in ``update``, after the refresh); the engine
+            sets it whenever its clock moves.
     """
 
-    def __init__(self, refresh_due: Callable[[KFACBlock], bool]):
-        self._refresh_due = refresh_due
+    def __init__(self, refresh_due: AbstractSet[str] = frozenset()):
+        self.refresh_due: AbstractSet[str] = refresh_due
         self._acc: Dict[str, _Acc] = {}
 
     def add_pair(self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float,
                  examples: int) -> None:
         """Capture's ``pair_sink``: rows of one forward's input and of its output gradient."""
-        if block.compute_method != "ekfac":
+        if not block.method.needs_pairs:
             return
         acc = self._acc.setdefault(block.name, _Acc())
         g_rows = g_rows.to(block.dtype)
@@ -113,8 +99,7 @@ class EKFACScaling:
         if not block.kind.diagonal_a:
             a_rows = a_rows.to(block.dtype)
         dec = block.decomposition
-        refresh_due = self._refresh_due(block) or "eG" not in dec
-        if refresh_due:
+        if block.name in self.refresh_due or not isinstance(dec, EKFACDecomposition):
             acc.raw.append((a_rows, g_rows, examples))
             return
         if acc.basis is not None and acc.basis is not dec["eG"]:
@@ -128,15 +113,17 @@ class EKFACScaling:
         self._acc.clear()
 
     def update(self, due: List[KFACBlock], decay: float, comm: Communicator) -> List[str]:
-        """Batch estimates ``s^`` -> all-reduce -> running average of ``dec["scale"]``.
+        """Batch estimates ``s^`` -> all-reduce -> running average of ``dec.scale``.
 
         Returns the names of blocks whose estimate was not finite (their scaling is kept).
         """
-        due = [b for b in due if b.compute_method == "ekfac" and "eG" in b.decomposition]
+        due = [b for b in due if b.method.needs_pairs
+               and isinstance(b.decomposition, EKFACDecomposition)]
         sums: List[Tensor] = []
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             dec, acc = block.decomposition, self._acc.get(block.name)
+            assert dec is not None  # filtered above
             total = torch.zeros_like(dec["scale"])
             if acc is not None:
                 if acc.rotated is not None and acc.basis is dec["eG"]:
@@ -159,10 +146,13 @@ class EKFACScaling:
                 bad.append(block.name)
                 continue
             dec = block.decomposition
-            updates = dec.setdefault("scale_updates", torch.ones((), dtype=torch.float64))
+            assert isinstance(dec, EKFACDecomposition) and dec.scale is not None
+            if dec.scale_updates is None:  # a state saved before the count existed
+                dec.scale_updates = torch.ones((), dtype=torch.float64)
+            updates = dec.scale_updates
             if float(updates) == 0:  # first estimate in a new basis: it replaces e_G e_A^T
-                dec["scale"] = s_hat.to(dec["scale"].dtype)
+                dec.scale = s_hat.to(dec.scale.dtype)
             else:
-                dec["scale"].mul_(decay).add_(s_hat, alpha=1.0 - decay)
+                dec.scale.mul_(decay).add_(s_hat, alpha=1.0 - decay)
             updates.add_(1.0)
         return bad

@@ -29,14 +29,11 @@ core/isotropic.py is the smallest example, docs/extending.md walks through it.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
 from lightning_kfac.core.layers import accumulate_outer
 from lightning_kfac.core.linalg import DecompositionError, damped_inverse, eigh_psd
-
 
 #: A diagonal side up to this dimension is shown as a dense matrix by ``to_matrix``; wider ones as
 #: a sparse (COO) diagonal matrix.
@@ -65,18 +62,23 @@ class FactorStructure:
         return f"{type(self).__name__}({self.dim}{extra})"
 
     def __eq__(self, other: object) -> bool:
-        return (type(other) is type(self) and other.dim == self.dim  # type: ignore[attr-defined]
-                and other.groups == self.groups)  # type: ignore[attr-defined]
+        return (
+            isinstance(other, FactorStructure)
+            and type(other) is type(self)
+            and other.dim == self.dim
+            and other.groups == self.groups
+        )
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.dim, self.groups))
 
     @property
-    def _lead(self) -> Tuple[int, ...]:
+    def _lead(self) -> tuple[int, ...]:
         return (self.groups,) if self.groups > 1 else ()
 
-    def accumulate(self, acc: Optional[Tensor], rows: Tensor, dtype: torch.dtype,
-                   scale: float = 1.0) -> Tensor:
+    def accumulate(
+        self, acc: Tensor | None, rows: Tensor, dtype: torch.dtype, scale: float = 1.0
+    ) -> Tensor:
         """``acc + scale^2 sum_n r_n r_n^T`` in this structure (dense, stacked per group or
         one-hot index rows: core/layers.py's ``accumulate_outer``)."""
         return accumulate_outer(acc, rows, self.dim, not self.has_basis, dtype, scale)
@@ -97,8 +99,8 @@ class FactorStructure:
         ones = torch.full_like(diag, scale)
         return torch.diag_embed(ones) if self.has_basis else ones
 
-    # -- storage -----------------------------------------------------------------------------------
-    def shape(self) -> Tuple[int, ...]:
+    # -- storage ----------------------------------------------------------------------------------
+    def shape(self) -> tuple[int, ...]:
         """Shape of the stored factor (and of its accumulator and batch estimate)."""
         raise NotImplementedError
 
@@ -115,7 +117,7 @@ class FactorStructure:
         """The factor as a ``d x d`` matrix (a copy; for ``factors()`` and tests)."""
         raise NotImplementedError
 
-    # -- estimate ----------------------------------------------------------------------------------
+    # -- estimate ---------------------------------------------------------------------------------
     def row_sum(self, rows: Tensor) -> Tensor:
         """``sum_n r_n r_n^T`` of R rows (R x d) in this structure (a new tensor)."""
         raise NotImplementedError
@@ -124,30 +126,30 @@ class FactorStructure:
         """``tr(F) / d`` (the same for F and diag(F))."""
         raise NotImplementedError
 
-    # -- decomposition -----------------------------------------------------------------------------
-    def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        """``(Q, e)`` with ``F = Q diag(e) Q^T``, ``e >= 0``; ``Q`` is None for an identity basis."""
+    # -- decomposition ----------------------------------------------------------------------------
+    def eigen(self, factor: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(Q, e)`` with ``F = Q diag(e) Q^T``, ``e >= 0``; ``Q`` None: an identity basis."""
         raise NotImplementedError
 
-    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping: float | Tensor) -> Tensor:
         """``(F + damping I)^-1`` in this structure (damping: a float, or per group a (groups,)
         tensor)."""
         raise NotImplementedError
 
-    # -- application (grad is g_dim x a_dim: G on the left, A on the right) --------------------------
-    def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+    # -- application (grad is g_dim x a_dim: G on the left, A on the right) -----------------------
+    def left_rotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
         """``Q^T X``."""
         raise NotImplementedError
 
-    def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+    def left_unrotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
         """``Q X``."""
         raise NotImplementedError
 
-    def right_rotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+    def right_rotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
         """``X Q``."""
         raise NotImplementedError
 
-    def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+    def right_unrotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
         """``X Q^T``."""
         raise NotImplementedError
 
@@ -163,7 +165,7 @@ class FactorStructure:
         """``F X`` (side "left") or ``X F`` (side "right")."""
         return self.left_apply(factor, X) if side == "left" else self.right_apply(X, factor)
 
-    # -- memory model (numbers of elements; see core/footprint.py) -----------------------------------
+    # -- memory model (numbers of elements; see core/footprint.py) --------------------------------
     def eigen_numel(self) -> int:
         """Stored eigendecomposition: ``Q`` (if any) and ``e``."""
         raise NotImplementedError
@@ -187,8 +189,8 @@ class DenseFactor(FactorStructure):
     name = "dense"
     has_basis = True
 
-    def shape(self) -> Tuple[int, ...]:
-        return self._lead + (self.dim, self.dim)
+    def shape(self) -> tuple[int, ...]:
+        return (*self._lead, self.dim, self.dim)
 
     def to_matrix(self, factor: Tensor) -> Tensor:
         return factor.clone()
@@ -206,25 +208,29 @@ class DenseFactor(FactorStructure):
     def diagonal_of(self, factor: Tensor) -> Tensor:
         return factor.diagonal(dim1=-2, dim2=-1)
 
-    def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+    def eigen(self, factor: Tensor) -> tuple[Tensor | None, Tensor]:
         out = eigh_psd(factor)
         return out["Q"], out["e"]
 
-    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping: float | Tensor) -> Tensor:
         if isinstance(damping, Tensor):
             damping = damping.reshape(-1, 1, 1)
         return damped_inverse(factor, damping)
 
-    def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+    def left_rotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return Q.mT @ X
 
-    def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+    def left_unrotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return Q @ X
 
-    def right_rotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+    def right_rotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return X @ Q
 
-    def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+    def right_unrotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
+        assert Q is not None, "a dense factor has a basis"
         return X @ Q.mT
 
     def left_apply(self, M: Tensor, X: Tensor) -> Tensor:
@@ -253,8 +259,8 @@ class DiagonalFactor(FactorStructure):
     name = "diagonal"
     has_basis = False
 
-    def shape(self) -> Tuple[int, ...]:
-        return self._lead + (self.dim,)
+    def shape(self) -> tuple[int, ...]:
+        return (*self._lead, self.dim)
 
     def to_matrix(self, factor: Tensor) -> Tensor:
         if self.groups > 1:
@@ -263,8 +269,9 @@ class DiagonalFactor(FactorStructure):
             return torch.diag(factor)
         # a dense d x d copy of a wide diagonal would be the very memory this structure saves
         index = torch.arange(self.dim, device=factor.device).expand(2, -1)
-        return torch.sparse_coo_tensor(index, factor.clone(), (self.dim, self.dim),
-                                       check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(
+            index, factor.clone(), (self.dim, self.dim), check_invariants=False
+        ).coalesce()
 
     def row_sum(self, rows: Tensor) -> Tensor:
         return rows.square().sum(-2)
@@ -282,26 +289,26 @@ class DiagonalFactor(FactorStructure):
         if not torch.isfinite(factor).all():
             raise DecompositionError(f"{what}: the factor has non-finite entries")
 
-    def eigen(self, factor: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+    def eigen(self, factor: Tensor) -> tuple[Tensor | None, Tensor]:
         self._check_finite(factor, "eigendecomposition")
         return None, factor.clamp_min(0.0)
 
-    def damped_inverse(self, factor: Tensor, damping) -> Tensor:
+    def damped_inverse(self, factor: Tensor, damping: float | Tensor) -> Tensor:
         self._check_finite(factor, "inverse")
         if isinstance(damping, Tensor):
             damping = damping.reshape(-1, 1).to(factor.dtype)
         return 1.0 / (factor.clamp_min(0.0) + damping)
 
-    def left_rotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+    def left_rotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
         return X
 
-    def left_unrotate(self, Q: Optional[Tensor], X: Tensor) -> Tensor:
+    def left_unrotate(self, Q: Tensor | None, X: Tensor) -> Tensor:
         return X
 
-    def right_rotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+    def right_rotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
         return X
 
-    def right_unrotate(self, X: Tensor, Q: Optional[Tensor]) -> Tensor:
+    def right_unrotate(self, X: Tensor, Q: Tensor | None) -> Tensor:
         return X
 
     def left_apply(self, M: Tensor, X: Tensor) -> Tensor:

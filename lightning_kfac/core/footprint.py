@@ -39,52 +39,54 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
+
+from lightning_kfac.core.methods import Method
+
+if TYPE_CHECKING:
+    from lightning_kfac.core.blocks import KFACBlock
+    from lightning_kfac.core.factors import FactorStructure
 
 _CALIBRATION_DIM = 256
 
 
-def _item(block) -> int:
+def _item(block: KFACBlock) -> int:
     return torch.empty((), dtype=block.dtype).element_size()
 
 
-def _method(block) -> str:
-    return str(getattr(block.compute_method, "value", block.compute_method))
+def _method(block: KFACBlock) -> Method:
+    return block.method  # core/methods: the cost model of the block's compute method
 
 
-def factor_numel(block) -> int:
+def factor_numel(block: KFACBlock) -> int:
     return block.a_structure.numel() + block.g_structure.numel()
 
 
-def decomposition_numel(block) -> int:
-    sa, sg, method = block.a_structure, block.g_structure, _method(block)
-    if method == "inverse":
-        return sa.inverse_numel() + sg.inverse_numel()
-    extra = _grad_numel(block) if method == "ekfac" else 0  # EKFAC's eigenbasis scaling
-    return sa.eigen_numel() + sg.eigen_numel() + extra
+def decomposition_numel(block: KFACBlock) -> int:
+    return _method(block).held_numel(block.a_structure, block.g_structure)
 
 
-def held_bytes(block) -> int:
+def held_bytes(block: KFACBlock) -> int:
     """Bytes of the running factors and the decomposition in use (between steps); EKFAC also
     keeps a float64 count of the scaling estimates since its last refresh (core/ekfac.py)."""
-    counter = 8 if _method(block) == "ekfac" else 0
+    counter = _method(block).extra_held_bytes
     return (factor_numel(block) + decomposition_numel(block)) * _item(block) + counter
 
 
-def _grad_numel(block) -> int:
+def _grad_numel(block: KFACBlock) -> int:
     return block.a_structure.groups * block.g_structure.dim * block.a_structure.dim
 
 
-def _product_numel(block) -> int:
+def _product_numel(block: KFACBlock) -> int:
     """g_dim x a_dim tensors alive at the peak of one layer's product, the result included:
     eigen / EKFAC: the rotated gradient, the denominator, the divided one, one per side rotated
     back (dense sides only); inverse: ``G_inv grad`` and the result."""
-    if _method(block) == "inverse":
-        return 2
-    return 2 + int(block.a_structure.has_basis) + int(block.g_structure.has_basis)
+    return _method(block).product_numel(block.a_structure, block.g_structure)
 
 
 @dataclass
@@ -93,10 +95,10 @@ class Footprint:
 
     held: int
     peak: int
-    phases: Dict[str, int]
+    phases: dict[str, int]
 
 
-def footprint(blocks: Iterable) -> Footprint:
+def footprint(blocks: Iterable[KFACBlock]) -> Footprint:
     """The memory model of the module docstring for a set of blocks."""
     blocks = list(blocks)
     F = sum(factor_numel(b) * _item(b) for b in blocks)
@@ -106,12 +108,12 @@ def footprint(blocks: Iterable) -> Footprint:
         return Footprint(0, 0, {})
     capture = max(max(b.a_structure.capture_transient_numel(),
                       b.g_structure.capture_transient_numel()) * _item(b) for b in blocks)
-    capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b) == "ekfac")
+    capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b).needs_pairs)
     one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b)
                        for b in blocks)
     decompose = max((decomposition_numel(b)
-                     + max(b.a_structure.decompose_transient_numel(_method(b)),
-                           b.g_structure.decompose_transient_numel(_method(b)))) * _item(b)
+                     + max(b.a_structure.decompose_transient_numel(_method(b).name),
+                           b.g_structure.decompose_transient_numel(_method(b).name))) * _item(b)
                     for b in blocks)
     buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
     product = max(max(_product_numel(b) - 1, 1) * _grad_numel(b) * _item(b) for b in blocks)
@@ -127,49 +129,49 @@ def footprint(blocks: Iterable) -> Footprint:
     return Footprint(held, max(phases.values()), phases)
 
 
-def layer_peak_share(block) -> int:
+def layer_peak_share(block: KFACBlock) -> int:
     """One layer's own contribution to the peak (for naming the layers that do not fit)."""
     return footprint([block]).peak
 
 
+def _no_sync() -> None:
+    """Nothing to wait for on the CPU."""
+
+
 # -- refresh time -----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _seconds_per_cube(method: str, device: str, dtype: torch.dtype) -> float:
+def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str,
+                      dtype: torch.dtype) -> float:
     """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""
-    from lightning_kfac.core import linalg
-
     d = _CALIBRATION_DIM
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(d, d, generator=gen, dtype=dtype).to(device)
     m = x @ x.T / d
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync: Callable[[], None] = torch.cuda.synchronize if cuda else _no_sync
     clock = time.perf_counter if cuda else time.process_time  # CPU: all threads' CPU time
     times = []
     for _ in range(4):  # the first run pays one-off library loading: dropped
         sync()
         start = clock()
-        if method == "inverse":
-            linalg.damped_inverse(m, 1e-3)
-        else:
-            linalg.eigh_psd(m)
+        kernel(m)
         sync()
         times.append(clock() - start)
-    return statistics.median(times[1:]) / d ** 3
+    return statistics.median(times[1:]) / d**3
 
 
-def refresh_seconds(block) -> float:
+def refresh_seconds(block: KFACBlock) -> float:
     """Predicted seconds of one decomposition of this layer (dense sides only: ``rate * d^3``)."""
-    method = "inverse" if _method(block) == "inverse" else "eigen"
+    method = _method(block)
     device = str(block.kind.module.weight.device)
-    cubes = sum(s.groups * s.dim ** 3 for s in (block.a_structure, block.g_structure)
-                if s.has_basis)
+    cubes = sum(s.groups * s.dim**3 for s in (block.a_structure, block.g_structure) if s.has_basis)
     if cubes == 0:
         return 0.0
-    return _seconds_per_cube(method, device, block.dtype) * cubes
+    # cached per kernel: methods that run the same one (eigen, EKFAC) share one calibration
+    return _seconds_per_cube(method.decompose_side, device, block.dtype) * cubes
 
 
-def describe_side(structure, reason: str) -> Tuple[str, str]:
+def describe_side(structure: FactorStructure, reason: str) -> tuple[str, str]:
     """``("64x64", "dense")`` / ``("32000", "diagonal (> max_dense_dim)")`` for the summary; a
     grouped side reads ``"8 x 9x9"`` (one factor per group)."""
     d = structure.dim

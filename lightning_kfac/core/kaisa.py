@@ -28,8 +28,11 @@ Decisions are collective: a decomposition that fails on the rank computing it fa
 (a flag all-reduce precedes the transfer), so all ranks keep the same previous decomposition and
 count the same failures. A preconditioned gradient travels with an "ok" flag set by its owner.
 
-Layers whose decomposition layout is not known here (``compute_method`` other than "eigen" and
-"inverse") are always replicated. Transfers use one flattened broadcast per source rank
+Layers whose method declares no transfer layout (``Method.layout`` is None: EKFAC, whose scaling
+sums stay per rank) and grouped convolutions are always replicated. The layout (which tensors,
+their shapes, dtypes and memory order) comes from the method's decomposition type
+(core/methods/): a matrix the type declares column-major (produced by LAPACK) is received into a
+column-major buffer, so every rank's matmuls see the owner's memory layout. Transfers use one flattened broadcast per source rank
 (``transport="broadcast"``) or one all-reduce of zero-filled buffers (``"all_reduce"``); both
 deliver the owner's values exactly (x + 0 = x). At 2 ranks here neither was consistently faster;
 "broadcast" is the default because an all-reduce moves every rank's (zero) share too.
@@ -37,57 +40,33 @@ deliver the owner's values exactly (x + 0 = x). At 2 ranks here neither was cons
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.core.assignment import greedy_assignment, layer_cost
-from lightning_kfac.core.distributed import symmetric_numel
-from lightning_kfac.core.factors import DenseFactor
+from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.distributed import Communicator, symmetric_numel
+from lightning_kfac.core.factors import FactorStructure
+from lightning_kfac.core.methods import Decomposition, Layout
 
-Layout = List[Tuple[str, Tuple[int, ...], torch.dtype, bool]]  # key, shape, dtype, column-major
 TRANSPORTS = ("broadcast", "all_reduce")
 #: Decision flags per layer in a factor update (seen, non-finite, ever seen: _update_factors).
 FACTOR_FLAGS = 3
+#: ``(block, grad, P, lr)``: one layer's work in a step (``KFACPreconditioner._precondition``).
+WorkItem = Tuple[KFACBlock, Tensor, Optional[Tensor], float]
 
 
-@functools.lru_cache(maxsize=None)
-def _column_major(method: str, dtype: torch.dtype) -> FrozenSet[str]:
-    """Keys that torch's eigh / inverse return column-major (probed once per method and dtype).
-
-    Receivers allocate those buffers column-major too, so that every rank's matmuls see the same
-    memory layout as on the owner and give bit-identical results to replicated decompositions.
-    """
-    from lightning_kfac.core import linalg
-
-    m, dense = torch.eye(3, dtype=dtype) + 0.1, DenseFactor(3)
-    dec = (linalg.eigen_decomposition(m, m, dense, dense) if method == "eigen"
-           else linalg.inverse_decomposition(m, m, 1.0, dense, dense))
-    return frozenset(k for k, v in dec.items() if v.dim() == 2 and not v.is_contiguous()
-                     and v.T.is_contiguous())
+def _mode(value: object) -> str:
+    return str(getattr(value, "value", value))
 
 
-def decomposition_layout(block, relative: bool) -> Optional[Layout]:
+def decomposition_layout(block: KFACBlock, relative: bool) -> Optional[Layout]:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
-    if getattr(block.kind, "groups", 1) > 1:
+    if block.a_structure.groups > 1:
         return None  # stacked per-group factors (grouped convolutions): decomposed everywhere
-    a, g, dtype = block.kind.a_dim(), block.kind.g_dim(), block.dtype
-    method = str(getattr(block.compute_method, "value", block.compute_method))
-    sa, sg = block.a_structure, block.g_structure  # core/factors.py: what each side stores
-    if method == "eigen":
-        items = ([("QA", (a, a))] if sa.has_basis else []) + [("eA", (a,))] \
-            + ([("QG", (g, g))] if sg.has_basis else []) + [("eG", (g,))]
-    elif method == "inverse":
-        items = [("A_inv", sa.shape()), ("G_inv", sg.shape())]
-    else:
-        return None
-    cols = _column_major(method, dtype)
-    layout: Layout = [(key, shape, dtype, key in cols and len(shape) == 2) for key, shape in items]
-    if relative:
-        layout.append(("damping_scale", (), torch.float64, False))
-    return layout
+    return block.method.layout(block.a_structure, block.g_structure, block.dtype, relative)
 
 
 def _wire(t: Tensor, column_major: bool) -> Tensor:
@@ -109,38 +88,31 @@ class DistributedWork:
     """Per-preconditioner KAISA bookkeeping: the owner map, the transfers, collective decisions.
 
     Args:
-        pre: the ``KFACPreconditioner`` (its ``comm``, ``config`` and ``blocks`` are read at
-            each call, so a communicator set after construction is picked up).
+        comm: collectives across ranks (``comm`` may be replaced later: it is read at each call).
+        distribute: "replicate", "decompositions" or "gradients" (``KFACConfig.distribute``).
+        relative: ``damping_mode="relative"`` (decompositions carry ``damping_scale``).
+        blocks: name -> block, the engine's live mapping (layers dropped later leave it).
         transport: "broadcast" (one flattened broadcast per source rank) or "all_reduce".
     """
 
-    def __init__(self, pre: Any, transport: str = "broadcast"):
+    def __init__(self, comm: Communicator, distribute: object, relative: bool,
+                 blocks: Mapping[str, KFACBlock], transport: str = "broadcast"):
         if transport not in TRANSPORTS:
             raise ValueError(f"Invalid transport={transport!r}: must be one of {TRANSPORTS}.")
-        self.pre = pre
+        self.comm = comm
+        self.mode = _mode(distribute)
+        self.relative = bool(relative)
+        self.blocks = blocks
         self.transport = transport
         self.local_decompositions = 0  # decompositions computed on this rank (for figures/tests)
         self._owners: Dict[str, int] = {}
         self._owners_world = 0
 
     # -- who does what -----------------------------------------------------------------------
-    @property
-    def mode(self) -> str:
-        mode = getattr(self.pre.config, "distribute", "replicate")
-        return str(getattr(mode, "value", mode))
+    def layout(self, block: KFACBlock) -> Optional[Layout]:
+        return decomposition_layout(block, self.relative)
 
-    @property
-    def comm(self):
-        return self.pre.comm
-
-    def _relative(self) -> bool:
-        mode = self.pre.config.damping_mode
-        return str(getattr(mode, "value", mode)) == "relative"
-
-    def layout(self, block) -> Optional[Layout]:
-        return decomposition_layout(block, self._relative())
-
-    def is_shared(self, block) -> bool:
+    def is_shared(self, block: KFACBlock) -> bool:
         """True when one owner rank decomposes this block (world > 1, mode != replicate)."""
         return (self.comm.world_size > 1 and self.mode != "replicate"
                 and self.layout(block) is not None)
@@ -148,17 +120,22 @@ class DistributedWork:
     def owners(self) -> Dict[str, int]:
         """``{name: rank}`` for the shareable blocks; fixed once computed (per world size)."""
         world = self.comm.world_size
-        names = [n for n, b in self.pre.blocks.items() if self.layout(b) is not None]
+        names = [n for n, b in self.blocks.items() if self.layout(b) is not None]
         if world != self._owners_world or any(n not in self._owners for n in names):
-            costs = [(n, layer_cost(self.pre.blocks[n].kind.a_dim(), self.pre.blocks[n].kind.g_dim()))
+            costs = [(n, layer_cost(self.blocks[n].kind.a_dim(), self.blocks[n].kind.g_dim()))
                      for n in names]
             self._owners = greedy_assignment(costs, world)
             self._owners_world = world
         return self._owners
 
-    def owner(self, block) -> Optional[int]:
+    def owner(self, block: KFACBlock) -> Optional[int]:
         """The rank that decomposes ``block``, or None when every rank does."""
         return self.owners()[block.name] if self.is_shared(block) else None
+
+    def communication_bytes(self, world_size: Optional[int] = None) -> Dict[str, int]:
+        """``communication_bytes`` of these blocks and options (world size: the communicator's)."""
+        world = self.comm.world_size if world_size is None else int(world_size)
+        return communication_bytes(self.blocks, self.mode, self.relative, world)
 
     # -- transfers ---------------------------------------------------------------------------
     def _transfer(self, per_src: Dict[int, List[Tensor]]) -> None:
@@ -178,35 +155,39 @@ class DistributedWork:
                 everything += per_src[src]
             self.comm.all_reduce_sum_(everything)
 
-    def _send_decompositions(self, blocks: Sequence[Any]) -> Dict[str, Dict[str, Tensor]]:
-        """Owners' decompositions of ``blocks`` on every rank: ``{name: decomposition}``."""
+    def _send_decompositions(self, blocks: Sequence[KFACBlock]) -> Dict[str, Decomposition]:
+        """Owners' decompositions of ``blocks`` on every rank: ``{name: decomposition}`` (the
+        layout's fields only, on the owner too, so that every rank applies the same tensors)."""
         rank = self.comm.rank
         per_src: Dict[int, List[Tensor]] = {}
-        out: Dict[str, Dict[str, Tensor]] = {}
+        out: Dict[str, Decomposition] = {}
         for block in blocks:
             src, layout = self.owners()[block.name], self.layout(block)
+            assert layout is not None  # only shareable blocks are sent
             device = block.kind.weight.device
             if src == rank:
                 dec = block.decomposition
                 _check_layout(block, dec, layout)
-                out[block.name] = {k: dec[k] for k, _, _, _ in layout}
+                assert dec is not None
+                fields = {k: dec[k] for k, _, _, _ in layout}
                 wire = [_wire(dec[k], col) for k, _, _, col in layout]
             else:
-                dec = {k: (torch.zeros(shape[::-1], dtype=dtype, device=device).T if col
-                           else torch.zeros(shape, dtype=dtype, device=device))
-                       for k, shape, dtype, col in layout}
-                out[block.name] = dec
-                wire = [dec[k].T if col else dec[k] for k, _, _, col in layout]
+                fields = {k: (torch.zeros(shape[::-1], dtype=dtype, device=device).T if col
+                              else torch.zeros(shape, dtype=dtype, device=device))
+                          for k, shape, dtype, col in layout}
+                wire = [fields[k].T if col else fields[k] for k, _, _, col in layout]
+            out[block.name] = block.method.decomposition_type.from_state(fields)
             per_src.setdefault(src, []).extend(wire)
         self._transfer(per_src)
         return out
 
     # -- engine entry points -----------------------------------------------------------------
-    def decompose(self, due: Sequence[Any], fn) -> List[Tuple[Any, Optional[Exception]]]:
-        """Refresh the decompositions of ``due`` with ``fn(block) -> dict``, collectively.
+    def decompose(self, due: Sequence[KFACBlock], fn: Callable[[KFACBlock], Decomposition]
+                  ) -> List[Tuple[KFACBlock, Optional[Exception]]]:
+        """Refresh the decompositions of ``due`` with ``fn(block)``, collectively.
 
         Returns ``[(block, error or None)]`` in ``due`` order, identical on every rank; on
-        success ``block.decomposition`` is set (empty on non-owners in "gradients" mode), on
+        success ``block.decomposition`` is set (None on non-owners in "gradients" mode), on
         failure it is left as it was.
         """
         from lightning_kfac.core.linalg import DecompositionError
@@ -225,35 +206,36 @@ class DistributedWork:
                     failed[i] = 1.0
         if comm.world_size > 1 and len(due):
             comm.all_reduce_sum_([failed])
-        results: List[Tuple[Any, Optional[Exception]]] = []
+        results: List[Tuple[KFACBlock, Optional[Exception]]] = []
         to_send = []
         for i, (block, src) in enumerate(zip(due, owners)):
             if failed[i] > 0:
-                err = local.get(i)
-                if not isinstance(err, Exception):
+                mine = local.get(i)
+                if not isinstance(mine, Exception):
                     where = "another rank" if src is None else f"rank {src}"
-                    err = DecompositionError(f"the decomposition failed on {where}")
-                results.append((block, err))
+                    mine = DecompositionError(f"the decomposition failed on {where}")
+                results.append((block, mine))
                 continue
             if src is None or src == rank:
                 block.decomposition = local[i]
             elif self.mode == "gradients":
-                block.decomposition = {}
+                block.decomposition = None
             if src is not None and self.mode == "decompositions":
                 to_send.append(block)
             results.append((block, None))
         if to_send:
             for name, dec in self._send_decompositions(to_send).items():
-                self.pre.blocks[name].decomposition = dec
+                self.blocks[name].decomposition = dec
         return results
 
-    def exchange_gradients(self, work: List[tuple], lr_of: Optional[Dict[int, float]]) -> List[tuple]:
+    def exchange_gradients(self, work: List[WorkItem], lr_of: Optional[Dict[int, float]]
+                           ) -> List[WorkItem]:
         """"gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
 
         ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
         the result holds every layer whose owner produced a P (in ``blocks`` order).
         """
-        blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)
+        blocks = [b for b in self.blocks.values() if self.is_shared(b)
                   and (lr_of is None or id(b.kind.weight) in lr_of)]  # this optimizer's
         if self.mode != "gradients" or not blocks:
             return work
@@ -266,7 +248,7 @@ class DistributedWork:
             device = block.kind.weight.device
             shape = (block.kind.g_dim(), block.kind.a_dim())
             item = local.get(block.name) if src == rank else None
-            if item is not None:
+            if item is not None and item[2] is not None:
                 pre_grad = item[2].contiguous()
                 flag = torch.ones(1, dtype=pre_grad.dtype, device=device)
             else:
@@ -277,13 +259,13 @@ class DistributedWork:
         self._transfer(per_src)
         shared = {b.name for b in blocks}
         out = []
-        for block in self.pre.blocks.values():
+        for block in self.blocks.values():
             if block.name not in shared:
                 if block.name in local:
                     out.append(local[block.name])
                 continue
             if self.owners()[block.name] != rank:
-                block.decomposition = {}  # e.g. loaded from a checkpoint: the owner's copy is used
+                block.decomposition = None  # e.g. loaded from a checkpoint: the owner's is used
             pre_grad, flag = received[block.name]
             if float(flag) != 1.0:
                 continue
@@ -294,7 +276,7 @@ class DistributedWork:
 
     def complete_state(self, layers: Dict[str, Dict[str, Any]]) -> None:
         """"gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
-        blocks = [b for b in self.pre.blocks.values() if self.is_shared(b)]
+        blocks = [b for b in self.blocks.values() if self.is_shared(b)]
         if self.mode != "gradients" or not blocks:
             return
         rank = self.comm.rank
@@ -303,20 +285,20 @@ class DistributedWork:
         self.comm.all_reduce_sum_([have])
         ready = [b for b, h in zip(blocks, have.tolist()) if h > 0]
         for name, dec in self._send_decompositions(ready).items():
-            layers[name]["decomposition"] = {k: v.clone() for k, v in dec.items()}
+            layers[name]["decomposition"] = {k: v.clone() for k, v in dec.to_state().items()}
 
 
-def _device(blocks: Sequence[Any]) -> torch.device:
+def _device(blocks: Sequence[KFACBlock]) -> torch.device:
     """Where collective buffers live (nccl needs CUDA tensors): the first layer's device."""
     return blocks[0].kind.weight.device if len(blocks) else torch.device("cpu")
 
 
-def _side_numel(structure) -> int:
+def _side_numel(structure: FactorStructure) -> int:
     """Numbers sent for one batch estimate: a dense side's upper triangle, a diagonal's entries."""
     return symmetric_numel(structure.dim) if structure.has_basis else structure.dim
 
 
-def _work_item(block, lr_of):
+def _work_item(block: KFACBlock, lr_of: Optional[Dict[int, float]]) -> Optional[WorkItem]:
     weight = block.kind.weight
     if lr_of is not None and id(weight) not in lr_of:
         return None
@@ -326,9 +308,9 @@ def _work_item(block, lr_of):
     return (block, raw.to(block.dtype), None, 1.0 if lr_of is None else lr_of[id(weight)])
 
 
-def _check_layout(block, dec: Dict[str, Tensor], layout: Layout) -> None:
+def _check_layout(block: KFACBlock, dec: Optional[Decomposition], layout: Layout) -> None:
     for key, shape, dtype, _ in layout:
-        value = dec.get(key)
+        value = None if dec is None else dec.get(key)
         if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
             got = None if value is None else (tuple(value.shape), value.dtype)
             raise RuntimeError(
@@ -336,7 +318,8 @@ def _check_layout(block, dec: Dict[str, Tensor], layout: Layout) -> None:
                 f"({key}: expected {tuple(shape)} {dtype}, got {got}); set distribute='replicate'.")
 
 
-def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str, int]:
+def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, relative: bool,
+                        world_size: int) -> Dict[str, int]:
     """Payload bytes each rank hands to collectives, for every layer due at once.
 
     Returns a dict with ``factor_update`` (upper triangles of A^, G^ and ``FACTOR_FLAGS`` flags
@@ -347,35 +330,34 @@ def communication_bytes(pre: Any, world_size: Optional[int] = None) -> Dict[str,
     decompositions held by the busiest rank).
 
     Example:
-        >>> communication_bytes(KFACPreconditioner(model), world_size=2)["factor_update"]
+        >>> KFACPreconditioner(model).distributed.communication_bytes(world_size=2)["factor_update"]
     """
-    world = pre.comm.world_size if world_size is None else int(world_size)
-    work = DistributedWork(pre)
-    relative = work._relative()
-    mode = work.mode
-    blocks = list(pre.blocks.values())
-    layouts = {b.name: decomposition_layout(b, relative) for b in blocks}
-    shared = [b for b in blocks if world > 1 and mode != "replicate" and layouts[b.name] is not None]
+    world = int(world_size)
+    mode = _mode(distribute)
+    block_list = list(blocks.values())
+    layouts = {b.name: decomposition_layout(b, relative) for b in block_list}
+    shared = [b for b in block_list
+              if world > 1 and mode != "replicate" and layouts[b.name] is not None]
     costs = [(b.name, layer_cost(b.kind.a_dim(), b.kind.g_dim())) for b in shared]
     owner = greedy_assignment(costs, max(world, 1))
-    dec_bytes = {b.name: _nbytes(layouts[b.name]) for b in blocks if layouts[b.name] is not None}
+    dec_bytes = {name: _nbytes(layout) for name, layout in layouts.items() if layout is not None}
 
-    def elsize(b) -> int:
+    def elsize(b: KFACBlock) -> int:
         return torch.empty((), dtype=b.dtype).element_size()
 
     out = {"factor_update": 0, "decomposition_refresh": 0, "per_step": 0, "state_dict": 0}
-    if world > 1 and blocks:
+    if world > 1 and block_list:
         out["factor_update"] = sum(
             (_side_numel(b.a_structure) + _side_numel(b.g_structure) + FACTOR_FLAGS) * elsize(b)
-            for b in blocks)
-        out["decomposition_refresh"] = 8 * len(blocks)
+            for b in block_list)
+        out["decomposition_refresh"] = 8 * len(block_list)
         if mode == "decompositions":
             out["decomposition_refresh"] += sum(dec_bytes[b.name] for b in shared)
         if mode == "gradients":
             out["per_step"] = sum((b.kind.g_dim() * b.kind.a_dim() + 1) * elsize(b) for b in shared)
             out["state_dict"] = 8 * len(shared) + sum(dec_bytes[b.name] for b in shared)
     held = [0] * max(world, 1)
-    for b in blocks:
+    for b in block_list:
         size = dec_bytes.get(b.name, 0)
         if b in shared and mode == "gradients":
             held[owner[b.name]] += size

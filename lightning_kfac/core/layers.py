@@ -40,7 +40,8 @@ subclass (see docs/layers.md).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Type, Union
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,14 @@ from torch import Tensor, nn
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def accumulate_outer(acc: Optional[Tensor], rows: Tensor, dim: int, diagonal: bool,
-                     dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+def accumulate_outer(
+    acc: Tensor | None,
+    rows: Tensor,
+    dim: int,
+    diagonal: bool,
+    dtype: torch.dtype,
+    scale: float = 1.0,
+) -> Tensor:
     """``acc + scale^2 sum_r row_r row_r^T`` (its diagonal when ``diagonal``), in ``dtype``.
 
     ``rows`` are dense (R x dim), stacked per group (K x R x dim: a (K x dim x dim) result), or
@@ -88,12 +95,14 @@ class LayerKind:
     groups = 1  # > 1: factors stacked per group (grouped convolutions)
 
     def __init__(self, module: nn.Module, *, use_bias: bool = True):
-        self.module = module
+        # duck-typed: torch's layers and registered types alike only need ``weight`` (``bias``)
+        self.module: Any = module
         self.use_bias = use_bias  # False: the bias stays out of W~ (kept raw)
 
     @property
     def weight(self) -> Tensor:
-        return self.module.weight
+        weight: Tensor = self.module.weight
+        return weight
 
     @property
     def has_bias(self) -> bool:
@@ -101,22 +110,22 @@ class LayerKind:
         return self.use_bias and isinstance(bias, Tensor) and bias.requires_grad
 
     @property
-    def params(self) -> Tuple[Tensor, ...]:
+    def params(self) -> tuple[Tensor, ...]:
         return (self.module.weight, self.module.bias) if self.has_bias else (self.module.weight,)
 
     def a_dim(self) -> int:
         raise NotImplementedError
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[0]
+        return self.weight.shape[0]
 
-    def factor_shapes(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of A and G (a vector for a diagonal A; stacked per group when groups > 1)."""
         a, g = self.a_dim(), self.g_dim()
         lead = (self.groups,) if self.groups > 1 else ()
-        return (lead + ((a,) if self.diagonal_a else (a, a)), lead + (g, g))
+        return (lead + ((a,) if self.diagonal_a else (a, a)), (*lead, g, g))
 
-    def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         """Rows ``a`` (R x a_dim) and the divisor of ``sum a a^T`` (rows, or B for conv)."""
         raise NotImplementedError
 
@@ -124,7 +133,7 @@ class LayerKind:
         """What ``grad_rows`` needs from the forward (e.g. a padding mask); None by default."""
         return None
 
-    def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, int, int]:
         """Rows ``g`` (R x g_dim), the divisor of ``sum g g^T`` and the example count N."""
         raise NotImplementedError
 
@@ -132,21 +141,24 @@ class LayerKind:
         """``sum_n a_n a_n^T`` of the rows from ``input_rows`` (its diagonal when diagonal_a)."""
         return accumulate_outer(None, rows, self.a_dim(), self.diagonal_a, dtype)
 
-    def as_matrix(self, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def as_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Weight- and bias-shaped tensors (e.g. a parameter step) in the ``W~`` layout."""
         matrix = weight.T if self.transposed else weight.reshape(weight.shape[0], -1)
         if self.has_bias:
-            bias = torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device) \
-                if bias is None else bias
+            bias = (
+                torch.zeros(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+                if bias is None
+                else bias
+            )
             matrix = torch.cat([matrix, bias.reshape(-1, 1)], dim=1)
         return matrix
 
     def _append_ones(self, rows: Tensor) -> Tensor:
         if not self.has_bias:
             return rows
-        return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
+        return torch.cat([rows, rows.new_ones((*rows.shape[:-1], 1))], dim=-1)
 
-    def grad_matrix(self) -> Optional[Tensor]:
+    def grad_matrix(self) -> Tensor | None:
         """``grad W~`` as a (g_dim x a_dim) matrix, or None when the weight has no gradient."""
         weight = self.module.weight
         if weight.grad is None:
@@ -176,13 +188,13 @@ class LinearKind(LayerKind):
     name = "Linear"
 
     def a_dim(self) -> int:
-        return self.module.weight.shape[1] + (1 if self.has_bias else 0)
+        return self.weight.shape[1] + (1 if self.has_bias else 0)
 
-    def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         rows = x.reshape(-1, x.shape[-1])
         return self._append_ones(rows), rows.shape[0]
 
-    def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, int, int]:
         rows = g.reshape(-1, g.shape[-1])
         return rows, rows.shape[0], rows.shape[0]
 
@@ -195,10 +207,10 @@ class LinearTransposedKind(LinearKind):
     transposed = True
 
     def a_dim(self) -> int:
-        return self.module.weight.shape[0] + (1 if self.has_bias else 0)
+        return self.weight.shape[0] + (1 if self.has_bias else 0)
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[1]
+        return self.weight.shape[1]
 
 
 class ConvKind(LayerKind):
@@ -207,8 +219,7 @@ class ConvKind(LayerKind):
     name = "Conv"
 
     def a_dim(self) -> int:
-        weight = self.module.weight
-        return weight[0].numel() + (1 if self.has_bias else 0)
+        return self.weight[0].numel() + (1 if self.has_bias else 0)
 
     def _patches(self, x: Tensor) -> Tensor:
         """(B, C_in * prod(kernel), T) patches, in the order of ``weight.view(out, -1)``."""
@@ -219,12 +230,19 @@ class ConvKind(LayerKind):
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = (0,) * nd
         if nd in (1, 2) and not isinstance(padding, str):
-            def as2d(v):
+
+            def as2d(v: tuple[int, ...]) -> tuple[int, ...]:
                 return (1, v[0]) if nd == 1 else tuple(v)
+
             x4 = x.unsqueeze(2) if nd == 1 else x
             pad = (0, padding[0]) if nd == 1 else tuple(padding)
-            return F.unfold(x4, kernel_size=as2d(conv.kernel_size), dilation=as2d(conv.dilation),
-                            padding=pad, stride=as2d(conv.stride))
+            return F.unfold(
+                x4,
+                kernel_size=as2d(conv.kernel_size),
+                dilation=as2d(conv.dilation),
+                padding=pad,
+                stride=as2d(conv.stride),
+            )
         # General case (Conv3d, padding="same"): a grouped convolution with one-hot kernels
         # extracts every patch element as a channel, in (channel, kernel position) order.
         channels, kernel = x.shape[1], tuple(conv.kernel_size)
@@ -237,12 +255,12 @@ class ConvKind(LayerKind):
         out = conv_fn(x, weight, None, conv.stride, padding, conv.dilation, groups=channels)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
-    def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         patches = self._patches(x)  # B x D x T
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         return self._append_ones(rows), x.shape[0]
 
-    def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, int, int]:
         batch, channels = g.shape[0], g.shape[1]
         rows = g.reshape(batch, channels, -1).transpose(1, 2).reshape(-1, channels)
         return rows, rows.shape[0], batch
@@ -256,15 +274,15 @@ class GroupedConvKind(ConvKind):
 
     def __init__(self, module: nn.Module, **kwargs: Any):
         super().__init__(module, **kwargs)
-        self.groups = module.groups
+        self.groups: int = self.module.groups
 
     def a_dim(self) -> int:
-        return self.module.weight[0].numel() + (1 if self.has_bias else 0)  # (C_in/K) * kernel
+        return self.weight[0].numel() + (1 if self.has_bias else 0)  # (C_in/K) * kernel
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[0] // self.groups
+        return self.weight.shape[0] // self.groups
 
-    def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         patches = self._patches(x)  # B x (C_in * k) x T, channel-major: group k is a slice
         batch, _, locations = patches.shape
         grouped = patches.reshape(batch, self.groups, -1, locations).permute(1, 0, 3, 2)
@@ -276,17 +294,20 @@ class GroupedConvKind(ConvKind):
             rows[..., d] = 1.0
         return rows.reshape(self.groups, batch * locations, -1), batch
 
-    def grad_rows(self, g: Tensor) -> Tuple[Tensor, int, int]:
+    def grad_rows(self, g: Tensor) -> tuple[Tensor, int, int]:
         batch = g.shape[0]
         rows = g.reshape(batch, self.groups, self.g_dim(), -1).permute(1, 0, 3, 2)
         rows = rows.reshape(self.groups, -1, self.g_dim())
         return rows, rows.shape[1], batch
 
-    def as_matrix(self, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def as_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         matrix = weight.reshape(self.groups, self.g_dim(), -1)
         if self.has_bias:
-            bias = torch.zeros(weight.shape[0], dtype=matrix.dtype, device=matrix.device) \
-                if bias is None else bias
+            bias = (
+                torch.zeros(weight.shape[0], dtype=matrix.dtype, device=matrix.device)
+                if bias is None
+                else bias
+            )
             matrix = torch.cat([matrix, bias.reshape(self.groups, -1, 1)], dim=2)
         return matrix
 
@@ -303,26 +324,26 @@ class EmbeddingKind(LayerKind):
     transposed = True
 
     def a_dim(self) -> int:
-        return self.module.weight.shape[0]
+        return self.weight.shape[0]
 
     def g_dim(self) -> int:
-        return self.module.weight.shape[1]
+        return self.weight.shape[1]
 
-    def _keep(self, x: Tensor) -> Optional[Tensor]:
+    def _keep(self, x: Tensor) -> Tensor | None:
         padding = getattr(self.module, "padding_idx", None)
         return None if padding is None else x.reshape(-1) != padding
 
-    def input_rows(self, x: Tensor) -> Tuple[Tensor, int]:
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         rows = x.reshape(-1)
         keep = self._keep(x)
         if keep is not None:
             rows = rows[keep]
         return rows, rows.shape[0]
 
-    def grad_context(self, x: Tensor) -> Optional[Tensor]:
+    def grad_context(self, x: Tensor) -> Tensor | None:
         return self._keep(x)
 
-    def grad_rows(self, g: Tensor, keep: Optional[Tensor] = None) -> Tuple[Tensor, int, int]:
+    def grad_rows(self, g: Tensor, keep: Tensor | None = None) -> tuple[Tensor, int, int]:
         rows = g.reshape(-1, g.shape[-1])
         examples = rows.shape[0]  # the loss's mean runs over every position
         if keep is not None:
@@ -334,34 +355,39 @@ def _embedding_refusal(module: nn.Module) -> str:
     if getattr(module, "sparse", False):
         return "nn.Embedding(sparse=True): sparse gradients are not supported"
     if getattr(module, "scale_grad_by_freq", False):
-        return ("nn.Embedding(scale_grad_by_freq=True) is not supported (its gradient is not "
-                "sum_n g_n a_n^T)")
+        return (
+            "nn.Embedding(scale_grad_by_freq=True) is not supported (its gradient is not "
+            "sum_n g_n a_n^T)"
+        )
     return ""
 
 
-def _conv_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
-    return (GroupedConvKind(module) if module.groups > 1 else ConvKind(module)), ""
+def _conv_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
+    grouped = cast(int, module.groups) > 1
+    return (GroupedConvKind(module) if grouped else ConvKind(module)), ""
 
 
-def _embedding_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
+def _embedding_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
     reason = _embedding_refusal(module)
     return (None, reason) if reason else (EmbeddingKind(module), "")
 
 
-MHA_REASON = ("nn.MultiheadAttention applies its projections functionally "
-              "(F.multi_head_attention_forward), out of reach of module hooks: its in_proj and "
-              "out_proj keep raw gradients (a model can use nn.Linear projections instead)")
+MHA_REASON = (
+    "nn.MultiheadAttention applies its projections functionally "
+    "(F.multi_head_attention_forward), out of reach of module hooks: its in_proj and "
+    "out_proj keep raw gradients (a model can use nn.Linear projections instead)"
+)
 
-BUILTIN_KINDS: Dict[str, Any] = {
+BUILTIN_KINDS: dict[str, Callable[[nn.Module], tuple[LayerKind | None, str]]] = {
     "linear": lambda m: (LinearKind(m), ""),
     "linear_transposed": lambda m: (LinearTransposedKind(m), ""),
     "conv": _conv_kind,
     "embedding": _embedding_kind,
 }
-_REGISTRY: Dict[type, Union[str, Type[LayerKind]]] = {}
+_REGISTRY: dict[type, str | type[LayerKind]] = {}
 
 
-def register_layer(module_class: type, kind: Union[str, Type[LayerKind]]) -> None:
+def register_layer(module_class: type, kind: str | type[LayerKind]) -> None:
     """Precondition every module of ``module_class`` (and its subclasses) as ``kind``.
 
     ``kind``: one of ``"linear"`` (weight out x in, optional ``bias``), ``"linear_transposed"``
@@ -373,15 +399,21 @@ def register_layer(module_class: type, kind: Union[str, Type[LayerKind]]) -> Non
     created afterwards.
     """
     if not isinstance(module_class, type) or not issubclass(module_class, nn.Module):
-        raise ValueError(f"Invalid module_class={module_class!r} for register_layer: expected a "
-                         "subclass of torch.nn.Module.")
+        raise ValueError(
+            f"Invalid module_class={module_class!r} for register_layer: expected a "
+            "subclass of torch.nn.Module."
+        )
     if isinstance(kind, str):
         if kind not in BUILTIN_KINDS:
-            raise ValueError(f"Invalid kind={kind!r} for register_layer: allowed are "
-                             f"{sorted(BUILTIN_KINDS)} or a LayerKind subclass.")
+            raise ValueError(
+                f"Invalid kind={kind!r} for register_layer: allowed are "
+                f"{sorted(BUILTIN_KINDS)} or a LayerKind subclass."
+            )
     elif not (isinstance(kind, type) and issubclass(kind, LayerKind)):
-        raise ValueError(f"Invalid kind={kind!r} for register_layer: allowed are "
-                         f"{sorted(BUILTIN_KINDS)} or a LayerKind subclass.")
+        raise ValueError(
+            f"Invalid kind={kind!r} for register_layer: allowed are "
+            f"{sorted(BUILTIN_KINDS)} or a LayerKind subclass."
+        )
     _REGISTRY[module_class] = kind
 
 
@@ -390,7 +422,7 @@ def unregister_layer(module_class: type) -> None:
     _REGISTRY.pop(module_class, None)
 
 
-def registered_kind(module: nn.Module) -> Optional[Union[str, Type[LayerKind]]]:
+def registered_kind(module: nn.Module) -> str | type[LayerKind] | None:
     """The kind ``register_layer`` gave the module's class (or a base class), else None."""
     for cls in type(module).__mro__:
         if cls in _REGISTRY:
@@ -401,11 +433,15 @@ def registered_kind(module: nn.Module) -> Optional[Union[str, Type[LayerKind]]]:
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     """``transformers.pytorch_utils.Conv1D``, recognised without importing transformers."""
     cls = type(module)
-    return (cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
-            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.split(".")[0] == "transformers"
+        and isinstance(weight := getattr(module, "weight", None), Tensor)
+        and weight.dim() == 2
+    )
 
 
-def make_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
+def make_kind(module: nn.Module) -> tuple[LayerKind | None, str]:
     """Return ``(kind, "")`` for a supported module, else ``(None, reason)``."""
     registered = registered_kind(module)
     if isinstance(registered, str):
@@ -422,5 +458,7 @@ def make_kind(module: nn.Module) -> Tuple[Optional[LayerKind], str]:
         return LinearTransposedKind(module), ""
     if isinstance(module, nn.MultiheadAttention):
         return None, MHA_REASON
-    return None, (f"{type(module).__name__} is not a supported layer type (add it with "
-                  "lightning_kfac.register_layer)")
+    return None, (
+        f"{type(module).__name__} is not a supported layer type (add it with "
+        "lightning_kfac.register_layer)"
+    )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -204,7 +204,7 @@ def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStruc
     return dec
 
 
-def precondition_eigen(grad: Tensor, dec: Dict[str, Tensor], damping: float,
+def precondition_eigen(grad: Tensor, dec: Mapping[str, Tensor], damping: float,
                        sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
     if "A_support_Q" in dec:
@@ -219,7 +219,7 @@ def _deflation_pays(keep: Tensor, a_dim: int) -> bool:
     return 2 * keep.numel() <= a_dim
 
 
-def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: float) -> Tensor:
+def _precondition_eigen_deflated(grad: Tensor, dec: Mapping[str, Tensor], damping: float) -> Tensor:
     """The eigen method when A has zero rows/columns Z (support S, ``eigh_psd``).
 
     ``Q_A = [e_Z | Q_S]`` with ``e_A = [d_Z | e_S]``, so
@@ -244,14 +244,14 @@ def _precondition_eigen_deflated(grad: Tensor, dec: Dict[str, Tensor], damping: 
 
 
 
-def precondition_eigen_rotated(rotated: Tensor, dec: Dict[str, Tensor], damping: float,
+def precondition_eigen_rotated(rotated: Tensor, dec: Mapping[str, Tensor], damping: float,
                                sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
     """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
     rotated = rotated / (dec["eG"].unsqueeze(-1) * dec["eA"].unsqueeze(-2) + damping)
     return sa.right_unrotate(sg.left_unrotate(dec.get("QG"), rotated), dec.get("QA"))
 
 
-def precondition_inverse(grad: Tensor, dec: Dict[str, Tensor], sa: "FactorStructure",
+def precondition_inverse(grad: Tensor, dec: Mapping[str, Tensor], sa: "FactorStructure",
                          sg: "FactorStructure") -> Tensor:
     """``G_inv grad A_inv`` (with zero rows/columns Z of a dense A: ``A_inv[Z, Z] = I / d``, so the
     columns Z are ``G_inv grad[:, Z] / d`` and only ``A_inv[S, S]`` multiplies)."""

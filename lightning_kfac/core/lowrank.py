@@ -26,7 +26,7 @@ penalty of 1e-5 passed it and was dropped. The check costs one rank-R product
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import List, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -84,11 +84,11 @@ def gradient_matches(grad: Tensor, am: Tensor, gm: Tensor) -> bool:
     return bool((gap <= bound.mul_(c).add_(finfo.tiny)).all())
 
 
-def rotated_gradient(dec: Dict[str, Tensor], am: Tensor, gm: Tensor) -> Tensor:
+def rotated_gradient(dec: Mapping[str, Tensor], am: Tensor, gm: Tensor) -> Tensor:
     """``Q_G^T (Gm^T Am) Q_A`` at rank R (eigen and EKFAC)."""
     return (dec["QG"].T @ gm.T) @ (am @ dec["QA"])
 
 
-def inverse_product(dec: Dict[str, Tensor], am: Tensor, gm: Tensor) -> Tensor:
+def inverse_product(dec: Mapping[str, Tensor], am: Tensor, gm: Tensor) -> Tensor:
     """``G_inv (Gm^T Am) A_inv`` at rank R."""
     return (dec["G_inv"] @ gm.T) @ (am @ dec["A_inv"])

@@ -16,16 +16,19 @@ this reason, and nothing here reads ``module.weight`` of a parametrized module.
 
 from __future__ import annotations
 
-from typing import List
+from collections.abc import Mapping
+from typing import cast
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-_LEGACY_HOOKS = {"WeightNorm": "torch.nn.utils.weight_norm",
-                 "SpectralNorm": "torch.nn.utils.spectral_norm"}
+_LEGACY_HOOKS = {
+    "WeightNorm": "torch.nn.utils.weight_norm",
+    "SpectralNorm": "torch.nn.utils.spectral_norm",
+}
 
 
-def _legacy_hooks(module: nn.Module) -> List[str]:
+def _legacy_hooks(module: nn.Module) -> list[str]:
     """Names of the legacy weight_norm / spectral_norm forward pre-hooks on ``module``."""
     found = []
     for hook in module._forward_pre_hooks.values():
@@ -35,22 +38,35 @@ def _legacy_hooks(module: nn.Module) -> List[str]:
     return found
 
 
+def _parametrizations(module: nn.Module) -> Mapping[str, parametrize.ParametrizationList]:
+    """``module.parametrizations`` (a ModuleDict of ParametrizationList), typed."""
+    return cast("Mapping[str, parametrize.ParametrizationList]", module.parametrizations)
+
+
 def parametrization_reason(module: nn.Module) -> str:
     """Why ``module``'s weight cannot be preconditioned as a plain parameter; "" when it can."""
     if parametrize.is_parametrized(module):
-        tensors = list(module.parametrizations.keys())
-        kinds = sorted({type(p).__name__ for name in tensors for p in module.parametrizations[name]})
-        originals = [f"{name}.{p}" for name in tensors
-                     for p, _ in module.parametrizations[name].named_parameters(recurse=False)]
-        return (f"parametrized {', '.join(tensors)} ({', '.join(kinds)}, torch.nn.utils."
-                f"parametrize): the optimizer steps {', '.join(originals) or 'its originals'}, "
-                "not the weight K-FAC's factors describe")
+        lists = _parametrizations(module)
+        tensors = list(lists.keys())
+        kinds = sorted({type(p).__name__ for name in tensors for p in lists[name]})
+        originals = [
+            f"{name}.{p}"
+            for name in tensors
+            for p, _ in lists[name].named_parameters(recurse=False)
+        ]
+        return (
+            f"parametrized {', '.join(tensors)} ({', '.join(kinds)}, torch.nn.utils."
+            f"parametrize): the optimizer steps {', '.join(originals) or 'its originals'}, "
+            "not the weight K-FAC's factors describe"
+        )
     legacy = _legacy_hooks(module)
     if legacy:
         params = ", ".join(sorted(module._parameters))
-        return (f"weight recomputed by {', '.join(legacy)} from {params}: the optimizer steps "
-                "those, not the weight K-FAC's factors describe; use no weight reparametrization "
-                "on this layer to precondition it")
+        return (
+            f"weight recomputed by {', '.join(legacy)} from {params}: the optimizer steps "
+            "those, not the weight K-FAC's factors describe; use no weight reparametrization "
+            "on this layer to precondition it"
+        )
     return ""
 
 
@@ -64,5 +80,5 @@ def own_trainable(module: nn.Module) -> int:
     (read from the containers: no parametrization is evaluated)."""
     params = list(module.parameters(recurse=False))
     if parametrize.is_parametrized(module):
-        params += list(module.parametrizations.parameters())
+        params += list(cast(nn.Module, module.parametrizations).parameters())
     return sum(p.numel() for p in params if p.requires_grad)

@@ -27,7 +27,7 @@ otherwise each holder's own bias keeps its raw gradient (listed as skipped).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -50,7 +50,7 @@ class SharedKind(LayerKind):
 
     name = "Shared"
 
-    def __init__(self, uses: List[Use]):
+    def __init__(self, uses: list[Use]):
         self.uses = uses
         self.base = uses[0].kind
         super().__init__(self.base.module, use_bias=self.base.use_bias)
@@ -64,7 +64,7 @@ class SharedKind(LayerKind):
         return self.base.has_bias
 
     @property
-    def params(self) -> Tuple[Tensor, ...]:
+    def params(self) -> tuple[Tensor, ...]:
         return self.base.params
 
     def a_dim(self) -> int:
@@ -74,31 +74,31 @@ class SharedKind(LayerKind):
         return self.base.g_dim()
 
     # the first holder's rows (for diagnostics that look at one module's rows)
-    def input_rows(self, x: Tensor):
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
         return self.base.input_rows(x)
 
-    def grad_rows(self, g: Tensor, *context):
+    def grad_rows(self, g: Tensor, *context: Any) -> tuple[Tensor, int, int]:
         return self.base.grad_rows(g, *context)
 
-    def grad_context(self, x: Tensor):
+    def grad_context(self, x: Tensor) -> Any:
         return self.base.grad_context(x)
 
-    def as_matrix(self, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def as_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self.base.as_matrix(weight, bias)
 
-    def grad_matrix(self) -> Optional[Tensor]:
+    def grad_matrix(self) -> Tensor | None:
         return self.base.grad_matrix()
 
     def set_grad(self, matrix: Tensor) -> None:
         self.base.set_grad(matrix)
 
 
-def uses_of(kind: LayerKind) -> List[Use]:
+def uses_of(kind: LayerKind) -> list[Use]:
     """The uses a block's hooks capture: every holder of a shared weight, else the module."""
     return list(kind.uses) if isinstance(kind, SharedKind) else [Use("", kind.module, kind)]
 
 
-def share(holders: List[Tuple[str, nn.Module, LayerKind]]) -> Tuple[Optional[SharedKind], str]:
+def share(holders: list[tuple[str, nn.Module, LayerKind]]) -> tuple[SharedKind | None, str]:
     """A ``SharedKind`` for the ``(name, module, kind)`` holders of one weight, or a refusal."""
     kinds = [k for _, _, k in holders]
     if any(k.groups > 1 for k in kinds):
@@ -107,8 +107,9 @@ def share(holders: List[Tuple[str, nn.Module, LayerKind]]) -> Tuple[Optional[Sha
         return None, "the holders of the shared weight use it with different layouts"
     biases = [getattr(m, "bias", None) for _, m, _ in holders]
     flipped = [k.transposed != kinds[0].transposed for k in kinds]
-    same_bias = (not any(flipped) and all(k.has_bias for k in kinds)
-                 and all(b is biases[0] for b in biases))
+    same_bias = (
+        not any(flipped) and all(k.has_bias for k in kinds) and all(b is biases[0] for b in biases)
+    )
     for kind in kinds:
         kind.use_bias = same_bias  # a bias not held by every holder keeps its raw gradient
     uses = [Use(name, module, kind, flip) for (name, module, kind), flip in zip(holders, flipped)]
@@ -118,6 +119,8 @@ def share(holders: List[Tuple[str, nn.Module, LayerKind]]) -> Tuple[Optional[Sha
         if use.flipped:
             dims = dims[::-1]
         if dims != (base.g_dim(), base.a_dim()):
-            return None, (f"{use.name!r} uses the shared weight with factor sizes {dims}, "
-                          f"{uses[0].name!r} with {(base.g_dim(), base.a_dim())}")
+            return None, (
+                f"{use.name!r} uses the shared weight with factor sizes {dims}, "
+                f"{uses[0].name!r} with {(base.g_dim(), base.a_dim())}"
+            )
     return SharedKind(uses), ""

@@ -15,16 +15,22 @@ function of t: every rank agrees on it, and a resumed run continues identically.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from lightning_kfac.core.assignment import layer_cost
 
+if TYPE_CHECKING:
+    from lightning_kfac.core.blocks import KFACBlock
 
-def refresh_offsets(blocks: Iterable, factor_update_steps: int, inv_update_steps: int) -> Dict[str, int]:
+
+def refresh_offsets(
+    blocks: Iterable[KFACBlock], factor_update_steps: int, inv_update_steps: int
+) -> dict[str, int]:
     """``{name: offset}``: cost-balanced offsets on the factor clock within one refresh period."""
     slots = list(range(0, inv_update_steps, factor_update_steps)) or [0]
     load = {slot: 0 for slot in slots}
-    offsets: Dict[str, int] = {}
+    offsets: dict[str, int] = {}
     ordered = sorted(blocks, key=lambda b: -layer_cost(b.kind.a_dim(), b.kind.g_dim()))
     for block in ordered:
         period = block.inv_update_steps

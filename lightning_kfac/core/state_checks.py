@@ -10,10 +10,11 @@ What can be converted is converted: tensors are cast to the dtype this run compu
 factor dtype of the layer; ``damping_scale`` stays float64), so a state saved under ``32-true``
 resumes under ``64-true`` and back.
 
-A decomposition depends on options as well as on the factors: the keys it holds follow from
-``compute_method`` (eigen: ``QA eA QG eG``; inverse: ``A_inv G_inv``; ekfac: eigen plus
-``scale``), ``damping_mode="relative"`` adds ``damping_scale``, and the inverse method bakes the
-damping into ``A_inv`` and ``G_inv`` (Martens & Grosse 2015, sec. 6.3). ``stale_decompositions``
+A decomposition depends on options as well as on the factors: the keys it holds are the fields
+of its method's decomposition type (core/methods/: eigen ``QA eA QG eG``; inverse
+``A_inv G_inv``; ekfac: eigen plus ``scale``), ``damping_mode="relative"`` adds
+``damping_scale``, and a method with ``damping_in_decomposition`` (inverse) bakes the damping into
+it (Martens & Grosse 2015, sec. 6.3). ``stale_decompositions``
 names the layers whose saved decomposition was built under other options; the engine recomputes
 those from the restored factors, so changed options act from the first resumed step.
 """
@@ -24,6 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from lightning_kfac.core.methods import method_for, method_of_state
 
 STATE_VERSION = 1
 
@@ -47,13 +50,8 @@ def check_version(state: Mapping[str, Any]) -> None:
 
 def decomposition_method(dec: Mapping[str, Tensor]) -> Optional[str]:
     """The ``compute_method`` a decomposition was built for, from its keys (None: empty)."""
-    if "G_inv" in dec:
-        return "inverse"
-    if "scale" in dec:
-        return "ekfac"
-    if "QG" in dec or "eG" in dec:
-        return "eigen"
-    return None
+    method = method_of_state(dec)
+    return None if method is None else method.name
 
 
 def _expected_shapes(block: Any) -> Dict[str, Tuple[int, ...]]:
@@ -78,6 +76,10 @@ def _expected_shapes(block: Any) -> Dict[str, Tuple[int, ...]]:
 def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
     """Refuse a layer state whose tensors do not fit this run's layer, naming the layer."""
     expected = _expected_shapes(block)
+    try:
+        method_of_state(layer_state.get("decomposition") or {})  # its keys fit a known method
+    except ValueError as err:
+        raise ValueError(f"K-FAC state of layer {name!r}: {err}") from None
     found: List[Tuple[str, Any]] = [(k, layer_state[k]) for k in ("A", "G") if k in layer_state]
     found += [(f"decomposition[{k!r}]", v) for k, v in
               (layer_state.get("decomposition") or {}).items()]
@@ -111,33 +113,37 @@ def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def stale_decompositions(pre: Any, state: Mapping[str, Any]) -> Dict[str, str]:
+def stale_decompositions(blocks: Mapping[str, Any], config: Any,
+                         state: Mapping[str, Any]) -> Dict[str, str]:
     """Layer name -> the changed option(s), for saved decompositions built under other options.
 
+    ``blocks``: this run's name -> block; ``config``: this run's ``KFACConfig``.
+
     Compared: the method (from the decomposition's keys), ``damping_mode`` (a relative
-    decomposition holds ``damping_scale``) and, for the inverse method only, the damping options
-    and the layer's own damping (``layer_overrides``): the eigen and EKFAC methods apply the
-    damping at every step, so a changed damping needs no new decomposition there.
+    decomposition holds ``damping_scale``) and, for a method that bakes the damping into its
+    decomposition (inverse) only, the damping options and the layer's own damping
+    (``layer_overrides``): eigen and EKFAC apply the damping at every step, so a changed damping
+    needs no new decomposition there.
     """
     saved_config = state.get("config") or {}
-    current = pre.config.to_dict()
+    current = config.to_dict()
     changed_damping = [k for k in DAMPING_OPTIONS
                        if k in saved_config and saved_config[k] != current[k]]
-    relative = str(pre.config.damping_mode) == "relative"
+    relative = str(config.damping_mode) == "relative"
     stale: Dict[str, str] = {}
     for name, layer_state in (state.get("layers") or {}).items():
         dec = layer_state.get("decomposition") or {}
-        block = pre.blocks[name]
+        block = blocks[name]
         saved = decomposition_method(dec)
         if saved is None:
             continue
         reasons = []
-        if saved != block.compute_method:
-            reasons.append(f"compute_method {saved!r} -> {block.compute_method!r}")
+        if saved != block.method.name:
+            reasons.append(f"compute_method {saved!r} -> {block.method.name!r}")
         if ("damping_scale" in dec) != relative:
             was = "relative" if "damping_scale" in dec else "absolute"
-            reasons.append(f"damping_mode {was!r} -> {str(pre.config.damping_mode)!r}")
-        if block.compute_method == "inverse" and saved == "inverse":
+            reasons.append(f"damping_mode {was!r} -> {str(config.damping_mode)!r}")
+        if saved == block.method.name and method_for(saved).damping_in_decomposition:
             layer_damping = layer_state.get("damping")
             if layer_damping is not None and float(layer_damping) != float(block.damping):
                 reasons.append(f"damping of the layer {float(layer_damping):g} -> "

@@ -29,7 +29,9 @@ def is_trainable(block: KFACBlock) -> bool:
 def restart_if_reshaped(block: KFACBlock, a_hat: Tensor, g_hat: Tensor) -> bool:
     """Forget the running factors when the batch estimates' shapes no longer match them (a bias
     became trainable or frozen); True when that happened."""
-    if block.A is None or (block.A.shape == a_hat.shape and block.G.shape == g_hat.shape):
+    if block.A is None or block.G is None:  # nothing accumulated yet
         return False
-    block.A, block.G, block.decomposition = None, None, {}
+    if block.A.shape == a_hat.shape and block.G.shape == g_hat.shape:
+        return False
+    block.A, block.G, block.decomposition = None, None, None
     return True

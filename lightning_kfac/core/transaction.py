@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.damping import DampingControl
+from lightning_kfac.core.methods import Decomposition
 
 if TYPE_CHECKING:
     from lightning_kfac.core.ekfac import EKFACScaling
@@ -79,7 +80,7 @@ class StepUndo:
         self.undecomposed = set(undecomposed)
         mc = parts.mc
         self.mc_rng = mc.step_start_rng() if mc is not None else None
-        self.blocks: Dict[str, Tuple[_Saved, _Saved, Dict[str, Tensor], int]] = {}
+        self.blocks: Dict[str, Tuple[_Saved, _Saved, Optional[Decomposition], int]] = {}
         # What was captured for step t (the step consumes it): back in place after an exception
         # inside step(), so that step() can be retried on the same backward.
         self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
@@ -95,9 +96,9 @@ class StepUndo:
             if block.name in self.blocks:
                 continue
             updated = id(block) in due
-            dec = dict(block.decomposition)
-            if "scale" in dec and self.t % block.factor_update_steps == 0:  # EKFAC, in place
-                dec["scale"] = dec["scale"].clone()
+            dec = block.decomposition
+            if dec is not None:  # EKFAC's scaling changes in place on factor-update steps
+                dec = dec.snapshot() if self.t % block.factor_update_steps == 0 else dec.copy()
             self.blocks[block.name] = (_clone(block.A) if updated else _UNCHANGED,
                                        _clone(block.G) if updated else _UNCHANGED,
                                        dec, block.failures)

@@ -19,7 +19,6 @@ from torch import nn
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.assignment import greedy_assignment, layer_cost, rank_loads
 from lightning_kfac.core.distributed import pack_symmetric, unpack_symmetric_
-from lightning_kfac.core.kaisa import communication_bytes
 from tests.ddp_scripts import engine_cases as E
 from tests.support.compare import nested_equal
 
@@ -123,7 +122,7 @@ def test_bytes_counter_matches_communication_bytes(runs) -> None:
     refreshes = math.ceil(E.STEPS / E.OPTIONS["inv_update_steps"])
     for mode in ("replicate", "decompositions", "gradients"):
         pre = KFACPreconditioner(model, distribute=mode, **E.OPTIONS)
-        fig = communication_bytes(pre, world_size=WORLD)
+        fig = pre.distributed.communication_bytes(world_size=WORLD)
         expected = (E.STEPS * (fig["factor_update"] + fig["per_step"])
                     + refreshes * fig["decomposition_refresh"] + fig["state_dict"])
         for r in range(WORLD):
@@ -131,8 +130,10 @@ def test_bytes_counter_matches_communication_bytes(runs) -> None:
             snapshot_gather = fig["state_dict"]  # _snapshot calls state_dict() after `sent`
             assert sum(sent.values()) + snapshot_gather == expected, mode
         pre.remove()
-    rep = communication_bytes(KFACPreconditioner(model, distribute="replicate", **E.OPTIONS), 2)
-    grad = communication_bytes(KFACPreconditioner(model, distribute="gradients", **E.OPTIONS), 2)
+    rep = KFACPreconditioner(model, distribute="replicate",
+                             **E.OPTIONS).distributed.communication_bytes(2)
+    grad = KFACPreconditioner(model, distribute="gradients",
+                              **E.OPTIONS).distributed.communication_bytes(2)
     assert grad["decomposition_memory_per_rank"] < rep["decomposition_memory_per_rank"]
 
 
@@ -201,5 +202,5 @@ def test_distribute_option_validated() -> None:
 
 def test_single_process_sends_nothing() -> None:
     pre = KFACPreconditioner(nn.Linear(3, 2))
-    assert communication_bytes(pre)["factor_update"] == 0
-    assert communication_bytes(pre, world_size=2)["factor_update"] == (10 + 3 + 3) * 4
+    assert pre.distributed.communication_bytes()["factor_update"] == 0
+    assert pre.distributed.communication_bytes(world_size=2)["factor_update"] == (10 + 3 + 3) * 4

@@ -419,3 +419,34 @@ def test_ekfac_is_closer_to_the_empirical_fisher_than_kfac() -> None:
         gain = float((dec["scale"] - torch.outer(dec["eG"], dec["eA"])).square().sum())
         assert abs((err_kfac ** 2 - err_ekfac ** 2) - gain) < 1e-8 * norm2
         assert gain > 1e-3 * norm2
+
+
+def test_aborted_step_restores_the_scaling_count():
+    """A step undone with ``abort_step`` (its optimizer step never ran) and run again leaves the
+    EKFAC scaling and its estimate count as an uninterrupted run does. Warm-up ends at t=3, off
+    the factor clock, so the first estimate in that basis comes at t=4 (count 0 -> 1, in place)."""
+    def run(abort_at):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        pre = KFACPreconditioner(model, compute_method="ekfac", factor_update_steps=2,
+                                 inv_update_steps=100, warmup_steps=3, optimizer=opt)
+        pre.undoable = True
+        gen = torch.Generator().manual_seed(1)
+        for t in range(6):
+            x = torch.randn(8, 4, generator=gen)
+            for attempt in range(2 if t == abort_at else 1):
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                pre.step(opt)
+                if t == abort_at and attempt == 0:
+                    assert pre.abort_step(t)
+                    continue
+                opt.step()
+                pre.commit_step()
+        return {n: b.decomposition for n, b in pre.blocks.items()}
+
+    plain, aborted = run(None), run(4)
+    for name, dec in plain.items():
+        assert float(dec.scale_updates) == float(aborted[name].scale_updates) == 1.0
+        assert torch.equal(dec.scale, aborted[name].scale), name
