@@ -1,4 +1,5 @@
-"""Compatibility re-export: ``KFACCallback`` lives in ``lightning_kfac.integrations.lightning.callback``.
+"""Compatibility re-export: ``KFACCallback`` lives in
+``lightning_kfac.integrations.lightning.callback``.
 
 Kept so that code importing the old module path (``from lightning_kfac.callback import
 KFACCallback``) keeps working; new code imports ``lightning_kfac.KFACCallback``.

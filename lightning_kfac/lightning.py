@@ -2,7 +2,8 @@
 ``lightning_kfac.integrations.lightning.unified``.
 
 Kept so that the old class path ``lightning_kfac.lightning.KFACCallback`` (e.g. in a
-``LightningCLI`` config) keeps working. Importing it imports ``lightning`` and ``pytorch_lightning``.
+``LightningCLI`` config) keeps working. Importing it imports ``lightning`` and
+``pytorch_lightning``.
 """
 
 from lightning_kfac.integrations.lightning.unified import KFACCallback

@@ -21,7 +21,7 @@ FRAMEWORKS = ("pytorch_lightning", "lightning", "hydra", "omegaconf")
 # Module paths users may have imported before the adapters moved: one-line re-exports.
 SHIMS = {"callback.py", "hydra.py", "lightning.py"}
 
-BLOCKER = r'''
+BLOCKER = r"""
 import importlib.abc, pkgutil, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -41,20 +41,24 @@ pre = lightning_kfac.KFACPreconditioner(model, factor_update_steps=1, inv_update
 model(torch.randn(5, 3)).pow(2).mean().backward()
 pre.step()
 print(len(engine), sorted(pre.factors()))
-'''
+"""
 
 
 def _modules_outside_integrations() -> list:
-    return [p for p in PACKAGE.rglob("*.py")
-            if "integrations" not in p.relative_to(PACKAGE).parts
-            and str(p.relative_to(PACKAGE)) not in SHIMS]
+    return [
+        p
+        for p in PACKAGE.rglob("*.py")
+        if "integrations" not in p.relative_to(PACKAGE).parts
+        and str(p.relative_to(PACKAGE)) not in SHIMS
+    ]
 
 
 def test_engine_imports_and_runs_with_lightning_and_hydra_blocked():
     """Every module outside integrations/ (and the shims) imports, and the engine runs, with the
     frameworks unimportable."""
-    out = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
     count, factors = out.stdout.strip().split(" ", 1)
     assert int(count) == len(_modules_outside_integrations()), out.stdout
@@ -66,9 +70,12 @@ def test_no_module_outside_integrations_names_a_framework_or_an_adapter():
     integrations/, and only when that name is first accessed."""
     framework = re.compile(rf"^\s*(import|from) ({'|'.join(FRAMEWORKS)})\b", re.MULTILINE)
     adapter = re.compile(r"^\s*(import|from) lightning_kfac\.integrations\b", re.MULTILINE)
-    offenders = sorted(str(p.relative_to(PACKAGE)) for p in _modules_outside_integrations()
-                       if framework.search(p.read_text())
-                       or (p != PACKAGE / "__init__.py" and adapter.search(p.read_text())))
+    offenders = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in _modules_outside_integrations()
+        if framework.search(p.read_text())
+        or (p != PACKAGE / "__init__.py" and adapter.search(p.read_text()))
+    )
     assert offenders == [], offenders
     init = (PACKAGE / "__init__.py").read_text()
     assert not re.search(r"^(import|from) lightning_kfac\.integrations\b", init, re.MULTILINE)
@@ -76,8 +83,11 @@ def test_no_module_outside_integrations_names_a_framework_or_an_adapter():
 
 def test_the_lightning_adapter_is_where_lightning_is_imported():
     lightning = re.compile(r"^\s*(import|from) (pytorch_lightning|lightning)\b", re.MULTILINE)
-    importers = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-                 if lightning.search(p.read_text())}
+    importers = {
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if lightning.search(p.read_text())
+    }
     assert "integrations/lightning/callback.py" in importers
     assert all(name.startswith("integrations/lightning/") for name in importers), importers
 
@@ -88,7 +98,9 @@ def test_old_module_paths_reexport_the_same_objects():
     from lightning_kfac.integrations import hydra as integrations_hydra
     from lightning_kfac.integrations.lightning import callback as integrations_callback
 
-    assert callback.KFACCallback is integrations_callback.KFACCallback is lightning_kfac.KFACCallback
+    assert (
+        callback.KFACCallback is integrations_callback.KFACCallback is lightning_kfac.KFACCallback
+    )
     assert callback.check_strategy is integrations_callback.check_strategy
     assert hydra.KFACSchema is integrations_hydra.KFACSchema
     assert hydra.register_configs is integrations_hydra.register_configs
@@ -98,6 +110,9 @@ def test_old_module_paths_reexport_the_same_objects():
         from lightning_kfac.integrations.lightning import unified
 
         assert old_unified.KFACCallback is unified.KFACCallback
-    shims = {p.name for p in PACKAGE.glob("*.py")
-             if "Compatibility re-export" in p.read_text().split('"""')[1]}
+    shims = {
+        p.name
+        for p in PACKAGE.glob("*.py")
+        if "Compatibility re-export" in p.read_text().split('"""')[1]
+    }
     assert shims == SHIMS

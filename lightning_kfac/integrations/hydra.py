@@ -79,8 +79,10 @@ def _build_schema() -> type:
     for field in dataclasses.fields(KFACConfig):
         fields.append((field.name, _schema_type(hints[field.name]), _schema_field(field)))
     return dataclasses.make_dataclass(
-        "KFACSchema", fields,
-        namespace={"__doc__": "Hydra schema of KFACCallback's options (mirrors KFACConfig)."})
+        "KFACSchema",
+        fields,
+        namespace={"__doc__": "Hydra schema of KFACCallback's options (mirrors KFACConfig)."},
+    )
 
 
 #: The structured schema: one field per KFACConfig option, plus ``_target_`` and ``_convert_``.

@@ -61,9 +61,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import (  # type: ignore[attr-defined]
-    MisconfigurationException,  # re-exported from lightning_fabric without __all__
-)
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -103,7 +101,8 @@ def check_strategy(strategy: Any) -> None:
             raise MisconfigurationException(
                 f"KFACCallback does not support the {label} strategy ({type(strategy).__name__}): "
                 "it shards parameters and gradients, while K-FAC needs every layer's full weight "
-                "gradient. Use strategy='ddp' (or a single device), or remove KFACCallback.")
+                "gradient. Use strategy='ddp' (or a single device), or remove KFACCallback."
+            )
 
 
 class KFACCallback(Callback):
@@ -173,8 +172,11 @@ class KFACCallback(Callback):
         **options: Any,
     ) -> None:
         given = locals()
-        named = {name: given[name] for name, default in _OPTION_DEFAULTS.items()
-                 if not _equals_default(given[name], default)}
+        named = {
+            name: given[name]
+            for name, default in _OPTION_DEFAULTS.items()
+            if not _equals_default(given[name], default)
+        }
         try:
             self.config = KFACConfig.from_any(config, **named, **options)
         except ValueError as err:
@@ -195,7 +197,7 @@ class KFACCallback(Callback):
         self._diagnostics: DiagnosticsRecorder | None = None  # diagnostics_every_n_steps
         self._batch: tuple[Any, int] | None = None  # step_rule="quadratic": the batch to re-run
 
-    # -- identity and state -------------------------------------------------------------------------
+    # -- identity and state -----------------------------------------------------------------------
     @property
     @override
     def state_key(self) -> str:
@@ -233,8 +235,9 @@ class KFACCallback(Callback):
             self._apply_pending_state()
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Adopt the K-FAC state of a checkpoint saved with other options, with a warning.
 
         The state key encodes the options, so after changing e.g. ``damping`` the key no longer
@@ -246,20 +249,23 @@ class KFACCallback(Callback):
             return
         prefix = type(self).__qualname__ + "{"
         claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
-        others = [k for k in states if isinstance(k, str) and k.startswith(prefix)
-                  and k not in claimed]
+        others = [
+            k for k in states if isinstance(k, str) and k.startswith(prefix) and k not in claimed
+        ]
         if len(others) == 1 and states[others[0]]:
             rank_zero_warn(
                 "KFACCallback: the checkpoint's K-FAC state was saved with other options "
                 f"({others[0]}); restoring its factors and clock with the current options "
-                f"({self.state_key}).")
+                f"({self.state_key})."
+            )
             self._pending_state = dict(states[others[0]])
         elif others:
             rank_zero_warn(
                 f"KFACCallback: the checkpoint holds {len(others)} K-FAC states saved with other "
-                "options and none matches this callback's; K-FAC restarts from empty factors.")
+                "options and none matches this callback's; K-FAC restarts from empty factors."
+            )
 
-    # -- fit lifecycle ---------------------------------------------------------------------------------
+    # -- fit lifecycle ----------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remember the entry point: Lightning restores checkpoint state after ``setup``."""
@@ -280,12 +286,12 @@ class KFACCallback(Callback):
                 "KFACCallback(adaptive_damping=True) needs automatic optimization: it re-evaluates "
                 "training_step after the optimizer step, which under manual optimization would "
                 "step the optimizers again. Use a damping_schedule, or call "
-                "callback.preconditioner.update_damping(loss_before, loss_after) yourself.")
+                "callback.preconditioner.update_damping(loss_before, loss_after) yourself."
+            )
         if self.config.step_rule == "quadratic" and trainer_refusal(trainer, module):
             raise MisconfigurationException(trainer_refusal(trainer, module))
         previous = self.preconditioner
-        communicator = (TorchDistributedCommunicator() if trainer.world_size > 1
-                        else Communicator())
+        communicator = TorchDistributedCommunicator() if trainer.world_size > 1 else Communicator()
         try:
             pre = KFACPreconditioner(module, self.config, communicator=communicator)
         except MemoryBudgetError as err:  # refused before any hook is installed
@@ -297,20 +303,26 @@ class KFACCallback(Callback):
                 "supports nn.Linear, nn.Conv1d/2d/3d and nn.Embedding with a trainable weight "
                 "not matched by "
                 f"skip_layers={self.config.skip_layers}. Add such a layer, relax skip_layers, or "
-                f"remove KFACCallback.\n{pre.summary()}")
+                f"remove KFACCallback.\n{pre.summary()}"
+            )
         shared = sorted(set(pre.layers) & _claimed_layers(trainer, self))
         if shared:
             pre.remove()
             raise MisconfigurationException(
                 f"KFACCallback: layers {shared} are already preconditioned by another "
                 "KFACCallback of this Trainer; preconditioning twice would apply the inverse "
-                "Fisher twice. Give each instance disjoint layers (skip_layers) or keep one.")
+                "Fisher twice. Give each instance disjoint layers (skip_layers) or keep one."
+            )
         self.preconditioner = pre
         pre.undoable = True  # on_exception undoes a K-FAC step whose optimizer step never ran
         self._active = True
         self._diagnostics = DiagnosticsRecorder.for_fit(self.config, pre, trainer)  # None if off
-        if self._pending_state is None and previous is not None \
-                and self._fit_module is module and trainer.global_step > 0:
+        if (
+            self._pending_state is None
+            and previous is not None
+            and self._fit_module is module
+            and trainer.global_step > 0
+        ):
             # A second fit() on the same trainer continues training: keep the K-FAC state.
             self._pending_state = previous.state_dict()
         self._fit_module = module
@@ -324,7 +336,8 @@ class KFACCallback(Callback):
                 f"KFACCallback: {len(in_eval)} preconditioned module(s) are in eval mode at fit "
                 f"start ({', '.join(in_eval[:5])}{', ...' if len(in_eval) > 5 else ''}); K-FAC "
                 "only captures training forwards (module.training), so they will be dropped "
-                "unless they run in train mode. Call model.train() before fit.")
+                "unless they run in train mode. Call model.train() before fit."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -337,8 +350,9 @@ class KFACCallback(Callback):
         self._stage = None
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         """Undo the K-FAC step of an optimizer step that never ran, then remove the hooks.
 
         An exception (or Ctrl+C) between ``pre.step`` and ``optimizer.step()`` leaves
@@ -351,10 +365,11 @@ class KFACCallback(Callback):
             pre.abort_step(trainer.global_step if pl_module.automatic_optimization else None)
         self._remove_hooks()
 
-    # -- clocks and scales -----------------------------------------------------------------------------
+    # -- clocks and scales ------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         pre = self._live()
         if pre is None:
             return
@@ -367,8 +382,9 @@ class KFACCallback(Callback):
             self._diagnostics.start(self._clock)
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           loss: Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
         pre = self._live()
         if pre is None:
             return
@@ -383,18 +399,20 @@ class KFACCallback(Callback):
             # user's backward, while the graph is alive; a no-op off factor-update steps.
             pre.mc_backward()
 
-    # -- preconditioning -------------------------------------------------------------------------------
+    # -- preconditioning --------------------------------------------------------------------------
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         pre = self._live()
         if pre is None:
             return
         manual = not pl_module.automatic_optimization
         if manual:
             pre.set_step(self._clock)  # every optimizer of this batch steps at the same t
-        if getattr(trainer.precision_plugin, "scaler", None) is not None \
-                and _has_nonfinite_grad(optimizer):
+        if getattr(trainer.precision_plugin, "scaler", None) is not None and _has_nonfinite_grad(
+            optimizer
+        ):
             # The GradScaler skips this optimizer step: keep factors and gradients untouched,
             # and drop what was captured for it.
             for block in pre.layers.values():
@@ -413,7 +431,7 @@ class KFACCallback(Callback):
         else:
             pre.set_step(self._clock + 1)  # = trainer.global_step after this step
 
-    # -- logging ---------------------------------------------------------------------------------------
+    # -- logging ----------------------------------------------------------------------------------
     def _record_stats(self, stats: Mapping[str, float]) -> None:
         """Merge the engine's per-step statistics over the optimizer steps of one batch."""
         merged = self._batch_stats
@@ -429,8 +447,14 @@ class KFACCallback(Callback):
                 merged[f"kfac/{key}"] = float(stats[key])
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         pre = self._live()
         if pre is not None:
             pre.commit_step()  # the batch's optimizer step ran: the K-FAC step is final
@@ -454,34 +478,50 @@ class KFACCallback(Callback):
             for key in (*_TIME_KEYS, "step_ms"):
                 interval[key] = interval.get(key, 0.0) + stats[f"kfac/{key}"]
             interval["steps"] = interval.get("steps", 0.0) + 1.0
-        # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small model's step)
-        if not stats or not (trainer.loggers or self.prog_bar) \
-                or trainer.global_step % trainer.log_every_n_steps:  # type: ignore[attr-defined]
+        # Only on the steps Lightning writes (each self.log costs ~0.5 ms: twice a small
+        # model's step)
+        if (
+            not stats
+            or not (trainer.loggers or self.prog_bar)
+            or trainer.global_step % trainer.log_every_n_steps  # type: ignore[attr-defined]
+        ):
             return
         # Times: means per optimizer step since the last write, so that factor and decomposition
         # refreshes (every N / M steps) are amortized into what is logged, not missed or spiked.
         interval, self._interval_ms = self._interval_ms, {}
         for key in (*_TIME_KEYS, "step_ms"):
             stats[f"kfac/{key}"] = interval[key] / interval["steps"]
-        stats["kfac/overhead_share"] = (min(1.0, interval["time_ms"] / interval["step_ms"])
-                                        if interval["step_ms"] > 0 else 0.0)
+        stats["kfac/overhead_share"] = (
+            min(1.0, interval["time_ms"] / interval["step_ms"]) if interval["step_ms"] > 0 else 0.0
+        )
         if pre is not None:  # cumulative fault events (non-finite, failed decompositions, overflow)
-            for key in ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
-                        "decomposition_retries", "overflow_steps"):
+            for key in (
+                "nonfinite_estimates",
+                "nonfinite_gradients",
+                "decomposition_failures",
+                "decomposition_retries",
+                "overflow_steps",
+            ):
                 stats[f"kfac/{key}"] = float(pre.counters.get(key, 0))
         for name, value in stats.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1,
-                          prog_bar=self.prog_bar and name == "kfac/overhead_share",
-                          logger=bool(trainer.loggers))
+            pl_module.log(
+                name,
+                value,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+                prog_bar=self.prog_bar and name == "kfac/overhead_share",
+                logger=bool(trainer.loggers),
+            )
 
-    # -- results ---------------------------------------------------------------------------------------
+    # -- results ----------------------------------------------------------------------------------
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Qualified module name -> ``(A, G)`` running factors (detached copies); after fit too."""
         if self.preconditioner is None:
             return {}
         return self.preconditioner.factors()
 
-    # -- helpers ---------------------------------------------------------------------------------------
+    # -- helpers ----------------------------------------------------------------------------------
     def _live(self) -> KFACPreconditioner | None:
         return self.preconditioner if self._active else None
 
@@ -492,8 +532,9 @@ class KFACCallback(Callback):
         try:
             self.preconditioner.load_state_dict(state)
         except ValueError as err:
-            raise MisconfigurationException(f"KFACCallback could not restore its state: {err}") \
-                from err
+            raise MisconfigurationException(
+                f"KFACCallback could not restore its state: {err}"
+            ) from err
 
     def _remove_hooks(self) -> None:
         if self.preconditioner is not None:
@@ -510,14 +551,22 @@ class KFACCallback(Callback):
 def _claimed_layers(trainer: pl.Trainer, me: KFACCallback) -> set[str]:
     """Layers preconditioned by the other active KFACCallbacks of ``trainer``."""
     callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
-    return {name for cb in callbacks if isinstance(cb, KFACCallback) and cb is not me
-            and cb._active and cb.preconditioner is not None for name in cb.preconditioner.layers}
+    return {
+        name
+        for cb in callbacks
+        if isinstance(cb, KFACCallback)
+        and cb is not me
+        and cb._active
+        and cb.preconditioner is not None
+        for name in cb.preconditioner.layers
+    }
 
 
 def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     """True when any gradient of the optimizer's params is inf/NaN (what the GradScaler checks)."""
-    grads: list[Tensor] = [p.grad for group in optimizer.param_groups for p in group["params"]
-                           if p.grad is not None]
+    grads: list[Tensor] = [
+        p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    ]
     if not grads:
         return False
     return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
@@ -533,10 +582,11 @@ CALLBACK_ONLY_OPTIONS = ("prog_bar",)
 #: The ``KFACConfig`` options of the signature and their defaults
 #: (tests/integrations/lightning/test_callback_signature.py checks that they mirror
 #: ``KFACConfig``'s fields, types and defaults).
-_OPTION_DEFAULTS = {name: param.default for name, param
-                    in inspect.signature(KFACCallback.__init__).parameters.items()
-                    if param.kind is inspect.Parameter.KEYWORD_ONLY
-                    and name not in CALLBACK_ONLY_OPTIONS}
+_OPTION_DEFAULTS = {
+    name: param.default
+    for name, param in inspect.signature(KFACCallback.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in CALLBACK_ONLY_OPTIONS
+}
 
 
 def _equals_default(value: Any, default: Any) -> bool:
@@ -559,10 +609,13 @@ def _init_docstring() -> str:
     for the descriptions that IDEs and ``LightningCLI --help`` show)."""
     doc = inspect.getdoc(KFACConfig) or ""
     section = doc.split("Attributes:", 1)[-1]
-    lines = ["Build the callback; every keyword is a KFACConfig option unless noted.", "",
-             "Args:",
-             "    config: a KFACConfig, a mapping of its options or None; a keyword left at its",
-             "        default leaves config's value, any other keyword overrides it."]
+    lines = [
+        "Build the callback; every keyword is a KFACConfig option unless noted.",
+        "",
+        "Args:",
+        "    config: a KFACConfig, a mapping of its options or None; a keyword left at its",
+        "        default leaves config's value, any other keyword overrides it.",
+    ]
     for line in section.splitlines():
         if re.match(r"^    \w+: ", line) or (line.startswith("        ") and len(lines) > 5):
             lines.append(line)

@@ -18,9 +18,7 @@ import importlib.util
 import sys
 from typing import Any
 
-from pytorch_lightning.utilities.exceptions import (  # type: ignore[attr-defined]
-    MisconfigurationException,  # re-exported from lightning_fabric without __all__
-)
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 
 def instantiate_or_exit(class_type: type, *args: Any, **kwargs: Any) -> Any:

@@ -58,8 +58,13 @@ from lightning_kfac.diagnostics import LayerRows, layer_statistics
 __all__ = ["LOGGED_STATS", "DiagnosticsRecorder"]
 
 #: The statistics of :func:`layer_statistics` that are logged (when present).
-LOGGED_STATS = ("kronecker_error", "kronecker_error_population", "kronecker_error_std",
-                "mean_grad_norm", "mean_grad_ratio")
+LOGGED_STATS = (
+    "kronecker_error",
+    "kronecker_error_population",
+    "kronecker_error_std",
+    "mean_grad_norm",
+    "mean_grad_ratio",
+)
 PREFIX = "kfac_diag"
 
 
@@ -88,9 +93,11 @@ class DiagnosticsRecorder:
         self.pre = pre
         self.every = int(every_n_steps)
         self.mean = str(loss_reduction) == "mean"
-        self.blocks = {name: block for name, block in pre.layers.items()  # one plain 2-D W~ each
-                       if not block.kind.diagonal_a and block.kind.groups == 1
-                       and block.kind.name != "Shared"}
+        self.blocks = {
+            name: block
+            for name, block in pre.layers.items()  # one plain 2-D W~ each
+            if not block.kind.diagonal_a and block.kind.groups == 1 and block.kind.name != "Shared"
+        }
         self.last: tuple[int, dict[str, dict[str, float]]] | None = None
         self._step: int | None = None
         self._handles: list[Any] = []
@@ -116,8 +123,11 @@ class DiagnosticsRecorder:
         self._step = t
         for name, block in self.blocks.items():
             self._a[name], self._g[name] = [], {}
-            self._handles.append(block.kind.module.register_forward_hook(
-                self._forward_hook(name, block), with_kwargs=True))
+            self._handles.append(
+                block.kind.module.register_forward_hook(
+                    self._forward_hook(name, block), with_kwargs=True
+                )
+            )
 
     def end(self, trainer: Any) -> dict[str, dict[str, float]] | None:
         """At a training batch's end: once the armed step has stepped, compute and log."""
@@ -142,8 +152,9 @@ class DiagnosticsRecorder:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _forward_hook(self, name: str, block: Any) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 output: Any) -> None:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
                 return
             x = args[0] if args else kwargs.get("input")
@@ -154,12 +165,15 @@ class DiagnosticsRecorder:
             self._a[name].append(rows.to(torch.float64))
             if output.requires_grad:
                 output.register_hook(  # type: ignore[no-untyped-call]  # torch leaves it untyped
-                    self._grad_hook(name, block, slot, self._step))
+                    self._grad_hook(name, block, slot, self._step)
+                )
             return
+
         return hook
 
-    def _grad_hook(self, name: str, block: Any, slot: int,
-                   step: int | None) -> Callable[[Tensor], None]:
+    def _grad_hook(
+        self, name: str, block: Any, slot: int, step: int | None
+    ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self.pre.capture.sampling or self._step != step:
                 return  # the MC Fisher's sampled backward, or a finished step's graph
@@ -167,6 +181,7 @@ class DiagnosticsRecorder:
             scale = (examples if self.mean else 1.0) / self.pre.grad_scale
             self._g[name][slot] = (g_rows.to(torch.float64), scale, examples)  # last one wins
             return
+
         return hook
 
     def _rows(self) -> dict[str, LayerRows]:

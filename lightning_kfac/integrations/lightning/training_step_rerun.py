@@ -56,7 +56,9 @@ def step_loss(output: Any) -> float:
 @contextlib.contextmanager
 def silenced_logging(module: nn.Module) -> Iterator[nn.Module]:
     """``module.log`` / ``module.log_dict`` do nothing inside (a re-run logs no duplicates)."""
-    shadowed = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    shadowed = {
+        name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__
+    }
     for name in ("log", "log_dict"):
         setattr(module, name, _silent)
     try:
@@ -69,13 +71,19 @@ def silenced_logging(module: nn.Module) -> Iterator[nn.Module]:
                 del module.__dict__[name]
 
 
-def training_loss(module: pl.LightningModule, batch: Any, batch_idx: int, context: Any = None) -> float:
+def training_loss(
+    module: pl.LightningModule, batch: Any, batch_idx: int, context: Any = None
+) -> float:
     """``module.training_step(batch, batch_idx)``'s loss, with no side effects (see module doc)."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with silenced_logging(module), torch.random.fork_rng(devices=devices), torch.no_grad(), \
-                (context if context is not None else contextlib.nullcontext()):
+        with (
+            silenced_logging(module),
+            torch.random.fork_rng(devices=devices),
+            torch.no_grad(),
+            context if context is not None else contextlib.nullcontext(),
+        ):
             output = module.training_step(batch, batch_idx)
     finally:
         with torch.no_grad():
@@ -84,8 +92,9 @@ def training_loss(module: pl.LightningModule, batch: Any, batch_idx: int, contex
     return step_loss(output)
 
 
-def adapt_damping(pre: Any, trainer: Any, module: pl.LightningModule, outputs: Any, batch: Any,
-                  batch_idx: int) -> float | None:
+def adapt_damping(
+    pre: Any, trainer: Any, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+) -> float | None:
     """Run the LM update after an adaptation step; rho, or None when none is pending."""
     if not pre.adaptation_pending:
         return None

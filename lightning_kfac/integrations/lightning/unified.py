@@ -6,8 +6,10 @@
 ``lightning.pytorch.cli.LightningCLI`` accepts only subclasses of *its* ``Callback`` by import
 path. This class is the same callback, also a ``lightning.pytorch.Callback``:
 
-    pytorch_lightning.cli.LightningCLI:   --trainer.callbacks+=lightning_kfac.KFACCallback
-    lightning.pytorch.cli.LightningCLI:   --trainer.callbacks+=lightning_kfac.integrations.lightning.unified.KFACCallback
+    pytorch_lightning.cli.LightningCLI:
+        --trainer.callbacks+=lightning_kfac.KFACCallback
+    lightning.pytorch.cli.LightningCLI:
+        --trainer.callbacks+=lightning_kfac.integrations.lightning.unified.KFACCallback
 
 Same signature, options, behaviour and checkpoint state key as ``lightning_kfac.KFACCallback``.
 Importing this module imports both ``lightning`` and ``pytorch_lightning``.
