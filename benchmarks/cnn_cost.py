@@ -20,6 +20,7 @@ Steps are driven with ``set_step`` (0, 1-3, 10, 11-13, 20, 100) so that the 100-
 (core/linalg.py) to show what it saves.
 
     python -m benchmarks.cnn_cost [--batch 32 128] [--methods eigen inverse] [--stem imagenet]
+        [--max-dense-dim 8192]
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def _plain_step_seconds(batch: int, stem: str) -> float:
     return statistics.median(times[1:])
 
 
-def _kfac_costs(batch: int, stem: str, method: str) -> Dict[str, Any]:
+def _kfac_costs(batch: int, stem: str, method: str,
+                max_dense_dim: Optional[int] = None) -> Dict[str, Any]:
     torch.manual_seed(0)
     model = resnet18(stem=stem)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    pre = KFACPreconditioner(model, compute_method=method)  # default clocks 10 / 100
+    extra = {} if max_dense_dim is None else {"max_dense_dim": max_dense_dim}
+    pre = KFACPreconditioner(model, compute_method=method, **extra)  # default clocks 10 / 100
     refresh: Dict[int, float] = {}
     update = pre._update_decompositions
 
@@ -103,7 +106,8 @@ def _kfac_costs(batch: int, stem: str, method: str) -> Dict[str, Any]:
             "slowest_layers": ", ".join(f"{n} {s:.2f}s" for n, s in slowest)}
 
 
-def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True) -> List[Dict]:
+def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True,
+        max_dense_dim: Optional[int] = None) -> List[Dict]:
     torch.set_num_threads(1)
     if not deflate:
         linalg.support = lambda matrix: None  # the dense path on every factor
@@ -112,15 +116,16 @@ def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True)
         plain = _plain_step_seconds(batch, stem)
         print(f"plain step, batch {batch}: {plain:.3f} s", flush=True)
         for method in methods:
-            c = _kfac_costs(batch, stem, method)
+            c = _kfac_costs(batch, stem, method, max_dense_dim)
             rows.append({"batch": batch, "method": method, "plain_s": plain, **c})
-    print(table(rows, stem, deflate))
+    print(table(rows, stem, deflate, max_dense_dim))
     return rows
 
 
-def table(rows: List[Dict], stem: str, deflate: bool) -> str:
+def table(rows: List[Dict], stem: str, deflate: bool, max_dense_dim: Optional[int] = None) -> str:
+    dense = "default" if max_dense_dim is None else str(max_dense_dim)
     head = (f"ResNet-18 ({stem} stem), 32x32, 1 thread, thread CPU time, deflation "
-            f"{'on' if deflate else 'off'}\n\n"
+            f"{'on' if deflate else 'off'}, max_dense_dim {dense}\n\n"
             "| batch | method | plain step | first refresh | first refresh / plain | "
             "precond step / plain | factor step / plain | refresh t=100 | "
             "largest staggered refresh | amortized / plain | retries | "
@@ -147,8 +152,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
     parser.add_argument("--no-deflate", action="store_true",
                         help="decompose every factor densely (the behaviour before deflation)")
+    parser.add_argument("--max-dense-dim", type=int, default=None,
+                        help="factor sides wider than this are diagonal (default: the "
+                             "engine's max_dense_dim); 8192 keeps every ResNet-18 factor dense")
     args = parser.parse_args(argv)
-    return run(args.batch, args.methods, args.stem, deflate=not args.no_deflate)
+    return run(args.batch, args.methods, args.stem, deflate=not args.no_deflate,
+               max_dense_dim=args.max_dense_dim)
 
 
 if __name__ == "__main__":

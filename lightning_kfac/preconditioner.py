@@ -35,6 +35,7 @@ from lightning_kfac.core.ekfac import EKFACScaling
 from lightning_kfac.core.mc import MCFisher
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
 from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
+from lightning_kfac.core.linalg import all_finite
 from lightning_kfac.core.methods import Decomposition
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
@@ -492,7 +493,7 @@ class KFACPreconditioner:
             f = FACTOR_FLAGS * i
             a_hat, g_hat = block.batch_estimates()
             seen = block.has_estimates()
-            finite = seen and bool(torch.isfinite(a_hat).all() and torch.isfinite(g_hat).all())
+            finite = seen and all_finite(a_hat, g_hat)
             if seen and not finite:
                 a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
             flags[f], flags[f + 1] = float(seen), float(seen and not finite)
@@ -632,14 +633,16 @@ class KFACPreconditioner:
         if not work:
             self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
             return
-        # One host sync for every layer's (finite?, <P, grad>, |grad|^2, |P|^2) (a sync per
-        # float() would stall a GPU once per layer and statistic).
-        sums = torch.stack([torch.stack([torch.isfinite(p).all().double(), (p * g).sum().double(),
-                                         g.square().sum().double(), p.square().sum().double()])
+        # One host sync for every layer's (<P, grad>, |grad|^2, |P|^2) (a sync per float() would
+        # stall a GPU once per layer and statistic). P is finite iff |P|^2 is, except when the
+        # squares overflow: only then is P scanned entry by entry (a separate isfinite pass cost
+        # as much as the three sums together).
+        sums = torch.stack([torch.stack([(p * g).sum().double(), _dot(g, g), _dot(p, p)])
                             for _, g, p, _ in work]).tolist()
-        finite = [bool(row[0]) for row in sums]
+        finite = [math.isfinite(row[2]) or bool(torch.isfinite(p).all())
+                  for (_, _, p, _), row in zip(work, sums)]
         vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
-        for (block, grad, pre, lr), (ok, vg, _, _) in zip(work, sums):
+        for (_, grad, pre, lr), ok, (vg, _, _) in zip(work, finite, sums):
             if ok:
                 if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
                     vg = float((pre.double() * grad.double()).sum())
@@ -647,7 +650,7 @@ class KFACPreconditioner:
         nu = 1.0
         if self.config.kl_clip is not None and vg_sum != 0.0:
             nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))
-        for (block, grad, pre, lr), ok, (_, _, g_sq, p_sq) in zip(work, finite, sums):
+        for (block, grad, pre, lr), ok, (_, g_sq, p_sq) in zip(work, finite, sums):
             if not ok:
                 self._nonfinite("nonfinite_gradients", f"nonfinite-grad:{block.name}",
                                 f"K-FAC: non-finite preconditioned gradient for layer "
@@ -661,6 +664,11 @@ class KFACPreconditioner:
             block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
         ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
         self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``<x, y>`` in float64 (one pass, no temporary; for the norm statistics only)."""
+    return torch.dot(x.reshape(-1), y.reshape(-1)).double()
 
 
 def _skipped_unseen(block: KFACBlock):
