@@ -2,7 +2,7 @@
 (``--time``) measured times of the three ``distribute`` modes with 2 gloo ranks on this machine.
 
 Bytes are the payload each rank hands to collectives (``core/kaisa.communication_bytes``; the
-communicator's counter gives the same figure, see tests/test_distributed.py), for every layer due
+communicator's counter gives the same figure, see tests/core/test_distributed.py), for every layer due
 at once, in the factor dtype (float32):
 
 - ``factor_update``: upper triangles of every ``A^``, ``G^`` (+3 flags a layer), one all-reduce;

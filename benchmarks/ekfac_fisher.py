@@ -8,7 +8,7 @@ applies ``Q diag(vec(e_G e_A^T)) Q^T`` (the decomposition in use: the eigenbases
 same batches with their own preconditioned SGD; every ``--every`` steps the table reports the
 relative Frobenius distance ``||F - F_approx|| / ||F||`` summed over layers (squared, then
 rooted). In the refresh basis EKFAC's diagonal is the Frobenius-optimal one for the Fisher it
-was estimated on (tests/test_ekfac.py checks the identity); this shows how much of that survives
+was estimated on (tests/core/test_ekfac.py checks the identity); this shows how much of that survives
 the running averages, between refreshes, on held-out examples.
 
     python -m benchmarks.ekfac_fisher [--steps 60] [--every 10]

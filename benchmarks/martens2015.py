@@ -39,7 +39,7 @@ SGD_LRS = [0.01, 0.03, 0.1, 0.3]
 def compose(overrides: List[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from lightning_kfac.hydra import register_configs
+    from lightning_kfac.integrations.hydra import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):

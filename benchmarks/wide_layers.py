@@ -3,7 +3,7 @@
 Models: a transformers Llama (vocabulary 32000, width 64, 2 layers; batch 4 x 64 tokens) and a
 ``Linear(64, 50000)`` head (batch 64), both with ``KFACPreconditioner()`` defaults
 (``max_dense_dim=2048``, ``memory_budget_gib=2``: the 32000 / 50000-wide sides are diagonal).
-Each model runs in a fresh process (tests/helpers/peak_memory.py): the same batches without and
+Each model runs in a fresh process (tests/support/peak_memory.py): the same batches without and
 with K-FAC, per-step CPU time (``time.process_time``, all threads), resident-set peaks around
 forward/backward and around the rest of the step.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from tests.helpers.peak_memory import measure
+from tests.support.peak_memory import measure
 
 MIB = 2 ** 20
 CASES = {

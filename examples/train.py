@@ -7,7 +7,7 @@
     python examples/train.py -m kfac.damping=1e-3,1e-2         # a sweep, outputs in multirun/
 
 K-FAC is one callback built from ``cfg.kfac`` (``_target_: lightning_kfac.KFACCallback``, checked
-against the schema that :mod:`lightning_kfac.hydra` registers); the model code does not change.
+against the schema that :mod:`lightning_kfac.integrations.hydra` registers); the model code does not change.
 Each run writes to Hydra's output directory: ``metrics.csv`` (CSVLogger: ``train/loss`` every
 step, test metrics), ``loss.png`` (training loss against step), ``checkpoints/`` (with the
 callback's state) and ``.hydra/config.yaml`` (the composed config).
@@ -29,9 +29,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lightning_kfac.hydra import register_configs  # noqa: E402
+from lightning_kfac.integrations.hydra import register_configs  # noqa: E402
 
-register_configs()  # the kfac_schema node that conf/kfac/*.yaml extend
+register_configs()  # the kfac_schema node that conf/kfac/default.yaml extends (the presets extend default)
 CONF_DIR = ROOT / "conf"
 
 

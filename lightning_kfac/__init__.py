@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "KFACCallback":
-        from lightning_kfac.callback import KFACCallback
+        from lightning_kfac.integrations.lightning.callback import KFACCallback
 
         return KFACCallback
     raise AttributeError(f"module 'lightning_kfac' has no attribute {name!r}")

@@ -270,7 +270,7 @@ class KFACConfig:
             every layer refreshes at t % inv_update_steps == 0).
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
-            step's batch (``kfac_diag/<layer>/...``; lightning_kfac/diagnostics_callback.py).
+            step's batch (``kfac_diag/<layer>/...``; integrations/lightning/diagnostics_callback.py).
         max_dense_dim: a factor side (A or G) of dimension <= this is a dense matrix, a wider one
             is kept as its diagonal (core/factors.py); 2048 keeps one refresh of a side at a few
             CPU-seconds (an eigh of d = 4096 takes ~36 CPU-s on 2 cores). Per layer via

@@ -1,27 +1,11 @@
-"""``KFACCallback`` for the unified ``lightning`` package (``lightning.pytorch``).
+"""Compatibility re-export: the unified-``lightning`` callback lives in
+``lightning_kfac.integrations.lightning.unified``.
 
-``pytorch_lightning`` and ``lightning.pytorch`` ship the same classes twice under two names. A
-``Trainer`` calls callback hooks by name, so :class:`lightning_kfac.KFACCallback` (a
-``pytorch_lightning.Callback``) already runs in either package's Trainer; but
-``lightning.pytorch.cli.LightningCLI`` accepts only subclasses of *its* ``Callback`` by import
-path. This class is the same callback, also a ``lightning.pytorch.Callback``:
-
-    pytorch_lightning.cli.LightningCLI:   --trainer.callbacks+=lightning_kfac.KFACCallback
-    lightning.pytorch.cli.LightningCLI:   --trainer.callbacks+=lightning_kfac.lightning.KFACCallback
-
-Same signature, options, behaviour and checkpoint state key as ``lightning_kfac.KFACCallback``.
-Importing this module imports both ``lightning`` and ``pytorch_lightning``.
+Kept so that the old class path ``lightning_kfac.lightning.KFACCallback`` (e.g. in a
+``LightningCLI`` config) keeps working. Importing it imports ``lightning`` and
+``pytorch_lightning``.
 """
 
-from __future__ import annotations
-
-from lightning.pytorch import Callback as _UnifiedCallback
-
-from lightning_kfac.callback import KFACCallback as _KFACCallback
-
-
-class KFACCallback(_KFACCallback, _UnifiedCallback):
-    __doc__ = _KFACCallback.__doc__
-
+from lightning_kfac.integrations.lightning.unified import KFACCallback
 
 __all__ = ["KFACCallback"]

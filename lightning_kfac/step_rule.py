@@ -299,17 +299,6 @@ def _replay(model: nn.Module, blocks: Iterable[KFACBlock], closure: Closure,
             block.capturing, block.row_limit = capturing, row_limit
 
 
-def lightning_closure(module: nn.Module, batch: Any, batch_idx: int) -> Closure:
-    """A closure that re-runs ``module.training_step(batch, batch_idx)`` with logging silenced."""
-    from lightning_kfac.adaptive_damping import silenced_logging
-
-    def closure() -> Any:
-        with silenced_logging(module):
-            return module.training_step(batch, batch_idx)  # type: ignore[operator]
-
-    return closure
-
-
 def trainer_refusal(trainer: Any, module: Any) -> Optional[str]:
     """Why the callback cannot run ``step_rule="quadratic"`` in this Trainer, or None."""
     if not module.automatic_optimization:

@@ -1,4 +1,4 @@
-"""Tests for ``lightning_kfac.diagnostics`` against dense brute force (``tests.helpers.dense``).
+"""Tests for ``lightning_kfac.diagnostics`` against dense brute force (``tests.support.dense``).
 
 Everything runs in float64. The exact error is checked against ``torch.kron`` of the brute-force
 factors and the Fisher block of ``torch.func`` per-example gradients; the probe estimate is
@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_kfac.diagnostics import (diagnose, kronecker_error, mean_gradient,
                                         population_terms, record_rows, sampled_nll, to_scalars)
-from tests.helpers import dense
+from tests.support import dense
 
 DT = torch.float64
 

@@ -28,7 +28,7 @@ from torch.func import functional_call, hessian, jacrev
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import damping as dmp
 from lightning_kfac.core.quadratic_model import solve_step
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, low_rank=False,
              step_rule="quadratic")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.ddp_scripts import step_rule_case as S
-from tests.test_distributed import spawn
+from tests.core.test_distributed import spawn
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def _pattern_tokens(n, vocab, seq, seed=0):
 
 def _fit(tmp_path, kfac: bool, steps: int):
     from lightning_kfac import KFACCallback
-    from tests.test_callback_support import make_trainer
+    from tests.support.lightning import make_trainer
 
     torch.manual_seed(0)
     lit = LitLM.make(gpt2(vocab=64, width=32), lr=0.05)

@@ -245,7 +245,7 @@ class DenseFactor(FactorStructure):
     def decompose_transient_numel(self, method: str) -> int:
         # eigen: the symmetrised copy and LAPACK's syevd workspace (~2 d^2) besides Q; inverse:
         # identity, symmetrised and damped copies / the Cholesky factor. Both measured as peak
-        # resident memory at d = 1200 and 2400 (tests/helpers/peak_memory.py's method): 4.0 d^2
+        # resident memory at d = 1200 and 2400 (tests/support/peak_memory.py's method): 4.0 d^2
         # with the result for eigh_psd, 4.1-4.3 d^2 for damped_inverse.
         return 3 * self.groups * self.dim * self.dim
 

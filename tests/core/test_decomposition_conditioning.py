@@ -25,7 +25,7 @@ from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import linalg
 from lightning_kfac.core.factors import DenseFactor
 from lightning_kfac.core.refresh import logger
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 DT = torch.float64
 

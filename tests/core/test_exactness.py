@@ -4,7 +4,7 @@ Where K-FAC is exact (one example: the Fisher block of ``vec(W~)`` is ``(a a^T) 
 ``A (x) G`` must equal the per-example Fisher from ``torch.func``. Elsewhere the engine's factors
 must equal their definitions (Martens & Grosse 2015, sec. 3; KFC, Grosse & Martens 2016, sec. 3
 for conv) and its preconditioned gradient the dense solve (eigen: exact damping) or the
-factored-Tikhonov formula (inverse: M&G 2015, sec. 6.3), computed from ``tests/helpers/dense.py``.
+factored-Tikhonov formula (inverse: M&G 2015, sec. 6.3), computed from ``tests/support/dense.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 FACTOR_TOL = 1e-10
 PRECOND_TOL = 1e-8

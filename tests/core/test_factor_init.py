@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACConfig, KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 NAMES = ["0", "2"]
 

@@ -2,7 +2,7 @@
 
 A side kept diagonal replaces that factor F by diag(F) and nothing else: the engine's factors must
 equal ``diag(diag(F_ref))`` for that side (F_ref from the dense definitions in
-tests/helpers/dense.py), and its preconditioned gradient must equal the dense solve with the
+tests/support/dense.py), and its preconditioned gradient must equal the dense solve with the
 replaced factors: eigen ``(A' (x) G' + damping I)^-1 vec(grad)``, inverse the factored-Tikhonov
 formula on A', G', EKFAC the dense solve of ``(Q_A (x) Q_G) diag(vec s) (...)^T + damping I``
 with the identity as the diagonal side's basis.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor
-from tests.helpers import dense as D
+from tests.support import dense as D
 from lightning_kfac import KFACPreconditioner
 
 DT = torch.float64

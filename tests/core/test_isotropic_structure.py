@@ -2,7 +2,7 @@
 brute force in float64.
 
 An isotropic side replaces its factor F by ``(tr F / d) I`` and nothing else: the engine's factor
-must equal ``mean(diag F_ref) I`` (F_ref from tests/helpers/dense.py's definitions, after two
+must equal ``mean(diag F_ref) I`` (F_ref from tests/support/dense.py's definitions, after two
 running-average updates), and its preconditioned gradient the dense solve with the replaced
 factor (eigen: ``(A' (x) G' + damping I)^-1 vec(grad)``; inverse: factored Tikhonov on A', G').
 It is chosen through ``layer_overrides`` (``a_structure`` / ``g_structure``), the path the docs'
@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core.structure_registry import STRUCTURES, make_structure
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 DT = torch.float64
 DAMPING = 1e-2

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_kfac import KFACConfig
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import stagger
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 DT = torch.float64
 

@@ -1,10 +1,13 @@
-"""Standalone ``strategy="ddp"`` run (2 CPU ranks, gloo) for tests/test_distributed_lightning.py.
+"""Standalone ``strategy="ddp"`` run (2 CPU ranks, gloo) for
+tests/integrations/lightning/test_distributed_lightning.py.
 
 Lightning's "ddp" launcher re-runs this script for rank 1, so it cannot run inside pytest (Lightning 2.x behaviour).
 Usage: ``python tests/ddp_scripts/lightning_ddp.py OUT_DIR STEPS [NODES]``;
 each rank writes ``OUT_DIR/rank{r}.pt`` (params, factors, K-FAC state) at ``on_fit_end``. With
 NODES=2 the script is one "node" of 1 device: start it twice with ``NODE_RANK=0`` / ``1`` and the
 same ``MASTER_ADDR`` / ``MASTER_PORT`` (what a multi-node launch does, on one machine).
+The repository root must be on ``PYTHONPATH`` (the test sets it; Lightning's launcher passes the
+environment on to rank 1), so that ``tests.*`` and ``lightning_kfac`` import.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.test_callback_support import MLP, make_dataset, make_trainer  # noqa: E402
-from tests.test_distributed_lightning import (BATCH, N, OPTIONS, RankDump,  # noqa: E402
-                                              rank_loader)
-
-from lightning_kfac.callback import KFACCallback  # noqa: E402
+from lightning_kfac.integrations.lightning.callback import KFACCallback
+from tests.integrations.lightning.test_distributed_lightning import (
+    BATCH,
+    OPTIONS,
+    N,
+    RankDump,
+    rank_loader,
+)
+from tests.support.lightning import MLP, make_dataset, make_trainer
 
 
 def main(out_dir: str, steps: int, nodes: int = 1) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lightning_kfac import KFACConfig
 
 from lightning_kfac import KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 from tests.reliability.common import all_finite, batch, factors_finite
 
 pytestmark = pytest.mark.reliability

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_kfac import KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 from tests.reliability.common import all_finite, batch, mlp
 
 pytestmark = pytest.mark.reliability

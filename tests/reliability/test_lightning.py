@@ -23,12 +23,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_kfac.callback import check_strategy
+from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac import KFACCallback
 from lightning_kfac.summary import predicted_memory_bytes
 from tests.reliability.test_memory import held_bytes
 from tests.reliability.test_resume import mismatches
-from tests.test_callback_support import (MLP, Recorder, count_hooks, loader, make_dataset,
+from tests.support.lightning import (MLP, Recorder, count_hooks, loader, make_dataset,
                                          make_trainer)
 
 pytestmark = [pytest.mark.reliability,

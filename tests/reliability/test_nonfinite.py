@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_kfac import KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 
 pytestmark = pytest.mark.reliability

@@ -14,8 +14,8 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_kfac import KFACCallback
-from tests.helpers import dense as D
-from tests.test_callback_support import MLP, Recorder, loader, make_dataset, make_trainer
+from tests.support import dense as D
+from tests.support.lightning import MLP, Recorder, loader, make_dataset, make_trainer
 
 pytestmark = [pytest.mark.reliability,
               pytest.mark.filterwarnings("ignore::UserWarning"),

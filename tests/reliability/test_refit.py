@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_kfac import KFACCallback
-from tests.test_callback_support import (MLP, assert_factors_equal, assert_params_equal,
+from tests.support.lightning import (MLP, assert_factors_equal, assert_params_equal,
                                          hand_loop, loader, make_dataset, make_trainer)
 
 pytestmark = [pytest.mark.reliability,

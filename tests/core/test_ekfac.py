@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.helpers.dense import (brute_factors, grad_matrix, linear_rows, per_example_grads,
+from tests.support.dense import (brute_factors, grad_matrix, linear_rows, per_example_grads,
                                  record, rel_err, unvec, vec)
 
 DT = torch.float64

@@ -21,7 +21,7 @@ from lightning_kfac import KFACConfig
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.discovery import layer_settings
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 NAMES = ["0", "2"]
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac import KFACCallback
-from tests.test_callback_support import (assert_factors_equal, assert_params_equal,
+from tests.support.lightning import (assert_factors_equal, assert_params_equal,
                                          clone_module, engine_bug_step_drops_other_optimizers_layers,
                                          loader, make_dataset, make_trainer)
 

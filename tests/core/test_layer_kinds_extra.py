@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 import lightning_kfac
 from lightning_kfac import LayerKind, register_layer, unregister_layer
 from lightning_kfac import KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, factor_decay=0.5)
 

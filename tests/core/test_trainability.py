@@ -25,8 +25,8 @@ from torch import nn
 from lightning_kfac import KFACPreconditioner
 
 from lightning_kfac import KFACCallback
-from tests.helpers import dense as D
-from tests.test_callback_support import loader, make_dataset, make_trainer
+from tests.support import dense as D
+from tests.support.lightning import loader, make_dataset, make_trainer
 
 DAMPING = 1e-2
 CLOCKS = dict(factor_update_steps=1, inv_update_steps=100, kl_clip=None, damping=DAMPING)

@@ -2,7 +2,7 @@
 skip_layers, frozen layers, remove(), huge damping, micro-batches, state round trip, wrap().
 
 Conventions are those of docs/conventions.md (Martens & Grosse 2015, sec. 5 for the running averages,
-sec. 6.3 for damping); references come from ``tests/helpers/dense.py``.
+sec. 6.3 for damping); references come from ``tests/support/dense.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 NAMES = ["0", "2"]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, factor_decay=0.5)
 VOCAB, DIM = 7, 3
@@ -231,7 +231,7 @@ class Tied(nn.Module):
 
 def test_tied_weights_with_a_skipped_holder_are_left_raw():
     """Skipping one holder of a tied Parameter skips the shared weight for every holder (the
-    tied-weight rule itself is tested in tests/test_layer_kinds_extra.py)."""
+    tied-weight rule itself is tested in tests/core/test_layer_kinds_extra.py)."""
     torch.manual_seed(5)
     model = Tied().double()
     pre = KFACPreconditioner(model, skip_layers=["^dec$"], **EXACT)

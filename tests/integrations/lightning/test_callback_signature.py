@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import types
 import typing
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import pytest
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_kfac import KFACConfig
-from lightning_kfac.callback import CALLBACK_ONLY_OPTIONS, KFACCallback
+from lightning_kfac.integrations.lightning.callback import CALLBACK_ONLY_OPTIONS, KFACCallback
 
 FIELDS = {f.name: f for f in dataclasses.fields(KFACConfig)}
 CONFIG_HINTS = typing.get_type_hints(KFACConfig)
@@ -28,6 +29,19 @@ PARAMS = inspect.signature(KFACCallback.__init__).parameters
 def _type_text(hint: Any) -> str:
     return repr(hint).replace("typing.", "").replace("NoneType", "None").replace(
         "<class '", "").replace("'>", "")
+
+
+def spelling_free(hint: Any) -> Any:
+    """The type with its spelling normalized: ``Optional[List[str]]`` and ``list[str] | None``
+    compare equal (either file may use either spelling)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return ("union", frozenset(spelling_free(arg) for arg in args))
+    if origin is Literal:
+        return ("literal", frozenset(args))  # Literal compares its values as a set
+    if origin is not None:
+        return (origin, tuple(spelling_free(arg) for arg in args))
+    return hint
 
 
 def expected_annotation(name: str) -> Any:
@@ -60,7 +74,8 @@ def test_every_kfacconfig_option_is_a_typed_keyword_with_its_default():
     missing = [name for name in FIELDS if name not in PARAMS]
     assert not missing, (
         "KFACConfig has options that KFACCallback.__init__ does not list; add these keyword-only "
-        "parameters to its signature (lightning_kfac/callback.py), before `prog_bar`:\n    "
+        "parameters to its signature (lightning_kfac/integrations/lightning/callback.py), before "
+        "`prog_bar`:\n    "
         + "\n    ".join(suggested_line(name) for name in missing))
     extra = [name for name, p in PARAMS.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
              and name not in FIELDS and name not in CALLBACK_ONLY_OPTIONS]
@@ -68,7 +83,7 @@ def test_every_kfacconfig_option_is_a_typed_keyword_with_its_default():
     for name in FIELDS:
         param = PARAMS[name]
         assert param.kind is inspect.Parameter.KEYWORD_ONLY, name
-        assert INIT_HINTS[name] == expected_annotation(name), (
+        assert spelling_free(INIT_HINTS[name]) == spelling_free(expected_annotation(name)), (
             f"KFACCallback.__init__: {name} is typed {_type_text(INIT_HINTS[name])}; KFACConfig "
             f"types it {_type_text(CONFIG_HINTS[name])}: write `{suggested_line(name)}`")
         assert param.default == expected_default(name) \
@@ -79,11 +94,9 @@ def test_every_kfacconfig_option_is_a_typed_keyword_with_its_default():
 
 def test_the_suggested_line_is_valid_python_for_the_right_annotation_and_default():
     """What the failure message tells to add evaluates to the expected annotation and default."""
-    import lightning_kfac.callback as module
-
     for name in FIELDS:
         text, default = suggested_line(name).rstrip(",").split(": ", 1)[1].split(" = ")
-        assert eval(text, vars(module)) == expected_annotation(name), name
+        assert eval(text, vars(typing)) == expected_annotation(name), name
         assert eval(default) == expected_default(name), name
 
 
@@ -127,7 +140,7 @@ def test_lightning_package_class_is_both_packages_callback():
     lightning_pytorch = pytest.importorskip("lightning.pytorch")
     import pytorch_lightning as pl
 
-    from lightning_kfac.lightning import KFACCallback as UnifiedKFACCallback
+    from lightning_kfac.integrations.lightning.unified import KFACCallback as UnifiedKFACCallback
 
     callback = UnifiedKFACCallback(damping=2e-2)
     assert isinstance(callback, lightning_pytorch.Callback) and isinstance(callback, pl.Callback)

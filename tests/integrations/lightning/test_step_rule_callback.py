@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kfac import KFACCallback
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 LR, WD, MOMENTUM, LAMBDA = 0.05, 1e-3, 0.9, 0.1
 PRECONDITIONED = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]

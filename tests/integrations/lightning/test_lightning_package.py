@@ -15,7 +15,7 @@ import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from lightning_kfac import KFACCallback  # noqa: E402
-from lightning_kfac.callback import check_strategy  # noqa: E402
+from lightning_kfac.integrations.lightning.callback import check_strategy  # noqa: E402
 
 OPTIONS = dict(damping=1e-2, factor_update_steps=2, inv_update_steps=4, kl_clip=1e-2)
 

@@ -20,7 +20,7 @@ from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.assignment import greedy_assignment, layer_cost, rank_loads
 from lightning_kfac.core.distributed import pack_symmetric, unpack_symmetric_
 from tests.ddp_scripts import engine_cases as E
-from tests.helpers.compare import nested_equal
+from tests.support.compare import nested_equal
 
 TIMEOUT = 240.0
 WORLD = 2

@@ -14,7 +14,7 @@ import pytest
 from pytorch_lightning.loggers import CSVLogger
 
 from lightning_kfac import KFACCallback
-from tests.test_callback_support import MLP, Recorder, loader, make_dataset, make_trainer
+from tests.support.lightning import MLP, Recorder, loader, make_dataset, make_trainer
 
 PHASES = ("kfac/time_factors_ms", "kfac/time_decompose_ms", "kfac/time_precondition_ms")
 TIMES = ("kfac/time_ms", *PHASES, "kfac/step_ms", "kfac/overhead_share")

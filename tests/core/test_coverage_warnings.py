@@ -29,7 +29,7 @@ from lightning_kfac import KFACCoverageWarning
 from lightning_kfac import KFACPreconditioner
 
 from lightning_kfac import KFACCallback
-from tests.test_callback_support import loader, make_dataset, make_trainer
+from tests.support.lightning import loader, make_dataset, make_trainer
 
 EVERY = dict(factor_update_steps=1, inv_update_steps=1)
 

@@ -1,7 +1,7 @@
 """LightningCLI (jsonargparse) with KFACCallback, in both packages.
 
 ``pytorch_lightning.cli.LightningCLI`` takes ``lightning_kfac.KFACCallback``;
-``lightning.pytorch.cli.LightningCLI`` takes ``lightning_kfac.lightning.KFACCallback`` (its
+``lightning.pytorch.cli.LightningCLI`` takes ``lightning_kfac.integrations.lightning.unified.KFACCallback`` (its
 Callback base). Checked: lowercase enum strings, a ``config:`` mapping that is not overridden by
 the keywords' defaults, and a typo or bad value reported in one line without a traceback. The
 runs are real subprocesses of a user's CLI script (tests/cli_scripts/boring_cli.py); the error
@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (dev extra)")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "tests" / "cli_scripts" / "boring_cli.py"
 PACKAGES = {"pytorch_lightning": "lightning_kfac.KFACCallback",
-            "lightning": "lightning_kfac.lightning.KFACCallback"}
+            "lightning": "lightning_kfac.integrations.lightning.unified.KFACCallback"}
 QUIET = ["--trainer.logger=false", "--trainer.enable_checkpointing=false",
          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.limit_val_batches=0"]
@@ -61,8 +61,8 @@ def test_cli_takes_lowercase_enums_and_a_config_mapping(tmp_path, package):
                    "--trainer.callbacks.inv_update_steps=2", *QUIET)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (found,) = kfac_result(proc.stdout)
-    assert found["class"] == PACKAGES[package].replace("lightning_kfac.KFACCallback",
-                                                        "lightning_kfac.callback.KFACCallback")
+    assert found["class"] == PACKAGES[package].replace(
+        "lightning_kfac.KFACCallback", "lightning_kfac.integrations.lightning.callback.KFACCallback")
     config = found["config"]
     assert (config["damping"], config["factor_update_steps"]) == (0.02, 2)   # from the mapping
     assert (config["kl_clip"], config["inv_update_steps"]) == (0.1, 2)       # keywords win

@@ -25,13 +25,13 @@ from pytorch_lightning.strategies import DeepSpeedStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lightning_kfac.callback import KFACCallback, check_strategy
-from tests.test_callback_support import MLP, make_dataset, make_trainer
-from tests.helpers.compare import nested_equal
+from lightning_kfac.integrations.lightning.callback import KFACCallback, check_strategy
+from tests.support.lightning import MLP, make_dataset, make_trainer
+from tests.support.compare import nested_equal
 
 OPTIONS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=3, kl_clip=1e-2)
 N, BATCH, STEPS = 32, 4, 10
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class RankSlice(Sampler):

@@ -24,7 +24,7 @@ from lightning_kfac import KFACConfig
 
 from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core import damping as dmp
-from tests.helpers import dense as D
+from tests.support import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None)
 
@@ -372,7 +372,7 @@ def test_relative_damping_formula(method):
 
 def _lightning():
     pl = pytest.importorskip("pytorch_lightning")
-    from tests import test_callback_support as S
+    from tests.support import lightning as S
 
     return pl, S
 

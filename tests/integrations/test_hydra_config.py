@@ -1,4 +1,4 @@
-"""The Hydra config tree (conf/) and the structured K-FAC schema (lightning_kfac/hydra.py).
+"""The Hydra config tree (conf/) and the structured K-FAC schema (lightning_kfac/integrations/hydra.py).
 
 Every option of every group is composed with ``initialize_config_dir`` + ``compose`` (no argv, no
 chdir) and instantiated; the typo / wrong-type / out-of-range errors name the offending key.
@@ -19,12 +19,12 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 from examples.data import load_digits_tensors
 from examples.train import CONF_DIR, build_kfac_callback  # registers the schema
 from lightning_kfac import KFACConfig
-from lightning_kfac.hydra import KFACSchema
+from lightning_kfac.integrations.hydra import KFACSchema
 
 GROUPS = ("data", "model", "optimizer", "kfac", "trainer", "experiment")
 
@@ -159,6 +159,45 @@ def test_presets_hold_their_papers_settings():
             k.compute_method) == (10, 100, 1e-3, 1e-3, "eigen")
 
 
+
+# What each preset composed to before the presets were reduced to their differences (every other
+# option at its KFACConfig default): the presets must keep composing to exactly these configs.
+PRESET_DIFFERENCES = {
+    "default": {},
+    "digits_autoencoder": {"damping": 1e-2, "output_reduction": "sum"},
+    "digits_classifier": {"damping": 3e-2},
+    "kaisa": {"distribute": "decompositions"},
+    "martens2015": {"damping": 150.0, "factor_update_steps": 1, "inv_update_steps": 20,
+                    "kl_clip": None, "compute_method": "inverse", "fisher_type": "mc",
+                    "likelihood": "bernoulli", "output_reduction": "sum",
+                    "adaptive_damping": True, "min_damping": 1e-3, "step_rule": "quadratic"},
+    "warm_start": {"damping": 0.1, "damping_mode": "relative", "factor_init": "identity"},
+}
+
+
+def test_every_kfac_preset_is_listed_with_its_differences():
+    assert sorted([*PRESET_DIFFERENCES, "off"]) == options("kfac")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_DIFFERENCES))
+def test_presets_compose_to_the_defaults_plus_their_differences(preset):
+    cfg = compose_cfg(f"kfac={preset}").kfac
+    assert (cfg._target_, cfg._convert_) == ("lightning_kfac.KFACCallback", "all")
+    assert kfac_options(cfg) == {**KFACConfig().to_dict(), **PRESET_DIFFERENCES[preset]}
+
+
+@pytest.mark.parametrize("preset", sorted(set(PRESET_DIFFERENCES) - {"default"}))
+def test_presets_extend_default_and_state_only_their_differences(preset):
+    """A preset lists ``default`` in its defaults list and states only the options it changes, so a
+    new option edits ``config.py`` and ``conf/kfac/default.yaml`` only, never the presets."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "kfac" / f"{preset}.yaml"))
+    assert raw.pop("defaults") == ["default", "_self_"]
+    defaults = KFACConfig().to_dict()
+    restated = sorted(name for name, value in raw.items() if value == defaults[name])
+    assert restated == [], (f"conf/kfac/{preset}.yaml restates defaults {restated}: delete them "
+                            "(a preset states only what differs from conf/kfac/default.yaml)")
+    assert sorted(raw) == sorted(PRESET_DIFFERENCES[preset])
+
 # -- errors name the offending key --------------------------------------------------------------
 def test_typo_fails_at_composition_naming_the_key():
     with pytest.raises(ConfigCompositionException) as err:
@@ -205,7 +244,7 @@ def test_only_lightning_kfac_hydra_imports_hydra():
     package = ROOT / "lightning_kfac"
     importers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                        if re.search(r"^\s*(import hydra|from hydra\b)", p.read_text(), re.M))
-    assert importers == ["hydra.py"]
+    assert importers == ["integrations/hydra.py"]
     code = ("import sys, lightning_kfac; lightning_kfac.KFACConfig(); "
             "print(sorted(m for m in sys.modules if m == 'hydra' or m.startswith('hydra.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -15,9 +15,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_kfac import KFACPreconditioner
-from lightning_kfac.callback import check_strategy
+from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac import KFACCallback
-from tests.test_callback_support import (MLP, Recorder, assert_factors_equal, assert_params_equal,
+from tests.support.lightning import (MLP, Recorder, assert_factors_equal, assert_params_equal,
                                          clone_module, count_hooks, hand_loop, loader,
                                          make_dataset, make_trainer)
 

@@ -370,7 +370,7 @@ def test_digits_mc_fisher_beats_sgd() -> None:
 # -- through Lightning (KFACCallback calls pre.mc_backward() in on_before_backward) -------------
 pl = pytest.importorskip("pytorch_lightning", reason="the callback tests need pytorch_lightning")
 from lightning_kfac import KFACCallback  # noqa: E402
-from tests.test_callback_support import (MLP, assert_factors_equal, assert_params_equal,  # noqa: E402
+from tests.support.lightning import (MLP, assert_factors_equal, assert_params_equal,  # noqa: E402
                                          clone_module, loader, make_dataset, make_trainer)
 from torch.utils.data import TensorDataset  # noqa: E402
 

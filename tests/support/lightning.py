@@ -1,4 +1,4 @@
-"""Shared pieces of the KFACCallback tests (test_callback*.py); this module holds no tests.
+"""Shared pieces of the KFACCallback tests (tests/integrations/lightning/); no tests here.
 
 Tiny float64 models and deterministic data, a Trainer factory with everything optional switched
 off, a hand-written K-FAC loop (the reference the callback must reproduce bit for bit), and a hook

@@ -1,7 +1,7 @@
 """Wide layers: structures chosen by size and budget, the predicted peak against a measured one,
 refusal of a model that cannot fit, and a 32000-vocabulary Llama trained with the defaults.
 
-The peak is measured in a fresh process (tests/helpers/peak_memory.py: resident-set peaks around
+The peak is measured in a fresh process (tests/support/peak_memory.py: resident-set peaks around
 forward/backward and around the rest of each step, with and without K-FAC, on the same batches)
 and must be within 25% of ``footprint(...).peak``, the figure the fit-start summary prints.
 Step times are in benchmarks/wide_layers.py (no timing assert here).
@@ -19,7 +19,7 @@ from torch import nn
 from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core.budget import MemoryBudgetError
 from lightning_kfac.core.footprint import footprint
-from tests.helpers.peak_memory import measure
+from tests.support.peak_memory import measure
 
 MIB = 2 ** 20
 

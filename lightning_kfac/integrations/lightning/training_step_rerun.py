@@ -1,4 +1,10 @@
-"""Adaptive damping in Lightning: re-evaluate the training loss on the same batch after a step.
+"""Re-run ``training_step`` on the step's batch: the loss after the step, and step-rule closures.
+
+Two users in ``KFACCallback``: adaptive damping (the loss after the update, below) and
+``step_rule="quadratic"`` (:func:`lightning_closure`, which re-runs ``training_step`` for the
+exact curvature products of ``step_rule.py``; logging silenced the same way).
+
+Adaptive damping in Lightning: re-evaluate the training loss on the same batch after a step.
 
 The Levenberg-Marquardt rule (Martens & Grosse 2015, sec. 6.5; ``core/damping.py``) needs the
 loss before and after the update on the batch that produced the gradient. ``KFACCallback`` calls
@@ -24,10 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the annotations only; at runtime the module is used by its attributes
+    import pytorch_lightning as pl
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -44,11 +54,13 @@ def step_loss(output: Any) -> float:
 
 
 @contextlib.contextmanager
-def silenced_logging(module: nn.Module):
+def silenced_logging(module: nn.Module) -> Iterator[nn.Module]:
     """``module.log`` / ``module.log_dict`` do nothing inside (a re-run logs no duplicates)."""
-    shadowed = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
-    module.log = _silent
-    module.log_dict = _silent
+    shadowed = {
+        name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__
+    }
+    for name in ("log", "log_dict"):
+        setattr(module, name, _silent)
     try:
         yield module
     finally:
@@ -59,13 +71,19 @@ def silenced_logging(module: nn.Module):
                 del module.__dict__[name]
 
 
-def training_loss(module: nn.Module, batch: Any, batch_idx: int, context: Any = None) -> float:
+def training_loss(
+    module: pl.LightningModule, batch: Any, batch_idx: int, context: Any = None
+) -> float:
     """``module.training_step(batch, batch_idx)``'s loss, with no side effects (see module doc)."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     try:
-        with silenced_logging(module), torch.random.fork_rng(devices=devices), torch.no_grad(), \
-                (context if context is not None else contextlib.nullcontext()):
+        with (
+            silenced_logging(module),
+            torch.random.fork_rng(devices=devices),
+            torch.no_grad(),
+            context if context is not None else contextlib.nullcontext(),
+        ):
             output = module.training_step(batch, batch_idx)
     finally:
         with torch.no_grad():
@@ -74,8 +92,9 @@ def training_loss(module: nn.Module, batch: Any, batch_idx: int, context: Any = 
     return step_loss(output)
 
 
-def adapt_damping(pre: Any, trainer: Any, module: nn.Module, outputs: Any, batch: Any,
-                  batch_idx: int) -> Optional[float]:
+def adapt_damping(
+    pre: Any, trainer: Any, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+) -> float | None:
     """Run the LM update after an adaptation step; rho, or None when none is pending."""
     if not pre.adaptation_pending:
         return None
@@ -84,3 +103,13 @@ def adapt_damping(pre: Any, trainer: Any, module: nn.Module, outputs: Any, batch
         return pre.update_damping(before, before)
     context = trainer.precision_plugin.train_step_context()
     return pre.update_damping(before, lambda: training_loss(module, batch, batch_idx, context))
+
+
+def lightning_closure(module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], Any]:
+    """A closure that re-runs ``module.training_step(batch, batch_idx)`` with logging silenced."""
+
+    def closure() -> Any:
+        with silenced_logging(module):
+            return module.training_step(batch, batch_idx)
+
+    return closure

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_kfac import KFACCallback
-from tests.test_callback_support import (MLP, Recorder, engine_bug_autocast_capture, loader,
+from tests.support.lightning import (MLP, Recorder, engine_bug_autocast_capture, loader,
                                          make_dataset, make_trainer)
 
 autocast_bug = pytest.mark.xfail(engine_bug_autocast_capture(), strict=True, reason=(

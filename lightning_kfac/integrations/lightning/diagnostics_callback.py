@@ -46,23 +46,29 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_kfac.core.capture import _is_transformed
 from lightning_kfac.diagnostics import LayerRows, layer_statistics
 
-__all__ = ["DiagnosticsRecorder", "LOGGED_STATS"]
+__all__ = ["LOGGED_STATS", "DiagnosticsRecorder"]
 
 #: The statistics of :func:`layer_statistics` that are logged (when present).
-LOGGED_STATS = ("kronecker_error", "kronecker_error_population", "kronecker_error_std",
-                "mean_grad_norm", "mean_grad_ratio")
+LOGGED_STATS = (
+    "kronecker_error",
+    "kronecker_error_population",
+    "kronecker_error_std",
+    "mean_grad_norm",
+    "mean_grad_ratio",
+)
 PREFIX = "kfac_diag"
 
 
-def _metrics(result: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+def _metrics(result: dict[str, dict[str, float]]) -> dict[str, float]:
     metrics = {}
     for layer, stats in result.items():
         for key in LOGGED_STATS:
@@ -87,17 +93,19 @@ class DiagnosticsRecorder:
         self.pre = pre
         self.every = int(every_n_steps)
         self.mean = str(loss_reduction) == "mean"
-        self.blocks = {name: block for name, block in pre.layers.items()  # one plain 2-D W~ each
-                       if not block.kind.diagonal_a and block.kind.groups == 1
-                       and block.kind.name != "Shared"}
-        self.last: Optional[Tuple[int, Dict[str, Dict[str, float]]]] = None
-        self._step: Optional[int] = None
-        self._handles: List[Any] = []
-        self._a: Dict[str, List[Tensor]] = {}
-        self._g: Dict[str, Dict[int, Tuple[Tensor, float, int]]] = {}
+        self.blocks = {
+            name: block
+            for name, block in pre.layers.items()  # one plain 2-D W~ each
+            if not block.kind.diagonal_a and block.kind.groups == 1 and block.kind.name != "Shared"
+        }
+        self.last: tuple[int, dict[str, dict[str, float]]] | None = None
+        self._step: int | None = None
+        self._handles: list[Any] = []
+        self._a: dict[str, list[Tensor]] = {}
+        self._g: dict[str, dict[int, tuple[Tensor, float, int]]] = {}
 
     @classmethod
-    def for_fit(cls, config: Any, pre: Any, trainer: Any) -> Optional["DiagnosticsRecorder"]:
+    def for_fit(cls, config: Any, pre: Any, trainer: Any) -> DiagnosticsRecorder | None:
         """A recorder when diagnostics are on and this rank has a logger to write to; else None."""
         every = config.diagnostics_every_n_steps
         if every is None or not trainer.loggers or not trainer.is_global_zero:
@@ -115,10 +123,13 @@ class DiagnosticsRecorder:
         self._step = t
         for name, block in self.blocks.items():
             self._a[name], self._g[name] = [], {}
-            self._handles.append(block.kind.module.register_forward_hook(
-                self._forward_hook(name, block), with_kwargs=True))
+            self._handles.append(
+                block.kind.module.register_forward_hook(
+                    self._forward_hook(name, block), with_kwargs=True
+                )
+            )
 
-    def end(self, trainer: Any) -> Optional[Dict[str, Dict[str, float]]]:
+    def end(self, trainer: Any) -> dict[str, dict[str, float]] | None:
         """At a training batch's end: once the armed step has stepped, compute and log."""
         t = self._step
         if t is None or self.pre.steps <= t:
@@ -140,32 +151,40 @@ class DiagnosticsRecorder:
         self._handles, self._a, self._g, self._step = [], {}, {}, None
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _forward_hook(self, name: str, block: Any):
-        def hook(module, args, kwargs, output):
+    def _forward_hook(self, name: str, block: Any) -> Callable[..., None]:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, Tensor):
-                return None
+                return
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, Tensor) or _is_transformed(x):
-                return None
+                return
             rows, _ = block.kind.input_rows(x.detach())
             slot = len(self._a[name])
             self._a[name].append(rows.to(torch.float64))
             if output.requires_grad:
-                output.register_hook(self._grad_hook(name, block, slot, self._step))
-            return None
+                output.register_hook(  # type: ignore[no-untyped-call]  # torch leaves it untyped
+                    self._grad_hook(name, block, slot, self._step)
+                )
+            return
+
         return hook
 
-    def _grad_hook(self, name: str, block: Any, slot: int, step: Optional[int]):
+    def _grad_hook(
+        self, name: str, block: Any, slot: int, step: int | None
+    ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self.pre.capture.sampling or self._step != step:
-                return None  # the MC Fisher's sampled backward, or a finished step's graph
+                return  # the MC Fisher's sampled backward, or a finished step's graph
             g_rows, _, examples = block.kind.grad_rows(grad.detach())
             scale = (examples if self.mean else 1.0) / self.pre.grad_scale
             self._g[name][slot] = (g_rows.to(torch.float64), scale, examples)  # last one wins
-            return None
+            return
+
         return hook
 
-    def _rows(self) -> Dict[str, LayerRows]:
+    def _rows(self) -> dict[str, LayerRows]:
         """Each layer's rows over the forwards whose gradient arrived (finite layers only)."""
         out = {}
         for name in self.blocks:

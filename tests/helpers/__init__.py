@@ -1,1 +1,0 @@
-"""Test helpers: dense brute-force references (``dense``), independent of ``lightning_kfac``."""
