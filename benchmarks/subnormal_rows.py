@@ -45,8 +45,9 @@ def subnormal_share(rows: Tensor) -> float:
     return float(((mag > 0) & (mag < torch.finfo(rows.dtype).tiny)).float().mean())
 
 
-def synthetic_layer(rows: int, d_a: int, d_g: int, fraction: float,
-                    seed: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def synthetic_layer(
+    rows: int, d_a: int, d_g: int, fraction: float, seed: int = 0
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """``(a_rows, g_rows, eigenbases)`` as a fit ReLU layer's; a ``fraction`` of g subnormal."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.relu(torch.randn(rows, d_a - 1, generator=gen))
@@ -73,25 +74,31 @@ def micro(rounds: int, fraction: float) -> None:
     raw = (torch.cat([a]), torch.cat([g]))
     flushed = lowrank.stack_rows([a], [g], torch.float32)
     assert flushed is not None
-    print(f"R = 128, d_A = 1001, d_G = 500: raw g rows {subnormal_share(raw[1]):.1%} subnormal, "
-          f"after stack_rows {subnormal_share(flushed[1]):.1%}")
+    print(
+        f"R = 128, d_A = 1001, d_G = 500: raw g rows {subnormal_share(raw[1]):.1%} subnormal, "
+        f"after stack_rows {subnormal_share(flushed[1]):.1%}"
+    )
     assert lowrank.gradient_matches(grad, *raw) and lowrank.gradient_matches(grad, *flushed)
 
-    def low_rank(pair: tuple[Tensor, Tensor]) -> None:
+    def low_rank(pair: tuple[Tensor, Tensor] | None) -> None:
+        assert pair is not None
         lowrank.gradient_matches(grad, *pair)
         lowrank.rotated_gradient(dec, *pair)
 
     cases: dict[str, Callable[[], object]] = {
-        "stack_rows + gradient_matches + rotated_gradient, before (raw rows)":
-            lambda: low_rank((torch.cat([a]), torch.cat([g]))),
-        "stack_rows + gradient_matches + rotated_gradient, after (flushed)":
-            lambda: low_rank(lowrank.stack_rows([a], [g], torch.float32)),  # type: ignore[arg-type]
+        "stack_rows + gradient_matches + rotated_gradient, before (raw rows)": lambda: low_rank(
+            (torch.cat([a]), torch.cat([g]))
+        ),
+        "stack_rows + gradient_matches + rotated_gradient, after (flushed)": lambda: low_rank(
+            lowrank.stack_rows([a], [g], torch.float32)
+        ),
         "factor accumulation Gm^T Gm, raw": lambda: raw[1].T @ raw[1],
         "factor accumulation Gm^T Gm, flushed": lambda: flushed[1].T @ flushed[1],
         "EKFAC rotation Gm Q_G, raw": lambda: raw[1] @ dec["QG"],
         "EKFAC rotation Gm Q_G, flushed": lambda: flushed[1] @ dec["QG"],
-        "full path Q_G^T grad Q_A (grad holds no subnormals)":
-            lambda: dec["QG"].T @ grad @ dec["QA"],
+        "full path Q_G^T grad Q_A (grad holds no subnormals)": lambda: (
+            dec["QG"].T @ grad @ dec["QA"]
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(rounds):
@@ -159,11 +166,15 @@ def long_run(steps: int, methods: list[str], fit_after: int) -> None:
     x, y = torch.randn(128, 784, generator=gen), torch.randint(0, 10, (128,), generator=gen)
     flush = lowrank.flush_subnormals
     variants = ["raw", "flush", "ftz"]
-    print(f"MLP 784-1000-500-250-10, batch 128 (one fixed batch), {steps} steps, 1 thread, "
-          f"thread CPU ms per step; engine = pre.step only; 'fit' = steps {fit_after}..{steps - 1}")
-    print("| method | variant | engine median | p90 | max | fit: engine median | p90 | max "
-          "| fit: whole step median | low-rank layer-steps | subnormal share, kept g rows / "
-          "weight gradients (last step) | final loss |")
+    print(
+        f"MLP 784-1000-500-250-10, batch 128 (one fixed batch), {steps} steps, 1 thread, "
+        f"thread CPU ms per step; engine = pre.step only; 'fit' = steps {fit_after}..{steps - 1}"
+    )
+    print(
+        "| method | variant | engine median | p90 | max | fit: engine median | p90 | max "
+        "| fit: whole step median | low-rank layer-steps | subnormal share, kept g rows / "
+        "weight gradients (last step) | final loss |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in methods:
         copies = {v: _Copy(method) for v in variants}
@@ -180,11 +191,13 @@ def long_run(steps: int, methods: list[str], fit_after: int) -> None:
         finally:
             lowrank.flush_subnormals = flush
         for v, c in copies.items():
-            print(f"| {method} | {v} | {_percentiles(c.engine)} | "
-                  f"{_percentiles(c.engine[fit_after:])} | "
-                  f"{statistics.median(c.whole[fit_after:] or c.whole):.1f} | "
-                  f"{c.pre.counters.get('low_rank_steps', 0)} | {c.rows_share:.1%} / "
-                  f"{c.grad_share:.1%} | {c.loss:.2e} |")
+            print(
+                f"| {method} | {v} | {_percentiles(c.engine)} | "
+                f"{_percentiles(c.engine[fit_after:])} | "
+                f"{statistics.median(c.whole[fit_after:] or c.whole):.1f} | "
+                f"{c.pre.counters.get('low_rank_steps', 0)} | {c.rows_share:.1%} / "
+                f"{c.grad_share:.1%} | {c.loss:.2e} |"
+            )
             c.pre.remove()
 
 

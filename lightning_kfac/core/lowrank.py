@@ -35,8 +35,9 @@ from torch import Tensor
 MIN_SAVING = 1.5
 
 
-def stack_rows(a_rows: list[Tensor], g_rows: list[Tensor],
-               dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+def stack_rows(
+    a_rows: list[Tensor], g_rows: list[Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
     """``(Am, Gm)`` from the micro-batch row lists, or None when they do not pair up.
 
     Subnormal entries (``0 < |x| < tiny`` of ``dtype``) are flushed to zero: once a batch is fit,
@@ -49,8 +50,10 @@ def stack_rows(a_rows: list[Tensor], g_rows: list[Tensor],
         return None
     if any(a.shape[0] != g.shape[0] for a, g in zip(a_rows, g_rows)):
         return None
-    return (flush_subnormals(torch.cat(a_rows).to(dtype)),
-            flush_subnormals(torch.cat(g_rows).to(dtype)))
+    return (
+        flush_subnormals(torch.cat(a_rows).to(dtype)),
+        flush_subnormals(torch.cat(g_rows).to(dtype)),
+    )
 
 
 def flush_subnormals(rows: Tensor) -> Tensor:
@@ -133,7 +136,7 @@ def _column_excess(grad: Tensor, am: Tensor, gm: Tensor, quick: float) -> Tensor
     gm_t = gm.T
     for start in range(0, d_a, width):
         stop = min(start + width, d_a)
-        block, mag = product[:, :stop - start], magnitude[:, :stop - start]
+        block, mag = product[:, : stop - start], magnitude[:, : stop - start]
         torch.mm(gm_t, am[:, start:stop], out=block)
         block.sub_(grad[:, start:stop]).abs_()
         torch.abs(grad[:, start:stop], out=mag)

@@ -78,8 +78,10 @@ def test_exactness_check_allows_for_the_flush_and_still_refuses_a_real_term() ->
 def test_rank_r_result_equals_the_float64_product_of_the_unflushed_rows() -> None:
     a, g = _rows()
     gen = torch.Generator().manual_seed(3)
-    dec = {"QA": torch.linalg.qr(torch.randn(a.shape[1], a.shape[1], generator=gen))[0],
-           "QG": torch.linalg.qr(torch.randn(g.shape[1], g.shape[1], generator=gen))[0]}
+    dec = {
+        "QA": torch.linalg.qr(torch.randn(a.shape[1], a.shape[1], generator=gen))[0],
+        "QG": torch.linalg.qr(torch.randn(g.shape[1], g.shape[1], generator=gen))[0],
+    }
     pair = lowrank.stack_rows([a], [g], torch.float32)
     assert pair is not None
     rotated = lowrank.rotated_gradient(dec, *pair).double()
@@ -88,8 +90,9 @@ def test_rank_r_result_equals_the_float64_product_of_the_unflushed_rows() -> Non
     rows, d_a, d_g = a.shape[0], a.shape[1], g.shape[1]
     scale = qg.abs().T @ (g.double().abs().T @ a.double().abs()) @ qa.abs()
     floor = TINY * rows * (float(a.abs().max()) + float(g.abs().max()) + 1.0)
-    bound = 2 * (rows + d_a + d_g) * EPS * scale + floor * float(qg.abs().sum(0).max()) \
-        * float(qa.abs().sum(0).max())
+    bound = 2 * (rows + d_a + d_g) * EPS * scale + floor * float(qg.abs().sum(0).max()) * float(
+        qa.abs().sum(0).max()
+    )
     assert bool(((rotated - exact).abs() <= bound).all())
 
 
@@ -97,8 +100,15 @@ def _train(low_rank: bool, method: str) -> tuple[list[Tensor], int, float]:
     """Two steps of a float32 MLP where half the examples' output gradients are subnormal."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 50))
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None,
-                             compute_method=method, low_rank=low_rank, damping=1e-2)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        compute_method=method,
+        low_rank=low_rank,
+        damping=1e-2,
+    )
     gen = torch.Generator().manual_seed(1)
     share = 0.0
     for _ in range(2):
@@ -107,7 +117,7 @@ def _train(low_rank: bool, method: str) -> tuple[list[Tensor], int, float]:
         target = torch.randn(4, 50, generator=gen)
         loss = F.mse_loss(out[:4], target) + 1e-40 * out[4:].pow(2).sum()
         model.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         kept = model_rows(pre)  # empty on the first step (the row limits are set by it)
         if kept:
             share = max(share, float(_is_subnormal(torch.cat(kept)).float().mean()))
