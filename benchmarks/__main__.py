@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from benchmarks import common, kronecker, scaling, step_overhead, time_to_target
 
@@ -19,7 +19,7 @@ BENCHMARKS = {"step_overhead": step_overhead, "time_to_target": time_to_target,
               "scaling": scaling, "kronecker": kronecker}
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["suite"]:
         from benchmarks import suite

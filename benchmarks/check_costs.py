@@ -76,7 +76,7 @@ def stats_v2(p: Tensor, g: Tensor) -> list[float]:
     row = torch.stack([(p * g).sum().double(), torch.dot(g.reshape(-1), g.reshape(-1)).double(),
                        torch.dot(p.reshape(-1), p.reshape(-1)).double()]).tolist()
     finite = math.isfinite(row[2]) or bool(torch.isfinite(p).all())
-    return [float(finite)] + row
+    return [float(finite), *row]
 
 
 def _layer(rows: int, d_out: int, d_in: int) -> tuple[Tensor, Tensor, Tensor]:

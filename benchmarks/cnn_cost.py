@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +62,13 @@ def _plain_step_seconds(batch: int, stem: str) -> float:
 
 
 def _kfac_costs(batch: int, stem: str, method: str,
-                max_dense_dim: Optional[int] = None) -> Dict[str, Any]:
+                max_dense_dim: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     model = resnet18(stem=stem)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     extra = {} if max_dense_dim is None else {"max_dense_dim": max_dense_dim}
     pre = KFACPreconditioner(model, compute_method=method, **extra)  # default clocks 10 / 100
-    refresh: Dict[int, float] = {}
+    refresh: dict[int, float] = {}
     update = pre._update_decompositions
 
     def timed_update(due):
@@ -78,7 +78,7 @@ def _kfac_costs(batch: int, stem: str, method: str,
             refresh[pre.steps] = time.thread_time() - start
 
     pre._update_decompositions = timed_update
-    step_time: Dict[int, float] = {}
+    step_time: dict[int, float] = {}
     for i, t in enumerate(SCHEDULE):
         pre.set_step(t)
         x, y = _batch(batch, 100 + i)
@@ -96,7 +96,7 @@ def _kfac_costs(batch: int, stem: str, method: str,
     slowest = sorted(cpu.items(), key=lambda kv: -kv[1])[:3]
     offsets = stagger.refresh_offsets(pre.blocks.values(), pre.config.factor_update_steps,
                                       pre.config.inv_update_steps)
-    per_slot: Dict[int, float] = {}
+    per_slot: dict[int, float] = {}
     for name, seconds in cpu.items():
         per_slot[offsets[name]] = per_slot.get(offsets[name], 0.0) + seconds
     return {"first_refresh_s": refresh.get(0, 0.0), "first_step_s": step_time[0],
@@ -106,8 +106,8 @@ def _kfac_costs(batch: int, stem: str, method: str,
             "slowest_layers": ", ".join(f"{n} {s:.2f}s" for n, s in slowest)}
 
 
-def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True,
-        max_dense_dim: Optional[int] = None) -> List[Dict]:
+def run(batches: list[int], methods: list[str], stem: str, deflate: bool = True,
+        max_dense_dim: int | None = None) -> list[dict]:
     torch.set_num_threads(1)
     if not deflate:
         linalg.support = lambda matrix: None  # the dense path on every factor
@@ -122,7 +122,7 @@ def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True,
     return rows
 
 
-def table(rows: List[Dict], stem: str, deflate: bool, max_dense_dim: Optional[int] = None) -> str:
+def table(rows: list[dict], stem: str, deflate: bool, max_dense_dim: int | None = None) -> str:
     dense = "default" if max_dense_dim is None else str(max_dense_dim)
     head = (f"ResNet-18 ({stem} stem), 32x32, 1 thread, thread CPU time, deflation "
             f"{'on' if deflate else 'off'}, max_dense_dim {dense}\n\n"
@@ -143,7 +143,7 @@ def table(rows: List[Dict], stem: str, deflate: bool, max_dense_dim: Optional[in
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cnn_cost",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])

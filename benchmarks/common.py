@@ -21,15 +21,15 @@ Cholesky inverse), so ``time / bound`` does not depend on the machine.
 from __future__ import annotations
 
 import argparse
-
 import json
 import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 DEFAULT_OUT = "bench_results"
 
 
-def set_threads(tiny: bool = False, threads: Optional[int] = None) -> int:
+def set_threads(tiny: bool = False, threads: int | None = None) -> int:
     """Use every core of the machine (``torch.set_num_threads(os.cpu_count())``) by default.
 
     ``tiny`` runs use one thread: their matrices are too small to gain from more, and a single
@@ -70,7 +70,7 @@ def add_common_args(parser) -> None:
                         help="torch threads (default: every core; 1 with --tiny)")
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -87,7 +87,7 @@ def time_median(fn: Callable[[], Any], repeats: int, warmup: int = 1,
     ``min_time`` seconds in all), after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    times: List[float] = []
+    times: list[float] = []
     while len(times) < repeats or sum(times) < min_time:
         start = time.perf_counter()
         fn()
@@ -115,9 +115,9 @@ class Rates:
     matmul: float
     eigh: float
     inverse: float
-    sizes: Dict[str, int]
+    sizes: dict[str, int]
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"matmul_gflops": self.matmul / 1e9, "eigh_gflops": self.eigh / 1e9,
                 "inverse_gflops": self.inverse / 1e9, "sizes": self.sizes}
 
@@ -162,9 +162,9 @@ class LayerShape:
     needs_input_grad: bool
 
 
-def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> List[LayerShape]:
+def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> list[LayerShape]:
     """Shapes of every Linear / Conv layer seen in one forward pass (in call order)."""
-    shapes: List[LayerShape] = []
+    shapes: list[LayerShape] = []
     handles = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -192,8 +192,8 @@ def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> List[Layer
     return shapes
 
 
-def flop_bound(shapes: Sequence[LayerShape], rates: Rates, *, method: Optional[str],
-               factor_every: int = 1, inv_every: int = 1) -> Dict[str, float]:
+def flop_bound(shapes: Sequence[LayerShape], rates: Rates, *, method: str | None,
+               factor_every: int = 1, inv_every: int = 1) -> dict[str, float]:
     """Lower-bound seconds per step, by part: fwd_bwd, factors, precondition, decompositions.
 
     ``method=None`` is the plain optimizer (forward + backward only). Factor and decomposition
@@ -237,7 +237,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
     """A plain-text table, one line per row, columns padded to their widest entry."""
     cells = [[c for c in columns]] + [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
@@ -250,7 +250,7 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], title: 
     return "\n".join(lines)
 
 
-def write_json(out_dir: str, name: str, payload: Dict[str, Any]) -> str:
+def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:

@@ -28,7 +28,6 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ def loss_fn(name: str, out, y):
     return F.cross_entropy(out, y)
 
 
-def byte_rows(names: List[str], world: int = 2) -> List[Dict]:
+def byte_rows(names: list[str], world: int = 2) -> list[dict]:
     rows = []
     for name in names:
         model = build(name)
@@ -86,7 +85,7 @@ def byte_rows(names: List[str], world: int = 2) -> List[Dict]:
     return rows
 
 
-def print_table(rows: List[Dict], columns: List[str], scale: Dict[str, float]) -> None:
+def print_table(rows: list[dict], columns: list[str], scale: dict[str, float]) -> None:
     widths = {c: max(len(c), 12) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for row in rows:
@@ -137,7 +136,7 @@ def _setup(name: str, mode: str, rank: int):
     return pre, blocks, precondition
 
 
-def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[str],
+def _time_worker(rank: int, world: int, init_file: str, out: str, names: list[str],
                  repeats: int) -> None:
     """Per model: the three modes (x transports) measured interleaved, ``repeats`` rounds."""
     import torch.distributed as dist
@@ -169,7 +168,7 @@ def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[st
             for _ in range(3):
                 factor["triangles"].append(
                     _time_once(lambda: all_reduce_factors_(pre0.comm, flags, est)))
-                factor["full"].append(_time_once(lambda: pre0.comm.all_reduce_sum_([flags] + est)))
+                factor["full"].append(_time_once(lambda: pre0.comm.all_reduce_sum_([flags, *est])))
         for (mode, transport), (ref, pc) in times.items():
             refresh, step = statistics.median(ref), statistics.median(pc)
             rows.append({"model": name, "mode": mode, "transport": transport, "refresh_s": refresh,
@@ -185,7 +184,7 @@ def _time_worker(rank: int, world: int, init_file: str, out: str, names: List[st
     dist.destroy_process_group()
 
 
-def time_rows(names: List[str], repeats: int, world: int = 2) -> List[Dict]:
+def time_rows(names: list[str], repeats: int, world: int = 2) -> list[dict]:
     import multiprocessing
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +202,7 @@ def time_rows(names: List[str], repeats: int, world: int = 2) -> List[Dict]:
         return torch.load(out)
 
 
-def main(argv=None) -> Dict[str, List[Dict]]:
+def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.communication",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "autoencoder", "cnn"])

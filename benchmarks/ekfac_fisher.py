@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ def _net() -> nn.Module:
                          nn.Linear(10, 4)).to(torch.float64)
 
 
-def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Dense empirical Fisher block per Linear layer (column-stacking vec of [W b])."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -59,7 +58,7 @@ def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
     return out
 
 
-def _approximations(pre: KFACPreconditioner, method: str) -> Dict[str, Tensor]:
+def _approximations(pre: KFACPreconditioner, method: str) -> dict[str, Tensor]:
     """The curvature each preconditioner applies (the decomposition in use, not fresher factors):
     K-FAC ``Q diag(vec(e_G e_A^T)) Q^T``, EKFAC ``Q diag(vec s) Q^T``."""
     out = {}
@@ -71,14 +70,14 @@ def _approximations(pre: KFACPreconditioner, method: str) -> Dict[str, Tensor]:
     return out
 
 
-def _distance(fisher: Dict[str, Tensor], approx: Dict[str, Tensor]) -> float:
+def _distance(fisher: dict[str, Tensor], approx: dict[str, Tensor]) -> float:
     err = sum(float(torch.linalg.norm(fisher[n] - approx[n])) ** 2 for n in fisher)
     norm = sum(float(torch.linalg.norm(fisher[n])) ** 2 for n in fisher)
     return (err / norm) ** 0.5
 
 
 def run(steps: int = 60, every: int = 10, batch: int = 64, lr: float = 0.05,
-        factor_update_steps: int = 1, inv_update_steps: int = 20) -> List[Dict]:
+        factor_update_steps: int = 1, inv_update_steps: int = 20) -> list[dict]:
     torch.set_num_threads(1)
     base = _net()
     runs = {}
@@ -108,7 +107,7 @@ def run(steps: int = 60, every: int = 10, batch: int = 64, lr: float = 0.05,
     return rows
 
 
-def table(rows: List[Dict], n: int, m: int) -> str:
+def table(rows: list[dict], n: int, m: int) -> str:
     lines = [f"Relative Frobenius distance to the held-out empirical Fisher (MLP 12-16-10-4, "
              f"factors every {n}, refresh every {m}, decay 0.95)\n",
              "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| | EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
@@ -118,7 +117,7 @@ def table(rows: List[Dict], n: int, m: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ekfac_fisher",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)

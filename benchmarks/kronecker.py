@@ -16,7 +16,7 @@ sampled from the model: categorical for the classifier, Bernoulli pixels for the
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -32,7 +32,7 @@ LIKELIHOOD = {"digits_autoencoder": "bernoulli", "digits_mlp": "categorical"}
 KL_CLIP = {"digits_autoencoder": 1e-2, "digits_mlp": 1e-3}
 
 
-def _diagnose(problem: str, model, x, y, loss_fn, stage: str) -> List[Dict[str, Any]]:
+def _diagnose(problem: str, model, x, y, loss_fn, stage: str) -> list[dict[str, Any]]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     fishers = {"empirical": lambda out: loss_fn(out, y),
@@ -50,7 +50,7 @@ def _diagnose(problem: str, model, x, y, loss_fn, stage: str) -> List[Dict[str, 
     return rows
 
 
-def run_problem(problem: str, data: Dict[str, Any], steps: int) -> List[Dict[str, Any]]:
+def run_problem(problem: str, data: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     model, x, y, loss_fn = ttt.make_problem(problem, data, seed=0)
     rows = _diagnose(problem, model, x, y, loss_fn, "init")
     opt = torch.optim.SGD(model.parameters(), lr=ttt.KFAC_LR, momentum=0.9)
@@ -67,7 +67,7 @@ def run_problem(problem: str, data: Dict[str, Any], steps: int) -> List[Dict[str
     return rows + _diagnose(problem, model, x, y, loss_fn, f"after {steps} K-FAC steps")
 
 
-def _plot(rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(rows: list[dict[str, Any]], out: str) -> str:
     problems = list(dict.fromkeys(r["problem"] for r in rows))
     fig, axes = common.new_figure(ncols=len(problems), width=6.0)
     for ax, problem in zip(axes, problems):
@@ -89,7 +89,7 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
 
 
 def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+        threads: int | None = None) -> dict[str, Any]:
     threads = common.set_threads(tiny, threads)
     data = ttt.load_data()
     if tiny:
@@ -107,7 +107,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     common.cli(run, __doc__, argv)
 
 

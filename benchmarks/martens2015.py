@@ -27,7 +27,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SGD_LRS = [0.01, 0.03, 0.1, 0.3]
 
 
-def compose(overrides: List[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from lightning_kfac.integrations.hydra import register_configs
 
@@ -81,7 +82,7 @@ def _clock_callback(budget_s: float, eval_every: int, train_x: torch.Tensor):
     return CPUClock()
 
 
-def train(overrides: List[str], budget_s: float, eval_every: int, seed: int) -> Dict[str, Any]:
+def train(overrides: list[str], budget_s: float, eval_every: int, seed: int) -> dict[str, Any]:
     """One run of the composed experiment; its curve (step, cpu_s, full-train loss)."""
     from hydra.utils import instantiate
 
@@ -106,9 +107,9 @@ def train(overrides: List[str], budget_s: float, eval_every: int, seed: int) -> 
             "final_loss": clock.curve[-1][2], "kfac": stats}
 
 
-def run(budget_s: float = 60.0, seeds: Optional[List[int]] = None, out: str = "bench_results",
-        lrs: Optional[List[float]] = None, eval_every: int = 10,
-        kfac_overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+def run(budget_s: float = 60.0, seeds: list[int] | None = None, out: str = "bench_results",
+        lrs: list[float] | None = None, eval_every: int = 10,
+        kfac_overrides: list[str] | None = None) -> dict[str, Any]:
     seeds = seeds or [0]
     lrs = SGD_LRS if lrs is None else lrs
     extra = list(kfac_overrides or [])
@@ -132,7 +133,7 @@ def run(budget_s: float = 60.0, seeds: Optional[List[int]] = None, out: str = "b
     return {"json": str(json_path), "png": str(png), "runs": runs}
 
 
-def _plot(runs: List[Dict[str, Any]], path: Path, budget_s: float) -> Path:
+def _plot(runs: list[dict[str, Any]], path: Path, budget_s: float) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,7 +156,7 @@ def _plot(runs: List[Dict[str, Any]], path: Path, budget_s: float) -> Path:
     return path
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.martens2015",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=60.0, help="CPU seconds per run")

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 
 def mlp(sizes: Sequence[int] = (784, 1000, 500, 250, 10), act=nn.ReLU) -> nn.Sequential:
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(sizes) - 2:
             layers.append(act())
@@ -49,7 +50,7 @@ def autoencoder(encoder: Sequence[int] = (784, 1000, 500, 250, 30), sparse_init:
     sizes = list(encoder) + list(reversed(encoder[:-1]))
     code = len(encoder) - 2  # index of the code layer (linear, no activation)
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(d_in, d_out))
         if i != code and i < len(sizes) - 2:
             layers.append(act())

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import zlib
-from typing import Any, Callable, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,7 @@ def _tied(seed: int) -> nn.Module:
     return _Tied()
 
 
-def _batches(kind: str, n: int) -> List[Tuple[Tensor, Tensor]]:
+def _batches(kind: str, n: int) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(n):
@@ -74,7 +75,7 @@ def _loss(out: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-CASES: Dict[str, Tuple[Callable[[int], nn.Module], str, Dict[str, Any]]] = {
+CASES: dict[str, tuple[Callable[[int], nn.Module], str, dict[str, Any]]] = {
     "eigen": (_mlp, "mlp", dict(compute_method="eigen", factor_update_steps=2,
                                 inv_update_steps=4)),
     "inverse": (_mlp, "mlp", dict(compute_method="inverse", factor_update_steps=2,
@@ -105,7 +106,7 @@ CASES: Dict[str, Tuple[Callable[[int], nn.Module], str, Dict[str, Any]]] = {
 }
 
 
-def _flatten(prefix: str, value: Any, out: Dict[str, Tensor]) -> None:
+def _flatten(prefix: str, value: Any, out: dict[str, Tensor]) -> None:
     if isinstance(value, Tensor):
         out[prefix] = value.detach().clone()
     elif isinstance(value, dict):
@@ -120,12 +121,12 @@ def _flatten(prefix: str, value: Any, out: Dict[str, Tensor]) -> None:
                                    dtype=torch.float64)
 
 
-def run_case(name: str) -> Dict[str, Tensor]:
+def run_case(name: str) -> dict[str, Tensor]:
     build, data, options = CASES[name]
     model = build(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     pre = KFACPreconditioner(model, optimizer=opt, **options)
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     losses = []
     for x, y in _batches(data, STEPS):
         opt.zero_grad()
@@ -151,10 +152,10 @@ def run_case(name: str) -> Dict[str, Tensor]:
     return out
 
 
-def run_demo(steps: int = 60) -> Dict[str, Tensor]:
+def run_demo(steps: int = 60) -> dict[str, Tensor]:
     """The demo's autoencoder under KFACCallback (Lightning), ``steps`` optimizer steps."""
-    from pathlib import Path
     import tempfile
+    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
@@ -175,7 +176,7 @@ def run_demo(steps: int = 60) -> Dict[str, Tensor]:
     return out
 
 
-def run_all(with_demo: bool = True) -> Dict[str, Dict[str, Tensor]]:
+def run_all(with_demo: bool = True) -> dict[str, dict[str, Tensor]]:
     torch.set_num_threads(1)
     results = {name: run_case(name) for name in CASES}
     if with_demo:
@@ -190,7 +191,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def compare(old: Dict[str, Dict[str, Tensor]], new: Dict[str, Dict[str, Tensor]]) -> List[str]:
+def compare(old: dict[str, dict[str, Tensor]], new: dict[str, dict[str, Tensor]]) -> list[str]:
     """Every difference, as text; empty when bit-identical."""
     diffs = []
     for case in sorted(set(old) | set(new)):

@@ -14,8 +14,6 @@ columns). ``stem="cifar"`` is the CIFAR variant (one 3x3 stride-1 conv, no pooli
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import Tensor, nn
 
@@ -55,7 +53,7 @@ class ResNet18(nn.Module):
         else:
             self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False),
                                       nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        stages: List[nn.Module] = []
+        stages: list[nn.Module] = []
         inp = width
         for i, out in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if i == 0 else 2

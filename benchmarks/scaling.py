@@ -23,7 +23,7 @@ longer dominate). Differences below timer noise are clamped to 1e-4 ms (flagged 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ _CLOCK = {"plain": 1, "precondition": 1, "factors": 2, "decomposition": 0}  # t 
 _FLOOR_MS = 1e-4
 
 
-def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> Dict[str, Any]:
+def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> dict[str, Any]:
     """Median step time of each step type and the component costs (ms)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width))
@@ -63,7 +63,7 @@ def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> 
     for k in range(2):
         for kind in kinds:
             step(kind, k)
-    times: Dict[str, List[float]] = {kind: [] for kind in kinds}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     k = 2
     while k - 2 < reps or sum(times["decomposition"]) + sum(times["plain"]) < min_time:
         for kind in kinds:
@@ -85,7 +85,7 @@ def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> 
     return row
 
 
-def fit(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def fit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     fits = []
     for sweep in ("width", "batch"):
         for method in sorted({r["method"] for r in rows}):
@@ -99,7 +99,7 @@ def fit(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return fits
 
 
-def _plot(rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(rows: list[dict[str, Any]], out: str) -> str:
     fig, axes = common.new_figure(ncols=2, width=5.5)
     styles = {"eigen": "-", "inverse": "--"}
     colors = {"factors": "tab:blue", "decomposition": "tab:red", "precondition": "tab:green"}
@@ -119,7 +119,7 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
 
 
 def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+        threads: int | None = None) -> dict[str, Any]:
     threads = common.set_threads(tiny, threads)
     if tiny:
         widths, batches = [32, 64, 128], [16, 32, 64]
@@ -146,7 +146,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     common.cli(run, __doc__, argv)
 
 

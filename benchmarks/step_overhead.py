@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ COLUMNS = ["model", "variant", "step_ms", "median_ms", "fwd_bwd_ms", "kfac_ms", 
 METHODS = ("eigen", "inverse")
 
 
-def _problems(tiny: bool) -> List[Dict[str, Any]]:
+def _problems(tiny: bool) -> list[dict[str, Any]]:
     """(name, model factory, batch, loss) for each benchmark model."""
     gen = torch.Generator().manual_seed(0)
     if tiny:
@@ -69,7 +70,7 @@ def _loss_fn(kind: str) -> Callable:
 class Variant:
     """One model copy + optimizer (+ preconditioner) with per-step timings by part."""
 
-    def __init__(self, label: str, base: nn.Module, x, y, loss: Callable, method: Optional[str],
+    def __init__(self, label: str, base: nn.Module, x, y, loss: Callable, method: str | None,
                  factor_every: int = 1, inv_every: int = 1):
         self.label, self.method = label, method
         self.factor_every, self.inv_every = factor_every, inv_every
@@ -81,7 +82,7 @@ class Variant:
             self.pre = KFACPreconditioner(self.model, damping=1e-2, compute_method=method,
                                           factor_update_steps=factor_every,
                                           inv_update_steps=inv_every)
-        self.times: Dict[str, List[float]] = {"total": [], "fwd_bwd": [], "kfac": [], "opt": []}
+        self.times: dict[str, list[float]] = {"total": [], "fwd_bwd": [], "kfac": [], "opt": []}
 
     def step(self, record: bool = True) -> None:
         t0 = time.perf_counter()
@@ -103,7 +104,7 @@ class Variant:
         return self.pre is not None and self.inv_every > 1
 
 
-def _schedule(tiny: bool) -> Dict[str, int]:
+def _schedule(tiny: bool) -> dict[str, int]:
     if tiny:
         return {"rounds": 4, "sgd": 20, "every": 20, "amortized": 40, "warmup": 2,
                 "factor_every": 2, "inv_every": 20}
@@ -111,8 +112,8 @@ def _schedule(tiny: bool) -> Dict[str, int]:
             "factor_every": 10, "inv_every": 100}
 
 
-def run_problem(problem: Dict[str, Any], rates: common.Rates,
-                sched: Dict[str, int]) -> List[Dict[str, Any]]:
+def run_problem(problem: dict[str, Any], rates: common.Rates,
+                sched: dict[str, int]) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     base = problem["factory"]()
     x, y, loss = problem["x"], problem["y"], _loss_fn(problem["loss"])
@@ -160,7 +161,7 @@ def run_problem(problem: Dict[str, Any], rates: common.Rates,
     return rows
 
 
-def _plot(rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(rows: list[dict[str, Any]], out: str) -> str:
     fig, axes = common.new_figure(ncols=2, width=6.0)
     names = sorted({r["model"] for r in rows}, key=[r["model"] for r in rows].index)
     labels = [r["variant"] for r in rows if r["model"] == names[0]]
@@ -180,7 +181,7 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
 
 
 def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+        threads: int | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table; write ``<out>/step_overhead.{json,png}``."""
     threads = common.set_threads(tiny, threads)
     rates = common.measure_rates(256, 128, min_time=0.05) if tiny else common.measure_rates()

@@ -40,8 +40,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -54,9 +55,9 @@ SEEDS = (0, 1, 2)
 EVAL_POINTS = 30
 TARGET_FRACTION = 0.2
 MOMENTUM = 0.9
-GRIDS: Dict[str, List[float]] = {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2]}
+GRIDS: dict[str, list[float]] = {"sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2]}
 # method -> (base optimizer, K-FAC options or None); {} = the defaults of KFACConfig
-METHODS: Dict[str, Dict[str, Any]] = {"sgd": {"optimizer": "sgd", "kfac": None},
+METHODS: dict[str, dict[str, Any]] = {"sgd": {"optimizer": "sgd", "kfac": None},
                                       "adam": {"optimizer": "adam", "kfac": None},
                                       "kfac": {"optimizer": "sgd", "kfac": {}}}
 FIRST_ORDER = ("sgd", "adam")
@@ -66,18 +67,18 @@ SMOKE_PROBLEMS = ("ae_sigmoid_default", "lm_b16")
 COLUMNS = ["problem", "method", "lr", "time_to_target_s", "steps_to_target", "reached",
            "final_loss", "target", "x_best_first_order", "diverged"]
 
-_DATA: Optional[Dict[str, torch.Tensor]] = None
+_DATA: dict[str, torch.Tensor] | None = None
 
 
-def _data() -> Dict[str, torch.Tensor]:
+def _data() -> dict[str, torch.Tensor]:
     global _DATA
     if _DATA is None:
         _DATA = load_data()
     return _DATA
 
 
-def train(problem: str, method: Dict[str, Any], lr: float, seed: int, *, budget_s: float,
-          max_steps: Optional[int] = None) -> Dict[str, Any]:
+def train(problem: str, method: dict[str, Any], lr: float, seed: int, *, budget_s: float,
+          max_steps: int | None = None) -> dict[str, Any]:
     """One run: train for ``budget_s`` CPU seconds (or ``max_steps`` steps, evaluating every
     ``SMOKE_EVAL_EVERY`` steps); return the curve ``times`` / ``steps`` / ``losses``."""
     torch.set_num_threads(1)
@@ -136,12 +137,12 @@ def train(problem: str, method: Dict[str, Any], lr: float, seed: int, *, budget_
             "diverged": math.isinf(losses[-1])}
 
 
-def _train_task(args) -> Dict[str, Any]:
+def _train_task(args) -> dict[str, Any]:
     problem, method, lr, seed, budget, max_steps = args
     return train(problem, method, lr, seed, budget_s=budget, max_steps=max_steps)
 
 
-def score(run: Dict[str, Any], points: int) -> float:
+def score(run: dict[str, Any], points: int) -> float:
     """Mean log loss over the run's ``points`` evaluations (missing ones after a divergence:
     +inf): the area under the log-loss curve, used to pick a learning rate."""
     logs = [math.log(max(v, 1e-300)) if math.isfinite(v) else math.inf for v in run["losses"]]
@@ -149,7 +150,7 @@ def score(run: Dict[str, Any], points: int) -> float:
     return sum(logs) / len(logs)
 
 
-def first_reach(run: Dict[str, Any], target: float):
+def first_reach(run: dict[str, Any], target: float):
     """(CPU seconds, steps) at the first evaluation with loss <= target; (inf, inf) if none."""
     for t, s, loss in zip(run["times"], run["steps"], run["losses"]):
         if loss <= target:
@@ -162,7 +163,7 @@ def target_loss(initial: float, first_order_best: float, fraction: float = TARGE
     return math.exp(fraction * math.log(initial) + (1 - fraction) * math.log(first_order_best))
 
 
-def summarize(problem: str, chosen: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+def summarize(problem: str, chosen: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Table rows of one problem from each method's runs (3 seeds) at its chosen rate."""
     initial = common.median([r["losses"][0] for runs in chosen.values() for r in runs])
     lowest = {m: common.median([min(r["losses"]) for r in runs]) for m, runs in chosen.items()}
@@ -186,9 +187,9 @@ def summarize(problem: str, chosen: Dict[str, List[Dict[str, Any]]]) -> List[Dic
     return rows
 
 
-def wins(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:
+def wins(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     """K-FAC method -> the problems where it beats the faster of SGD and Adam to the target."""
-    out: Dict[str, List[str]] = {}
+    out: dict[str, list[str]] = {}
     for row in rows:
         if row["method"] not in FIRST_ORDER:
             out.setdefault(row["method"], [])
@@ -197,7 +198,7 @@ def wins(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[str]]:
     return out
 
 
-def markdown(rows: Sequence[Dict[str, Any]], header: str) -> str:
+def markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     """The Markdown table (problem, method, lr, time and steps to target, seeds reached, ...)."""
     def cell(row, c):
         v = row[c]
@@ -217,7 +218,7 @@ def markdown(rows: Sequence[Dict[str, Any]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(problem: str, chosen: Dict[str, List[Dict[str, Any]]], target: float, out: str) -> str:
+def plot(problem: str, chosen: dict[str, list[dict[str, Any]]], target: float, out: str) -> str:
     """Loss against CPU seconds, every seed of every method at its chosen rate; the target."""
     fig, axes = common.new_figure(width=6.0, height=4.2)
     ax = axes[0]
@@ -238,12 +239,12 @@ def plot(problem: str, chosen: Dict[str, List[Dict[str, Any]]], target: float, o
     return common.save_figure(fig, out, f"{NAME}_{problem}")
 
 
-def _parse_variant(text: str) -> Dict[str, Any]:
+def _parse_variant(text: str) -> dict[str, Any]:
     """``NAME=key=value,key=value`` -> a K-FAC method (values: numbers, true/false/none, text)."""
     name, _, body = text.partition("=")
     if not name or name in FIRST_ORDER:
         raise ValueError(f"Invalid --variant={text!r}: must be NAME=key=value,... with a new NAME.")
-    options: Dict[str, Any] = {}
+    options: dict[str, Any] = {}
     for item in filter(None, body.split(",")):
         key, sep, raw = item.partition("=")
         if not sep:
@@ -262,7 +263,7 @@ def _parse_variant(text: str) -> Dict[str, Any]:
     return {"name": name, "optimizer": "sgd", "kfac": options}
 
 
-def _map(tasks: List[tuple], jobs: int) -> List[Dict[str, Any]]:
+def _map(tasks: list[tuple], jobs: int) -> list[dict[str, Any]]:
     if jobs <= 1:
         return [_train_task(t) for t in tasks]
     import multiprocessing
@@ -272,8 +273,8 @@ def _map(tasks: List[tuple], jobs: int) -> List[Dict[str, Any]]:
 
 
 def run(out: str = common.DEFAULT_OUT, budget: float = 3.0, jobs: int = 1,
-        problems: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
-        variants: Sequence[str] = (), smoke: bool = False) -> Dict[str, Any]:
+        problems: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+        variants: Sequence[str] = (), smoke: bool = False) -> dict[str, Any]:
     """Tune each method's rate on seed 0, rerun the chosen rate on seeds 1-2, write the table
     (``suite.md``), the JSON and one plot per problem to ``out``."""
     torch.set_num_threads(1)
@@ -324,7 +325,7 @@ def run(out: str = common.DEFAULT_OUT, budget: float = 3.0, jobs: int = 1,
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks suite",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=common.DEFAULT_OUT, help="output directory")

@@ -21,8 +21,9 @@ evaluated outside the CPU-time clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,12 @@ class Problem:
 
     name: str
     batch: int
-    build: Callable[[int, Dict[str, Tensor]], Any]
+    build: Callable[[int, dict[str, Tensor]], Any]
     description: str
     eval_rows: int = 0  # > 0: the reported loss is on the first eval_rows examples only
 
 
-def load_data() -> Dict[str, Tensor]:
+def load_data() -> dict[str, Tensor]:
     """Digits as tensors: ``pixels`` (/16), ``standardized``, ``labels``, ``tokens`` (N x 65)."""
     from sklearn.datasets import load_digits
 
@@ -108,7 +109,7 @@ class TinyTransformerLM(nn.Module):
 
 
 def _autoencoder(act: type, sparse: bool) -> Callable:
-    def build(seed: int, data: Dict[str, Tensor]):
+    def build(seed: int, data: dict[str, Tensor]):
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         model = models.autoencoder((64, 128, 64, 32, 8), sparse_init=sparse, generator=gen,
@@ -117,23 +118,23 @@ def _autoencoder(act: type, sparse: bool) -> Callable:
     return build
 
 
-def _mlp(seed: int, data: Dict[str, Tensor]):
+def _mlp(seed: int, data: dict[str, Tensor]):
     torch.manual_seed(seed)
     return models.mlp((64, 128, 64, 10)), data["standardized"], data["labels"], F.cross_entropy
 
 
-def _cnn(seed: int, data: Dict[str, Tensor]):
+def _cnn(seed: int, data: dict[str, Tensor]):
     torch.manual_seed(seed)
     images = data["standardized"].view(-1, 1, 8, 8)
     return models.cnn((1, 16, 32), image=8), images, data["labels"], F.cross_entropy
 
 
-def _lm(seed: int, data: Dict[str, Tensor]):
+def _lm(seed: int, data: dict[str, Tensor]):
     torch.manual_seed(seed)
     return TinyTransformerLM(), data["tokens"], data["tokens"], lm_loss
 
 
-def _problems() -> Dict[str, Problem]:
+def _problems() -> dict[str, Problem]:
     table = [
         ("ae_sigmoid_default", 256, _autoencoder(nn.Sigmoid, False),
          "sigmoid autoencoder, PyTorch default init"),
@@ -154,5 +155,5 @@ def _problems() -> Dict[str, Problem]:
     return problems
 
 
-PROBLEMS: Dict[str, Problem] = _problems()
+PROBLEMS: dict[str, Problem] = _problems()
 

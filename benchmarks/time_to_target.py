@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ COLUMNS = ["problem", "method", "knob", "best", "time_s", "time_min_s", "time_ma
 TARGET_SLACK = 1.05
 
 # problem -> method -> grid of the method's knob (KNOB); the middle value is the --tiny one
-GRIDS: Dict[str, Dict[str, List[float]]] = {
+GRIDS: dict[str, dict[str, list[float]]] = {
     "digits_autoencoder": {"kfac+sgd": [1e-3, 3e-3, 1e-2], "sgd-nesterov": [0.03, 0.1, 0.3],
                            "adam": [3e-3, 1e-2, 3e-2]},
     "digits_mlp": {"kfac+sgd": [1e-4, 3e-4, 1e-3, 3e-3], "sgd-nesterov": [0.1, 0.3, 1.0, 3.0],
@@ -55,7 +55,7 @@ KNOB = {"kfac+sgd": "kl_clip", "sgd-nesterov": "lr", "adam": "lr"}
 KFAC_LR = 1.0
 # tuned under the original conventions (absolute damping, first update = batch estimate), kept so
 # that the README's figures reproduce; the defaults' own measurements are benchmarks/suite.py's
-KFAC_OPTIONS: Dict[str, Any] = {"damping": 1e-2, "factor_update_steps": 10, "inv_update_steps": 50,
+KFAC_OPTIONS: dict[str, Any] = {"damping": 1e-2, "factor_update_steps": 10, "inv_update_steps": 50,
                                 "damping_mode": "absolute", "factor_init": "batch"}
 BATCH = {"digits_autoencoder": 256, "digits_mlp": 256}
 TARGET_FLOOR = {"digits_autoencoder": 0.0, "digits_mlp": 0.01}
@@ -63,7 +63,7 @@ EVAL_EVERY = {"digits_autoencoder": 5, "digits_mlp": 2}
 TINY_STEPS = {"digits_autoencoder": 12, "digits_mlp": 12}  # --tiny: steps per run, not seconds
 
 
-def load_data() -> Dict[str, Any]:
+def load_data() -> dict[str, Any]:
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -72,7 +72,7 @@ def load_data() -> Dict[str, Any]:
     return {"pixels": X / 16.0, "standardized": std, "labels": torch.tensor(y)}
 
 
-def make_problem(name: str, data: Dict[str, Any], seed: int):
+def make_problem(name: str, data: dict[str, Any], seed: int):
     """(model, inputs, targets, loss_fn) of a problem, initialized from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -90,10 +90,10 @@ def make_problem(name: str, data: Dict[str, Any], seed: int):
     raise ValueError(f"Invalid problem={name!r}: must be one of {sorted(GRIDS)}.")
 
 
-def train(problem: str, method: str, setting: float, seed: int, data: Dict[str, Any],
+def train(problem: str, method: str, setting: float, seed: int, data: dict[str, Any],
           budget_s: float, eval_every: int = 5,
-          kfac_options: Optional[Dict[str, Any]] = None,
-          max_steps: Optional[int] = None) -> Dict[str, Any]:
+          kfac_options: dict[str, Any] | None = None,
+          max_steps: int | None = None) -> dict[str, Any]:
     """Train for ``budget_s`` seconds of (non-evaluation) wall-clock; return the loss curve.
 
     ``setting`` is the method's knob (``KNOB``); ``kfac_options`` overrides ``KFAC_OPTIONS``.
@@ -148,7 +148,7 @@ def train(problem: str, method: str, setting: float, seed: int, data: Dict[str, 
             "losses": losses, "steps": steps}
 
 
-def first_reach(run: Dict[str, Any], target: float):
+def first_reach(run: dict[str, Any], target: float):
     """(time, steps) of the first evaluation at or below ``target``; (inf, None) if never."""
     for t, loss, s in zip(run["times"], run["losses"], run["steps"]):
         if loss <= target:
@@ -156,8 +156,8 @@ def first_reach(run: Dict[str, Any], target: float):
     return math.inf, None
 
 
-def summarize(runs: List[Dict[str, Any]], problem: str,
-              grid: Dict[str, List[float]]) -> List[Dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], problem: str,
+              grid: dict[str, list[float]]) -> list[dict[str, Any]]:
     """Pick the target and each method's best learning rate; one table row per method."""
     mine = [r for r in runs if r["problem"] == problem]
     methods = list(grid)
@@ -197,7 +197,7 @@ def summarize(runs: List[Dict[str, Any]], problem: str,
     return rows
 
 
-def _plot(runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: str) -> str:
     problems = sorted({r["problem"] for r in rows}, key=[r["problem"] for r in rows].index)
     fig, axes = common.new_figure(ncols=len(problems), width=5.5)
     colors = {"kfac+sgd": "tab:red", "sgd-nesterov": "tab:blue", "adam": "tab:green"}
@@ -220,7 +220,7 @@ def _plot(runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], out: str) -> s
 
 
 def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+        threads: int | None = None) -> dict[str, Any]:
     """Run every (problem, method, setting, seed) for the same budget, interleaved."""
     threads = common.set_threads(tiny, threads)
     data = load_data()
@@ -258,7 +258,7 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     common.cli(run, __doc__, argv)
 
 

@@ -42,8 +42,8 @@ def main() -> None:
                      f"{r['cpu_first'] / r['cpu_plain']:.1f}", f"{1e3 * r['cpu_kfac']:.0f}",
                      f"{r['plain'] / MIB:.1f}", f"{r['extra'] / MIB:.1f}",
                      f"{r['predicted'] / MIB:.1f}", f"{r['predicted'] / max(r['extra'], 1):.2f}"])
-    widths = [max(len(str(row[i])) for row in [COLUMNS] + rows) for i in range(len(COLUMNS))]
-    for row in [COLUMNS] + rows:
+    widths = [max(len(str(row[i])) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+    for row in [COLUMNS, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 
 

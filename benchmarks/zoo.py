@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -39,14 +39,14 @@ DEFAULTS = dict(steps=20, batch_size=16, lr=0.05, momentum=0.9)
 
 def train(name: str, kfac: bool, steps: int, batch_size: int, lr: float = DEFAULTS["lr"],
           momentum: float = DEFAULTS["momentum"], seed: int = 0,
-          options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+          options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run: losses, per-step thread CPU seconds, coverage (K-FAC only), RSS peak increase."""
     from lightning_kfac import KFACPreconditioner
 
     model, batches, loss_fn = build(name, steps, batch_size, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     pre = None
-    result: Dict[str, Any] = {"model": name, "kfac": kfac}
+    result: dict[str, Any] = {"model": name, "kfac": kfac}
     if kfac:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -80,7 +80,7 @@ def _max_rss_mib() -> float:
 
 
 def run_isolated(name: str, kfac: bool, steps: int, batch_size: int,
-                 options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``train`` in a fresh one-thread subprocess (its own peak RSS)."""
     code = ("import json, torch; torch.set_num_threads(1); from benchmarks.zoo import train; "
             f"print(json.dumps(train({name!r}, {kfac}, {steps}, {batch_size}, "
@@ -95,11 +95,11 @@ def run_isolated(name: str, kfac: bool, steps: int, batch_size: int,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def final_loss(run: Dict[str, Any]) -> float:
+def final_loss(run: dict[str, Any]) -> float:
     return float(statistics.mean(run["losses"][-3:]))
 
 
-def row(plain: Dict[str, Any], kfac: Dict[str, Any]) -> Dict[str, Any]:
+def row(plain: dict[str, Any], kfac: dict[str, Any]) -> dict[str, Any]:
     cov = kfac["coverage"]
     return {
         "model": plain["model"],
@@ -118,8 +118,8 @@ def row(plain: Dict[str, Any], kfac: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def markdown(rows: List[Dict[str, Any]], steps: int, batch_size: int,
-             options: Optional[Dict[str, Any]] = None) -> str:
+def markdown(rows: list[dict[str, Any]], steps: int, batch_size: int,
+             options: dict[str, Any] | None = None) -> str:
     head = ("| model | trainable params | preconditioned | K-FAC layers | loss after "
             f"{steps} steps: plain / K-FAC | step time K-FAC / plain: median (first) | "
             "plain step (ms) | peak memory plain / K-FAC (MiB) |")
@@ -136,7 +136,7 @@ def markdown(rows: List[Dict[str, Any]], steps: int, batch_size: int,
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])

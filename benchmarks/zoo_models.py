@@ -17,7 +17,7 @@ break ``import pytorch_lightning`` on the CPU torch).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 VOCAB, WIDTH, LAYERS, HEADS, SEQ = 1000, 64, 2, 2, 32
 
-Batch = Tuple[Tensor, ...]
+Batch = tuple[Tensor, ...]
 
 
 # -- data --------------------------------------------------------------------------------------------
-def bigram_tokens(batches: int, batch_size: int, seed: int) -> List[Tensor]:
+def bigram_tokens(batches: int, batch_size: int, seed: int) -> list[Tensor]:
     """(batch_size, SEQ) token ids from a fixed random successor chain with 10% noise."""
     gen = torch.Generator().manual_seed(seed)
     successor = torch.randperm(VOCAB, generator=gen)
@@ -45,7 +45,7 @@ def bigram_tokens(batches: int, batch_size: int, seed: int) -> List[Tensor]:
     return out
 
 
-def template_images(batches: int, batch_size: int, seed: int, classes: int = 10) -> List[Batch]:
+def template_images(batches: int, batch_size: int, seed: int, classes: int = 10) -> list[Batch]:
     gen = torch.Generator().manual_seed(seed)
     templates = torch.randn(classes, 3, 32, 32, generator=gen)
     out = []
@@ -166,7 +166,7 @@ def classification_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 
 # -- the zoo -----------------------------------------------------------------------------------------
-ZOO: Dict[str, Tuple[Callable[[], nn.Module], Callable, Callable]] = {
+ZOO: dict[str, tuple[Callable[[], nn.Module], Callable, Callable]] = {
     # name: (model builder, data builder (batches, batch_size, seed), loss)
     "gpt2": (gpt2, lambda n, b, s: [(t,) for t in bigram_tokens(n, b, s)], causal_lm_loss),
     "bert": (bert, lambda n, b, s: [(t,) for t in bigram_tokens(n, b, s)], masked_lm_loss),

@@ -12,8 +12,6 @@ Batches are ``(x, y)`` with ``x`` of shape ``(B, 64)`` (flattened; the CNN resha
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,7 +22,7 @@ IMAGE_SHAPE = (1, 8, 8)
 
 
 def load_digits_tensors(test_fraction: float = 0.2, split_seed: int = 0
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_train, y_train, x_test, y_test)``: float32 pixels in [0, 1], long labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -58,7 +56,7 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, batch_size: int = 100, test_fraction: float = 0.2, split_seed: int = 0,
-                 loader_seed: int = 0, train_size: Optional[int] = None, num_workers: int = 0):
+                 loader_seed: int = 0, train_size: int | None = None, num_workers: int = 0):
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Invalid batch_size={batch_size!r}: must be an integer >= 1.")
@@ -71,10 +69,10 @@ class DigitsDataModule(pl.LightningDataModule):
         self.loader_seed = loader_seed
         self.train_size = train_size
         self.num_workers = num_workers
-        self.train_set: Optional[TensorDataset] = None
-        self.test_set: Optional[TensorDataset] = None
+        self.train_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         x_tr, y_tr, x_te, y_te = load_digits_tensors(self.test_fraction, self.split_seed)

@@ -31,8 +31,8 @@ import argparse
 import csv
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -42,8 +42,7 @@ import pytorch_lightning as pl  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from examples.demo_diagnostics import (  # noqa: E402
-    diagnose_trained, format_diagnostics, plot_diagnostics)
+from examples.demo_diagnostics import diagnose_trained, format_diagnostics, plot_diagnostics  # noqa: E402
 from examples.train import CONF_DIR, run  # noqa: E402  (also registers the kfac schema)
 
 
@@ -62,12 +61,12 @@ class BudgetRecorder(pl.Callback):
         if clock not in CLOCKS:
             raise ValueError(f"Invalid clock={clock!r}: must be one of {sorted(CLOCKS)}")
         self.budget, self.clock = float(budget), clock
-        self.times: List[float] = []
-        self.wall: List[float] = []
-        self.steps: List[int] = []
-        self.losses: List[float] = []
-        self._t0: Optional[float] = None
-        self._wall0: Optional[float] = None
+        self.times: list[float] = []
+        self.wall: list[float] = []
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self._t0: float | None = None
+        self._wall0: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._t0 is None:
@@ -89,7 +88,7 @@ CLOCKS = {"steps": "optimizer steps", "thread": "s of training-thread CPU time",
           "wall": "s of wall-clock time"}
 
 
-def trailing_mean(values: Sequence[float], window: int) -> List[float]:
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
     """Mean of the last ``window`` values at every position (fewer at the start)."""
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -100,7 +99,7 @@ def trailing_mean(values: Sequence[float], window: int) -> List[float]:
     return out
 
 
-def summarize(rec: BudgetRecorder, window: int, target: float) -> Dict[str, Optional[float]]:
+def summarize(rec: BudgetRecorder, window: int, target: float) -> dict[str, float | None]:
     """Final loss, CPU and wall time, steps per CPU second and the first (CPU time, step) where
     the smoothed loss <= target."""
     smooth = trailing_mean(rec.losses, window)
@@ -122,7 +121,7 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
-def format_table(rows: Dict[str, Dict], target: float, metric_names: Sequence[str]) -> str:
+def format_table(rows: dict[str, dict], target: float, metric_names: Sequence[str]) -> str:
     """The results table; time columns in CPU seconds of the training thread (``cpu s``), with
     wall-clock seconds last, for reference (they follow the machine's load)."""
     def fmt(v, spec):
@@ -141,8 +140,8 @@ def format_table(rows: Dict[str, Dict], target: float, metric_names: Sequence[st
     return "\n".join(lines)
 
 
-def plot(recorders: Dict[str, BudgetRecorder], window: int, target: float, path: Path,
-         floor: Optional[float] = None) -> Path:
+def plot(recorders: dict[str, BudgetRecorder], window: int, target: float, path: Path,
+         floor: float | None = None) -> Path:
     """Loss against training-thread CPU time and against steps, linear axes zoomed on the interesting
     range (from the floor, if given, to the mean-image plateau; the first steps lie above it)."""
     import matplotlib
@@ -174,7 +173,7 @@ def plot(recorders: Dict[str, BudgetRecorder], window: int, target: float, path:
     return path
 
 
-def bernoulli_entropy_floor(datamodule) -> Optional[float]:
+def bernoulli_entropy_floor(datamodule) -> float | None:
     """The autoencoder's lowest possible training loss: the mean over training images of the
     summed binary entropies of the pixel intensities (BCE(p, x) >= H(x), equality at p = x)."""
     train_set = getattr(datamodule, "train_set", None)
@@ -184,7 +183,7 @@ def bernoulli_entropy_floor(datamodule) -> Optional[float]:
     return float(-(x * x.log() + (1 - x) * (1 - x).log()).sum(1).mean())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=3000,
@@ -226,8 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict]:
               f"{args.threads} torch also computes on other threads", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    recorders: Dict[str, BudgetRecorder] = {}
-    results: Dict[str, Dict] = {}
+    recorders: dict[str, BudgetRecorder] = {}
+    results: dict[str, dict] = {}
     budget = f"{args.budget:g} {CLOCKS[args.clock]}"
     for name, cfg in arms.items():
         print(f"\n=== {name}: training for {budget} ===", flush=True)

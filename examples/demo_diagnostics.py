@@ -13,8 +13,8 @@ Grosse 2015 sec. 3), prints :func:`format_diagnostics` and draws :func:`plot_dia
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from lightning_kfac.diagnostics import diagnose
 
 
-def batch_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tuple[Tensor, Callable]:
+def batch_loss(model: nn.Module, batch: Sequence[Tensor]) -> tuple[Tensor, Callable]:
     """``(inputs, loss_fn)``: the model's own training loss on ``batch`` (examples/models.py)."""
     x, y = batch
     if type(model).__name__ == "DeepAutoencoder":  # BCE summed over pixels, mean over images
@@ -32,7 +32,7 @@ def batch_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tuple[Tensor, Calla
     return x, lambda logits: F.cross_entropy(logits, y)
 
 
-def diagnose_trained(model: nn.Module, datamodule, layers: Sequence[str]) -> Dict[str, Dict]:
+def diagnose_trained(model: nn.Module, datamodule, layers: Sequence[str]) -> dict[str, dict]:
     """Diagnostics of ``layers`` on the first training batch (the loader has its own seed)."""
     batch = next(iter(datamodule.train_dataloader()))
     inputs, loss_fn = batch_loss(model, batch)
@@ -40,7 +40,7 @@ def diagnose_trained(model: nn.Module, datamodule, layers: Sequence[str]) -> Dic
         return diagnose(model.train(), inputs, loss_fn, layers=list(layers))
 
 
-def format_diagnostics(stats: Dict[str, Dict]) -> str:
+def format_diagnostics(stats: dict[str, dict]) -> str:
     """A markdown table: one row per layer."""
     lines = ["| layer | examples | Kronecker error (batch) | Kronecker error (population) "
              "| method | ‖E[g]‖ | ‖E[g]‖ / rms(g) |", "|---|---|---|---|---|---|---|"]
@@ -56,7 +56,7 @@ def format_diagnostics(stats: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_diagnostics(stats: Dict[str, Dict], path: Path, title: str = "") -> Path:
+def plot_diagnostics(stats: dict[str, dict], path: Path, title: str = "") -> Path:
     """Two bar charts per layer: Kronecker error (batch and population) and ``||E[g]||``."""
     import matplotlib
     matplotlib.use("Agg")

@@ -16,8 +16,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -35,8 +35,8 @@ class StepTimer(pl.Callback):
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.wall: List[float] = []
-        self.cpu: List[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -47,7 +47,7 @@ class StepTimer(pl.Callback):
             self.cpu.append(time.process_time() - self._cpu)
 
 
-def time_run(threads: int, kfac: bool, steps: int, warmup: int, out: Path) -> Dict[str, float]:
+def time_run(threads: int, kfac: bool, steps: int, warmup: int, out: Path) -> dict[str, float]:
     overrides = ["experiment=autoencoder", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
                  "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
                  "test=false", "plot=false", f"threads={threads}"]
@@ -59,7 +59,7 @@ def time_run(threads: int, kfac: bool, steps: int, warmup: int, out: Path) -> Di
             "cpu_ms": 1e3 * statistics.median(timer.cpu)}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[int, Dict[str, Dict[str, float]]]:
+def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+",
                         default=sorted({1, torch.get_num_threads()}),
@@ -70,13 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[int, Dict[str, Dict[str, 
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "threads")
     args = parser.parse_args(argv)
     default = torch.get_num_threads()
-    samples: Dict[tuple, List[Dict[str, float]]] = {}
+    samples: dict[tuple, list[dict[str, float]]] = {}
     for _ in range(args.repeats):
         for threads in args.threads:
             for kfac in (True, False):
                 result = time_run(threads, kfac, args.steps, args.warmup, args.out)
                 samples.setdefault((threads, kfac), []).append(result)
-    table: Dict[int, Dict[str, Dict[str, float]]] = {}
+    table: dict[int, dict[str, dict[str, float]]] = {}
     print(f"\ntorch default threads here: {default}; median ms per step over "
           f"{args.repeats} x {args.steps - args.warmup} steps")
     print("| threads | K-FAC wall ms | K-FAC cpu ms | no K-FAC wall ms | no K-FAC cpu ms |")

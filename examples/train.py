@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a clone without `pip install -e .`: `examples.*` importable
@@ -42,21 +42,21 @@ class RunResult:
     trainer: Any
     model: Any
     datamodule: Any
-    kfac: Optional[Any]                 # the KFACCallback, None with kfac=off
-    test_metrics: Dict[str, float]
+    kfac: Any | None                 # the KFACCallback, None with kfac=off
+    test_metrics: dict[str, float]
     output_dir: Path
-    metrics_csv: Optional[Path]         # None under fast_dev_run (Lightning disables loggers)
-    plot: Optional[Path]
+    metrics_csv: Path | None         # None under fast_dev_run (Lightning disables loggers)
+    plot: Path | None
 
 
-def build_kfac_callback(cfg: DictConfig) -> Optional[Any]:
+def build_kfac_callback(cfg: DictConfig) -> Any | None:
     """The KFACCallback described by ``cfg.kfac``, or None when K-FAC is off (``kfac: null``)."""
     if cfg.get("kfac") is None:
         return None
     return instantiate(cfg.kfac)
 
 
-def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
+def build(cfg: DictConfig, output_dir: Path, extra_callbacks: list[Any] | None = None,
           csv_logger: bool = True):
     """Instantiate (datamodule, model, trainer, kfac_callback) from a composed config."""
     import pytorch_lightning as pl
@@ -77,7 +77,7 @@ def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]
     return datamodule, model, trainer, kfac
 
 
-def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Optional[Path]:
+def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Path | None:
     """Plot ``train/loss`` against step from a CSVLogger file; returns the PNG path."""
     import csv
 
@@ -103,7 +103,7 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Optional[Path]:
     return out_png
 
 
-def task_overrides() -> List[str]:
+def task_overrides() -> list[str]:
     """The command-line overrides of this Hydra job (``[]`` outside a Hydra app, e.g. compose)."""
     try:
         return list(HydraConfig.get().overrides.task)
@@ -111,7 +111,7 @@ def task_overrides() -> List[str]:
         return []
 
 
-def plot_title(model_name: str, kfac_on: bool, overrides: List[str], width: int = 70) -> str:
+def plot_title(model_name: str, kfac_on: bool, overrides: list[str], width: int = 70) -> str:
     """``MLPClassifier on digits, K-FAC`` plus the job's overrides (wrapped), so that the plots
     of a sweep (``-m kfac.damping=1e-3,1e-2``) say which run each one is."""
     import textwrap
@@ -122,7 +122,7 @@ def plot_title(model_name: str, kfac_on: bool, overrides: List[str], width: int 
     return title
 
 
-def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
+def run(cfg: DictConfig, output_dir: Path, extra_callbacks: list[Any] | None = None,
         csv_logger: bool = True) -> RunResult:
     """Fit, test (if ``cfg.test``), then plot (if ``cfg.plot``); files go to ``output_dir``.
 
@@ -133,7 +133,7 @@ def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] 
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule, model, trainer, kfac = build(cfg, output_dir, extra_callbacks, csv_logger)
     trainer.fit(model, datamodule=datamodule)
-    test_metrics: Dict[str, float] = {}
+    test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
         results = trainer.test(model, datamodule=datamodule, verbose=True)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -147,7 +147,7 @@ def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] 
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the test loss (a sweeper's objective)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     result = run(cfg, output_dir)

@@ -21,7 +21,8 @@ import enum
 import math
 import re
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 class _StrEnum(str, enum.Enum):
@@ -123,7 +124,7 @@ def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
 
 
-def _unknown_options(unknown: List[str], allowed: List[str]) -> ValueError:
+def _unknown_options(unknown: list[str], allowed: list[str]) -> ValueError:
     """``Invalid option(s) ['dampng'] (did you mean 'damping'?): allowed options are [...]``."""
     close = [match for name in unknown for match in difflib.get_close_matches(name, allowed, n=1)]
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
@@ -185,7 +186,7 @@ def _check_method(name: str, value: Any) -> Any:
         raise _invalid(name, value, f"must be one of {allowed}") from None
 
 
-def _check_regex_list(name: str, value: Any) -> List[str]:
+def _check_regex_list(name: str, value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -289,14 +290,14 @@ class KFACConfig:
     factor_update_steps: int = 10
     inv_update_steps: int = 100
     factor_decay: float = 0.95
-    kl_clip: Optional[float] = 1e-3
+    kl_clip: float | None = 1e-3
     compute_method: ComputeMethod = ComputeMethod.EIGEN
     fisher_type: FisherType = FisherType.EMPIRICAL
     likelihood: Likelihood = Likelihood.CATEGORICAL
-    output_module: Optional[str] = None
+    output_module: str | None = None
     mc_samples: int = 1
     gaussian_variance: float = 1.0
-    skip_layers: List[str] = dataclasses.field(default_factory=list)
+    skip_layers: list[str] = dataclasses.field(default_factory=list)
     loss_reduction: LossReduction = LossReduction.MEAN
     output_reduction: OutputReduction = OutputReduction.MEAN
     damping_mode: DampingMode = DampingMode.ABSOLUTE
@@ -307,18 +308,18 @@ class KFACConfig:
     damping_step_size: int = 1000
     adaptive_damping: bool = False
     adaptive_damping_interval: int = 5
-    adaptive_damping_factor: Optional[float] = None
+    adaptive_damping_factor: float | None = None
     min_damping: float = 0.0
-    max_damping: Optional[float] = None
-    layer_overrides: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    max_damping: float | None = None
+    layer_overrides: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     nonfinite: NonFinitePolicy = NonFinitePolicy.SKIP
     max_decomposition_failures: int = 3
     distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
     stagger_refresh: bool = False
-    diagnostics_every_n_steps: Optional[int] = None
+    diagnostics_every_n_steps: int | None = None
     max_dense_dim: int = 2048
-    memory_budget_gib: Optional[float] = 2.0
+    memory_budget_gib: float | None = 2.0
     step_rule: StepRule = StepRule.OPTIMIZER  # lightning_kfac/step_rule.py
 
     def __post_init__(self) -> None:
@@ -409,7 +410,7 @@ class KFACConfig:
                            "the K-FAC curvature of the mean loss)")
 
     @staticmethod
-    def _check_overrides(value: Any) -> List[Dict[str, Any]]:
+    def _check_overrides(value: Any) -> list[dict[str, Any]]:
         if value is None:
             return []
         if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
@@ -447,7 +448,7 @@ class KFACConfig:
             checked.append(entry)
         return checked
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-Python view (enums as strings), suitable for checkpoints and logging."""
         out = {}
         for f in dataclasses.fields(self):
@@ -460,7 +461,7 @@ class KFACConfig:
         return out
 
     @classmethod
-    def from_any(cls, config: Any = None, **options: Any) -> "KFACConfig":
+    def from_any(cls, config: Any = None, **options: Any) -> KFACConfig:
         """Build a config from a KFACConfig, a mapping (e.g. a Hydra DictConfig) and/or keywords."""
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(allowed))

@@ -50,9 +50,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
-                    Tuple, Union, cast)
+from typing import (
+    Any,
+    Protocol,
+    cast,
+)
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +67,17 @@ from lightning_kfac.core.capture import install_tap, output_grad_scale
 from lightning_kfac.core.layers import make_kind
 from lightning_kfac.core.parametrized import parametrization_reason
 
-__all__ = ["LayerRows", "KroneckerError", "record_rows", "kronecker_error", "population_terms",
-           "mean_gradient", "diagnose", "sampled_nll", "to_scalars"]
+__all__ = [
+    "KroneckerError",
+    "LayerRows",
+    "diagnose",
+    "kronecker_error",
+    "mean_gradient",
+    "population_terms",
+    "record_rows",
+    "sampled_nll",
+    "to_scalars",
+]
 
 _METHODS = ("auto", "dense", "gram", "probe")
 _DENSE_MAX_PARAMS = 1024  # "auto": form the dense block when d_in * d_out <= this
@@ -117,7 +130,7 @@ class KroneckerError:
     std: float
     method: str
     probes: int
-    population: Optional[float] = None
+    population: float | None = None
 
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
@@ -133,7 +146,7 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[str, nn.Module]:
+def _covered_modules(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     if layers is not None:
         names = list(layers)
@@ -158,10 +171,10 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
     return out
 
 
-def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
-                loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
+def record_rows(model: nn.Module, inputs: Tensor | Sequence[Tensor],
+                loss_fn: Callable[[Tensor], Tensor], *, layers: Iterable[str] | None = None,
                 loss_reduction: str = "mean", dtype: torch.dtype = torch.float64,
-                preconditioner: Optional[CapturingLayers] = None) -> Dict[str, LayerRows]:
+                preconditioner: CapturingLayers | None = None) -> dict[str, LayerRows]:
     """Per-example ``a`` and ``g`` rows of every Linear/Conv layer for one batch.
 
     Runs ``loss = loss_fn(model(inputs))`` (``model(*inputs)`` for a tuple/list) with forward
@@ -231,8 +244,8 @@ class _RowRecorder:
     def __init__(self, kind: Any, dtype: torch.dtype):
         self.kind = kind
         self.dtype = dtype
-        self.a: List[Tensor] = []
-        self.g: Dict[int, Tuple[Tensor, int]] = {}
+        self.a: list[Tensor] = []
+        self.g: dict[int, tuple[Tensor, int]] = {}
 
     def wants(self, module: nn.Module) -> bool:
         return True  # the model's train/eval mode is used as is
@@ -248,7 +261,7 @@ class _RowRecorder:
         return grad_hook
 
 
-def _factors(a: Tensor, g: Tensor, B: int) -> Tuple[Tensor, Tensor]:
+def _factors(a: Tensor, g: Tensor, B: int) -> tuple[Tensor, Tensor]:
     return a.T @ a / B, g.T @ g / g.shape[0]
 
 
@@ -258,7 +271,7 @@ def _per_example_grads(a: Tensor, g: Tensor, B: int) -> Tensor:
     return torch.einsum("bto,bti->boi", g.reshape(B, T, -1), a.reshape(B, T, -1))
 
 
-def _dense(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
+def _dense(a: Tensor, g: Tensor, B: int) -> tuple[float, float]:
     A, G = _factors(a, g, B)
     J = _per_example_grads(a, g, B)
     vecJ = J.transpose(1, 2).reshape(B, -1)  # column-stacking vec: vec(g a^T) = a (x) g
@@ -266,7 +279,7 @@ def _dense(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
     return float(torch.linalg.norm(M - torch.kron(A, G))), float(torch.linalg.norm(M))
 
 
-def _gram(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
+def _gram(a: Tensor, g: Tensor, B: int) -> tuple[float, float]:
     A, G = _factors(a, g, B)
     if a.shape[0] == B:  # one row per example: <J_n, J_m> = (a_n.a_m)(g_n.g_m)
         C = (a @ a.T) * (g @ g.T)
@@ -283,13 +296,13 @@ def _gram(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
 
 
 def _probe(a: Tensor, g: Tensor, B: int, num_probes: int,
-           generator: torch.Generator) -> Tuple[float, float, float]:
+           generator: torch.Generator) -> tuple[float, float, float]:
     A, G = _factors(a, g, B)
     R, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
     T = R // B
     chunk = max(1, _PROBE_CHUNK_ELEMENTS // (R * max(d_in, d_out) + d_in * d_out))
-    err_parts: List[Tensor] = []
-    blk_parts: List[Tensor] = []
+    err_parts: list[Tensor] = []
+    blk_parts: list[Tensor] = []
     for start in range(0, num_probes, chunk):
         k = min(chunk, num_probes - start)
         V = torch.randn(k, d_out, d_in, dtype=a.dtype, generator=generator).to(a.device)
@@ -312,7 +325,7 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int,
     return math.sqrt(max(e2, 0.0)), math.sqrt(max(m2, 0.0)), std
 
 
-def population_terms(a: Tensor, g: Tensor) -> Tuple[float, float]:
+def population_terms(a: Tensor, g: Tensor) -> tuple[float, float]:
     """Unbiased estimates ``(||M - K||^2, ||M||^2)`` of the population block, one row per example.
 
     U-statistics over distinct examples (B >= 4): with ``P = (a a^T)^2``, ``Q = (g g^T)^2``
@@ -337,9 +350,9 @@ def population_terms(a: Tensor, g: Tensor) -> Tuple[float, float]:
     return m2 - 2.0 * cross + k2, m2
 
 
-def kronecker_error(a: Tensor, g: Tensor, num_examples: Optional[int] = None, *,
+def kronecker_error(a: Tensor, g: Tensor, num_examples: int | None = None, *,
                     method: str = "auto", num_probes: int = 64,
-                    generator: Optional[torch.Generator] = None) -> KroneckerError:
+                    generator: torch.Generator | None = None) -> KroneckerError:
     """Relative Frobenius error ``||M - A (x) G|| / ||M||`` of one layer's Kronecker factors.
 
     Args:
@@ -403,11 +416,11 @@ def mean_gradient(rows: LayerRows) -> Tensor:
     return rows.g.mean(0)
 
 
-def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
-             loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
+def diagnose(model: nn.Module, inputs: Tensor | Sequence[Tensor],
+             loss_fn: Callable[[Tensor], Tensor], *, layers: Iterable[str] | None = None,
              loss_reduction: str = "mean", method: str = "auto", num_probes: int = 64,
-             seed: int = 0, preconditioner: Optional[CapturingLayers] = None
-             ) -> Dict[str, Dict[str, float]]:
+             seed: int = 0, preconditioner: CapturingLayers | None = None
+             ) -> dict[str, dict[str, float]]:
     """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments; from a
     training loop pass ``layers=list(pre.layers)`` and ``preconditioner=pre``).
 
@@ -428,13 +441,13 @@ def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     return layer_statistics(rows, method=method, num_probes=num_probes, seed=seed)
 
 
-def layer_statistics(rows: Dict[str, LayerRows], *, method: str = "auto", num_probes: int = 64,
-                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+def layer_statistics(rows: dict[str, LayerRows], *, method: str = "auto", num_probes: int = 64,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
     """The per-layer dict of :func:`diagnose` for rows recorded elsewhere (e.g. by the callback
     during a training step). One probe generator (``seed``) serves the layers in order."""
     _check_choice("method", method, _METHODS)
     generator = torch.Generator().manual_seed(int(seed))
-    out: Dict[str, Dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {}
     for name, r in rows.items():
         err = kronecker_error(r.a, r.g, r.num_examples, method=method, num_probes=num_probes,
                               generator=generator)
@@ -456,7 +469,7 @@ def layer_statistics(rows: Dict[str, LayerRows], *, method: str = "auto", num_pr
 
 
 def sampled_nll(likelihood: str = "categorical", *, variance: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> Callable[[Tensor], Tensor]:
+                generator: torch.Generator | None = None) -> Callable[[Tensor], Tensor]:
     """A ``loss_fn`` for the true Fisher: the mean NLL of labels sampled from the model output.
 
     "categorical": logits over the last dimension; "bernoulli": logits, summed over features;
@@ -487,7 +500,7 @@ def sampled_nll(likelihood: str = "categorical", *, variance: float = 1.0,
     return loss_fn
 
 
-def to_scalars(result: Dict[str, Dict[str, float]], prefix: str = "kfac_diag") -> Dict[str, float]:
+def to_scalars(result: dict[str, dict[str, float]], prefix: str = "kfac_diag") -> dict[str, float]:
     """Flatten :func:`diagnose`'s output to ``{"<prefix>/<layer>/<stat>": value}`` for loggers."""
     return {f"{prefix}/{layer}/{key}": value
             for layer, stats in result.items() for key, value in stats.items()}

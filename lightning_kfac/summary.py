@@ -9,8 +9,6 @@ capture, decomposition and preconditioning (core/footprint.py).
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 from torch import nn
 
 from lightning_kfac.core.footprint import describe_side, footprint, held_bytes, refresh_seconds
@@ -28,25 +26,25 @@ def _seconds(t: float) -> str:
     return "<1 ms" if t < 1e-3 else (f"{1e3 * t:.0f} ms" if t < 1 else f"{t:.1f} s")
 
 
-def predicted_memory_bytes(blocks: Dict) -> int:
+def predicted_memory_bytes(blocks: dict) -> int:
     """Bytes held between steps: running factors + decompositions in use (each side in its
     structure: d^2 dense, d diagonal; eigenvalue vectors; EKFAC's g_dim x a_dim scaling)."""
     return sum(held_bytes(block) for block in blocks.values())
 
 
-def predicted_peak_bytes(blocks: Dict) -> int:
+def predicted_peak_bytes(blocks: dict) -> int:
     """Predicted peak bytes of a K-FAC step (core/footprint.py)."""
     return footprint(blocks.values()).peak
 
 
-def skipped_rows(skipped: List, trainable: int, shown: int = 3) -> List[Tuple[str, ...]]:
+def skipped_rows(skipped: list, trainable: int, shown: int = 3) -> list[tuple[str, ...]]:
     """One row per (type, reason) of the skipped modules, with their count and share of the
     trainable parameters (a ResNet's 20 BatchNorm2d are one row, not 20).
 
     Columns as in the summary table: modules (the first ``shown`` names, ``+N more``), type,
     A, G, params, status.
     """
-    groups: Dict[Tuple[str, str], List] = {}
+    groups: dict[tuple[str, str], list] = {}
     for s in skipped:
         groups.setdefault((s.type_name, s.reason), []).append(s)
     rows = []
@@ -63,7 +61,7 @@ def skipped_rows(skipped: List, trainable: int, shown: int = 3) -> List[Tuple[st
     return rows
 
 
-def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
+def format_summary(model: nn.Module, blocks: dict, skipped: list) -> str:
     """A plain-text table of covered and skipped modules, with the share of parameters covered."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows = [("module", "type", "A", "G", "params", "memory", "refresh", "status")]
@@ -84,7 +82,7 @@ def format_summary(model: nn.Module, blocks: Dict, skipped: List) -> str:
                      _bytes(held_bytes(block)), _seconds(seconds),
                      f"frozen (for now): {status} once trainable" if frozen else status))
     # skipped rows have no memory / refresh columns
-    rows.extend(r[:5] + ("-", "-") + r[5:] for r in skipped_rows(skipped, trainable))
+    rows.extend((*r[:5], "-", "-", *r[5:]) for r in skipped_rows(skipped, trainable))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -14,7 +14,6 @@ import os
 import pathlib
 import platform
 from dataclasses import dataclass, field
-from typing import Dict, List
 
 import pytest
 
@@ -28,9 +27,9 @@ ORDER = ["exactness oracle", "state round trip", "resume sweep", "fit twice, no 
          "DDP identical ranks", "DDP fault on one rank", "gradient accumulation",
          "sharing and freezing", "wrapped optimizers", "Lightning matrix", "config fuzz",
          "memory soak"]
-ROWS_KEY = pytest.StashKey[List["Row"]]()
-XFAIL_KEY = pytest.StashKey[List[str]]()
-OUTCOMES_KEY = pytest.StashKey[Dict[str, str]]()
+ROWS_KEY = pytest.StashKey[list["Row"]]()
+XFAIL_KEY = pytest.StashKey[list[str]]()
+OUTCOMES_KEY = pytest.StashKey[dict[str, str]]()
 
 
 @dataclass
@@ -72,10 +71,10 @@ def pytest_runtest_makereport(item, call):
         outcomes.setdefault(item.nodeid, "pass")
 
 
-def merged_rows(config: pytest.Config) -> List[List[str]]:
+def merged_rows(config: pytest.Config) -> list[list[str]]:
     """Table body: one line per row name, in first-recorded order."""
     outcomes = config.stash.get(OUTCOMES_KEY, {})
-    merged: Dict[str, Dict] = {}
+    merged: dict[str, dict] = {}
     for row in config.stash.get(ROWS_KEY, []):
         entry = merged.setdefault(row.name, {"injected": 0, "survived": 0, "figures": [],
                                              "results": set(), "tests": set()})
@@ -94,11 +93,11 @@ def merged_rows(config: pytest.Config) -> List[List[str]]:
     return body
 
 
-def format_table(body: List[List[str]]) -> str:
+def format_table(body: list[list[str]]) -> str:
     """A Markdown table (aligned so it also reads well in a terminal)."""
     header = ["test", "faults injected", "faults survived", "figure", "result"]
     body = [[c.replace("|", "\\|") for c in r] for r in body]
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"

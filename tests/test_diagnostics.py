@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac.diagnostics import (diagnose, kronecker_error, mean_gradient,
-                                        population_terms, record_rows, sampled_nll, to_scalars)
+from lightning_kfac.diagnostics import (
+    diagnose,
+    kronecker_error,
+    mean_gradient,
+    population_terms,
+    record_rows,
+    sampled_nll,
+    to_scalars,
+)
 from tests.support import dense
 
 DT = torch.float64

@@ -8,7 +8,6 @@ sec. 6.3 for damping); references come from ``tests/support/dense.py``.
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ def _mlp(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
 
 
-def _batch(t: int, n: int = 8, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+def _batch(t: int, n: int = 8, dtype=torch.float64) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(1000 + t)
     return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
@@ -110,7 +109,7 @@ class _Net(nn.Module):
     (["^Conv1d$"], {"conv"}),        # matched against the class name
     (["Linear"], {"body", "head"}),
 ], ids=["name", "class", "class-two"])
-def test_skip_layers(skip: List[str], skipped: set) -> None:
+def test_skip_layers(skip: list[str], skipped: set) -> None:
     torch.manual_seed(0)
     model = _Net().double()
     names = ["conv", "body", "head"]

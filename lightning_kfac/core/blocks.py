@@ -15,7 +15,7 @@ stored in it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,8 +26,8 @@ from lightning_kfac.core.methods import Decomposition, method_for, method_of_sta
 from lightning_kfac.core.structure_registry import make_structure
 
 
-def natural_structures(kind: LayerKind, max_dense_dim: int, a_name: Optional[str] = None,
-                       g_name: Optional[str] = None) -> Tuple[FactorStructure, FactorStructure]:
+def natural_structures(kind: LayerKind, max_dense_dim: int, a_name: str | None = None,
+                       g_name: str | None = None) -> tuple[FactorStructure, FactorStructure]:
     """``(A side, G side)``: dense up to ``max_dense_dim``, diagonal above; a kind whose A is
     diagonal by construction (nn.Embedding's one-hot inputs) keeps A diagonal at any size.
     ``a_name`` / ``g_name`` (``layer_overrides``' ``a_structure`` / ``g_structure``) choose a
@@ -35,7 +35,7 @@ def natural_structures(kind: LayerKind, max_dense_dim: int, a_name: Optional[str
     groups = int(getattr(kind, "groups", 1))
     diagonal_a = bool(getattr(kind, "diagonal_a", False))
 
-    def side(dim: int, diagonal: bool, name: Optional[str], option: str) -> FactorStructure:
+    def side(dim: int, diagonal: bool, name: str | None, option: str) -> FactorStructure:
         if name is not None:
             chosen = make_structure(name, dim, groups, option=option)
             if diagonal and chosen.has_basis:
@@ -54,8 +54,8 @@ class KFACBlock:
 
     def __init__(self, name: str, kind: LayerKind, dtype: torch.dtype, *, damping: float,
                  compute_method: str, factor_update_steps: int, inv_update_steps: int,
-                 max_dense_dim: Optional[int] = None, a_structure: Optional[str] = None,
-                 g_structure: Optional[str] = None):
+                 max_dense_dim: int | None = None, a_structure: str | None = None,
+                 g_structure: str | None = None):
         self.name = name
         self.kind = kind
         self.dtype = dtype
@@ -79,9 +79,9 @@ class KFACBlock:
         self.failures = 0  # consecutive failed decompositions
         self.row_limit = 0  # > 0: keep this step's a/g rows for low-rank preconditioning
         self.clear_rows()
-        self.A: Optional[Tensor] = None
-        self.G: Optional[Tensor] = None
-        self.decomposition: Optional[Decomposition] = None  # the one in use (None: none yet)
+        self.A: Tensor | None = None
+        self.G: Tensor | None = None
+        self.decomposition: Decomposition | None = None  # the one in use (None: none yet)
         self.seen = False  # the forward hook fired at least once in a training forward
         self.reset_accumulators()
 
@@ -93,9 +93,9 @@ class KFACBlock:
 
     # -- accumulation --------------------------------------------------------------------------
     def reset_accumulators(self) -> None:
-        self.a_sum: Optional[Tensor] = None
+        self.a_sum: Tensor | None = None
         self.a_div = 0
-        self.g_sum: Optional[Tensor] = None
+        self.g_sum: Tensor | None = None
         self.g_div = 0
 
     def add_a(self, rows: Tensor, divisor: int, scale: float = 1.0) -> None:
@@ -113,7 +113,7 @@ class KFACBlock:
     def has_estimates(self) -> bool:
         return self.a_sum is not None and self.g_sum is not None
 
-    def batch_estimates(self) -> Tuple[Tensor, Tensor]:
+    def batch_estimates(self) -> tuple[Tensor, Tensor]:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
         device = self.kind.weight.device
         if not self.has_estimates():
@@ -134,7 +134,7 @@ class KFACBlock:
         self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
         self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
 
-    def factor_matrices(self) -> Tuple[Tensor, Tensor]:
+    def factor_matrices(self) -> tuple[Tensor, Tensor]:
         """``(A, G)`` as dense matrices (copies); a diagonal side becomes ``diag(F)``."""
         return self.a_structure.to_matrix(self.A), self.g_structure.to_matrix(self.G)
 
@@ -153,8 +153,8 @@ class KFACBlock:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- state -----------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"damping": self.damping, "failures": self.failures,
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"damping": self.damping, "failures": self.failures,
                                  "structures": (self.a_structure.name, self.g_structure.name)}
         if self.A is not None:
             state["A"], state["G"] = self.A.clone(), self.G.clone()
@@ -163,7 +163,7 @@ class KFACBlock:
                                                          for k, v in dec.to_state().items()}
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.kind.weight.device
         # "damping" is saved for inspection only: a layer's damping is configuration (damping,
         # layer_overrides); its adaptation over time is the preconditioner's DampingControl state.

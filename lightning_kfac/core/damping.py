@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union, cast
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -112,7 +113,7 @@ def block_model(grad: Tensor, delta: Tensor, block: KFACBlock, damping: float) -
 class _LayerTerm:
     block: KFACBlock
     grad: Tensor  # raw grad W~ at theta
-    before: List[Tensor]  # the layer's parameters at theta
+    before: list[Tensor]  # the layer's parameters at theta
     damping: float  # absolute damping the step was preconditioned with
 
 
@@ -136,13 +137,13 @@ class DampingControl:
         adaptations: how many times the LM rule ran.
     """
 
-    def __init__(self, config: KFACConfig, comm: Optional[Communicator] = None):
+    def __init__(self, config: KFACConfig, comm: Communicator | None = None):
         self.config = config
         self.comm = Communicator() if comm is None else comm
         self.value = config.damping
         self.last_rho = math.nan
         self.adaptations = 0
-        self.pending: Optional[Tuple[int, List[_LayerTerm], List[_ParamTerm]]] = None
+        self.pending: tuple[int, list[_LayerTerm], list[_ParamTerm]] | None = None
         self._warned = False
 
     @property
@@ -168,7 +169,7 @@ class DampingControl:
 
     # -- adaptation ------------------------------------------------------------------------------
     def snapshot(self, blocks: Iterable[KFACBlock], model: nn.Module,
-                 optimizer: Optional[torch.optim.Optimizer], step: int) -> None:
+                 optimizer: torch.optim.Optimizer | None, step: int) -> None:
         """Keep raw gradients and parameters before this step's preconditioning (memory: 2x the
         trained parameters, released by :meth:`adapt`). ``blocks``: the preconditioned layers;
         the parameters are ``optimizer``'s (``model``'s without one)."""
@@ -181,8 +182,8 @@ class DampingControl:
                 "Lightning callback does it for you).", RuntimeWarning, stacklevel=4)
         params = _trained_params(model, optimizer)
         wanted = {id(p) for p in params}
-        layers: List[_LayerTerm] = []
-        covered: Set[int] = set()
+        layers: list[_LayerTerm] = []
+        covered: set[int] = set()
         for block in blocks:
             kind = block.kind
             if id(kind.weight) not in wanted or block.A is None:
@@ -226,7 +227,7 @@ class DampingControl:
         return total
 
     def adapt(self, loss_before: Loss, loss_after: Loss,
-              device: Optional[torch.device] = None) -> Optional[float]:
+              device: torch.device | None = None) -> float | None:
         """Apply the LM rule after an adaptation step; None when no snapshot is pending.
         ``device``: where the model lives (the collective's buffer under DDP)."""
         if self.pending is None:
@@ -237,7 +238,7 @@ class DampingControl:
         return self.apply_rho(before, after, predicted, device)
 
     def apply_rho(self, before: float, after: float, predicted: float,
-                  device: Optional[torch.device] = None) -> float:
+                  device: torch.device | None = None) -> float:
         """``rho = (after - before) / predicted`` and the LM update of the damping; returns rho.
 
         ``predicted`` is the model's change ``M(delta) - M(0)``. Under DDP the three numbers are
@@ -264,10 +265,10 @@ class DampingControl:
         return rho
 
     # -- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"value": self.value, "last_rho": self.last_rho, "adaptations": self.adaptations}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore an adapted damping; a constant or scheduled one follows the current options
         (``damping`` and the clock), so resuming with another ``damping`` uses the new value."""
         if self.config.adaptive_damping:
@@ -283,13 +284,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _trained_params(model: nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer]) -> List[nn.Parameter]:
+                    optimizer: torch.optim.Optimizer | None) -> list[nn.Parameter]:
     if optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
     else:
         params = list(model.parameters())
-    seen: Set[int] = set()
-    out: List[nn.Parameter] = []
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
     for p in params:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))

@@ -21,8 +21,11 @@ from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import MHA_REASON, make_kind, registered_kind
 from lightning_kfac.core.methods import method_for
-from lightning_kfac.core.parametrized import (is_parametrization_container, own_trainable,
-                                              parametrization_reason)
+from lightning_kfac.core.parametrized import (
+    is_parametrization_container,
+    own_trainable,
+    parametrization_reason,
+)
 from lightning_kfac.core.sharing import share
 
 

@@ -17,7 +17,8 @@ by dense block copies (``pack_symmetric``) into the same buffer as the per-layer
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +31,8 @@ class Communicator:
     rank = 0
 
     def __init__(self) -> None:
-        self.calls: Dict[str, int] = {"all_reduce": 0, "broadcast": 0}
-        self.bytes: Dict[str, int] = {"all_reduce": 0, "broadcast": 0}
+        self.calls: dict[str, int] = {"all_reduce": 0, "broadcast": 0}
+        self.bytes: dict[str, int] = {"all_reduce": 0, "broadcast": 0}
 
     def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
         """Sum each tensor over ranks, in place."""
@@ -40,8 +41,8 @@ class Communicator:
         """Overwrite each tensor with rank ``src``'s copy, in place."""
 
 
-def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[Tuple[List[Tensor], Tensor]]:
-    groups: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = defaultdict(list)
+def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[tuple[list[Tensor], Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in tensors:
         groups[(t.dtype, t.device)].append(t)
     for group in groups.values():
@@ -51,7 +52,7 @@ def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[Tuple[List[Tensor],
             yield group, torch.cat([t.reshape(-1) for t in group])
 
 
-def _unflatten_(group: List[Tensor], flat: Tensor) -> None:
+def _unflatten_(group: list[Tensor], flat: Tensor) -> None:
     if len(group) == 1 and flat.data_ptr() == group[0].data_ptr():
         return
     offset = 0
@@ -104,14 +105,14 @@ def default_communicator() -> Communicator:
 
 
 # -- factor averaging: upper triangles + flags in one call ----------------------------------------
-def _blocks(n: int) -> Tuple[int, int, int]:
+def _blocks(n: int) -> tuple[int, int, int]:
     """Split n = k + m (k = n // 2): the packed triangle is an R (rows x m) plus a B (k x m)."""
     k = n // 2
     m = n - k
     return k, m, max(m, k + 1) if k else m
 
 
-def pack_symmetric(matrix: Tensor, out: Optional[Tensor] = None) -> Tensor:
+def pack_symmetric(matrix: Tensor, out: Tensor | None = None) -> Tensor:
     """The upper triangle (diagonal included) of a square matrix: d(d+1)/2 values.
 
     Rectangular full packed layout (LAPACK's RFP idea): with ``M = [[M11, M12], [M21, M22]]``
@@ -168,7 +169,7 @@ def all_reduce_factors_(comm: Communicator, flags: Tensor, estimates: Sequence[T
     """
     if comm.world_size == 1:
         return
-    groups: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = defaultdict(list)
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in estimates:
         groups[(t.dtype, t.device)].append(t)
     if not groups:

@@ -32,7 +32,7 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
 
 from __future__ import annotations
 
-from typing import AbstractSet, Dict, List, Optional, Tuple
+from typing import AbstractSet
 
 import torch
 from torch import Tensor
@@ -40,8 +40,11 @@ from torch import Tensor
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
 from lightning_kfac.core.layers import ConvKind
-from lightning_kfac.core.methods.ekfac import (EKFACDecomposition, ekfac_decomposition,
-                                               precondition_ekfac)
+from lightning_kfac.core.methods.ekfac import (
+    EKFACDecomposition,
+    ekfac_decomposition,
+    precondition_ekfac,
+)
 
 __all__ = ["EKFACScaling", "ekfac_decomposition", "precondition_ekfac", "squared_rotated_sum"]
 
@@ -49,17 +52,17 @@ __all__ = ["EKFACScaling", "ekfac_decomposition", "precondition_ekfac", "squared
 class _Acc:
     """Scaling sums of one block between two updates."""
 
-    __slots__ = ("rotated", "count", "basis", "raw")
+    __slots__ = ("basis", "count", "raw", "rotated")
 
     def __init__(self) -> None:
-        self.rotated: Optional[Tensor] = None  # sum of squared rotated per-example grads
+        self.rotated: Tensor | None = None  # sum of squared rotated per-example grads
         self.count = 0  # examples in ``rotated``
-        self.basis: Optional[Tensor] = None  # the e_G of the decomposition ``rotated`` used
-        self.raw: List[Tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
+        self.basis: Tensor | None = None  # the e_G of the decomposition ``rotated`` used
+        self.raw: list[tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
 
 
 def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, examples: int,
-                        QA: Optional[Tensor], QG: Optional[Tensor]) -> Tensor:
+                        QA: Tensor | None, QG: Tensor | None) -> Tensor:
     """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor (a diagonal side's
     basis is the identity: its rows are used as they are)."""
     g = block.g_structure.right_rotate(g_rows.to(block.dtype), QG)
@@ -85,7 +88,7 @@ class EKFACScaling:
 
     def __init__(self, refresh_due: AbstractSet[str] = frozenset()):
         self.refresh_due: AbstractSet[str] = refresh_due
-        self._acc: Dict[str, _Acc] = {}
+        self._acc: dict[str, _Acc] = {}
 
     def add_pair(self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float,
                  examples: int) -> None:
@@ -112,14 +115,14 @@ class EKFACScaling:
     def discard(self) -> None:
         self._acc.clear()
 
-    def update(self, due: List[KFACBlock], decay: float, comm: Communicator) -> List[str]:
+    def update(self, due: list[KFACBlock], decay: float, comm: Communicator) -> list[str]:
         """Batch estimates ``s^`` -> all-reduce -> running average of ``dec.scale``.
 
         Returns the names of blocks whose estimate was not finite (their scaling is kept).
         """
         due = [b for b in due if b.method.needs_pairs
                and isinstance(b.decomposition, EKFACDecomposition)]
-        sums: List[Tensor] = []
+        sums: list[Tensor] = []
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             dec, acc = block.decomposition, self._acc.get(block.name)
@@ -136,7 +139,7 @@ class EKFACScaling:
             sums.append(total)
         self._acc.clear()
         if comm.world_size > 1 and due:
-            comm.all_reduce_sum_([counts] + sums)
+            comm.all_reduce_sum_([counts, *sums])
         bad = []
         for block, total, count in zip(due, sums, counts.tolist()):
             if count == 0:

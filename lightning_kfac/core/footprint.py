@@ -139,7 +139,7 @@ def _no_sync() -> None:
 
 
 # -- refresh time -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str,
                       dtype: torch.dtype) -> float:
     """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""

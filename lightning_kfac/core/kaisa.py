@@ -40,7 +40,8 @@ deliver the owner's values exactly (x + 0 = x). At 2 ranks here neither was cons
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,14 +56,14 @@ TRANSPORTS = ("broadcast", "all_reduce")
 #: Decision flags per layer in a factor update (seen, non-finite, ever seen: _update_factors).
 FACTOR_FLAGS = 3
 #: ``(block, grad, P, lr)``: one layer's work in a step (``KFACPreconditioner._precondition``).
-WorkItem = Tuple[KFACBlock, Tensor, Optional[Tensor], float]
+WorkItem = tuple[KFACBlock, Tensor, Tensor | None, float]
 
 
 def _mode(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
-def decomposition_layout(block: KFACBlock, relative: bool) -> Optional[Layout]:
+def decomposition_layout(block: KFACBlock, relative: bool) -> Layout | None:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
     if block.a_structure.groups > 1:
         return None  # stacked per-group factors (grouped convolutions): decomposed everywhere
@@ -105,11 +106,11 @@ class DistributedWork:
         self.blocks = blocks
         self.transport = transport
         self.local_decompositions = 0  # decompositions computed on this rank (for figures/tests)
-        self._owners: Dict[str, int] = {}
+        self._owners: dict[str, int] = {}
         self._owners_world = 0
 
     # -- who does what -----------------------------------------------------------------------
-    def layout(self, block: KFACBlock) -> Optional[Layout]:
+    def layout(self, block: KFACBlock) -> Layout | None:
         return decomposition_layout(block, self.relative)
 
     def is_shared(self, block: KFACBlock) -> bool:
@@ -117,7 +118,7 @@ class DistributedWork:
         return (self.comm.world_size > 1 and self.mode != "replicate"
                 and self.layout(block) is not None)
 
-    def owners(self) -> Dict[str, int]:
+    def owners(self) -> dict[str, int]:
         """``{name: rank}`` for the shareable blocks; fixed once computed (per world size)."""
         world = self.comm.world_size
         names = [n for n, b in self.blocks.items() if self.layout(b) is not None]
@@ -128,17 +129,17 @@ class DistributedWork:
             self._owners_world = world
         return self._owners
 
-    def owner(self, block: KFACBlock) -> Optional[int]:
+    def owner(self, block: KFACBlock) -> int | None:
         """The rank that decomposes ``block``, or None when every rank does."""
         return self.owners()[block.name] if self.is_shared(block) else None
 
-    def communication_bytes(self, world_size: Optional[int] = None) -> Dict[str, int]:
+    def communication_bytes(self, world_size: int | None = None) -> dict[str, int]:
         """``communication_bytes`` of these blocks and options (world size: the communicator's)."""
         world = self.comm.world_size if world_size is None else int(world_size)
         return communication_bytes(self.blocks, self.mode, self.relative, world)
 
     # -- transfers ---------------------------------------------------------------------------
-    def _transfer(self, per_src: Dict[int, List[Tensor]]) -> None:
+    def _transfer(self, per_src: dict[int, list[Tensor]]) -> None:
         """Make every rank's tensors equal to the source rank's, for each source."""
         if not per_src:
             return
@@ -155,12 +156,12 @@ class DistributedWork:
                 everything += per_src[src]
             self.comm.all_reduce_sum_(everything)
 
-    def _send_decompositions(self, blocks: Sequence[KFACBlock]) -> Dict[str, Decomposition]:
+    def _send_decompositions(self, blocks: Sequence[KFACBlock]) -> dict[str, Decomposition]:
         """Owners' decompositions of ``blocks`` on every rank: ``{name: decomposition}`` (the
         layout's fields only, on the owner too, so that every rank applies the same tensors)."""
         rank = self.comm.rank
-        per_src: Dict[int, List[Tensor]] = {}
-        out: Dict[str, Decomposition] = {}
+        per_src: dict[int, list[Tensor]] = {}
+        out: dict[str, Decomposition] = {}
         for block in blocks:
             src, layout = self.owners()[block.name], self.layout(block)
             assert layout is not None  # only shareable blocks are sent
@@ -183,7 +184,7 @@ class DistributedWork:
 
     # -- engine entry points -----------------------------------------------------------------
     def decompose(self, due: Sequence[KFACBlock], fn: Callable[[KFACBlock], Decomposition]
-                  ) -> List[Tuple[KFACBlock, Optional[Exception]]]:
+                  ) -> list[tuple[KFACBlock, Exception | None]]:
         """Refresh the decompositions of ``due`` with ``fn(block)``, collectively.
 
         Returns ``[(block, error or None)]`` in ``due`` order, identical on every rank; on
@@ -195,7 +196,7 @@ class DistributedWork:
         comm, rank = self.comm, self.comm.rank
         owners = [self.owner(block) for block in due]
         failed = torch.zeros(len(due), dtype=torch.float64, device=_device(due))  # nccl: on GPU
-        local: Dict[int, Any] = {}
+        local: dict[int, Any] = {}
         for i, (block, src) in enumerate(zip(due, owners)):
             if src is None or src == rank:
                 try:
@@ -206,7 +207,7 @@ class DistributedWork:
                     failed[i] = 1.0
         if comm.world_size > 1 and len(due):
             comm.all_reduce_sum_([failed])
-        results: List[Tuple[KFACBlock, Optional[Exception]]] = []
+        results: list[tuple[KFACBlock, Exception | None]] = []
         to_send = []
         for i, (block, src) in enumerate(zip(due, owners)):
             if failed[i] > 0:
@@ -228,8 +229,8 @@ class DistributedWork:
                 self.blocks[name].decomposition = dec
         return results
 
-    def exchange_gradients(self, work: List[WorkItem], lr_of: Optional[Dict[int, float]]
-                           ) -> List[WorkItem]:
+    def exchange_gradients(self, work: list[WorkItem], lr_of: dict[int, float] | None
+                           ) -> list[WorkItem]:
         """"gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
 
         ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
@@ -241,8 +242,8 @@ class DistributedWork:
             return work
         rank = self.comm.rank
         local = {item[0].name: item for item in work}
-        per_src: Dict[int, List[Tensor]] = {}
-        received: Dict[str, Tuple[Tensor, Tensor]] = {}
+        per_src: dict[int, list[Tensor]] = {}
+        received: dict[str, tuple[Tensor, Tensor]] = {}
         for block in blocks:
             src = self.owners()[block.name]
             device = block.kind.weight.device
@@ -274,7 +275,7 @@ class DistributedWork:
                 out.append((block, item[1], pre_grad, item[3]))
         return out
 
-    def complete_state(self, layers: Dict[str, Dict[str, Any]]) -> None:
+    def complete_state(self, layers: dict[str, dict[str, Any]]) -> None:
         """"gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
         blocks = [b for b in self.blocks.values() if self.is_shared(b)]
         if self.mode != "gradients" or not blocks:
@@ -298,7 +299,7 @@ def _side_numel(structure: FactorStructure) -> int:
     return symmetric_numel(structure.dim) if structure.has_basis else structure.dim
 
 
-def _work_item(block: KFACBlock, lr_of: Optional[Dict[int, float]]) -> Optional[WorkItem]:
+def _work_item(block: KFACBlock, lr_of: dict[int, float] | None) -> WorkItem | None:
     weight = block.kind.weight
     if lr_of is not None and id(weight) not in lr_of:
         return None
@@ -308,7 +309,7 @@ def _work_item(block: KFACBlock, lr_of: Optional[Dict[int, float]]) -> Optional[
     return (block, raw.to(block.dtype), None, 1.0 if lr_of is None else lr_of[id(weight)])
 
 
-def _check_layout(block: KFACBlock, dec: Optional[Decomposition], layout: Layout) -> None:
+def _check_layout(block: KFACBlock, dec: Decomposition | None, layout: Layout) -> None:
     for key, shape, dtype, _ in layout:
         value = None if dec is None else dec.get(key)
         if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
@@ -319,7 +320,7 @@ def _check_layout(block: KFACBlock, dec: Optional[Decomposition], layout: Layout
 
 
 def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, relative: bool,
-                        world_size: int) -> Dict[str, int]:
+                        world_size: int) -> dict[str, int]:
     """Payload bytes each rank hands to collectives, for every layer due at once.
 
     Returns a dict with ``factor_update`` (upper triangles of A^, G^ and ``FACTOR_FLAGS`` flags

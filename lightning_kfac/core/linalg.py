@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ def _finite(*tensors: Tensor) -> bool:
     return all_finite(*tensors)
 
 
-def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str) -> Dict[str, Tensor]:
+def _retry(fn: Callable[[Tensor], dict[str, Tensor]], matrix: Tensor, what: str) -> dict[str, Tensor]:
     """Run ``fn(matrix)``; on failure retry in float64 with jitter; cast back to matrix.dtype."""
     try:
         out = fn(matrix)
@@ -97,7 +98,7 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
     return {k: v.to(matrix.dtype) for k, v in out.items()}
 
 
-def support(matrix: Tensor) -> Optional[Tensor]:
+def support(matrix: Tensor) -> Tensor | None:
     """Indices of the rows of a 2-D matrix with a nonzero OFF-diagonal entry; None when every
     row has one (or for a stack of matrices, which is never deflated). The other rows are
     decoupled: zero apart from the diagonal (an always-zero input feature: exactly zero, or the
@@ -112,11 +113,11 @@ def support(matrix: Tensor) -> Optional[Tensor]:
     return coupled.nonzero().flatten()
 
 
-def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
+def eigh_psd(matrix: Tensor) -> dict[str, Tensor]:
     """``{"e": eigenvalues clamped >= 0, "Q": eigenvectors}`` of a symmetric PSD matrix, plus
     ``"support"`` (see ``support``) when decoupled rows/columns were deflated: their
     eigenvectors are unit vectors with their diagonal entry as eigenvalue, listed first."""
-    def fn(m: Tensor) -> Dict[str, Tensor]:
+    def fn(m: Tensor) -> dict[str, Tensor]:
         sym = (m + m.mT) * 0.5
         e, q = torch.linalg.eigh(sym)
         return {"e": e.clamp_min(0.0), "Q": q}
@@ -152,7 +153,7 @@ def damped_inverse(matrix: Tensor, damping) -> Tensor:
 
     A stack of matrices (K x d x d) takes a float or a (K x 1 x 1) tensor of dampings. The
     exactly-zero rows/columns of a 2-D matrix are deflated (their block is ``I / damping``)."""
-    def fn(m: Tensor) -> Dict[str, Tensor]:
+    def fn(m: Tensor) -> dict[str, Tensor]:
         eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
         lam = damping.to(m.dtype) if isinstance(damping, Tensor) else damping
         damped = (m + m.mT) * 0.5 + lam * eye
@@ -179,8 +180,8 @@ def pi_correction(a_mean: float, g_mean: float) -> float:
     return math.sqrt(a_mean / g_mean)
 
 
-def eigen_decomposition(A: Tensor, G: Tensor, sa: "FactorStructure",
-                        sg: "FactorStructure") -> Dict[str, Tensor]:
+def eigen_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
+                        sg: FactorStructure) -> dict[str, Tensor]:
     """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time); a side
     without an eigenbasis (diagonal) has no ``Q`` entry. With both sides dense and A deflated
     (``support``) to at most half its size, ``A_support`` / ``A_support_Q`` are kept for the
@@ -195,8 +196,8 @@ def eigen_decomposition(A: Tensor, G: Tensor, sa: "FactorStructure",
     return {k: v for k, v in dec.items() if v is not None}
 
 
-def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStructure",
-                          sg: "FactorStructure") -> Dict[str, Tensor]:
+def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: FactorStructure,
+                          sg: FactorStructure) -> dict[str, Tensor]:
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
     root = math.sqrt(damping)
     if sa.groups > 1:  # grouped convolution: each group's own pi
@@ -216,7 +217,7 @@ def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStruc
 
 
 def precondition_eigen(grad: Tensor, dec: Mapping[str, Tensor], damping: float,
-                       sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
+                       sa: FactorStructure, sg: FactorStructure) -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
     if "A_support_Q" in dec:
         return _precondition_eigen_deflated(grad, dec, damping)
@@ -256,14 +257,14 @@ def _precondition_eigen_deflated(grad: Tensor, dec: Mapping[str, Tensor], dampin
 
 
 def precondition_eigen_rotated(rotated: Tensor, dec: Mapping[str, Tensor], damping: float,
-                               sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
+                               sa: FactorStructure, sg: FactorStructure) -> Tensor:
     """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
     rotated = rotated / (dec["eG"].unsqueeze(-1) * dec["eA"].unsqueeze(-2) + damping)
     return sa.right_unrotate(sg.left_unrotate(dec.get("QG"), rotated), dec.get("QA"))
 
 
-def precondition_inverse(grad: Tensor, dec: Mapping[str, Tensor], sa: "FactorStructure",
-                         sg: "FactorStructure") -> Tensor:
+def precondition_inverse(grad: Tensor, dec: Mapping[str, Tensor], sa: FactorStructure,
+                         sg: FactorStructure) -> Tensor:
     """``G_inv grad A_inv`` (with zero rows/columns Z of a dense A: ``A_inv[Z, Z] = I / d``, so the
     columns Z are ``G_inv grad[:, Z] / d`` and only ``A_inv[S, S]`` multiplies)."""
     if "A_support_inv" in dec:

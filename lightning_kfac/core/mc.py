@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - older torch: differentiate the tensor 
         return t
 
 
-def resolve_output_module(model: nn.Module, name: Optional[str]) -> nn.Module:
+def resolve_output_module(model: nn.Module, name: str | None) -> nn.Module:
     """The module whose forward output is the model output (``None``: the model itself)."""
     if name is None or name == "":
         return model
@@ -76,19 +76,19 @@ class MCFisher:
         self.output_name = config.output_module
         self.capture = capture
         module = resolve_output_module(model, config.output_module)
-        self._kept: List[Tuple[Route, Any, Optional[Tensor]]] = []
+        self._kept: list[tuple[Route, Any, Tensor | None]] = []
         self._output: Any = None
         self.calls = 0  # mc backward passes since the last finish_step()
         self.seed = (torch.initial_seed() + 1_000_003 * int(rank)) % (2 ** 63)
-        self.generator: Optional[torch.Generator] = None
-        self._pending_rng: Optional[Dict[str, Any]] = None
-        self._rng_mark: Optional[Dict[str, Any]] = None  # generator state before this step's draws
-        self._unfed: Set[str] = set()
+        self.generator: torch.Generator | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._rng_mark: dict[str, Any] | None = None  # generator state before this step's draws
+        self._unfed: set[str] = set()
         self._handle = module.register_forward_hook(self._on_output)
         capture.output_sink = self._keep
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _keep(self, route: Route, output: Tensor, a_rows: Optional[Tensor] = None) -> None:
+    def _keep(self, route: Route, output: Tensor, a_rows: Tensor | None = None) -> None:
         """Capture's ``output_sink``: remember the layer output's autograd edge (and EKFAC rows)."""
         self._kept.append((route, _edge(output), a_rows))
 
@@ -109,16 +109,16 @@ class MCFisher:
     def discard(self) -> None:
         self._kept, self._output = [], None
 
-    def captured(self) -> Tuple[Any, ...]:
+    def captured(self) -> tuple[Any, ...]:
         """What this step has kept so far (outputs, draws' mark, calls), for ``put_back``."""
         return self._kept, self._output, self.calls, self._rng_mark
 
-    def put_back(self, captured: Tuple[Any, ...]) -> None:
+    def put_back(self, captured: tuple[Any, ...]) -> None:
         """Restore what ``captured`` returned (a step retried on the same backward)."""
         self._kept, self._output, self.calls, self._rng_mark = captured
 
     # -- the extra backward --------------------------------------------------------------------
-    def backward(self, output: Optional[Tensor] = None, *, enumerate_classes: bool = False) -> None:
+    def backward(self, output: Tensor | None = None, *, enumerate_classes: bool = False) -> None:
         """Sample ``y~`` and add the per-example ``g g^T`` of ``-log p(y~|f)`` to every kept layer.
 
         ``enumerate_classes=True`` (categorical only) replaces sampling by the exact expectation:
@@ -135,7 +135,7 @@ class MCFisher:
         draws = self._enumerate(f) if enumerate_classes else [(y, None) for y in self._sample(f)]
         edges = [edge for _, edge, _ in kept]
         terms = self.loss_terms(f)
-        fed: Dict[str, bool] = {}
+        fed: dict[str, bool] = {}
         for y, weight in draws:
             nll = self.nll(f, y, weight)
             self.capture.sampling = True  # tensor hooks that fire now see sampled-loss grads
@@ -239,7 +239,7 @@ class MCFisher:
             noise = torch.randn((S, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
             return x + math.sqrt(self.variance) * noise
 
-    def _enumerate(self, f: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    def _enumerate(self, f: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every class c with per-row weights ``sqrt(C p(c|f_n))`` (see ``backward``)."""
         if self.likelihood != "categorical":
             raise ValueError(f"Invalid likelihood={self.likelihood!r} for enumerate_classes=True: "
@@ -250,7 +250,7 @@ class MCFisher:
         return [(torch.full((probs.shape[0],), c, dtype=torch.long, device=f.device),
                  (classes * probs[:, c]).sqrt()) for c in range(classes)]
 
-    def nll(self, f: Tensor, y: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    def nll(self, f: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
         """``sum over every row (and feature) of -log p(y|f)``, up to a constant.
 
         ``weight`` (categorical only): per-row multipliers of the terms (``enumerate_classes``).
@@ -264,7 +264,7 @@ class MCFisher:
             return F.binary_cross_entropy_with_logits(f, y.to(f.dtype), reduction="sum")
         return (f - y.to(f.dtype)).square().sum() / (2.0 * self.variance)
 
-    def loss_terms(self, f: Tensor) -> Optional[int]:
+    def loss_terms(self, f: Tensor) -> int | None:
         """How many terms the user's loss averages over for an output ``f`` (None: a sum).
 
         The sampled loss stands for the user's loss, reduced the way PyTorch's losses reduce with
@@ -283,7 +283,7 @@ class MCFisher:
             return numel // max(f.shape[-1], 1)
         return numel
 
-    def step_start_rng(self) -> Optional[Dict[str, Any]]:
+    def step_start_rng(self) -> dict[str, Any] | None:
         """The sampling generator's state before the current step's first draw (None: unused)."""
         if self._rng_mark is not None:
             return self._rng_mark
@@ -291,7 +291,7 @@ class MCFisher:
             return {"device": self.generator.device.type, "state": self.generator.get_state()}
         return self._pending_rng
 
-    def rewind(self, rng: Optional[Dict[str, Any]]) -> None:
+    def rewind(self, rng: dict[str, Any] | None) -> None:
         """Put the sampling generator back to ``rng`` (from ``step_start_rng``)."""
         self._rng_mark = None
         if rng is None and self.generator is None:
@@ -300,8 +300,8 @@ class MCFisher:
         self._pending_rng = rng
 
     # -- state -----------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"seed": self.seed}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"seed": self.seed}
         if self.generator is not None:
             state["rng"] = {"device": self.generator.device.type,
                             "state": self.generator.get_state()}
@@ -309,7 +309,7 @@ class MCFisher:
             state["rng"] = self._pending_rng
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state.get("seed", self.seed))
         self.generator = None
         self._pending_rng = state.get("rng")

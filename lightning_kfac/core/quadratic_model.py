@@ -34,8 +34,9 @@ not part of ``C``; give it as the optimizer's ``weight_decay`` instead, which en
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -117,14 +118,14 @@ class ExactProducts:
     """
 
     def __init__(self, model: nn.Module, output_module: nn.Module, closure: Callable[[], Any],
-                 before_each: Optional[Callable[[], None]] = None):
+                 before_each: Callable[[], None] | None = None):
         self.model = model
         self.output_module = output_module
         self.run = _Run(model, closure)
         self.before_each = before_each or (lambda: None)
 
     # -- J v --------------------------------------------------------------------------------------
-    def jvp(self, tangents: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    def jvp(self, tangents: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, f, J v)`` at the current parameters, ``v`` given by parameter name.
 
         Parameters without a tangent are constants. Runs under ``torch.no_grad`` (forward-mode
@@ -134,7 +135,7 @@ class ExactProducts:
         unknown = sorted(set(tangents) - set(params))
         if unknown:
             raise ValueError(f"Invalid tangents for {unknown}: not parameters of the model.")
-        outputs: List[Any] = []
+        outputs: list[Any] = []
         handle = self.output_module.register_forward_hook(lambda m, a, o: outputs.append(o))
         self.before_each()
         try:
@@ -153,7 +154,7 @@ class ExactProducts:
         return loss_primal.detach().clone(), f_primal.detach().clone(), f_tangent.detach().clone()
 
     # -- u^T H u' ----------------------------------------------------------------------------------
-    def output_hessian(self, f: Tensor, directions: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    def output_hessian(self, f: Tensor, directions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """``(g, H)`` with ``g_i = dL/df . u_i`` and ``H_ij = u_i^T (d^2 L / df^2) u_j``.
 
         Exact second derivatives of ``t -> L(f + sum_i t_i u_i)`` at ``t = 0`` (reverse over
@@ -187,7 +188,7 @@ class ExactProducts:
                         "output captured from the output module; set output_module to the "
                         "submodule whose output the loss is computed from.")
                 (g,) = torch.autograd.grad(loss, t, create_graph=True)
-                rows: List[Optional[Tensor]] = [None] * k  # linear in the output: no curvature
+                rows: list[Tensor | None] = [None] * k  # linear in the output: no curvature
                 if g.requires_grad:
                     rows = [torch.autograd.grad(g[i], t, retain_graph=i + 1 < k,
                                                 allow_unused=True)[0] for i in range(k)]
@@ -206,7 +207,7 @@ class ExactProducts:
         with torch.no_grad():
             return float(_loss_tensor(self.run()))
 
-    def _one_output(self, outputs: List[Any]) -> Tensor:
+    def _one_output(self, outputs: list[Any]) -> Tensor:
         if len(outputs) != 1:
             raise RuntimeError(_calls_message(len(outputs)))
         f = outputs[0]
@@ -236,7 +237,7 @@ def _loss_tensor(output: Any) -> Tensor:
     return output.reshape(())
 
 
-def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Optional[Sequence[float]] = None
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Sequence[float] | None = None
         ) -> float:
     """``sum_p w_p <x_p, y_p>`` in float64 (one host sync)."""
     if not xs:

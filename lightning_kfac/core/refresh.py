@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from lightning_kfac.core.linalg import DecompositionRetryWarning
 
@@ -40,12 +41,12 @@ class RefreshMonitor:
     def __init__(self, report_after: float = REPORT_AFTER_S):
         self.report_after = float(report_after)
         self.retries = 0  # float64 retries over the preconditioner's life
-        self.layer_seconds: Dict[str, float] = {}  # last decomposition time of each layer (wall)
-        self.layer_cpu_seconds: Dict[str, float] = {}  # the same, CPU time of this thread
+        self.layer_seconds: dict[str, float] = {}  # last decomposition time of each layer (wall)
+        self.layer_cpu_seconds: dict[str, float] = {}  # the same, CPU time of this thread
         self.last_refresh_seconds = 0.0
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self._step = 0
-        self._done: List[Tuple[str, float]] = []
+        self._done: list[tuple[str, float]] = []
         self._total = 0
         self._reported = False
 
@@ -54,7 +55,7 @@ class RefreshMonitor:
         self._start, self._step, self._total = time.perf_counter(), step, layers
         self._done, self._reported = [], False
 
-    def run(self, block: Any, fn: Callable[[Any], Dict]) -> Dict:
+    def run(self, block: Any, fn: Callable[[Any], dict]) -> dict:
         """``fn(block)`` with its retry warnings counted and logged, and its time recorded."""
         if self._start is None:
             self.begin(self._step, 1)
@@ -79,7 +80,7 @@ class RefreshMonitor:
                         "(slowest: %s, %.1f s)", self._step, len(self._done), total, name, slowest)
         self._start = None
 
-    def _finish_layer(self, block: Any, seconds: float, caught: List) -> None:
+    def _finish_layer(self, block: Any, seconds: float, caught: list) -> None:
         self.layer_seconds[block.name] = seconds
         self._done.append((block.name, seconds))
         for record in caught:

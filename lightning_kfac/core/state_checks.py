@@ -21,7 +21,8 @@ those from the restored factors, so changed options act from the first resumed s
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,13 +49,13 @@ def check_version(state: Mapping[str, Any]) -> None:
             "lightning_kfac? Load it with that release, or resume without its K-FAC state.")
 
 
-def decomposition_method(dec: Mapping[str, Tensor]) -> Optional[str]:
+def decomposition_method(dec: Mapping[str, Tensor]) -> str | None:
     """The ``compute_method`` a decomposition was built for, from its keys (None: empty)."""
     method = method_of_state(dec)
     return None if method is None else method.name
 
 
-def _expected_shapes(block: Any) -> Dict[str, Tuple[int, ...]]:
+def _expected_shapes(block: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of this run's factors and decomposition entries of ``block``.
 
     A factor is a matrix (d x d), its diagonal (d,) or a stack of matrices (k x d x d, one per
@@ -80,7 +81,7 @@ def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
         method_of_state(layer_state.get("decomposition") or {})  # its keys fit a known method
     except ValueError as err:
         raise ValueError(f"K-FAC state of layer {name!r}: {err}") from None
-    found: List[Tuple[str, Any]] = [(k, layer_state[k]) for k in ("A", "G") if k in layer_state]
+    found: list[tuple[str, Any]] = [(k, layer_state[k]) for k in ("A", "G") if k in layer_state]
     found += [(f"decomposition[{k!r}]", v) for k, v in
               (layer_state.get("decomposition") or {}).items()]
     for label, value in found:
@@ -98,7 +99,7 @@ def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
                 "since the state was saved?")
 
 
-def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
+def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``layer_state`` with every tensor in the dtype this run computes it in."""
     out = dict(layer_state)
     for key in ("A", "G"):
@@ -114,7 +115,7 @@ def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def stale_decompositions(blocks: Mapping[str, Any], config: Any,
-                         state: Mapping[str, Any]) -> Dict[str, str]:
+                         state: Mapping[str, Any]) -> dict[str, str]:
     """Layer name -> the changed option(s), for saved decompositions built under other options.
 
     ``blocks``: this run's name -> block; ``config``: this run's ``KFACConfig``.
@@ -130,7 +131,7 @@ def stale_decompositions(blocks: Mapping[str, Any], config: Any,
     changed_damping = [k for k in DAMPING_OPTIONS
                        if k in saved_config and saved_config[k] != current[k]]
     relative = str(config.damping_mode) == "relative"
-    stale: Dict[str, str] = {}
+    stale: dict[str, str] = {}
     for name, layer_state in (state.get("layers") or {}).items():
         dec = layer_state.get("decomposition") or {}
         block = blocks[name]

@@ -6,12 +6,10 @@ the interface; core/isotropic.py is the smallest example) and one line in ``STRU
 
 from __future__ import annotations
 
-from typing import Dict, Type
-
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor, FactorStructure
 from lightning_kfac.core.isotropic import IsotropicFactor
 
-STRUCTURES: Dict[str, Type[FactorStructure]] = {
+STRUCTURES: dict[str, type[FactorStructure]] = {
     DenseFactor.name: DenseFactor,
     DiagonalFactor.name: DiagonalFactor,
     IsotropicFactor.name: IsotropicFactor,

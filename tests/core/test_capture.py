@@ -1,7 +1,7 @@
 """The one capture hook (core/capture.py): the rows a tap receives are the layer's ``a`` and,
 scaled by ``output_grad_scale``, the per-example ``g_n = dl_n/ds_n`` of a float64 brute force."""
 
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,14 +16,14 @@ class _Recorder:
 
     def __init__(self, kind, want: bool = True):
         self.kind, self.want = kind, want
-        self.a: List[Tuple[Tensor, int]] = []
-        self.g: List[Tuple[Tensor, int, int]] = []
+        self.a: list[tuple[Tensor, int]] = []
+        self.g: list[tuple[Tensor, int, int]] = []
 
     def wants(self, module: nn.Module) -> bool:
         return self.want
 
     def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> Optional[Callable[[Tensor], None]]:
+                   output: Tensor) -> Callable[[Tensor], None] | None:
         self.a.append((rows, divisor))
         return lambda grad: self.g.append(self.kind.grad_rows(grad))
 

@@ -24,11 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from lightning_kfac import KFACCoverageWarning
-
-from lightning_kfac import KFACPreconditioner
-
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACCoverageWarning, KFACPreconditioner
 from tests.support.lightning import loader, make_dataset, make_trainer
 
 EVERY = dict(factor_update_steps=1, inv_update_steps=1)
@@ -127,7 +123,7 @@ def test_no_output_gradient_warns_at_the_end_of_the_first_interval():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=3)
     messages = []
-    for t in range(4):
+    for _t in range(4):
         x = torch.randn(8, 4)
         hidden = model[0](x)
         loss = model[1](hidden.detach()).square().mean()

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core import damping as dmp
 from tests.support import dense as D
 
@@ -337,8 +335,8 @@ def test_relative_damping_is_invariant_to_averaging_over_pixels():
     lam, lr = 1e-3, 0.02
     ref = {}
     for mode in ("relative", "absolute"):
-        m_mean, pre_mean, p_mean = _autoencoder_run("mean", mode, lam, lr)
-        m_sum, pre_sum, p_sum = _autoencoder_run("sum", mode, lam, lr * PIXELS)
+        m_mean, _pre_mean, p_mean = _autoencoder_run("mean", mode, lam, lr)
+        m_sum, _pre_sum, p_sum = _autoencoder_run("sum", mode, lam, lr * PIXELS)
         G_mean, G_sum = p_mean.pop("G"), p_sum.pop("G")  # after the first step
         assert D.rel_err(G_mean * PIXELS ** 2, G_sum) <= 1e-10  # the scale the test is about
         ref[mode] = (max(D.rel_err(p_mean[n], PIXELS * p_sum[n]) for n in p_mean),
@@ -384,7 +382,7 @@ ADAPTIVE = dict(damping=1e-2, adaptive_damping=True, adaptive_damping_interval=2
 def test_callback_adaptive_damping_equals_hand_loop(tmp_path):
     """Trainer.fit == zero_grad; backward; pre.step; opt.step; pre.update_damping(loss, closure)
     on the same batches: same damping after every step and bit-identical parameters."""
-    pl, S = _lightning()
+    _pl, S = _lightning()
     from lightning_kfac import KFACCallback
 
     data = S.loader(S.make_dataset(8 * 8), batch_size=8)
@@ -445,8 +443,9 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
 
 
 def test_callback_adaptive_damping_refuses_manual_optimization(tmp_path):
-    pl, S = _lightning()
+    _pl, S = _lightning()
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
     from lightning_kfac import KFACCallback
 
     class Manual(S.MLP):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import List
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from tests.support import dense as D
 DT = torch.float64
 
 
-def _psd_with_zero_rows(n: int, zero: List[int], rank: int, seed: int,
+def _psd_with_zero_rows(n: int, zero: list[int], rank: int, seed: int,
                         diagonal: float = 0.0) -> Tensor:
     """Rows/columns ``zero`` are zero, or zero off the diagonal with ``diagonal`` there (an
     identity-blended factor)."""
@@ -71,7 +70,7 @@ def test_deflated_damped_inverse_equals_the_dense_inverse() -> None:
 @pytest.mark.parametrize("diagonal", [0.0, 0.3], ids=["zero", "identity-blend"])
 @pytest.mark.parametrize("zero", [[0, 2, 5, 6], [3]], ids=["support-block", "dense-Q"])
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_deflated_preconditioning_equals_the_dense_solve(method: str, zero: List[int],
+def test_deflated_preconditioning_equals_the_dense_solve(method: str, zero: list[int],
                                                          diagonal: float) -> None:
     """Half of A decoupled: the support-block path; one such row: the dense Q_A / A_inv path."""
     A = _psd_with_zero_rows(8, zero, rank=3, seed=3, diagonal=diagonal)
@@ -124,7 +123,7 @@ def test_engine_on_padding_only_taps_equals_dense_reference(method: str) -> None
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
-        self.messages: List[str] = []
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())

@@ -29,7 +29,7 @@ WORLD = 2
 def spawn(target, args, world: int = WORLD, timeout: float = TIMEOUT) -> None:
     """Run ``target(rank, *args)`` in ``world`` spawned processes; fail on error or hang."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(rank,) + tuple(args), daemon=True)
+    procs = [ctx.Process(target=target, args=(rank, *args), daemon=True)
              for rank in range(world)]
     for p in procs:
         p.start()

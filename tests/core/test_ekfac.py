@@ -10,16 +10,22 @@ are unique up to sign, and squares do not see the sign).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.support.dense import (brute_factors, grad_matrix, linear_rows, per_example_grads,
-                                 record, rel_err, unvec, vec)
+from tests.support.dense import (
+    brute_factors,
+    grad_matrix,
+    linear_rows,
+    per_example_grads,
+    record,
+    rel_err,
+    unvec,
+    vec,
+)
 
 DT = torch.float64
 DAMPING = 1e-2
@@ -131,7 +137,7 @@ def test_running_average_between_refreshes() -> None:
     decay = 0.5
     pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=decay, damping=DAMPING,
                              factor_update_steps=1, inv_update_steps=3)
-    expected: Dict[str, Tensor] = {}
+    expected: dict[str, Tensor] = {}
     for t in range(5):
         x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
         per = {n: _per_example(model, x, y, n, o) for n, o in (("0", 5), ("2", 3))}
@@ -156,7 +162,7 @@ def test_off_clock_refresh_at_end_of_warmup_rotates_in_the_new_basis() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, warmup_steps=2,
                              factor_update_steps=1, inv_update_steps=10)
-    for t in range(3):
+    for _t in range(3):
         x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
         per = {n: _per_example(model, x, y, n, o) for n, o in (("0", 5), ("2", 3))}
         model.zero_grad()
@@ -317,7 +323,7 @@ class _SeqNet(nn.Module):
         return self.head(torch.tanh(self.inner(x))).mean(1)
 
 
-def _seq_position_grads(model: _SeqNet, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+def _seq_position_grads(model: _SeqNet, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Per-position ``dW~_r = g_r a_r^T`` of both layers, with g = (B T) x autograd's gradient.
 
     Every position r is one term of the loss seen per row, so its gradient is the row's
@@ -361,7 +367,7 @@ def test_scaling_after_refresh_is_the_new_basis_second_moment_with_default_decay
     pre = KFACPreconditioner(model, compute_method="ekfac", damping=DAMPING,
                              factor_update_steps=1, inv_update_steps=3)
     assert pre.config.factor_decay == 0.95
-    expected: Dict[str, Tensor] = {}
+    expected: dict[str, Tensor] = {}
     for t in range(5):
         x = make_x()
         y = torch.randint(0, 3, (x.shape[0],))

@@ -9,8 +9,6 @@ factored-Tikhonov formula (inverse: M&G 2015, sec. 6.3), computed from ``tests/s
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,8 +37,8 @@ def _ce(reduction: str = "mean"):
     return loss
 
 
-def one_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn, names: List[str], optimizer=None,
-             **options) -> Tuple[object, Dict[str, Tuple[Tensor, Tensor]], Dict[str, Tensor]]:
+def one_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn, names: list[str], optimizer=None,
+             **options) -> tuple[object, dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
     """Build a preconditioner (factors and decompositions refreshed this step), run one
     forward/backward/``pre.step()``; return it, the brute-force factors and the raw ``grad W~``."""
     opts = dict(factor_update_steps=1, inv_update_steps=1, factor_decay=0.5, kl_clip=None)
@@ -55,7 +53,7 @@ def one_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn, names: List[str], 
     return pre, brute, raw
 
 
-def check_factors(pre, brute: Dict[str, Tuple[Tensor, Tensor]]) -> None:
+def check_factors(pre, brute: dict[str, tuple[Tensor, Tensor]]) -> None:
     factors = pre.factors()
     assert set(brute) <= set(factors), f"missing layers: {set(brute) - set(factors)}"
     for name, (A_ref, G_ref) in brute.items():
@@ -65,7 +63,7 @@ def check_factors(pre, brute: Dict[str, Tuple[Tensor, Tensor]]) -> None:
         assert D.rel_err(G, G_ref) <= FACTOR_TOL, (name, "G", D.rel_err(G, G_ref))
 
 
-def check_preconditioned(pre, model: nn.Module, raw: Dict[str, Tensor], damping: float,
+def check_preconditioned(pre, model: nn.Module, raw: dict[str, Tensor], damping: float,
                          method: str = "eigen", scale: float = 1.0) -> None:
     modules = dict(model.named_modules())
     factors = pre.factors()
@@ -219,7 +217,7 @@ def test_kl_clip_equals_formula(kl_clip: float) -> None:
                            {"params": model[2].parameters(), "lr": lrs["2"]}])
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     damping = 0.02
-    pre, brute, raw = one_step(model, x, y, F.cross_entropy, ["0", "2"], optimizer=opt,
+    pre, _brute, raw = one_step(model, x, y, F.cross_entropy, ["0", "2"], optimizer=opt,
                                damping=damping, kl_clip=kl_clip)
     factors = pre.factors()
     P = {n: D.eigen_precondition(*factors[n], raw[n], damping) for n in raw}

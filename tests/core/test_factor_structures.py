@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor
 from tests.support import dense as D
-from lightning_kfac import KFACPreconditioner
 
 DT = torch.float64
 DAMPING = 1e-2

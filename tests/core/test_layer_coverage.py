@@ -270,7 +270,7 @@ def conv_patches_nd(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for loc in itertools.product(*[range(o) for o in sizes]):
         window = tuple(slice(loc[i] * s[i], loc[i] * s[i] + dil[i] * (k[i] - 1) + 1, dil[i])
                        for i in range(nd))
-        patches.append(xp[(slice(None), slice(None)) + window].reshape(x.shape[0], -1))
+        patches.append(xp[(slice(None), slice(None), *window)].reshape(x.shape[0], -1))
     return torch.stack(patches, 1)
 
 

@@ -22,8 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import lightning_kfac
-from lightning_kfac import LayerKind, register_layer, unregister_layer
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner, LayerKind, register_layer, unregister_layer
 from tests.support import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, factor_decay=0.5)

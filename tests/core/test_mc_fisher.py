@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import io
-from typing import Dict, List
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ def _mlp(out: int = 3, inplace: bool = True) -> nn.Sequential:
                          nn.Linear(5, out)).to(DT)
 
 
-def _tails(model: nn.Sequential) -> Dict[str, object]:
+def _tails(model: nn.Sequential) -> dict[str, object]:
     """Functional maps from each Linear's output to the model output (no in-place ops)."""
     l2, l4 = model[2], model[4]
     return {
@@ -44,7 +43,7 @@ def _tails(model: nn.Sequential) -> Dict[str, object]:
     }
 
 
-def _layer_outputs(model: nn.Sequential, x: Tensor) -> Dict[str, Tensor]:
+def _layer_outputs(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
     with torch.no_grad():
         s0 = model[0](x)
         s2 = model[2](torch.relu(s0))
@@ -52,7 +51,7 @@ def _layer_outputs(model: nn.Sequential, x: Tensor) -> Dict[str, Tensor]:
     return {"0": s0, "2": s2, "4": s4}
 
 
-def _exact_fisher_G(model: nn.Sequential, x: Tensor) -> Dict[str, Tensor]:
+def _exact_fisher_G(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
     """``(1/N) sum_n sum_c p_nc J_n[c] J_n[c]^T``, J_n = d log softmax(tail(s_n)) / d s_n."""
     outs, tails = _layer_outputs(model, x), _tails(model)
     probs = torch.softmax(outs["4"], -1)
@@ -79,7 +78,7 @@ def test_enumerated_classes_give_the_exact_fisher_factors() -> None:
     _factor_step(pre, model, x, enumerate_classes=True)
     exact = _exact_fisher_G(model, x)
     a = torch.cat([x, torch.ones(7, 1, dtype=DT)], 1)
-    for name, (A, G) in pre.factors().items():
+    for name, (_A, G) in pre.factors().items():
         assert torch.allclose(G, exact[name], rtol=1e-10, atol=1e-14), name
     assert torch.allclose(pre.factors()["0"][0], a.T @ a / 7, rtol=1e-12)
     # Last layer in closed form: g = p - e_c, so E_c[g g^T] = diag(p) - p p^T.
@@ -103,12 +102,12 @@ def test_micro_batches_merge_into_the_full_batch_estimate() -> None:
         assert torch.allclose(A, A2, rtol=1e-12) and torch.allclose(G, G2, rtol=1e-12), name
 
 
-def _sampled_estimates(model: nn.Module, x: Tensor, k: int, **options) -> Dict[str, Tensor]:
+def _sampled_estimates(model: nn.Module, x: Tensor, k: int, **options) -> dict[str, Tensor]:
     """K independent single-sample G estimates per layer (factor_decay=0: G = this step's G^)."""
     torch.manual_seed(1234)
     pre = KFACPreconditioner(model, fisher_type="mc", factor_decay=0.0, factor_update_steps=1,
                              inv_update_steps=10 ** 6, **options)
-    runs: Dict[str, List[Tensor]] = {}
+    runs: dict[str, list[Tensor]] = {}
     for _ in range(k):
         _factor_step(pre, model, x)
         for name, (_, G) in pre.factors().items():
@@ -369,10 +368,18 @@ def test_digits_mc_fisher_beats_sgd() -> None:
 
 # -- through Lightning (KFACCallback calls pre.mc_backward() in on_before_backward) -------------
 pl = pytest.importorskip("pytorch_lightning", reason="the callback tests need pytorch_lightning")
-from lightning_kfac import KFACCallback  # noqa: E402
-from tests.support.lightning import (MLP, assert_factors_equal, assert_params_equal,  # noqa: E402
-                                         clone_module, loader, make_dataset, make_trainer)
 from torch.utils.data import TensorDataset  # noqa: E402
+
+from lightning_kfac import KFACCallback  # noqa: E402
+from tests.support.lightning import (  # noqa: E402
+    MLP,
+    assert_factors_equal,
+    assert_params_equal,
+    clone_module,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
 

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core.discovery import layer_settings
 from tests.support import dense as D
 
@@ -145,7 +143,7 @@ def test_skip_override_leaves_the_layer_raw_and_listed():
     assert [(s.name, s.reason) for s in pre.skipped] == [("2", "layer_overrides: compute_method=skip")]
     assert "skipped: layer_overrides: compute_method=skip" in pre.summary()
     records = _train(model, pre, _batches(2))
-    for brute, raw, after in records:
+    for _brute, raw, after in records:
         assert torch.equal(raw["2"], after["2"])
         assert not torch.equal(raw["0"], after["0"])
     assert set(pre.factors()) == {"0"}

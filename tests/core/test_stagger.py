@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core import stagger
 from tests.support import dense as D
 

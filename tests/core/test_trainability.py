@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import BackboneFinetuning, Callback
 from torch import nn
 
-from lightning_kfac import KFACPreconditioner
-
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACPreconditioner
 from tests.support import dense as D
 from tests.support.lightning import loader, make_dataset, make_trainer
 
@@ -127,7 +125,7 @@ def test_requires_grad_mid_fit_preconditioned_from_next_factor_update():
     model[0].requires_grad_(False)
     pre = KFACPreconditioner(model, factor_update_steps=2, inv_update_steps=50, kl_clip=None,
                              damping=DAMPING)
-    assert "frozen (for now)" in [l for l in pre.summary().splitlines() if l.startswith("0 ")][0]
+    assert "frozen (for now)" in next(l for l in pre.summary().splitlines() if l.startswith("0 "))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for t in range(3):
         _step(model, pre, opt, t)

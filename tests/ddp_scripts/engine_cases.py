@@ -14,7 +14,7 @@ Faults: ``"nan"`` poisons one layer's accumulated ``a a^T`` on rank 1 only at st
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ class FaultyPreconditioner(KFACPreconditioner):
         return super()._decompose(block)
 
 
-def _train(model: nn.Module, pre: KFACPreconditioner, data, fault: Optional[str],
+def _train(model: nn.Module, pre: KFACPreconditioner, data, fault: str | None,
            poison: bool, fail: bool) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     pre.optimizer = opt
@@ -69,7 +69,7 @@ def _train(model: nn.Module, pre: KFACPreconditioner, data, fault: Optional[str]
         opt.step()
 
 
-def _snapshot(model: nn.Module, pre: KFACPreconditioner) -> Dict[str, Any]:
+def _snapshot(model: nn.Module, pre: KFACPreconditioner) -> dict[str, Any]:
     state = pre.state_dict()
     return {
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -80,7 +80,7 @@ def _snapshot(model: nn.Module, pre: KFACPreconditioner) -> Dict[str, Any]:
     }
 
 
-def run_case(mode: str, fault: Optional[str] = None, transport: str = "broadcast") -> Dict[str, Any]:
+def run_case(mode: str, fault: str | None = None, transport: str = "broadcast") -> dict[str, Any]:
     """One 2-rank run in an initialized process group; returns this rank's snapshot."""
     import torch.distributed as dist
 
@@ -99,7 +99,7 @@ def run_case(mode: str, fault: Optional[str] = None, transport: str = "broadcast
     return out
 
 
-def reference(fault: Optional[str] = None) -> Dict[str, Any]:
+def reference(fault: str | None = None) -> dict[str, Any]:
     """Single process on the concatenation of both ranks' batches (same faults, applied once)."""
     model = make_model()
     pre = FaultyPreconditioner(model, **OPTIONS)

@@ -8,7 +8,7 @@ concatenation of both batches (mean loss): the same steps and the same damping.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ OPTIONS = dict(step_rule="quadratic", damping=0.1, adaptive_damping=True,
                kl_clip=None, low_rank=False)
 
 
-def _train(model: nn.Module, wrapped: nn.Module, data) -> Dict[str, Any]:
+def _train(model: nn.Module, wrapped: nn.Module, data) -> dict[str, Any]:
     pre = KFACPreconditioner(wrapped, **OPTIONS)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     alphas = []
@@ -38,7 +38,7 @@ def _train(model: nn.Module, wrapped: nn.Module, data) -> Dict[str, Any]:
             "damping": pre.damping, "alphas": alphas}
 
 
-def reference() -> Dict[str, Any]:
+def reference() -> dict[str, Any]:
     model = make_model()
 
     def data(step):

@@ -8,12 +8,12 @@ a finite spike (a float multiplier), so faults reach the real engine through rea
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-Fault = Optional[Union[str, float]]
+Fault = Optional[str | float]
 
 
 def _corrupt(x: Tensor, fault: Fault) -> Tensor:
@@ -76,8 +76,8 @@ def small_cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequentia
     ])).to(dtype)
 
 
-def batch(t: int, n: int = 16, shape: Tuple[int, ...] = (6,), classes: int = 3,
-          dtype: torch.dtype = torch.float32, seed: int = 0) -> Tuple[Tensor, Tensor]:
+def batch(t: int, n: int = 16, shape: tuple[int, ...] = (6,), classes: int = 3,
+          dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[Tensor, Tensor]:
     """The batch of step ``t``: a pure function of (seed, t), so replays are bit-identical."""
     gen = torch.Generator().manual_seed(10_000 * seed + t)
     return (torch.randn(n, *shape, generator=gen, dtype=dtype),
@@ -92,5 +92,5 @@ def factors_finite(pre) -> bool:
     return all_finite([t for a_g in pre.factors().values() for t in a_g])
 
 
-def snapshot(pre) -> Dict[str, Tuple[Tensor, Tensor]]:
+def snapshot(pre) -> dict[str, tuple[Tensor, Tensor]]:
     return pre.factors()

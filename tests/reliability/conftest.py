@@ -7,7 +7,7 @@ the rows as one table under ``make reliability``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -19,13 +19,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
-from tests.support import dense as D
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from tests.reliability.common import all_finite, batch, factors_finite
+from tests.support import dense as D
 
 pytestmark = pytest.mark.reliability
 

@@ -17,7 +17,7 @@ import enum
 import os
 import warnings
 from collections import Counter
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import torch
@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 
 pytestmark = pytest.mark.reliability
@@ -70,7 +68,7 @@ def _names_an_option(err: ValueError, changed) -> bool:
     return any(name in message for name in changed)
 
 
-def _train(options: Dict[str, Any], steps: int = 3) -> str:
+def _train(options: dict[str, Any], steps: int = 3) -> str:
     """Build the config and the engine, train; return an outcome, raise on a crash."""
     model = mlp()
     try:
@@ -128,15 +126,15 @@ def test_one_option_arbitrary_value(reliability_row) -> None:
     assert stats["rejected"] > 0 and stats["trained"] > 0, stats
 
 
-def _valid_strategies() -> Dict[str, st.SearchStrategy]:
+def _valid_strategies() -> dict[str, st.SearchStrategy]:
     """A valid value for every option (the ranges KFACConfig documents)."""
     damping = st.floats(1e-6, 10.0)
-    override = st.fixed_dictionaries({"regex": st.sampled_from(LAYERS + ["Linear"])},
+    override = st.fixed_dictionaries({"regex": st.sampled_from([*LAYERS, "Linear"])},
                                      optional={"damping": damping,
                                                "factor_update_steps": st.integers(1, 3),
                                                "inv_update_steps": st.integers(1, 3),
                                                "compute_method": st.sampled_from(
-                                                   _enum_values("compute_method") + ["skip"])})
+                                                   [*_enum_values("compute_method"), "skip"])})
     return {
         "damping": damping,
         "factor_update_steps": st.integers(1, 3),
@@ -179,7 +177,7 @@ DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_dam
 
 
 def valid_options() -> st.SearchStrategy:
-    def build(d: Dict[str, Any]) -> Dict[str, Any]:
+    def build(d: dict[str, Any]) -> dict[str, Any]:
         d["inv_update_steps"] *= d["factor_update_steps"]
         if d.get("adaptive_damping"):
             d["damping_schedule"], d["loss_reduction"] = "constant", "mean"

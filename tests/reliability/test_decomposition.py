@@ -11,15 +11,15 @@ names the layer and suggests a damping.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, List
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_kfac import KFACPreconditioner
-from tests.support import dense as D
 from tests.reliability.common import all_finite, batch, mlp
+from tests.support import dense as D
 
 pytestmark = pytest.mark.reliability
 
@@ -27,7 +27,7 @@ TARGET_DIM = 7  # fc0's A factor (6 inputs + bias) is the only 7 x 7 matrix of t
 DAMPING = 1e-2
 
 
-def _faulty(real: Callable, mode: str, when: Callable[[torch.Tensor], bool], log: List):
+def _faulty(real: Callable, mode: str, when: Callable[[torch.Tensor], bool], log: list):
     """Wrap ``real`` so that it raises or returns NaN for matrices where ``when(m)`` holds."""
     def fake(m, *args, **kwargs):
         log.append((m.shape[0], m.dtype))
@@ -55,7 +55,7 @@ def test_float32_failure_rescued_by_float64_retry(mode, monkeypatch, reliability
     model = mlp()  # float32 model: factors are float32, so the retry is a real dtype change
     pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=DAMPING)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    log: List = []
+    log: list = []
     real = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh",
                         _faulty(real, mode, lambda m: m.dtype == torch.float32, log))
@@ -92,7 +92,7 @@ def test_failures_keep_previous_decomposition_then_recover(method, mode, monkeyp
     name = "eigh" if method == "eigen" else "cholesky_ex"
     real = getattr(torch.linalg, name)
     clock = {"t": 0}
-    log: List = []
+    log: list = []
     monkeypatch.setattr(torch.linalg, name,
                         _faulty(real, mode, lambda m: clock["t"] in fail_steps, log))
     if method == "inverse":  # the LU fallback of a failed Cholesky must fail as well
@@ -141,7 +141,7 @@ def test_repeated_failures_raise_naming_the_layer(method, monkeypatch, reliabili
                              compute_method=method, max_decomposition_failures=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     _step(model, pre, opt, 0)
-    log: List = []
+    log: list = []
     name = "eigh" if method == "eigen" else "cholesky_ex"
     monkeypatch.setattr(torch.linalg, name,
                         _faulty(getattr(torch.linalg, name), "raise", lambda m: True, log))
@@ -152,7 +152,7 @@ def test_repeated_failures_raise_naming_the_layer(method, monkeypatch, reliabili
         warnings.simplefilter("ignore", RuntimeWarning)
         _step(model, pre, opt, 1)
         _step(model, pre, opt, 2)
-        with pytest.raises(RuntimeError, match=r"layer 'fc0' failed 3 times .* damping") as err:
+        with pytest.raises(RuntimeError, match=r"layer 'fc0' failed 3 times .* damping"):
             _step(model, pre, opt, 3)
     assert pre.counters["decomposition_failures"] == 3
     reliability_row("decomposition failure", 1, 1,

@@ -14,7 +14,7 @@ checked on the strategy objects (``check_strategy`` is what ``on_fit_start`` run
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -23,13 +23,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac import KFACCallback
+from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac.summary import predicted_memory_bytes
 from tests.reliability.test_memory import held_bytes
 from tests.reliability.test_resume import mismatches
-from tests.support.lightning import (MLP, Recorder, count_hooks, loader, make_dataset,
-                                         make_trainer)
+from tests.support.lightning import MLP, Recorder, count_hooks, loader, make_dataset, make_trainer
 
 pytestmark = [pytest.mark.reliability,
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -39,7 +38,7 @@ CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2)
 LAYERS = {"net.0", "net.2"}
 
 
-def _per_module_hooks(module) -> Dict[str, int]:
+def _per_module_hooks(module) -> dict[str, int]:
     return {n: len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
             for n, m in module.named_modules()}
 
@@ -56,7 +55,7 @@ def test_fit_twice_no_leak(tmp_path, reliability_row) -> None:
     model = MLP()
     callback = KFACCallback(**CLOCKS)
     during = Recorder(lambda trainer, module: _per_module_hooks(module))
-    events: List[str] = []
+    events: list[str] = []
     leaked = 0
 
     def after(event: str, target) -> None:
@@ -115,7 +114,7 @@ def test_eval_is_silent(tmp_path, reliability_row) -> None:
     quiet, noisy = Quiet(), Noisy()
     cb_quiet, cb_noisy = KFACCallback(**CLOCKS), KFACCallback(**CLOCKS)
     make_trainer(tmp_path, max_steps=6, callbacks=[cb_quiet]).fit(quiet, loader(data, 8))
-    in_val: List[int] = []
+    in_val: list[int] = []
 
     class ValProbe(pl.Callback):
         def on_validation_start(self, trainer, module):
@@ -171,7 +170,7 @@ class WithLBFGS(MLP):
         return torch.optim.LBFGS(self.parameters(), lr=0.1)
 
 
-def _cells(tmp_path) -> Dict[str, Callable[[], None]]:
+def _cells(tmp_path) -> dict[str, Callable[[], None]]:
     data = make_dataset(4 * 8)
 
     def fast_dev_run():

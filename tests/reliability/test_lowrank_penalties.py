@@ -14,7 +14,6 @@ does (the symptom: the penalty was dropped).
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -45,7 +44,7 @@ def _loss(model: nn.Module, x: Tensor, lam: float) -> Tensor:
     return loss
 
 
-def _state() -> Tuple[nn.Module, dict]:
+def _state() -> tuple[nn.Module, dict]:
     """Three steps on the full path (factor every step, decompose every 2): a fixed state."""
     model = _model()
     pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=2, damping=1e-3,
@@ -66,7 +65,7 @@ def _precondition(base: nn.Module, state: dict, lam: float, low_rank: bool):
     pre = KFACPreconditioner(model, factor_update_steps=1000, inv_update_steps=1000,
                              damping=1e-3, kl_clip=None, low_rank=low_rank)
     pre.load_state_dict(state)
-    rows: Dict[str, List[Tensor]] = {}
+    rows: dict[str, list[Tensor]] = {}
     hooks = []
     for name in LAYERS:
         def forward_hook(module, args, out, name=name):
@@ -84,7 +83,7 @@ def _precondition(base: nn.Module, state: dict, lam: float, low_rank: bool):
     return grads, rows, pre.counters.get("low_rank_steps", 0)
 
 
-def _above_rounding(base: nn.Module, rows: Dict[str, List[Tensor]], lam: float) -> Dict[str, bool]:
+def _above_rounding(base: nn.Module, rows: dict[str, list[Tensor]], lam: float) -> dict[str, bool]:
     """Per layer: does some entry of the penalty's gradient exceed the float32 rounding bound?"""
     eps = torch.finfo(torch.float32).eps
     out = {}

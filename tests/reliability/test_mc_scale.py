@@ -17,7 +17,6 @@ update, ``factor_decay=0``, so each step's G is that batch's estimate), and
 from __future__ import annotations
 
 import math
-from typing import Dict, List
 
 import pytest
 import torch
@@ -37,7 +36,7 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, C)).to(DT)
 
 
-def _traces(likelihood: str, fisher: str) -> Dict[str, Tensor]:
+def _traces(likelihood: str, fisher: str) -> dict[str, Tensor]:
     model = _model()
     x = torch.randn(N, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
     loss_fn = nn.BCEWithLogitsLoss() if likelihood == "bernoulli" else nn.MSELoss()
@@ -46,7 +45,7 @@ def _traces(likelihood: str, fisher: str) -> Dict[str, Tensor]:
                              gaussian_variance=VAR, factor_decay=0.0, factor_update_steps=1,
                              inv_update_steps=10 ** 6, kl_clip=None)
     gen = torch.Generator().manual_seed(7)
-    traces: Dict[str, List[float]] = {}
+    traces: dict[str, list[float]] = {}
     for _ in range(K):
         model.zero_grad()
         f = model(x)

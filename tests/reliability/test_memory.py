@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import types
 import warnings
-from typing import Dict, Iterator, Set
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,10 +28,10 @@ from tests.reliability.common import batch, small_cnn
 pytestmark = pytest.mark.reliability
 
 
-def engine_tensors(pre) -> Dict[int, Tensor]:
+def engine_tensors(pre) -> dict[int, Tensor]:
     """Tensors reachable from the engine object, not through the model or the optimizer."""
-    seen: Set[int] = set()
-    found: Dict[int, Tensor] = {}
+    seen: set[int] = set()
+    found: dict[int, Tensor] = {}
     stack = [pre]
     while stack:
         obj = stack.pop()

@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Dict, List, Set
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_kfac import KFACPreconditioner
-from tests.support import dense as D
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
+from tests.support import dense as D
 
 pytestmark = pytest.mark.reliability
 
 DECAY = 0.9
 
 
-def _expected_skips(model, store, scale: float) -> Set[str]:
+def _expected_skips(model, store, scale: float) -> set[str]:
     """Layers whose brute-force batch estimate (docs/conventions.md definitions) is not finite."""
     brute = D.brute_factors(model, store)
     return {n for n, (a, g) in brute.items() if not all_finite([a, g / scale**2])}
 
 
-def _check_update(pre, before, after, brute, skipped: Set[str], scale: float) -> bool:
+def _check_update(pre, before, after, brute, skipped: set[str], scale: float) -> bool:
     """Skipped layers bit-identical; the others follow the running-average formula."""
     ok = True
     for name in LAYERS:
@@ -49,7 +48,7 @@ def _check_update(pre, before, after, brute, skipped: Set[str], scale: float) ->
     return ok
 
 
-def _warnings_per_layer(records, fragment: str) -> Dict[str, int]:
+def _warnings_per_layer(records, fragment: str) -> dict[str, int]:
     return {n: sum(fragment in str(w.message) and f"layer {n!r}" in str(w.message)
                    for w in records) for n in LAYERS}
 
@@ -68,7 +67,7 @@ def test_random_nan_inf_faults_skip_updates_warn_once(reliability_row) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     survived, skipped_updates = 0, 0
-    faulty_layers: Set[str] = set()
+    faulty_layers: set[str] = set()
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         for t in range(steps):

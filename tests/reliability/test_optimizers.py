@@ -13,7 +13,7 @@ LR schedulers attach to the inner optimizer (``torch.optim.lr_scheduler`` accept
 from __future__ import annotations
 
 import io
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.reliability
 KL_CLIP = 1e-3
 
 
-def _data() -> Tuple[torch.Tensor, torch.Tensor]:
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(128, 6, generator=gen)
     teacher = torch.randn(6, 3, generator=gen)
@@ -39,7 +39,7 @@ def _groups(model, lrs=(0.1, 0.02)):
             {"params": list(model.fc2.parameters()), "lr": lrs[1]}]
 
 
-OPTIMIZERS: Dict[str, Callable] = {
+OPTIMIZERS: dict[str, Callable] = {
     "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
     "SGD+Nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
                                               nesterov=True),
@@ -84,13 +84,13 @@ def _state(model, opt, scheduler) -> dict:
             "sched": scheduler.state_dict() if scheduler is not None else {}}
 
 
-def _check_optimizer(name: str) -> List[str]:
+def _check_optimizer(name: str) -> list[str]:
     """Run the checks for one optimizer; return the list of what failed."""
-    problems: List[str] = []
+    problems: list[str] = []
     model, inner, scheduler, pre, opt = _make(name)
     params = list(model.parameters())
-    raw: List[torch.Tensor] = []
-    kl_errors: List[float] = []
+    raw: list[torch.Tensor] = []
+    kl_errors: list[float] = []
 
     def record(_):
         raw[:] = [p.grad.detach().double().clone() for p in params]
@@ -131,7 +131,7 @@ def _check_optimizer(name: str) -> List[str]:
     _train(model, opt, scheduler, 30, 35)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    model2, inner2, scheduler2, pre2, opt2 = _make(name)
+    model2, _inner2, scheduler2, _pre2, opt2 = _make(name)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     if scheduler2 is not None:

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import List, Tuple
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from lightning_kfac import KFACCallback
-from tests.support.lightning import (MLP, assert_factors_equal, assert_params_equal,
-                                         hand_loop, loader, make_dataset, make_trainer)
+from tests.support.lightning import (
+    MLP,
+    assert_factors_equal,
+    assert_params_equal,
+    hand_loop,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 pytestmark = [pytest.mark.reliability,
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -31,7 +37,7 @@ CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2, kl_clip=1
 LAYERS = 2  # MLP: net.0, net.2
 
 
-def _checkpoint(tmp_path, steps: int, callbacks) -> Tuple[str, MLP]:
+def _checkpoint(tmp_path, steps: int, callbacks) -> tuple[str, MLP]:
     model = MLP()
     trainer = make_trainer(tmp_path, max_steps=steps, callbacks=callbacks)
     trainer.fit(model, loader(make_dataset(4 * 8), 8))
@@ -135,7 +141,7 @@ class BatchLog(pl.Callback):
     """The batch index of every completed training batch."""
 
     def __init__(self):
-        self.done: List[int] = []
+        self.done: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.done.append(batch_idx)

@@ -14,15 +14,13 @@ import copy
 import io
 import math
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from tests.reliability.common import batch, small_cnn
 
 pytestmark = pytest.mark.reliability
@@ -64,11 +62,11 @@ def _train(model, opt, pre, start: int, stop: int) -> None:
         opt.step()
 
 
-def _checkpoint(model, opt, pre) -> Dict[str, Any]:
+def _checkpoint(model, opt, pre) -> dict[str, Any]:
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "kfac": pre.state_dict()}
 
 
-def _leaves(obj: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Every (path, leaf) of a nested dict/list structure."""
     if isinstance(obj, dict):
         return [x for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))
@@ -78,7 +76,7 @@ def _leaves(obj: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     return [(prefix, obj)]
 
 
-def mismatches(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+def mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Paths whose tensors are not ``torch.equal`` (or whose other leaves differ)."""
     la, lb = dict(_leaves(a)), dict(_leaves(b))
     bad = sorted(set(la) ^ set(lb))
@@ -95,7 +93,7 @@ def mismatches(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return bad
 
 
-def _resume(variant: str, crash: int, via_bytes: bool, total: int) -> Dict[str, Any]:
+def _resume(variant: str, crash: int, via_bytes: bool, total: int) -> dict[str, Any]:
     model, opt, pre = _make(variant)
     _train(model, opt, pre, 0, crash)
     saved = _checkpoint(model, opt, pre)

@@ -46,7 +46,7 @@ def _saved(dtype=torch.float32, steps: int = 3, **options):
 
 
 def test_unknown_version_and_misfit_shapes_are_refused_by_layer(reliability_row) -> None:
-    model, state = _saved()
+    _model, state = _saved()
     refused = 0
     target = KFACPreconditioner(mlp(), **CLOCKS)
     with pytest.raises(ValueError, match="version 99"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -114,8 +114,8 @@ def assert_params_equal(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(pa[name], pb[name]), f"parameter {name} differs"
 
 
-def assert_factors_equal(fa: Dict[str, Tuple[Tensor, Tensor]],
-                         fb: Dict[str, Tuple[Tensor, Tensor]]) -> None:
+def assert_factors_equal(fa: dict[str, tuple[Tensor, Tensor]],
+                         fb: dict[str, tuple[Tensor, Tensor]]) -> None:
     assert fa.keys() == fb.keys() and fa
     for name in fa:
         assert torch.equal(fa[name][0], fb[name][0]), f"A of {name} differs"
@@ -133,7 +133,7 @@ class Recorder(Callback):
 
     def __init__(self, fn: Callable):
         self.fn = fn
-        self.records: List = []
+        self.records: list = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.records.append(self.fn(trainer, pl_module))

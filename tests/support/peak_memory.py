@@ -24,7 +24,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any, Dict
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -137,7 +137,7 @@ print("RESULT" + json.dumps({
 '''
 
 
-def measure(spec: Dict[str, Any], timeout: float = 600) -> Dict[str, Any]:
+def measure(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], env=env, cwd=ROOT,

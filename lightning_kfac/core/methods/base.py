@@ -223,5 +223,5 @@ class Method(ABC):
 def with_damping_scale(layout: Layout, relative: bool) -> Layout:
     """``layout`` plus the relative damping's float64 scale when ``relative``."""
     if relative:
-        return layout + [("damping_scale", (), torch.float64, False)]
+        return [*layout, ("damping_scale", (), torch.float64, False)]
     return layout

@@ -14,12 +14,20 @@ from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACCallback, KFACPreconditioner
 from lightning_kfac.integrations.lightning.callback import check_strategy
-from lightning_kfac import KFACCallback
-from tests.support.lightning import (MLP, Recorder, assert_factors_equal, assert_params_equal,
-                                         clone_module, count_hooks, hand_loop, loader,
-                                         make_dataset, make_trainer)
+from tests.support.lightning import (
+    MLP,
+    Recorder,
+    assert_factors_equal,
+    assert_params_equal,
+    clone_module,
+    count_hooks,
+    hand_loop,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 CLOCKS = dict(damping=1e-2, factor_update_steps=2, inv_update_steps=4, kl_clip=1e-2)
 

@@ -18,11 +18,16 @@ from pytorch_lightning.demos.transformer import LightningTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kfac import KFACPreconditioner
-from lightning_kfac import KFACCallback
-from tests.support.lightning import (assert_factors_equal, assert_params_equal,
-                                         clone_module, engine_bug_step_drops_other_optimizers_layers,
-                                         loader, make_dataset, make_trainer)
+from lightning_kfac import KFACCallback, KFACPreconditioner
+from tests.support.lightning import (
+    assert_factors_equal,
+    assert_params_equal,
+    clone_module,
+    engine_bug_step_drops_other_optimizers_layers,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 EVERY_STEP = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=1)
 VOCAB, SEQ, BATCH = 16, 6, 4

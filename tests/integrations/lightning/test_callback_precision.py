@@ -13,8 +13,14 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_kfac import KFACCallback
-from tests.support.lightning import (MLP, Recorder, engine_bug_autocast_capture, loader,
-                                         make_dataset, make_trainer)
+from tests.support.lightning import (
+    MLP,
+    Recorder,
+    engine_bug_autocast_capture,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 autocast_bug = pytest.mark.xfail(engine_bug_autocast_capture(), strict=True, reason=(
     "engine bug (reported): capture hooks run inside the autocast region, so a a^T is computed "

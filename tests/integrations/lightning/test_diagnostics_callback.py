@@ -18,8 +18,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_kfac import KFACConfig
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACConfig
 from lightning_kfac.diagnostics import diagnose
 
 LAYERS = ["net.0", "net.3"]

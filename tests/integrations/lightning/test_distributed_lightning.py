@@ -26,8 +26,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_kfac.integrations.lightning.callback import KFACCallback, check_strategy
-from tests.support.lightning import MLP, make_dataset, make_trainer
 from tests.support.compare import nested_equal
+from tests.support.lightning import MLP, make_dataset, make_trainer
 
 OPTIONS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=3, kl_clip=1e-2)
 N, BATCH, STEPS = 32, 4, 10
