@@ -37,8 +37,9 @@ def _data(n: int, seed: int):
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(),
-                         nn.Linear(10, 4)).to(torch.float64)
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 4)
+    ).to(torch.float64)
 
 
 def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -76,17 +77,27 @@ def _distance(fisher: dict[str, Tensor], approx: dict[str, Tensor]) -> float:
     return (err / norm) ** 0.5
 
 
-def run(steps: int = 60, every: int = 10, batch: int = 64, lr: float = 0.05,
-        factor_update_steps: int = 1, inv_update_steps: int = 20) -> list[dict]:
+def run(
+    steps: int = 60,
+    every: int = 10,
+    batch: int = 64,
+    lr: float = 0.05,
+    factor_update_steps: int = 1,
+    inv_update_steps: int = 20,
+) -> list[dict]:
     torch.set_num_threads(1)
     base = _net()
     runs = {}
     for method in ("eigen", "ekfac"):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        pre = KFACPreconditioner(model, compute_method=method, damping=1e-2,
-                                 factor_update_steps=factor_update_steps,
-                                 inv_update_steps=inv_update_steps)
+        pre = KFACPreconditioner(
+            model,
+            compute_method=method,
+            damping=1e-2,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps,
+        )
         runs[method] = (model, opt, pre)
     held_x, held_y = _data(256, seed=10_000)
     rows = []
@@ -108,18 +119,21 @@ def run(steps: int = 60, every: int = 10, batch: int = 64, lr: float = 0.05,
 
 
 def table(rows: list[dict], n: int, m: int) -> str:
-    lines = [f"Relative Frobenius distance to the held-out empirical Fisher (MLP 12-16-10-4, "
-             f"factors every {n}, refresh every {m}, decay 0.95)\n",
-             "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| | EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
-             "| --- | --- | --- |"]
+    lines = [
+        f"Relative Frobenius distance to the held-out empirical Fisher (MLP 12-16-10-4, "
+        f"factors every {n}, refresh every {m}, decay 0.95)\n",
+        "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| | EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
+        "| --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(f"| {r['step']} | {r['eigen']:.4f} | {r['ekfac']:.4f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ekfac_fisher",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ekfac_fisher", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--inv-update-steps", type=int, default=20)

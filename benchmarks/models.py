@@ -43,8 +43,12 @@ def sparse_init_(model: nn.Module, nonzero: int = 15, generator: torch.Generator
                     module.bias.zero_()
 
 
-def autoencoder(encoder: Sequence[int] = (784, 1000, 500, 250, 30), sparse_init: bool = False,
-                generator: torch.Generator = None, act=nn.Sigmoid) -> nn.Sequential:
+def autoencoder(
+    encoder: Sequence[int] = (784, 1000, 500, 250, 30),
+    sparse_init: bool = False,
+    generator: torch.Generator = None,
+    act=nn.Sigmoid,
+) -> nn.Sequential:
     """``act`` (default sigmoid) encoder/decoder with a linear code layer; outputs logits (use
     BCE with logits)."""
     sizes = list(encoder) + list(reversed(encoder[:-1]))
@@ -64,9 +68,15 @@ def cnn(channels: Sequence[int] = (3, 32, 64), image: int = 32, classes: int = 1
     c0, c1, c2 = channels
     pooled = 4 if image >= 16 else 2
     return nn.Sequential(
-        nn.Conv2d(c0, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(pooled),
-        nn.Flatten(), nn.Linear(c2 * pooled * pooled, classes))
+        nn.Conv2d(c0, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(pooled),
+        nn.Flatten(),
+        nn.Linear(c2 * pooled * pooled, classes),
+    )
 
 
 def count_params(model: nn.Module) -> int:

@@ -28,15 +28,21 @@ STEPS = 24
 
 def _mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(),
-                         nn.Linear(10, 4))
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 4)
+    )
 
 
 def _cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 4),
+    )
 
 
 class _Tied(nn.Module):
@@ -63,8 +69,9 @@ def _batches(kind: str, n: int) -> list[tuple[Tensor, Tensor]]:
         if kind == "mlp":
             out.append((torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)))
         elif kind == "cnn":
-            out.append((torch.randn(16, 1, 6, 6, generator=g),
-                        torch.randint(0, 4, (16,), generator=g)))
+            out.append(
+                (torch.randn(16, 1, 6, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+            )
         else:
             tokens = torch.randint(0, 11, (8, 5), generator=g)
             out.append((tokens, torch.randint(1, 11, (8, 5), generator=g)))
@@ -76,33 +83,64 @@ def _loss(out: Tensor, y: Tensor) -> Tensor:
 
 
 CASES: dict[str, tuple[Callable[[int], nn.Module], str, dict[str, Any]]] = {
-    "eigen": (_mlp, "mlp", dict(compute_method="eigen", factor_update_steps=2,
-                                inv_update_steps=4)),
-    "inverse": (_mlp, "mlp", dict(compute_method="inverse", factor_update_steps=2,
-                                  inv_update_steps=4)),
-    "ekfac": (_mlp, "mlp", dict(compute_method="ekfac", factor_update_steps=2,
-                                inv_update_steps=6)),
-    "relative": (_mlp, "mlp", dict(damping_mode="relative", damping=1e-2, factor_update_steps=1,
-                                   inv_update_steps=3)),
-    "absolute_identity": (_mlp, "mlp", dict(damping_mode="absolute", factor_init="identity",
-                                            inv_update_steps=5)),
+    "eigen": (_mlp, "mlp", dict(compute_method="eigen", factor_update_steps=2, inv_update_steps=4)),
+    "inverse": (
+        _mlp,
+        "mlp",
+        dict(compute_method="inverse", factor_update_steps=2, inv_update_steps=4),
+    ),
+    "ekfac": (_mlp, "mlp", dict(compute_method="ekfac", factor_update_steps=2, inv_update_steps=6)),
+    "relative": (
+        _mlp,
+        "mlp",
+        dict(damping_mode="relative", damping=1e-2, factor_update_steps=1, inv_update_steps=3),
+    ),
+    "absolute_identity": (
+        _mlp,
+        "mlp",
+        dict(damping_mode="absolute", factor_init="identity", inv_update_steps=5),
+    ),
     "mc": (_mlp, "mlp", dict(fisher_type="mc", factor_update_steps=1, inv_update_steps=3)),
-    "no_low_rank": (_mlp, "mlp", dict(low_rank=False, factor_update_steps=1,
-                                      inv_update_steps=2)),
-    "stagger_warmup": (_mlp, "mlp", dict(stagger_refresh=True, warmup_steps=3,
-                                         factor_update_steps=1, inv_update_steps=4)),
-    "kl_clip_small": (_mlp, "mlp", dict(kl_clip=1e-6, factor_update_steps=1,
-                                        inv_update_steps=2)),
-    "adaptive_damping": (_mlp, "mlp", dict(adaptive_damping=True, adaptive_damping_interval=2,
-                                           factor_update_steps=1, inv_update_steps=2)),
-    "step_rule": (_mlp, "mlp", dict(step_rule="quadratic", damping_mode="absolute",
-                                    damping=1e-1, factor_update_steps=1, inv_update_steps=2)),
+    "no_low_rank": (_mlp, "mlp", dict(low_rank=False, factor_update_steps=1, inv_update_steps=2)),
+    "stagger_warmup": (
+        _mlp,
+        "mlp",
+        dict(stagger_refresh=True, warmup_steps=3, factor_update_steps=1, inv_update_steps=4),
+    ),
+    "kl_clip_small": (_mlp, "mlp", dict(kl_clip=1e-6, factor_update_steps=1, inv_update_steps=2)),
+    "adaptive_damping": (
+        _mlp,
+        "mlp",
+        dict(
+            adaptive_damping=True,
+            adaptive_damping_interval=2,
+            factor_update_steps=1,
+            inv_update_steps=2,
+        ),
+    ),
+    "step_rule": (
+        _mlp,
+        "mlp",
+        dict(
+            step_rule="quadratic",
+            damping_mode="absolute",
+            damping=1e-1,
+            factor_update_steps=1,
+            inv_update_steps=2,
+        ),
+    ),
     "cnn_eigen": (_cnn, "cnn", dict(factor_update_steps=1, inv_update_steps=3)),
-    "cnn_inverse": (_cnn, "cnn", dict(compute_method="inverse", factor_update_steps=1,
-                                      inv_update_steps=3)),
+    "cnn_inverse": (
+        _cnn,
+        "cnn",
+        dict(compute_method="inverse", factor_update_steps=1, inv_update_steps=3),
+    ),
     "tied_embedding": (_tied, "tok", dict(factor_update_steps=1, inv_update_steps=3)),
-    "tied_embedding_ekfac": (_tied, "tok", dict(compute_method="ekfac", factor_update_steps=1,
-                                                inv_update_steps=3)),
+    "tied_embedding_ekfac": (
+        _tied,
+        "tok",
+        dict(compute_method="ekfac", factor_update_steps=1, inv_update_steps=3),
+    ),
 }
 
 
@@ -116,9 +154,16 @@ def _flatten(prefix: str, value: Any, out: dict[str, Tensor]) -> None:
         for i, item in enumerate(value):
             _flatten(f"{prefix}/{i}", item, out)
     elif isinstance(value, (int, float, bool, str)) or value is None:
-        out[prefix] = torch.tensor([float(zlib.crc32(value.encode()) if isinstance(value, str) else
-                                          (0.0 if value is None else value))],
-                                   dtype=torch.float64)
+        out[prefix] = torch.tensor(
+            [
+                float(
+                    zlib.crc32(value.encode())
+                    if isinstance(value, str)
+                    else (0.0 if value is None else value)
+                )
+            ],
+            dtype=torch.float64,
+        )
 
 
 def run_case(name: str) -> dict[str, Tensor]:
@@ -162,10 +207,17 @@ def run_demo(steps: int = 60) -> dict[str, Tensor]:
     from examples.train import CONF_DIR, build
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=["experiment=autoencoder", f"trainer.max_steps={steps}",
-                                          "test=false", "plot=false",
-                                          "trainer.enable_progress_bar=false",
-                                          "trainer.enable_model_summary=false"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=autoencoder",
+                f"trainer.max_steps={steps}",
+                "test=false",
+                "plot=false",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+            ],
+        )
     with tempfile.TemporaryDirectory() as tmp:
         datamodule, model, trainer, kfac = build(cfg, Path(tmp), csv_logger=False)
         trainer.fit(model, datamodule=datamodule)
@@ -203,8 +255,10 @@ def compare(old: dict[str, dict[str, Tensor]], new: dict[str, dict[str, Tensor]]
             if key not in a or key not in b:
                 diffs.append(f"{case}: {key} only in {'new' if key not in a else 'old'}")
             elif a[key].dtype != b[key].dtype or a[key].shape != b[key].shape:
-                diffs.append(f"{case}: {key} {a[key].dtype}{tuple(a[key].shape)} vs "
-                             f"{b[key].dtype}{tuple(b[key].shape)}")
+                diffs.append(
+                    f"{case}: {key} {a[key].dtype}{tuple(a[key].shape)} vs "
+                    f"{b[key].dtype}{tuple(b[key].shape)}"
+                )
             elif not _same(a[key], b[key]):
                 err = float((a[key].double() - b[key].double()).abs().max())
                 diffs.append(f"{case}: {key} differs (max abs {err:.3g})")

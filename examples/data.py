@@ -21,8 +21,9 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 
 
-def load_digits_tensors(test_fraction: float = 0.2, split_seed: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits_tensors(
+    test_fraction: float = 0.2, split_seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_train, y_train, x_test, y_test)``: float32 pixels in [0, 1], long labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -32,10 +33,15 @@ def load_digits_tensors(test_fraction: float = 0.2, split_seed: int = 0
     digits = load_digits()
     x = digits.data.astype("float32") / 16.0
     y = digits.target.astype("int64")
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
-                                              random_state=split_seed, stratify=y)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr),
-            torch.from_numpy(x_te), torch.from_numpy(y_te))
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=split_seed, stratify=y
+    )
+    return (
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te),
+    )
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -55,8 +61,15 @@ class DigitsDataModule(pl.LightningDataModule):
         torch.Size([32, 64])
     """
 
-    def __init__(self, batch_size: int = 100, test_fraction: float = 0.2, split_seed: int = 0,
-                 loader_seed: int = 0, train_size: int | None = None, num_workers: int = 0):
+    def __init__(
+        self,
+        batch_size: int = 100,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        loader_seed: int = 0,
+        train_size: int | None = None,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Invalid batch_size={batch_size!r}: must be an integer >= 1.")
@@ -83,9 +96,18 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.loader_seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=generator, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=len(self.test_set), shuffle=False,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.test_set,
+            batch_size=len(self.test_set),
+            shuffle=False,
+            num_workers=self.num_workers,
+        )

@@ -84,8 +84,11 @@ class BudgetRecorder(pl.Callback):
 
 
 #: --clock: what the budget counts (the time columns are always training-thread CPU seconds).
-CLOCKS = {"steps": "optimizer steps", "thread": "s of training-thread CPU time",
-          "wall": "s of wall-clock time"}
+CLOCKS = {
+    "steps": "optimizer steps",
+    "thread": "s of training-thread CPU time",
+    "wall": "s of wall-clock time",
+}
 
 
 def trailing_mean(values: Sequence[float], window: int) -> list[float]:
@@ -124,27 +127,49 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 def format_table(rows: dict[str, dict], target: float, metric_names: Sequence[str]) -> str:
     """The results table; time columns in CPU seconds of the training thread (``cpu s``), with
     wall-clock seconds last, for reference (they follow the machine's load)."""
+
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
-    header = ["run", "final train loss", *metric_names, "steps", "cpu s", "steps/cpu s",
-              f"steps to loss<={target:.3g}", f"cpu s to loss<={target:.3g}", "wall s"]
+    header = [
+        "run",
+        "final train loss",
+        *metric_names,
+        "steps",
+        "cpu s",
+        "steps/cpu s",
+        f"steps to loss<={target:.3g}",
+        f"cpu s to loss<={target:.3g}",
+        "wall s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
-        cells = [name, fmt(r["final_loss"], ".3f"),
-                 *[fmt(r["test"].get(m), ".4g") for m in metric_names],
-                 str(r["steps"]), fmt(r["cpu_s"], ".1f"), fmt(r["steps_per_s"], ".0f"),
-                 fmt(r["steps_to_target"], "d"), fmt(r["time_to_target_s"], ".1f"),
-                 fmt(r["wall_s"], ".1f")]
+        cells = [
+            name,
+            fmt(r["final_loss"], ".3f"),
+            *[fmt(r["test"].get(m), ".4g") for m in metric_names],
+            str(r["steps"]),
+            fmt(r["cpu_s"], ".1f"),
+            fmt(r["steps_per_s"], ".0f"),
+            fmt(r["steps_to_target"], "d"),
+            fmt(r["time_to_target_s"], ".1f"),
+            fmt(r["wall_s"], ".1f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(recorders: dict[str, BudgetRecorder], window: int, target: float, path: Path,
-         floor: float | None = None) -> Path:
+def plot(
+    recorders: dict[str, BudgetRecorder],
+    window: int,
+    target: float,
+    path: Path,
+    floor: float | None = None,
+) -> Path:
     """Loss against training-thread CPU time and against steps, linear axes zoomed on the interesting
     range (from the floor, if given, to the mean-image plateau; the first steps lie above it)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -159,14 +184,20 @@ def plot(recorders: dict[str, BudgetRecorder], window: int, target: float, path:
     for ax, xlabel in zip(axes, ("training-thread CPU seconds", "optimizer steps")):
         ax.axhline(target, color="grey", ls=":", lw=1, label=f"common target {target:.3g}")
         if floor is not None:
-            ax.axhline(floor, color="black", ls="--", lw=0.8,
-                       label=f"lowest possible {floor:.3g} (pixel entropy)")
+            ax.axhline(
+                floor,
+                color="black",
+                ls="--",
+                lw=0.8,
+                label=f"lowest possible {floor:.3g} (pixel entropy)",
+            )
         ax.set(xlabel=xlabel, ylim=(low - 0.5, max(30.0, target + 2)))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"training loss ({window}-step mean)")
     axes[0].legend()
-    fig.suptitle("Digits deep autoencoder (Martens & Grosse 2015 setting): K-FAC vs the same "
-                 "optimizer alone")
+    fig.suptitle(
+        "Digits deep autoencoder (Martens & Grosse 2015 setting): K-FAC vs the same optimizer alone"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -184,45 +215,83 @@ def bernoulli_entropy_floor(datamodule) -> float | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=3000,
-                        help="units of --clock per run (default 3000 steps)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="steps",
-                        help="what the budget counts: steps (default: the same work for both "
-                             "runs whatever the machine's load), thread (CPU seconds of the "
-                             "training thread) or wall (wall-clock seconds, which follow the load)")
-    parser.add_argument("--max-steps", type=int, default=-1,
-                        help="also stop each run after this many steps (-1: budget only)")
-    parser.add_argument("--window", type=int, default=20,
-                        help="steps averaged for the final and smoothed loss (default 20)")
-    parser.add_argument("--target", type=float, default=None,
-                        help="common target loss (default: the larger final loss)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1, as conf/train.yaml: fastest for these "
-                             "small layers, immune to oversubscription when other processes share "
-                             "the cores, and all the work on the clocked thread; 0 leaves torch's "
-                             "setting)")
-    parser.add_argument("--csv-logger", action="store_true",
-                        help="also write a CSVLogger per run (off by default: each self.log call "
-                             "costs Lightning ~0.3 ms, and the callback logs ten kfac/* values "
-                             "per step, which would time logging rather than K-FAC)")
-    parser.add_argument("--out", type=Path, default=ROOT / "demo_results",
-                        help="output directory (default demo_results/)")
-    parser.add_argument("overrides", nargs="*",
-                        help="Hydra overrides applied to both runs, e.g. optimizer.lr=0.05")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--budget", type=float, default=3000, help="units of --clock per run (default 3000 steps)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="steps",
+        help="what the budget counts: steps (default: the same work for both "
+        "runs whatever the machine's load), thread (CPU seconds of the "
+        "training thread) or wall (wall-clock seconds, which follow the load)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=-1,
+        help="also stop each run after this many steps (-1: budget only)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=20,
+        help="steps averaged for the final and smoothed loss (default 20)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="common target loss (default: the larger final loss)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1, as conf/train.yaml: fastest for these "
+        "small layers, immune to oversubscription when other processes share "
+        "the cores, and all the work on the clocked thread; 0 leaves torch's "
+        "setting)",
+    )
+    parser.add_argument(
+        "--csv-logger",
+        action="store_true",
+        help="also write a CSVLogger per run (off by default: each self.log call "
+        "costs Lightning ~0.3 ms, and the callback logs ten kfac/* values "
+        "per step, which would time logging rather than K-FAC)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "demo_results",
+        help="output directory (default demo_results/)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides applied to both runs, e.g. optimizer.lr=0.05"
+    )
     args = parser.parse_args(argv)
 
-    base = ["experiment=autoencoder", "trainer.max_epochs=-1",
-            f"trainer.max_steps={args.max_steps}", "trainer.enable_checkpointing=false",
-            "plot=false", f"threads={args.threads if args.threads > 0 else 'null'}",
-            *args.overrides]
+    base = [
+        "experiment=autoencoder",
+        "trainer.max_epochs=-1",
+        f"trainer.max_steps={args.max_steps}",
+        "trainer.enable_checkpointing=false",
+        "plot=false",
+        f"threads={args.threads if args.threads > 0 else 'null'}",
+        *args.overrides,
+    ]
     arms = {"K-FAC": compose_config(base), "no K-FAC": compose_config([*base, "kfac=off"])}
     if arms["K-FAC"].kfac is None:
         parser.error("the overrides switch K-FAC off in both runs (drop kfac=off)")
     if args.threads != 1:
-        print(f"note: the cpu s columns count the training thread only; with --threads "
-              f"{args.threads} torch also computes on other threads", file=sys.stderr)
+        print(
+            f"note: the cpu s columns count the training thread only; with --threads "
+            f"{args.threads} torch also computes on other threads",
+            file=sys.stderr,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
 
     recorders: dict[str, BudgetRecorder] = {}
@@ -235,13 +304,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         res = run(cfg, run_dir, extra_callbacks=[recorders[name]], csv_logger=args.csv_logger)
         if not any(run_dir.iterdir()):
             run_dir.rmdir()
-        floor = bernoulli_entropy_floor(res.datamodule) if "Autoencoder" in cfg.model._target_ \
-            else None
-        results[name] = {"test": res.test_metrics,
-                         "preconditioned_layers": len(res.kfac.factors()) if res.kfac else 0}
+        floor = (
+            bernoulli_entropy_floor(res.datamodule) if "Autoencoder" in cfg.model._target_ else None
+        )
+        results[name] = {
+            "test": res.test_metrics,
+            "preconditioned_layers": len(res.kfac.factors()) if res.kfac else 0,
+        }
         if res.kfac is not None:  # how Kronecker-factored is the trained net's Fisher?
-            results[name]["diagnostics"] = diagnose_trained(res.model, res.datamodule,
-                                                            list(res.kfac.factors()))
+            results[name]["diagnostics"] = diagnose_trained(
+                res.model, res.datamodule, list(res.kfac.factors())
+            )
 
     finals = [trailing_mean(r.losses, args.window)[-1] for r in recorders.values()]
     target = args.target if args.target is not None else max(finals)
@@ -254,14 +327,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         writer = csv.writer(fh)
         writer.writerow(["run", "cpu_s", "wall_s", "step", "loss"])
         for name, rec in recorders.items():
-            writer.writerows([name, t, w, s, l] for t, w, s, l
-                             in zip(rec.times, rec.wall, rec.steps, rec.losses))
+            writer.writerows(
+                [name, t, w, s, l] for t, w, s, l in zip(rec.times, rec.wall, rec.steps, rec.losses)
+            )
     png = plot(recorders, args.window, target, args.out / "demo.png", floor)
     optimizer = arms["K-FAC"].optimizer
-    heading = (f"Same optimizer ({optimizer._target_.rsplit('.', 1)[-1]}, lr={optimizer.lr}), "
-               f"seed {arms['K-FAC'].seed}, {budget} each, torch threads: "
-               f"{args.threads if args.threads > 0 else 'default'}; cpu s = CPU seconds of the "
-               "training thread.")
+    heading = (
+        f"Same optimizer ({optimizer._target_.rsplit('.', 1)[-1]}, lr={optimizer.lr}), "
+        f"seed {arms['K-FAC'].seed}, {budget} each, torch threads: "
+        f"{args.threads if args.threads > 0 else 'default'}; cpu s = CPU seconds of the "
+        "training thread."
+    )
     if floor is not None:
         heading += f" Lowest possible training loss (pixel entropy): {floor:.2f}."
     (args.out / "summary.md").write_text(heading + "\n\n" + table + "\n")
@@ -269,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
     print(f"\nplot: {png}\ncurves: {args.out / 'curves.csv'}")
     diag = results["K-FAC"].get("diagnostics")
     if diag:
-        text = f"Diagnostics of the trained K-FAC model on a training batch:\n\n" \
-               f"{format_diagnostics(diag)}\n"
+        text = (
+            f"Diagnostics of the trained K-FAC model on a training batch:\n\n"
+            f"{format_diagnostics(diag)}\n"
+        )
         with open(args.out / "summary.md", "a") as fh:
             fh.write("\n" + text)
         diag_png = plot_diagnostics(diag, args.out / "diagnostics.png")

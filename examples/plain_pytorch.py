@@ -35,8 +35,14 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def train(use_kfac: bool, steps: int = 200, batch_size: int = 64, lr: float = 0.05,
-          damping: float = 1e-2, seed: int = 0) -> list[float]:
+def train(
+    use_kfac: bool,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    damping: float = 1e-2,
+    seed: int = 0,
+) -> list[float]:
     """Train with SGD (momentum 0.9), optionally K-FAC-preconditioned; returns per-step losses."""
     x, y, _, _ = load_digits_tensors()
     torch.manual_seed(seed)
@@ -78,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, use_kfac in (("SGD", False), ("K-FAC + SGD", True)):
         losses = train(use_kfac, steps=args.steps, lr=args.lr, damping=args.damping)
         results[name] = final_loss(losses)
-        print(f"{name:12s} training loss after {args.steps} steps: {results[name]:.4f} "
-              f"(mean of the last 20 steps)")
+        print(
+            f"{name:12s} training loss after {args.steps} steps: {results[name]:.4f} "
+            f"(mean of the last 20 steps)"
+        )
     return results
 
 

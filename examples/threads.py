@@ -48,22 +48,35 @@ class StepTimer(pl.Callback):
 
 
 def time_run(threads: int, kfac: bool, steps: int, warmup: int, out: Path) -> dict[str, float]:
-    overrides = ["experiment=autoencoder", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-                 "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-                 "test=false", "plot=false", f"threads={threads}"]
+    overrides = [
+        "experiment=autoencoder",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        "trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false",
+        "test=false",
+        "plot=false",
+        f"threads={threads}",
+    ]
     cfg = compose_config(overrides if kfac else [*overrides, "kfac=off"])
     timer = StepTimer(warmup)
     datamodule, model, trainer, _ = build(cfg, out, extra_callbacks=[timer], csv_logger=False)
     trainer.fit(model, datamodule=datamodule)
-    return {"wall_ms": 1e3 * statistics.median(timer.wall),
-            "cpu_ms": 1e3 * statistics.median(timer.cpu)}
+    return {
+        "wall_ms": 1e3 * statistics.median(timer.wall),
+        "cpu_ms": 1e3 * statistics.median(timer.cpu),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="+",
-                        default=sorted({1, torch.get_num_threads()}),
-                        help="thread counts to compare (default: 1 and torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, torch.get_num_threads()}),
+        help="thread counts to compare (default: 1 and torch's default)",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
@@ -77,17 +90,25 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, flo
                 result = time_run(threads, kfac, args.steps, args.warmup, args.out)
                 samples.setdefault((threads, kfac), []).append(result)
     table: dict[int, dict[str, dict[str, float]]] = {}
-    print(f"\ntorch default threads here: {default}; median ms per step over "
-          f"{args.repeats} x {args.steps - args.warmup} steps")
+    print(
+        f"\ntorch default threads here: {default}; median ms per step over "
+        f"{args.repeats} x {args.steps - args.warmup} steps"
+    )
     print("| threads | K-FAC wall ms | K-FAC cpu ms | no K-FAC wall ms | no K-FAC cpu ms |")
     print("|---|---|---|---|---|")
     for threads in args.threads:
-        row = {name: {key: statistics.median(s[key] for s in samples[(threads, kfac)])
-                      for key in ("wall_ms", "cpu_ms")}
-               for name, kfac in (("kfac", True), ("plain", False))}
+        row = {
+            name: {
+                key: statistics.median(s[key] for s in samples[(threads, kfac)])
+                for key in ("wall_ms", "cpu_ms")
+            }
+            for name, kfac in (("kfac", True), ("plain", False))
+        }
         table[threads] = row
-        print(f"| {threads} | {row['kfac']['wall_ms']:.2f} | {row['kfac']['cpu_ms']:.2f} | "
-              f"{row['plain']['wall_ms']:.2f} | {row['plain']['cpu_ms']:.2f} |")
+        print(
+            f"| {threads} | {row['kfac']['wall_ms']:.2f} | {row['kfac']['cpu_ms']:.2f} | "
+            f"{row['plain']['wall_ms']:.2f} | {row['plain']['cpu_ms']:.2f} |"
+        )
     return table
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a clone without `pip install -e .`: `examples.*` importable
+if (
+    str(ROOT) not in sys.path
+):  # run from a clone without `pip install -e .`: `examples.*` importable
     sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
@@ -42,10 +44,10 @@ class RunResult:
     trainer: Any
     model: Any
     datamodule: Any
-    kfac: Any | None                 # the KFACCallback, None with kfac=off
+    kfac: Any | None  # the KFACCallback, None with kfac=off
     test_metrics: dict[str, float]
     output_dir: Path
-    metrics_csv: Path | None         # None under fast_dev_run (Lightning disables loggers)
+    metrics_csv: Path | None  # None under fast_dev_run (Lightning disables loggers)
     plot: Path | None
 
 
@@ -56,8 +58,12 @@ def build_kfac_callback(cfg: DictConfig) -> Any | None:
     return instantiate(cfg.kfac)
 
 
-def build(cfg: DictConfig, output_dir: Path, extra_callbacks: list[Any] | None = None,
-          csv_logger: bool = True):
+def build(
+    cfg: DictConfig,
+    output_dir: Path,
+    extra_callbacks: list[Any] | None = None,
+    csv_logger: bool = True,
+):
     """Instantiate (datamodule, model, trainer, kfac_callback) from a composed config."""
     import pytorch_lightning as pl
     import torch
@@ -72,8 +78,9 @@ def build(cfg: DictConfig, output_dir: Path, extra_callbacks: list[Any] | None =
     callbacks = ([kfac] if kfac is not None else []) + list(extra_callbacks or [])
     # name="" and version="" put metrics.csv, hparams.yaml and checkpoints/ straight in output_dir
     logger = CSVLogger(save_dir=str(output_dir), name="", version="") if csv_logger else False
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                          default_root_dir=str(output_dir))
+    trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir)
+    )
     return datamodule, model, trainer, kfac
 
 
@@ -82,6 +89,7 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Path | None:
     import csv
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -122,8 +130,12 @@ def plot_title(model_name: str, kfac_on: bool, overrides: list[str], width: int 
     return title
 
 
-def run(cfg: DictConfig, output_dir: Path, extra_callbacks: list[Any] | None = None,
-        csv_logger: bool = True) -> RunResult:
+def run(
+    cfg: DictConfig,
+    output_dir: Path,
+    extra_callbacks: list[Any] | None = None,
+    csv_logger: bool = True,
+) -> RunResult:
     """Fit, test (if ``cfg.test``), then plot (if ``cfg.plot``); files go to ``output_dir``.
 
     ``csv_logger=False`` runs without a logger (no metrics.csv, no plot; the progress bar and the

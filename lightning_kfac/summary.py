@@ -52,12 +52,21 @@ def skipped_rows(skipped: list, trainable: int, shown: int = 3) -> list[tuple[st
         names = [m.name or "<root>" for m in members[:shown]]
         if len(members) > shown:
             names.append(f"+{len(members) - shown} more")
-        label = ", ".join(names) if len(members) == 1 else \
-            f"{len(members)} modules: {', '.join(names)}"
+        label = (
+            ", ".join(names) if len(members) == 1 else f"{len(members)} modules: {', '.join(names)}"
+        )
         params = sum(m.num_params for m in members)
         share = 100.0 * params / trainable if trainable else 0.0
-        rows.append((label, type_name, "-", "-", f"{params:,}",
-                     f"skipped: {reason} ({share:.1f}% of params)"))
+        rows.append(
+            (
+                label,
+                type_name,
+                "-",
+                "-",
+                f"{params:,}",
+                f"skipped: {reason} ({share:.1f}% of params)",
+            )
+        )
     return rows
 
 
@@ -71,16 +80,27 @@ def format_summary(model: nn.Module, blocks: dict, skipped: list) -> str:
         n = sum(p.numel() for p in block.kind.params)
         frozen = not block.kind.weight.requires_grad  # core/trainability.py
         covered += 0 if frozen else n
-        sides = [" ".join(describe_side(structure, block.structure_reason[side]))
-                 for side, structure in (("A", block.a_structure), ("G", block.g_structure))]
+        sides = [
+            " ".join(describe_side(structure, block.structure_reason[side]))
+            for side, structure in (("A", block.a_structure), ("G", block.g_structure))
+        ]
         seconds = refresh_seconds(block)
         refresh += seconds
         method = block.method.name
         type_name = getattr(block.kind, "type_name", type(module).__name__)
         status = f"K-FAC ({method})"
-        rows.append((name or "<root>", type_name, sides[0], sides[1], f"{n:,}",
-                     _bytes(held_bytes(block)), _seconds(seconds),
-                     f"frozen (for now): {status} once trainable" if frozen else status))
+        rows.append(
+            (
+                name or "<root>",
+                type_name,
+                sides[0],
+                sides[1],
+                f"{n:,}",
+                _bytes(held_bytes(block)),
+                _seconds(seconds),
+                f"frozen (for now): {status} once trainable" if frozen else status,
+            )
+        )
     # skipped rows have no memory / refresh columns
     rows.extend((*r[:5], "-", "-", *r[5:]) for r in skipped_rows(skipped, trainable))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -88,9 +108,11 @@ def format_summary(model: nn.Module, blocks: dict, skipped: list) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     share = 100.0 * covered / trainable if trainable else 0.0
     peak = footprint(blocks.values())
-    lines.append(f"K-FAC preconditions {len(blocks)} layers: {covered:,} of {trainable:,} trainable "
-                 f"parameters ({share:.1f}%); factor + decomposition memory "
-                 f"{_bytes(predicted_memory_bytes(blocks))}, predicted peak {_bytes(peak.peak)} "
-                 f"(capture, decomposition and preconditioning temporaries included); one refresh "
-                 f"of every decomposition ~{_seconds(refresh)}.")
+    lines.append(
+        f"K-FAC preconditions {len(blocks)} layers: {covered:,} of {trainable:,} trainable "
+        f"parameters ({share:.1f}%); factor + decomposition memory "
+        f"{_bytes(predicted_memory_bytes(blocks))}, predicted peak {_bytes(peak.peak)} "
+        f"(capture, decomposition and preconditioning temporaries included); one refresh "
+        f"of every decomposition ~{_seconds(refresh)}."
+    )
     return "\n".join(lines)

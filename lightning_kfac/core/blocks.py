@@ -26,8 +26,9 @@ from lightning_kfac.core.methods import Decomposition, method_for, method_of_sta
 from lightning_kfac.core.structure_registry import make_structure
 
 
-def natural_structures(kind: LayerKind, max_dense_dim: int, a_name: str | None = None,
-                       g_name: str | None = None) -> tuple[FactorStructure, FactorStructure]:
+def natural_structures(
+    kind: LayerKind, max_dense_dim: int, a_name: str | None = None, g_name: str | None = None
+) -> tuple[FactorStructure, FactorStructure]:
     """``(A side, G side)``: dense up to ``max_dense_dim``, diagonal above; a kind whose A is
     diagonal by construction (nn.Embedding's one-hot inputs) keeps A diagonal at any size.
     ``a_name`` / ``g_name`` (``layer_overrides``' ``a_structure`` / ``g_structure``) choose a
@@ -39,23 +40,41 @@ def natural_structures(kind: LayerKind, max_dense_dim: int, a_name: str | None =
         if name is not None:
             chosen = make_structure(name, dim, groups, option=option)
             if diagonal and chosen.has_basis:
-                raise ValueError(f"Invalid {option}={name!r} for {type(kind.module).__name__}: "
-                                 "its A is diagonal by construction (one-hot inputs); allowed: "
-                                 "structures without a basis ('diagonal', 'isotropic').")
+                raise ValueError(
+                    f"Invalid {option}={name!r} for {type(kind.module).__name__}: "
+                    "its A is diagonal by construction (one-hot inputs); allowed: "
+                    "structures without a basis ('diagonal', 'isotropic')."
+                )
             return chosen
-        return (DiagonalFactor(dim, groups) if diagonal or dim > max_dense_dim
-                else DenseFactor(dim, groups))
-    return (side(kind.a_dim(), diagonal_a, a_name, "layer_overrides.a_structure"),
-            side(kind.g_dim(), False, g_name, "layer_overrides.g_structure"))
+        return (
+            DiagonalFactor(dim, groups)
+            if diagonal or dim > max_dense_dim
+            else DenseFactor(dim, groups)
+        )
+
+    return (
+        side(kind.a_dim(), diagonal_a, a_name, "layer_overrides.a_structure"),
+        side(kind.g_dim(), False, g_name, "layer_overrides.g_structure"),
+    )
 
 
 class KFACBlock:
     """State of one layer. ``A``/``G`` are None until the first factor update."""
 
-    def __init__(self, name: str, kind: LayerKind, dtype: torch.dtype, *, damping: float,
-                 compute_method: str, factor_update_steps: int, inv_update_steps: int,
-                 max_dense_dim: int | None = None, a_structure: str | None = None,
-                 g_structure: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        kind: LayerKind,
+        dtype: torch.dtype,
+        *,
+        damping: float,
+        compute_method: str,
+        factor_update_steps: int,
+        inv_update_steps: int,
+        max_dense_dim: int | None = None,
+        a_structure: str | None = None,
+        g_structure: str | None = None,
+    ):
         self.name = name
         self.kind = kind
         self.dtype = dtype
@@ -66,15 +85,23 @@ class KFACBlock:
         self.inv_update_steps = inv_update_steps
         limit = max(kind.a_dim(), kind.g_dim()) if max_dense_dim is None else max_dense_dim
         self.max_dense_dim = limit
-        self.a_structure, self.g_structure = natural_structures(kind, limit, a_structure,
-                                                                g_structure)
+        self.a_structure, self.g_structure = natural_structures(
+            kind, limit, a_structure, g_structure
+        )
         # why a side is diagonal, for the summary ("" for nn.Embedding's A: exact, not a choice)
         chosen = {"A": a_structure, "G": g_structure}
         self.structure_reason = {
-            side: ("layer_overrides" if chosen[side] is not None else
-                   f"> max_dense_dim={limit}" if not structure.has_basis and structure.dim > limit
-                   and not (side == "A" and getattr(kind, "diagonal_a", False)) else "")
-            for side, structure in (("A", self.a_structure), ("G", self.g_structure))}
+            side: (
+                "layer_overrides"
+                if chosen[side] is not None
+                else f"> max_dense_dim={limit}"
+                if not structure.has_basis
+                and structure.dim > limit
+                and not (side == "A" and getattr(kind, "diagonal_a", False))
+                else ""
+            )
+            for side, structure in (("A", self.a_structure), ("G", self.g_structure))
+        }
         self.capturing = False  # switched by the preconditioner's factor clock
         self.failures = 0  # consecutive failed decompositions
         self.row_limit = 0  # > 0: keep this step's a/g rows for low-rank preconditioning
@@ -117,13 +144,16 @@ class KFACBlock:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
         device = self.kind.weight.device
         if not self.has_estimates():
-            return (self.a_structure.zeros(self.dtype, device),
-                    self.g_structure.zeros(self.dtype, device))
+            return (
+                self.a_structure.zeros(self.dtype, device),
+                self.g_structure.zeros(self.dtype, device),
+            )
         return self.a_sum / self.a_div, self.g_sum / self.g_div
 
     # -- running averages ----------------------------------------------------------------------
-    def update_factors(self, a_hat: Tensor, g_hat: Tensor, decay: float,
-                       init: str = "batch") -> None:
+    def update_factors(
+        self, a_hat: Tensor, g_hat: Tensor, decay: float, init: str = "batch"
+    ) -> None:
         """Running averages; ``init`` (``factor_init``) sets what the first update starts from."""
         if self.A is None:
             if init == "batch":
@@ -141,8 +171,10 @@ class KFACBlock:
     def set_structures(self, a_structure: FactorStructure, g_structure: FactorStructure) -> None:
         """Change the sides' structures (before any factor exists: nothing is converted)."""
         if self.A is not None or self.a_sum is not None or self.g_sum is not None:
-            raise RuntimeError(f"K-FAC: layer {self.name!r} already has factors; its factor "
-                               "structure can only be chosen before the first capture.")
+            raise RuntimeError(
+                f"K-FAC: layer {self.name!r} already has factors; its factor "
+                "structure can only be chosen before the first capture."
+            )
         self.a_structure, self.g_structure = a_structure, g_structure
 
     def memory_bytes(self) -> int:
@@ -154,13 +186,17 @@ class KFACBlock:
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"damping": self.damping, "failures": self.failures,
-                                 "structures": (self.a_structure.name, self.g_structure.name)}
+        state: dict[str, Any] = {
+            "damping": self.damping,
+            "failures": self.failures,
+            "structures": (self.a_structure.name, self.g_structure.name),
+        }
         if self.A is not None:
             state["A"], state["G"] = self.A.clone(), self.G.clone()
         dec = self.decomposition
-        state["decomposition"] = {} if dec is None else {k: v.clone()
-                                                         for k, v in dec.to_state().items()}
+        state["decomposition"] = (
+            {} if dec is None else {k: v.clone() for k, v in dec.to_state().items()}
+        )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -173,7 +209,8 @@ class KFACBlock:
             raise ValueError(
                 f"K-FAC state of layer {self.name!r} has factor structures (A, G) = {saved}, "
                 f"this run chose {here}: set max_dense_dim / memory_budget_gib as in the run "
-                "that saved it.")
+                "that saved it."
+            )
         if "A" in state:
             self.A = state["A"].to(device=device, dtype=self.dtype).clone()
             self.G = state["G"].to(device=device, dtype=self.dtype).clone()

@@ -64,8 +64,14 @@ def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
 
 
-def output_grad_scale(examples: int, *, mean_reduction: bool, grad_scale: float = 1.0,
-                      per_example: bool = False, loss_terms: int | None = None) -> float:
+def output_grad_scale(
+    examples: int,
+    *,
+    mean_reduction: bool,
+    grad_scale: float = 1.0,
+    per_example: bool = False,
+    loss_terms: int | None = None,
+) -> float:
     """The factor turning autograd's gradient rows of one layer output into ``g_n``.
 
     A mean-reduced loss over N examples gives each row ``(1/N) dl_n/ds_n``, and the loss was
@@ -86,8 +92,7 @@ class LayerTap(Protocol):
     def wants(self, module: nn.Module) -> bool:
         """Whether this forward counts (checked first, before anything is computed)."""
 
-    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> GradHook | None:
+    def on_forward(self, x: Tensor, rows: Tensor, divisor: int, output: Tensor) -> GradHook | None:
         """The detached input ``x``, its rows (``kind.input_rows``) and the output; returns the
         hook the output's gradient is handed to (registered when the output requires grad)."""
 
@@ -100,8 +105,8 @@ def install_tap(module: nn.Module, kind: LayerKind, tap: LayerTap) -> RemovableH
     tap and registers the returned gradient hook on the output. Tensor hooks on outputs, not
     module full-backward hooks: those break with in-place activations after the layer.
     """
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-             output: Any) -> None:
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not tap.wants(module) or not isinstance(output, Tensor):
             return None
         x = layer_input(args, kwargs)
@@ -113,6 +118,7 @@ def install_tap(module: nn.Module, kind: LayerKind, tap: LayerTap) -> RemovableH
         if grad_hook is not None and output.requires_grad:
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
         return None
+
     # Under torch.compile the hook runs eagerly (a graph break), on the real tensors: the
     # accumulators and the output's tensor hook are Python side effects (docs/compile.md).
     disabled = torch.compiler.disable(hook)  # type: ignore[no-untyped-call]
@@ -125,8 +131,13 @@ class Route:
 
     __slots__ = ("block", "context", "flipped", "kind")
 
-    def __init__(self, block: KFACBlock, kind: LayerKind | None = None, flipped: bool = False,
-                 context: Any = None):
+    def __init__(
+        self,
+        block: KFACBlock,
+        kind: LayerKind | None = None,
+        flipped: bool = False,
+        context: Any = None,
+    ):
         self.block = block
         self.kind = block.kind if kind is None else kind
         self.flipped = flipped
@@ -167,11 +178,13 @@ class _BlockTap:
 
     def wants(self, module: nn.Module) -> bool:
         block = self.block
-        return ((block.capturing or block.row_limit > 0) and training_forward(module)
-                and is_trainable(block))  # frozen for now (core/trainability.py)
+        return (
+            (block.capturing or block.row_limit > 0)
+            and training_forward(module)
+            and is_trainable(block)
+        )  # frozen for now (core/trainability.py)
 
-    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> GradHook | None:
+    def on_forward(self, x: Tensor, rows: Tensor, divisor: int, output: Tensor) -> GradHook | None:
         capture, block, kind = self.capture, self.block, self.kind
         capturing, keep_rows = block.capturing, block.row_limit > 0
         route = Route(block, kind, self.flipped, kind.grad_context(x))
@@ -179,8 +192,11 @@ class _BlockTap:
             block.seen = True
             if divisor > 0:  # e.g. an all-padding embedding batch adds nothing
                 route.add_input(rows, divisor)
-        pair = rows if (capturing and capture.pair_sink is not None
-                        and block.method.needs_pairs) else None
+        pair = (
+            rows
+            if (capturing and capture.pair_sink is not None and block.method.needs_pairs)
+            else None
+        )
         if keep_rows:
             keep_rows = capture._keep_a_rows(block, rows)
         if not output.requires_grad:
@@ -228,7 +244,8 @@ class Capture:
             if name not in self._handles:
                 self._handles[name] = [
                     install_tap(use.module, use.kind, _BlockTap(self, block, use.kind, use.flipped))
-                    for use in uses_of(block.kind)]
+                    for use in uses_of(block.kind)
+                ]
 
     def remove(self, names: list[str] | None = None) -> None:
         for name in list(self._handles) if names is None else names:
@@ -245,8 +262,9 @@ class Capture:
         block.a_rows.append(rows)
         return True
 
-    def _make_grad_hook(self, route: Route, empirical: bool, keep_rows: bool,
-                        pair: Tensor | None = None) -> GradHook:
+    def _make_grad_hook(
+        self, route: Route, empirical: bool, keep_rows: bool, pair: Tensor | None = None
+    ) -> GradHook:
         block = route.block
 
         def hook(grad: Tensor) -> None:
@@ -254,11 +272,17 @@ class Capture:
                 self.add_output_grad(route, grad, a_rows=pair)
             if keep_rows and not self.sampling and block.kept_rows <= block.row_limit:
                 block.g_rows.append(grad.detach().reshape(-1, grad.shape[-1]))
+
         return hook
 
-    def add_output_grad(self, target: KFACBlock | Route, grad: Tensor,
-                        per_example: bool = False, a_rows: Tensor | None = None,
-                        loss_terms: int | None = None) -> None:
+    def add_output_grad(
+        self,
+        target: KFACBlock | Route,
+        grad: Tensor,
+        per_example: bool = False,
+        a_rows: Tensor | None = None,
+        loss_terms: int | None = None,
+    ) -> None:
         """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
 
         ``per_example`` and ``loss_terms``: see ``output_grad_scale`` (the MC Fisher's summed
@@ -268,9 +292,13 @@ class Capture:
         route = target if isinstance(target, Route) else Route(target)
         block = route.block
         rows, divisor, examples = route.grad_rows(grad.detach())
-        scale = output_grad_scale(examples, mean_reduction=self.mean_reduction,
-                                  grad_scale=self.grad_scale, per_example=per_example,
-                                  loss_terms=loss_terms)
+        scale = output_grad_scale(
+            examples,
+            mean_reduction=self.mean_reduction,
+            grad_scale=self.grad_scale,
+            per_example=per_example,
+            loss_terms=loss_terms,
+        )
         if divisor > 0:
             route.add_grad(rows, divisor, scale)
         if a_rows is not None and self.pair_sink is not None:

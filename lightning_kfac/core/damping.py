@@ -168,8 +168,13 @@ class DampingControl:
         return self.adaptation_step(step) and str(self.config.step_rule) == "optimizer"
 
     # -- adaptation ------------------------------------------------------------------------------
-    def snapshot(self, blocks: Iterable[KFACBlock], model: nn.Module,
-                 optimizer: torch.optim.Optimizer | None, step: int) -> None:
+    def snapshot(
+        self,
+        blocks: Iterable[KFACBlock],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        step: int,
+    ) -> None:
         """Keep raw gradients and parameters before this step's preconditioning (memory: 2x the
         trained parameters, released by :meth:`adapt`). ``blocks``: the preconditioned layers;
         the parameters are ``optimizer``'s (``model``'s without one)."""
@@ -179,7 +184,10 @@ class DampingControl:
                 f"K-FAC: adaptive_damping=True but update_damping() was not called after step "
                 f"{self.pending[0]}; that adaptation is dropped. Call "
                 "pre.update_damping(loss_before, loss_after) after optimizer.step() (the "
-                "Lightning callback does it for you).", RuntimeWarning, stacklevel=4)
+                "Lightning callback does it for you).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         params = _trained_params(model, optimizer)
         wanted = {id(p) for p in params}
         layers: list[_LayerTerm] = []
@@ -191,12 +199,20 @@ class DampingControl:
             grad = kind.grad_matrix()
             if grad is None:
                 continue
-            layers.append(_LayerTerm(block, grad.detach().to(block.dtype).clone(),
-                                     [p.detach().clone() for p in kind.params],
-                                     self.layer_damping(block)))
+            layers.append(
+                _LayerTerm(
+                    block,
+                    grad.detach().to(block.dtype).clone(),
+                    [p.detach().clone() for p in kind.params],
+                    self.layer_damping(block),
+                )
+            )
             covered.update(id(p) for p in kind.params)
-        others = [_ParamTerm(p, p.grad.detach().clone(), p.detach().clone())
-                  for p in params if id(p) not in covered and p.grad is not None]
+        others = [
+            _ParamTerm(p, p.grad.detach().clone(), p.detach().clone())
+            for p in params
+            if id(p) not in covered and p.grad is not None
+        ]
         self.pending = (step, layers, others)
 
     def layer_damping(self, block: KFACBlock) -> float:
@@ -205,8 +221,9 @@ class DampingControl:
         every rank, whichever rank holds the decomposition)."""
         damping = block.damping * self.multiplier
         if str(self.config.damping_mode) == "relative":
-            scale = (block.a_structure.mean_eigenvalue(cast(Tensor, block.A))
-                     * block.g_structure.mean_eigenvalue(cast(Tensor, block.G)))
+            scale = block.a_structure.mean_eigenvalue(
+                cast(Tensor, block.A)
+            ) * block.g_structure.mean_eigenvalue(cast(Tensor, block.G))
             damping = damping * scale if scale > 0 else damping
         return damping
 
@@ -226,8 +243,9 @@ class DampingControl:
             total += float((other.grad.double() * change.double()).sum())
         return total
 
-    def adapt(self, loss_before: Loss, loss_after: Loss,
-              device: torch.device | None = None) -> float | None:
+    def adapt(
+        self, loss_before: Loss, loss_after: Loss, device: torch.device | None = None
+    ) -> float | None:
         """Apply the LM rule after an adaptation step; None when no snapshot is pending.
         ``device``: where the model lives (the collective's buffer under DDP)."""
         if self.pending is None:
@@ -237,8 +255,9 @@ class DampingControl:
         self.pending = None
         return self.apply_rho(before, after, predicted, device)
 
-    def apply_rho(self, before: float, after: float, predicted: float,
-                  device: torch.device | None = None) -> float:
+    def apply_rho(
+        self, before: float, after: float, predicted: float, device: torch.device | None = None
+    ) -> float:
         """``rho = (after - before) / predicted`` and the LM update of the damping; returns rho.
 
         ``predicted`` is the model's change ``M(delta) - M(0)``. Under DDP the three numbers are
@@ -283,8 +302,9 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _trained_params(model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None) -> list[nn.Parameter]:
+def _trained_params(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> list[nn.Parameter]:
     if optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
     else:
@@ -305,10 +325,14 @@ def _as_float(loss: Loss) -> float:
             loss = loss()
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
-            raise ValueError(f"Invalid loss of shape {tuple(loss.shape)}: update_damping needs a "
-                             "scalar loss (a number, a 0-d tensor or a closure returning one).")
+            raise ValueError(
+                f"Invalid loss of shape {tuple(loss.shape)}: update_damping needs a "
+                "scalar loss (a number, a 0-d tensor or a closure returning one)."
+            )
         return float(loss.detach())
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
-    raise ValueError(f"Invalid loss={loss!r}: update_damping needs a number, a scalar tensor or a "
-                     "closure returning one.")
+    raise ValueError(
+        f"Invalid loss={loss!r}: update_damping needs a number, a scalar tensor or a "
+        "closure returning one."
+    )

@@ -170,8 +170,12 @@ def discover(model: nn.Module, config: KFACConfig) -> tuple[dict[str, KFACBlock]
         unsupported = _ekfac_unsupported(kind, shared)
         method = settings["compute_method"]
         if unsupported and method_for(method).needs_pairs:
-            _refuse_all(skipped, holders, f"compute_method={method!r} does not support "
-                        f"{unsupported} (use 'eigen' for this layer through layer_overrides)")
+            _refuse_all(
+                skipped,
+                holders,
+                f"compute_method={method!r} does not support "
+                f"{unsupported} (use 'eigen' for this layer through layer_overrides)",
+            )
             continue
         if shared:
             for holder_name, holder, _ in holders:

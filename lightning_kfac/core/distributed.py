@@ -58,7 +58,7 @@ def _unflatten_(group: list[Tensor], flat: Tensor) -> None:
     offset = 0
     for t in group:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
+        t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
 
 
@@ -127,12 +127,12 @@ def pack_symmetric(matrix: Tensor, out: Tensor | None = None) -> Tensor:
     k, m, rows = _blocks(n)
     if out is None:
         out = matrix.new_empty(symmetric_numel(n))
-    rect = out[:rows * m].view(rows, m)
+    rect = out[: rows * m].view(rows, m)
     rect.zero_()
     rect[:m].copy_(matrix[k:, k:].triu())
     if k:
-        rect[1:k + 1, :k].add_(matrix[:k, :k].T.tril())
-        out[rows * m:].view(k, m).copy_(matrix[:k, k:])
+        rect[1 : k + 1, :k].add_(matrix[:k, :k].T.tril())
+        out[rows * m :].view(k, m).copy_(matrix[:k, k:])
     return out
 
 
@@ -143,13 +143,13 @@ def unpack_symmetric_(matrix: Tensor, packed: Tensor) -> Tensor:
     n = matrix.shape[0]
     k, m, rows = _blocks(n)
     packed = packed.to(matrix.dtype)
-    rect = packed[:rows * m].view(rows, m)
+    rect = packed[: rows * m].view(rows, m)
     upper = rect[:m].triu()
     matrix[k:, k:] = upper + upper.triu(1).T
     if k:
-        lower = rect[1:k + 1, :k].tril()  # = triu(M11)^T
+        lower = rect[1 : k + 1, :k].tril()  # = triu(M11)^T
         matrix[:k, :k] = lower.T + lower.tril(-1)
-        top_right = packed[rows * m:].view(k, m)
+        top_right = packed[rows * m :].view(k, m)
         matrix[:k, k:] = top_right
         matrix[k:, :k] = top_right.T
     return matrix
@@ -183,16 +183,15 @@ def all_reduce_factors_(comm: Communicator, flags: Tensor, estimates: Sequence[T
         flat[:head] = flags
         offset = head
         for t, n in zip(group, sizes):
-            pack_symmetric(t, flat[offset:offset + n])
+            pack_symmetric(t, flat[offset : offset + n])
             offset += n
         comm.all_reduce_sum_([flat])
         offset = 0
         if first:
-            flags.copy_(flat[:flags.numel()].to(flags.dtype))
+            flags.copy_(flat[: flags.numel()].to(flags.dtype))
             offset = flags.numel()
             first = False
         for t in group:
             n = t.numel() if t.dim() != 2 else symmetric_numel(t.shape[0])
-            unpack_symmetric_(t, flat[offset:offset + n])
+            unpack_symmetric_(t, flat[offset : offset + n])
             offset += n
-

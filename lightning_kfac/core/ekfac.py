@@ -61,8 +61,14 @@ class _Acc:
         self.raw: list[tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
 
 
-def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, examples: int,
-                        QA: Tensor | None, QG: Tensor | None) -> Tensor:
+def squared_rotated_sum(
+    block: KFACBlock,
+    a_rows: Tensor,
+    g_rows: Tensor,
+    examples: int,
+    QA: Tensor | None,
+    QG: Tensor | None,
+) -> Tensor:
     """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor (a diagonal side's
     basis is the identity: its rows are used as they are)."""
     g = block.g_structure.right_rotate(g_rows.to(block.dtype), QG)
@@ -90,8 +96,9 @@ class EKFACScaling:
         self.refresh_due: AbstractSet[str] = refresh_due
         self._acc: dict[str, _Acc] = {}
 
-    def add_pair(self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float,
-                 examples: int) -> None:
+    def add_pair(
+        self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float, examples: int
+    ) -> None:
         """Capture's ``pair_sink``: rows of one forward's input and of its output gradient."""
         if not block.method.needs_pairs:
             return
@@ -120,8 +127,11 @@ class EKFACScaling:
 
         Returns the names of blocks whose estimate was not finite (their scaling is kept).
         """
-        due = [b for b in due if b.method.needs_pairs
-               and isinstance(b.decomposition, EKFACDecomposition)]
+        due = [
+            b
+            for b in due
+            if b.method.needs_pairs and isinstance(b.decomposition, EKFACDecomposition)
+        ]
         sums: list[Tensor] = []
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
@@ -133,8 +143,11 @@ class EKFACScaling:
                     total.add_(acc.rotated)
                     counts[i] += acc.count
                 for a_rows, g_rows, examples in acc.raw:
-                    total.add_(squared_rotated_sum(block, a_rows, g_rows, examples,
-                                                   dec.get("QA"), dec.get("QG")))
+                    total.add_(
+                        squared_rotated_sum(
+                            block, a_rows, g_rows, examples, dec.get("QA"), dec.get("QG")
+                        )
+                    )
                     counts[i] += examples
             sums.append(total)
         self._acc.clear()

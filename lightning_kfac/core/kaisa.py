@@ -96,8 +96,14 @@ class DistributedWork:
         transport: "broadcast" (one flattened broadcast per source rank) or "all_reduce".
     """
 
-    def __init__(self, comm: Communicator, distribute: object, relative: bool,
-                 blocks: Mapping[str, KFACBlock], transport: str = "broadcast"):
+    def __init__(
+        self,
+        comm: Communicator,
+        distribute: object,
+        relative: bool,
+        blocks: Mapping[str, KFACBlock],
+        transport: str = "broadcast",
+    ):
         if transport not in TRANSPORTS:
             raise ValueError(f"Invalid transport={transport!r}: must be one of {TRANSPORTS}.")
         self.comm = comm
@@ -115,16 +121,19 @@ class DistributedWork:
 
     def is_shared(self, block: KFACBlock) -> bool:
         """True when one owner rank decomposes this block (world > 1, mode != replicate)."""
-        return (self.comm.world_size > 1 and self.mode != "replicate"
-                and self.layout(block) is not None)
+        return (
+            self.comm.world_size > 1 and self.mode != "replicate" and self.layout(block) is not None
+        )
 
     def owners(self) -> dict[str, int]:
         """``{name: rank}`` for the shareable blocks; fixed once computed (per world size)."""
         world = self.comm.world_size
         names = [n for n, b in self.blocks.items() if self.layout(b) is not None]
         if world != self._owners_world or any(n not in self._owners for n in names):
-            costs = [(n, layer_cost(self.blocks[n].kind.a_dim(), self.blocks[n].kind.g_dim()))
-                     for n in names]
+            costs = [
+                (n, layer_cost(self.blocks[n].kind.a_dim(), self.blocks[n].kind.g_dim()))
+                for n in names
+            ]
             self._owners = greedy_assignment(costs, world)
             self._owners_world = world
         return self._owners
@@ -173,9 +182,14 @@ class DistributedWork:
                 fields = {k: dec[k] for k, _, _, _ in layout}
                 wire = [_wire(dec[k], col) for k, _, _, col in layout]
             else:
-                fields = {k: (torch.zeros(shape[::-1], dtype=dtype, device=device).T if col
-                              else torch.zeros(shape, dtype=dtype, device=device))
-                          for k, shape, dtype, col in layout}
+                fields = {
+                    k: (
+                        torch.zeros(shape[::-1], dtype=dtype, device=device).T
+                        if col
+                        else torch.zeros(shape, dtype=dtype, device=device)
+                    )
+                    for k, shape, dtype, col in layout
+                }
                 wire = [fields[k].T if col else fields[k] for k, _, _, col in layout]
             out[block.name] = block.method.decomposition_type.from_state(fields)
             per_src.setdefault(src, []).extend(wire)
@@ -183,8 +197,9 @@ class DistributedWork:
         return out
 
     # -- engine entry points -----------------------------------------------------------------
-    def decompose(self, due: Sequence[KFACBlock], fn: Callable[[KFACBlock], Decomposition]
-                  ) -> list[tuple[KFACBlock, Exception | None]]:
+    def decompose(
+        self, due: Sequence[KFACBlock], fn: Callable[[KFACBlock], Decomposition]
+    ) -> list[tuple[KFACBlock, Exception | None]]:
         """Refresh the decompositions of ``due`` with ``fn(block)``, collectively.
 
         Returns ``[(block, error or None)]`` in ``due`` order, identical on every rank; on
@@ -229,15 +244,19 @@ class DistributedWork:
                 self.blocks[name].decomposition = dec
         return results
 
-    def exchange_gradients(self, work: list[WorkItem], lr_of: dict[int, float] | None
-                           ) -> list[WorkItem]:
-        """"gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
+    def exchange_gradients(
+        self, work: list[WorkItem], lr_of: dict[int, float] | None
+    ) -> list[WorkItem]:
+        """ "gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
 
         ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
         the result holds every layer whose owner produced a P (in ``blocks`` order).
         """
-        blocks = [b for b in self.blocks.values() if self.is_shared(b)
-                  and (lr_of is None or id(b.kind.weight) in lr_of)]  # this optimizer's
+        blocks = [
+            b
+            for b in self.blocks.values()
+            if self.is_shared(b) and (lr_of is None or id(b.kind.weight) in lr_of)
+        ]  # this optimizer's
         if self.mode != "gradients" or not blocks:
             return work
         rank = self.comm.rank
@@ -276,13 +295,16 @@ class DistributedWork:
         return out
 
     def complete_state(self, layers: dict[str, dict[str, Any]]) -> None:
-        """"gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
+        """ "gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
         blocks = [b for b in self.blocks.values() if self.is_shared(b)]
         if self.mode != "gradients" or not blocks:
             return
         rank = self.comm.rank
-        have = torch.tensor([1.0 if self.owners()[b.name] == rank and b.decomposition else 0.0
-                             for b in blocks], dtype=torch.float64, device=_device(blocks))
+        have = torch.tensor(
+            [1.0 if self.owners()[b.name] == rank and b.decomposition else 0.0 for b in blocks],
+            dtype=torch.float64,
+            device=_device(blocks),
+        )
         self.comm.all_reduce_sum_([have])
         ready = [b for b, h in zip(blocks, have.tolist()) if h > 0]
         for name, dec in self._send_decompositions(ready).items():
@@ -316,11 +338,13 @@ def _check_layout(block: KFACBlock, dec: Decomposition | None, layout: Layout) -
             got = None if value is None else (tuple(value.shape), value.dtype)
             raise RuntimeError(
                 f"K-FAC: decomposition of layer {block.name!r} does not match its transfer layout "
-                f"({key}: expected {tuple(shape)} {dtype}, got {got}); set distribute='replicate'.")
+                f"({key}: expected {tuple(shape)} {dtype}, got {got}); set distribute='replicate'."
+            )
 
 
-def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, relative: bool,
-                        world_size: int) -> dict[str, int]:
+def communication_bytes(
+    blocks: Mapping[str, KFACBlock], distribute: object, relative: bool, world_size: int
+) -> dict[str, int]:
     """Payload bytes each rank hands to collectives, for every layer due at once.
 
     Returns a dict with ``factor_update`` (upper triangles of A^, G^ and ``FACTOR_FLAGS`` flags
@@ -337,8 +361,9 @@ def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, rel
     mode = _mode(distribute)
     block_list = list(blocks.values())
     layouts = {b.name: decomposition_layout(b, relative) for b in block_list}
-    shared = [b for b in block_list
-              if world > 1 and mode != "replicate" and layouts[b.name] is not None]
+    shared = [
+        b for b in block_list if world > 1 and mode != "replicate" and layouts[b.name] is not None
+    ]
     costs = [(b.name, layer_cost(b.kind.a_dim(), b.kind.g_dim())) for b in shared]
     owner = greedy_assignment(costs, max(world, 1))
     dec_bytes = {name: _nbytes(layout) for name, layout in layouts.items() if layout is not None}
@@ -350,7 +375,8 @@ def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, rel
     if world > 1 and block_list:
         out["factor_update"] = sum(
             (_side_numel(b.a_structure) + _side_numel(b.g_structure) + FACTOR_FLAGS) * elsize(b)
-            for b in block_list)
+            for b in block_list
+        )
         out["decomposition_refresh"] = 8 * len(block_list)
         if mode == "decompositions":
             out["decomposition_refresh"] += sum(dec_bytes[b.name] for b in shared)

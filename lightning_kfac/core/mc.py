@@ -37,6 +37,7 @@ from lightning_kfac.core.capture import Capture, Route, is_transformed, training
 try:  # torch >= 2.2: an edge survives in-place ops on the tensor that produced it
     from torch.autograd.graph import get_gradient_edge as _edge
 except ImportError:  # pragma: no cover - older torch: differentiate the tensor itself
+
     def _edge(t: Tensor) -> Any:  # type: ignore[misc]
         return t
 
@@ -49,9 +50,11 @@ def resolve_output_module(model: nn.Module, name: str | None) -> nn.Module:
     if name not in modules:
         names = [n for n in modules if n]
         shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
-        raise ValueError(f"Invalid output_module={name!r}: the model has no submodule with that "
-                         f"qualified name; allowed: None (the model's own output) or one of "
-                         f"[{shown}].")
+        raise ValueError(
+            f"Invalid output_module={name!r}: the model has no submodule with that "
+            f"qualified name; allowed: None (the model's own output) or one of "
+            f"[{shown}]."
+        )
     module: nn.Module = modules[name]
     return module
 
@@ -79,7 +82,7 @@ class MCFisher:
         self._kept: list[tuple[Route, Any, Tensor | None]] = []
         self._output: Any = None
         self.calls = 0  # mc backward passes since the last finish_step()
-        self.seed = (torch.initial_seed() + 1_000_003 * int(rank)) % (2 ** 63)
+        self.seed = (torch.initial_seed() + 1_000_003 * int(rank)) % (2**63)
         self.generator: torch.Generator | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._rng_mark: dict[str, Any] | None = None  # generator state before this step's draws
@@ -145,7 +148,8 @@ class MCFisher:
                 raise RuntimeError(
                     "K-FAC fisher_type='mc': the extra backward of the sampled loss failed "
                     f"({err}). Call mc_backward() after the forward and BEFORE loss.backward() "
-                    "(the graph must still be alive).") from err
+                    "(the graph must still be alive)."
+                ) from err
             finally:
                 self.capture.sampling = False
             for (route, _, a_rows), grad in zip(kept, grads):
@@ -153,17 +157,24 @@ class MCFisher:
                 if grad is None:
                     continue
                 fed[route.name] = True
-                self.capture.add_output_grad(route, grad, per_example=True, a_rows=a_rows,
-                                             loss_terms=terms)
+                self.capture.add_output_grad(
+                    route, grad, per_example=True, a_rows=a_rows, loss_terms=terms
+                )
         self.calls += 1
         unfed = sorted(n for n, ok in fed.items() if not ok and n not in self._unfed)
         if unfed:
             self._unfed.update(unfed)
-            where = "the model's output" if self.output_name is None else \
-                f"output_module={self.output_name!r}"
-            warnings.warn(f"K-FAC fisher_type='mc': layers {unfed} do not feed {where}, so their "
-                          "G cannot be estimated from sampled labels; they get no factor update.",
-                          RuntimeWarning, stacklevel=3)
+            where = (
+                "the model's output"
+                if self.output_name is None
+                else f"output_module={self.output_name!r}"
+            )
+            warnings.warn(
+                f"K-FAC fisher_type='mc': layers {unfed} do not feed {where}, so their "
+                "G cannot be estimated from sampled labels; they get no factor update.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def finish_step(self, backward_happened: bool) -> None:
         """End of an optimizer step: refuse a backward that skipped ``mc_backward``; forget."""
@@ -176,38 +187,47 @@ class MCFisher:
                 "K-FAC fisher_type='mc': layer outputs were captured on a factor-update step but "
                 "mc_backward() was never called. In a plain PyTorch loop call "
                 "`pre.mc_backward()` after the forward and before `loss.backward()` (the "
-                "KFACCallback does it in on_before_backward); or set fisher_type='empirical'.")
+                "KFACCallback does it in on_before_backward); or set fisher_type='empirical'."
+            )
 
     # -- likelihoods -----------------------------------------------------------------------------
     def _check_output(self, output: Any) -> Tensor:
-        where = ("the model's forward output (output_module=None)" if self.output_name is None
-                 else f"the output of output_module={self.output_name!r}")
+        where = (
+            "the model's forward output (output_module=None)"
+            if self.output_name is None
+            else f"the output of output_module={self.output_name!r}"
+        )
         if output is None:
             raise RuntimeError(
                 f"K-FAC fisher_type='mc': no model output was captured from {where} in this "
                 "training forward. Set output_module to the qualified name of the submodule "
                 "whose output is the model output (e.g. the last layer), or pass it explicitly: "
-                "mc_backward(output=logits).")
+                "mc_backward(output=logits)."
+            )
         if not isinstance(output, Tensor):
             raise RuntimeError(
                 f"K-FAC fisher_type='mc': {where} is a {type(output).__name__}, not a tensor. "
                 "Set output_module to the submodule that returns the logits/mean tensor, or pass "
-                "it explicitly: mc_backward(output=logits).")
+                "it explicitly: mc_backward(output=logits)."
+            )
         if not output.is_floating_point():
             raise ValueError(
                 f"Invalid model output for likelihood={self.likelihood!r}: {where} has dtype "
                 f"{output.dtype}; a floating-point tensor of logits (categorical, bernoulli) or "
-                "means (gaussian) is needed. Set output_module to the submodule returning it.")
+                "means (gaussian) is needed. Set output_module to the submodule returning it."
+            )
         if self.likelihood == "categorical" and (output.dim() == 0 or output.shape[-1] < 2):
             raise ValueError(
                 f"Invalid model output for likelihood='categorical': {where} has shape "
                 f"{tuple(output.shape)}; logits with the classes on the last dimension (>= 2) "
                 "are needed. For one logit per output use likelihood='bernoulli'; for "
-                "regression likelihood='gaussian'.")
+                "regression likelihood='gaussian'."
+            )
         if not output.requires_grad:
             raise RuntimeError(
                 f"K-FAC fisher_type='mc': {where} does not require grad (computed under "
-                "torch.no_grad() or detached?); the sampled loss cannot be differentiated.")
+                "torch.no_grad() or detached?); the sampled loss cannot be differentiated."
+            )
         return output
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -242,13 +262,20 @@ class MCFisher:
     def _enumerate(self, f: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every class c with per-row weights ``sqrt(C p(c|f_n))`` (see ``backward``)."""
         if self.likelihood != "categorical":
-            raise ValueError(f"Invalid likelihood={self.likelihood!r} for enumerate_classes=True: "
-                             "only 'categorical' can be enumerated.")
+            raise ValueError(
+                f"Invalid likelihood={self.likelihood!r} for enumerate_classes=True: "
+                "only 'categorical' can be enumerated."
+            )
         logits = f.detach().reshape(-1, f.shape[-1])
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
         classes = probs.shape[1]
-        return [(torch.full((probs.shape[0],), c, dtype=torch.long, device=f.device),
-                 (classes * probs[:, c]).sqrt()) for c in range(classes)]
+        return [
+            (
+                torch.full((probs.shape[0],), c, dtype=torch.long, device=f.device),
+                (classes * probs[:, c]).sqrt(),
+            )
+            for c in range(classes)
+        ]
 
     def nll(self, f: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
         """``sum over every row (and feature) of -log p(y|f)``, up to a constant.
@@ -303,8 +330,10 @@ class MCFisher:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"seed": self.seed}
         if self.generator is not None:
-            state["rng"] = {"device": self.generator.device.type,
-                            "state": self.generator.get_state()}
+            state["rng"] = {
+                "device": self.generator.device.type,
+                "state": self.generator.get_state(),
+            }
         elif self._pending_rng is not None:
             state["rng"] = self._pending_rng
         return state

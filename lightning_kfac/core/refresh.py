@@ -76,8 +76,14 @@ class RefreshMonitor:
         self.last_refresh_seconds = total
         if self._reported and self._done:
             name, slowest = max(self._done, key=lambda item: item[1])
-            logger.info("K-FAC refresh at step %d: %d layers decomposed in %.1f s "
-                        "(slowest: %s, %.1f s)", self._step, len(self._done), total, name, slowest)
+            logger.info(
+                "K-FAC refresh at step %d: %d layers decomposed in %.1f s (slowest: %s, %.1f s)",
+                self._step,
+                len(self._done),
+                total,
+                name,
+                slowest,
+            )
         self._start = None
 
     def _finish_layer(self, block: Any, seconds: float, caught: list) -> None:
@@ -86,18 +92,39 @@ class RefreshMonitor:
         for record in caught:
             if issubclass(record.category, DecompositionRetryWarning):
                 self.retries += 1
-                logger.warning("K-FAC: layer %r at step %d: %s (retry %d of this run)",
-                               block.name, self._step, record.message, self.retries)
+                logger.warning(
+                    "K-FAC: layer %r at step %d: %s (retry %d of this run)",
+                    block.name,
+                    self._step,
+                    record.message,
+                    self.retries,
+                )
             else:  # not ours: hand it on unchanged
-                warnings.warn_explicit(record.message, record.category, record.filename,
-                                       record.lineno, source=record.source)
+                warnings.warn_explicit(
+                    record.message,
+                    record.category,
+                    record.filename,
+                    record.lineno,
+                    source=record.source,
+                )
         elapsed = time.perf_counter() - self._start
         if elapsed > self.report_after:
             if not self._reported:
-                logger.info("K-FAC refresh at step %d is slow (%d layers due); reporting "
-                            "progress", self._step, self._total)
+                logger.info(
+                    "K-FAC refresh at step %d is slow (%d layers due); reporting progress",
+                    self._step,
+                    self._total,
+                )
             self._reported = True
             a, g = block.kind.a_dim(), block.kind.g_dim()
-            logger.info("K-FAC refresh at step %d: layer %d/%d %s (A %d, G %d) took %.1f s, "
-                        "%.1f s elapsed", self._step, len(self._done), self._total, block.name,
-                        a, g, seconds, elapsed)
+            logger.info(
+                "K-FAC refresh at step %d: layer %d/%d %s (A %d, G %d) took %.1f s, %.1f s elapsed",
+                self._step,
+                len(self._done),
+                self._total,
+                block.name,
+                a,
+                g,
+                seconds,
+                elapsed,
+            )

@@ -16,12 +16,15 @@ STRUCTURES: dict[str, type[FactorStructure]] = {
 }
 
 
-def make_structure(name: str, dim: int, groups: int = 1, *,
-                   option: str = "factor structure") -> FactorStructure:
+def make_structure(
+    name: str, dim: int, groups: int = 1, *, option: str = "factor structure"
+) -> FactorStructure:
     """A structure of dimension ``dim`` (``groups`` stacked) by its registered name."""
     try:
         cls = STRUCTURES[name]
     except KeyError:
-        raise ValueError(f"Invalid {option}={name!r}: must be one of {sorted(STRUCTURES)} "
-                         "(core/structure_registry.py).") from None
+        raise ValueError(
+            f"Invalid {option}={name!r}: must be one of {sorted(STRUCTURES)} "
+            "(core/structure_registry.py)."
+        ) from None
     return cls(dim, groups)

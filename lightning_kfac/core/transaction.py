@@ -35,8 +35,13 @@ if TYPE_CHECKING:
     from lightning_kfac.core.mc import MCFisher
 
 _UNCHANGED = object()
-FAULT_COUNTERS = ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
-                  "overflow_steps", "dropped_layers")
+FAULT_COUNTERS = (
+    "nonfinite_estimates",
+    "nonfinite_gradients",
+    "decomposition_failures",
+    "overflow_steps",
+    "dropped_layers",
+)
 _Saved = Union[Tensor | None, object]  # a factor, or _UNCHANGED
 
 
@@ -84,8 +89,10 @@ class StepUndo:
         self.blocks: dict[str, tuple[_Saved, _Saved, Decomposition | None, int]] = {}
         # What was captured for step t (the step consumes it): back in place after an exception
         # inside step(), so that step() can be retried on the same backward.
-        self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
-                                b.kept_rows) for name, b in parts.blocks.items()}
+        self.captured = {
+            name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows, b.kept_rows)
+            for name, b in parts.blocks.items()
+        }
         self.mc_kept = mc.captured() if mc is not None else None
         ekfac = parts.ekfac
         self.ekfac_acc = dict(ekfac._acc) if ekfac is not None else None
@@ -100,9 +107,12 @@ class StepUndo:
             dec = block.decomposition
             if dec is not None:  # EKFAC's scaling changes in place on factor-update steps
                 dec = dec.snapshot() if self.t % block.factor_update_steps == 0 else dec.copy()
-            self.blocks[block.name] = (_clone(block.A) if updated else _UNCHANGED,
-                                       _clone(block.G) if updated else _UNCHANGED,
-                                       dec, block.failures)
+            self.blocks[block.name] = (
+                _clone(block.A) if updated else _UNCHANGED,
+                _clone(block.G) if updated else _UNCHANGED,
+                dec,
+                block.failures,
+            )
 
     def merge(self, later: StepUndo) -> StepUndo:
         """Another ``step()`` at the same t (manual optimization, one per optimizer)."""
@@ -149,8 +159,15 @@ class StepUndo:
         for name, saved in self.captured.items():
             block = parts.blocks.get(name)
             if block is not None:
-                (block.a_sum, block.a_div, block.g_sum, block.g_div, block.a_rows, block.g_rows,
-                 block.kept_rows) = saved
+                (
+                    block.a_sum,
+                    block.a_div,
+                    block.g_sum,
+                    block.g_div,
+                    block.a_rows,
+                    block.g_rows,
+                    block.kept_rows,
+                ) = saved
         if self.mc_kept is not None and parts.mc is not None:
             parts.mc.put_back(self.mc_kept)
         if self.ekfac_acc is not None and parts.ekfac is not None:

@@ -19,7 +19,13 @@ else:
     from pytorch_lightning.demos.boring_classes import BoringDataModule, BoringModel
 
 cli = LightningCLI(BoringModel, BoringDataModule, args=args)
-found = [{"class": f"{type(cb).__module__}.{type(cb).__name__}", "config": cb.config.to_dict(),
-          "steps": cb.preconditioner.steps if cb.preconditioner is not None else 0}
-         for cb in cli.trainer.callbacks if hasattr(cb, "preconditioner")]
+found = [
+    {
+        "class": f"{type(cb).__module__}.{type(cb).__name__}",
+        "config": cb.config.to_dict(),
+        "steps": cb.preconditioner.steps if cb.preconditioner is not None else 0,
+    }
+    for cb in cli.trainer.callbacks
+    if hasattr(cb, "preconditioner")
+]
 print("KFAC_RESULT " + json.dumps(found))

@@ -22,8 +22,11 @@ def test_all_finite_equals_isfinite(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     big = torch.finfo(dtype).max
     for case in range(40):
-        tensors = [torch.randn(7, 9, generator=gen).to(dtype), torch.randn(300, generator=gen)
-                   .to(dtype), torch.randn(6, 5, generator=gen).to(dtype).T]
+        tensors = [
+            torch.randn(7, 9, generator=gen).to(dtype),
+            torch.randn(300, generator=gen).to(dtype),
+            torch.randn(6, 5, generator=gen).to(dtype).T,
+        ]
         which, at = case % 3, case % 5
         kind = case % 4
         row, col = divmod(at, 2)  # an entry of every tensor (the third is a transposed view)

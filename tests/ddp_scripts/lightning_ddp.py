@@ -31,10 +31,15 @@ from tests.support.lightning import MLP, make_dataset, make_trainer
 def main(out_dir: str, steps: int, nodes: int = 1) -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
-    trainer = make_trainer(out, strategy="ddp", devices=2 // nodes, num_nodes=nodes,
-                           max_steps=steps,
-                           use_distributed_sampler=False,
-                           callbacks=[KFACCallback(**OPTIONS), RankDump(out)])
+    trainer = make_trainer(
+        out,
+        strategy="ddp",
+        devices=2 // nodes,
+        num_nodes=nodes,
+        max_steps=steps,
+        use_distributed_sampler=False,
+        callbacks=[KFACCallback(**OPTIONS), RankDump(out)],
+    )
     trainer.fit(MLP(), rank_loader(make_dataset(N), BATCH))
 
 

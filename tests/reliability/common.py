@@ -55,33 +55,61 @@ class Inject(nn.Module):
 LAYERS = ["fc0", "fc1", "fc2"]
 
 
-def mlp(seed: int = 0, d_in: int = 6, hidden: int = 8, classes: int = 3,
-        dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def mlp(
+    seed: int = 0,
+    d_in: int = 6,
+    hidden: int = 8,
+    classes: int = 3,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Sequential:
     """fc0 -> tanh -> inj0 -> fc1 -> tanh -> inj1 -> fc2 (injectors after the activations)."""
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict([
-        ("fc0", nn.Linear(d_in, hidden)), ("act0", nn.Tanh()), ("inj0", Inject()),
-        ("fc1", nn.Linear(hidden, hidden)), ("act1", nn.Tanh()), ("inj1", Inject()),
-        ("fc2", nn.Linear(hidden, classes)),
-    ])).to(dtype)
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("fc0", nn.Linear(d_in, hidden)),
+                ("act0", nn.Tanh()),
+                ("inj0", Inject()),
+                ("fc1", nn.Linear(hidden, hidden)),
+                ("act1", nn.Tanh()),
+                ("inj1", Inject()),
+                ("fc2", nn.Linear(hidden, classes)),
+            ]
+        )
+    ).to(dtype)
 
 
 def small_cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
     """Two 3x3 convolutions and a linear head on 1 x 8 x 8 inputs (10 classes)."""
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict([
-        ("conv0", nn.Conv2d(1, 4, 3)), ("relu0", nn.ReLU(inplace=True)),
-        ("conv1", nn.Conv2d(4, 6, 3, padding=1)), ("relu1", nn.ReLU()),
-        ("flat", nn.Flatten()), ("fc", nn.Linear(6 * 6 * 6, 10)),
-    ])).to(dtype)
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv0", nn.Conv2d(1, 4, 3)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("conv1", nn.Conv2d(4, 6, 3, padding=1)),
+                ("relu1", nn.ReLU()),
+                ("flat", nn.Flatten()),
+                ("fc", nn.Linear(6 * 6 * 6, 10)),
+            ]
+        )
+    ).to(dtype)
 
 
-def batch(t: int, n: int = 16, shape: tuple[int, ...] = (6,), classes: int = 3,
-          dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[Tensor, Tensor]:
+def batch(
+    t: int,
+    n: int = 16,
+    shape: tuple[int, ...] = (6,),
+    classes: int = 3,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
     """The batch of step ``t``: a pure function of (seed, t), so replays are bit-identical."""
     gen = torch.Generator().manual_seed(10_000 * seed + t)
-    return (torch.randn(n, *shape, generator=gen, dtype=dtype),
-            torch.randint(0, classes, (n,), generator=gen))
+    return (
+        torch.randn(n, *shape, generator=gen, dtype=dtype),
+        torch.randint(0, classes, (n,), generator=gen),
+    )
 
 
 def all_finite(tensors) -> bool:

@@ -20,8 +20,10 @@ def reliability_row(request) -> Callable[[str, int, int, str], None]:
     """``reliability_row(name, injected, survived, figure)`` records this test's row."""
 
     def record(name: str, injected: int, survived: int, figure: str) -> None:
-        record_row(request.config, Row(name, int(injected), int(survived), str(figure),
-                                       request.node.nodeid))
+        record_row(
+            request.config,
+            Row(name, int(injected), int(survived), str(figure), request.node.nodeid),
+        )
 
     return record
 

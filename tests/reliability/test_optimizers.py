@@ -35,14 +35,15 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _groups(model, lrs=(0.1, 0.02)):
-    return [{"params": [*model.fc0.parameters(), *model.fc1.parameters()], "lr": lrs[0]},
-            {"params": list(model.fc2.parameters()), "lr": lrs[1]}]
+    return [
+        {"params": [*model.fc0.parameters(), *model.fc1.parameters()], "lr": lrs[0]},
+        {"params": list(model.fc2.parameters()), "lr": lrs[1]},
+    ]
 
 
 OPTIMIZERS: dict[str, Callable] = {
     "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-    "SGD+Nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
-                                              nesterov=True),
+    "SGD+Nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True),
     "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
     "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=1e-2),
     "two param groups": lambda m: torch.optim.SGD(_groups(m), momentum=0.9),
@@ -53,10 +54,14 @@ OPTIMIZERS: dict[str, Callable] = {
 def _make(name: str):
     model = mlp(seed=1)
     inner = OPTIMIZERS[name](model)
-    scheduler = (torch.optim.lr_scheduler.StepLR(inner, step_size=10, gamma=0.5)
-                 if name == "LR scheduler" else None)
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=5, damping=1e-2,
-                             kl_clip=KL_CLIP)
+    scheduler = (
+        torch.optim.lr_scheduler.StepLR(inner, step_size=10, gamma=0.5)
+        if name == "LR scheduler"
+        else None
+    )
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=5, damping=1e-2, kl_clip=KL_CLIP
+    )
     return model, inner, scheduler, pre, pre.wrap(inner)
 
 
@@ -80,8 +85,11 @@ def _loss(model) -> float:
 
 
 def _state(model, opt, scheduler) -> dict:
-    return {"model": model.state_dict(), "opt": opt.state_dict(),
-            "sched": scheduler.state_dict() if scheduler is not None else {}}
+    return {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": scheduler.state_dict() if scheduler is not None else {},
+    }
 
 
 def _check_optimizer(name: str) -> list[str]:
@@ -97,11 +105,13 @@ def _check_optimizer(name: str) -> list[str]:
 
     def at_inner_step(optimizer, args, kwargs):  # sees exactly what the inner optimizer uses
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        quad = sum(lr_of[id(p)] ** 2 * float((p.grad.double() * r).sum())
-                   for p, r in zip(params, raw))
+        quad = sum(
+            lr_of[id(p)] ** 2 * float((p.grad.double() * r).sum()) for p, r in zip(params, raw)
+        )
         nu = pre.last_stats["kl_clip_factor"]
-        kl_errors.append(abs(nu * quad - KL_CLIP) / KL_CLIP if nu < 1 else
-                         max(0.0, quad - KL_CLIP) / KL_CLIP)
+        kl_errors.append(
+            abs(nu * quad - KL_CLIP) / KL_CLIP if nu < 1 else max(0.0, quad - KL_CLIP) / KL_CLIP
+        )
 
     inner.register_step_pre_hook(at_inner_step)
     before = _loss(model)
@@ -111,19 +121,22 @@ def _check_optimizer(name: str) -> list[str]:
         problems.append(f"loss {before:.3f} -> {after:.3f}")
     if max(kl_errors) > 1e-6:
         problems.append(f"KL clip inconsistent with the group lr: {max(kl_errors):.2e}")
-    if scheduler is not None and inner.param_groups[0]["lr"] != pytest.approx(0.2 * 0.5 ** 3):
+    if scheduler is not None and inner.param_groups[0]["lr"] != pytest.approx(0.2 * 0.5**3):
         problems.append(f"scheduled lr {inner.param_groups[0]['lr']}")
     # the inner state_dict keeps the layout of the same optimizer trained without K-FAC
     plain_model = mlp(seed=1)
     plain = OPTIMIZERS[name](plain_model)
-    plain_scheduler = (torch.optim.lr_scheduler.StepLR(plain, step_size=10, gamma=0.5)
-                       if scheduler is not None else None)
+    plain_scheduler = (
+        torch.optim.lr_scheduler.StepLR(plain, step_size=10, gamma=0.5)
+        if scheduler is not None
+        else None
+    )
     _train(plain_model, plain, plain_scheduler, 0, 2)
     ours, theirs = inner.state_dict(), plain.state_dict()
     layout = {k: sorted(v) for k, v in ours["state"].items()}
-    if layout != {k: sorted(v) for k, v in theirs["state"].items()} or \
-            [sorted(g) for g in ours["param_groups"]] != [sorted(g) for g in
-                                                         theirs["param_groups"]]:
+    if layout != {k: sorted(v) for k, v in theirs["state"].items()} or [
+        sorted(g) for g in ours["param_groups"]
+    ] != [sorted(g) for g in theirs["param_groups"]]:
         problems.append("optimizer state_dict layout differs from the plain optimizer's")
     # resume through the wrapper's state_dict (weights_only) is bit-identical
     buffer = io.BytesIO()
@@ -146,8 +159,12 @@ def test_wrapped_optimizer_matrix(reliability_row) -> None:
     failures = {name: _check_optimizer(name) for name in OPTIMIZERS}
     failures = {k: v for k, v in failures.items() if v}
     passing = len(OPTIMIZERS) - len(failures)
-    reliability_row("wrapped optimizers", len(OPTIMIZERS), passing,
-                    f"optimizers passing {passing}/{len(OPTIMIZERS)}")
+    reliability_row(
+        "wrapped optimizers",
+        len(OPTIMIZERS),
+        passing,
+        f"optimizers passing {passing}/{len(OPTIMIZERS)}",
+    )
     assert not failures, failures
 
 

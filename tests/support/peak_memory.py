@@ -138,11 +138,20 @@ print("RESULT" + json.dumps({
 
 
 def measure(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"measurement child failed:\n{out.stderr[-3000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
