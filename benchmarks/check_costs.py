@@ -102,7 +102,7 @@ def _layer(rows: int, d_out: int, d_in: int) -> tuple[Tensor, Tensor, Tensor]:
 def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median thread-CPU ms of each function, the functions interleaved in every repetition."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up
+    for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():

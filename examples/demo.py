@@ -328,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
         writer.writerow(["run", "cpu_s", "wall_s", "step", "loss"])
         for name, rec in recorders.items():
             writer.writerows(
-                [name, t, w, s, l] for t, w, s, l in zip(rec.times, rec.wall, rec.steps, rec.losses)
+                [name, t, w, s, loss]
+                for t, w, s, loss in zip(rec.times, rec.wall, rec.steps, rec.losses)
             )
     png = plot(recorders, args.window, target, args.out / "demo.png", floor)
     optimizer = arms["K-FAC"].optimizer

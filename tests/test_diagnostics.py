@@ -311,7 +311,7 @@ def test_population_terms_equal_explicit_u_statistics():
     cross = sum(P[n, m] * Q[n, k] for n, m, k in itertools.permutations(range(B), 3)) / (
         B * (B - 1) * (B - 2)
     )
-    k2 = sum(P[n, m] * Q[k, l] for n, m, k, l in itertools.permutations(range(B), 4)) / (
+    k2 = sum(P[n, m] * Q[k, j] for n, m, k, j in itertools.permutations(range(B), 4)) / (
         B * (B - 1) * (B - 2) * (B - 3)
     )
     e2_got, m2_got = population_terms(a, g)

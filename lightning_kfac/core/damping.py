@@ -43,7 +43,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,7 @@ from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
 
-Loss = Union[float, Tensor, Callable[[], Any]]
+Loss = float | Tensor | Callable[[], Any]
 
 
 def scheduled_damping(config: KFACConfig, step: int) -> float:

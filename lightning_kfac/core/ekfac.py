@@ -32,7 +32,7 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
 
 from __future__ import annotations
 
-from typing import AbstractSet
+from collections.abc import Set
 
 import torch
 from torch import Tensor
@@ -92,8 +92,8 @@ class EKFACScaling:
             sets it whenever its clock moves.
     """
 
-    def __init__(self, refresh_due: AbstractSet[str] = frozenset()):
-        self.refresh_due: AbstractSet[str] = refresh_due
+    def __init__(self, refresh_due: Set[str] = frozenset()):
+        self.refresh_due: Set[str] = refresh_due
         self._acc: dict[str, _Acc] = {}
 
     def add_pair(

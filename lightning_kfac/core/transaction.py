@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -42,7 +42,7 @@ FAULT_COUNTERS = (
     "overflow_steps",
     "dropped_layers",
 )
-_Saved = Union[Tensor | None, object]  # a factor, or _UNCHANGED
+_Saved = Tensor | None | object  # a factor, or _UNCHANGED
 
 
 def _clone(t: Tensor | None) -> Tensor | None:

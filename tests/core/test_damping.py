@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -55,9 +56,9 @@ def test_bad_damping_options_name_option_and_value(option, value, needle):
 def test_damping_cross_checks():
     with pytest.raises(ValueError, match=r"Invalid damping=0\.001: must lie within"):
         KFACConfig(damping=1e-3, min_damping=1e-2)
-    with pytest.raises(ValueError, match="Invalid damping_schedule='step'.*adaptive_damping"):
+    with pytest.raises(ValueError, match=r"Invalid damping_schedule='step'.*adaptive_damping"):
         KFACConfig(adaptive_damping=True, damping_schedule="step")
-    with pytest.raises(ValueError, match="Invalid loss_reduction='sum'.*adaptive_damping"):
+    with pytest.raises(ValueError, match=r"Invalid loss_reduction='sum'.*adaptive_damping"):
         KFACConfig(adaptive_damping=True, loss_reduction="sum")
     cfg = KFACConfig(damping_schedule="EXPONENTIAL", adaptive_damping_factor=0.5)
     assert cfg.to_dict()["damping_schedule"] == "exponential"
@@ -485,7 +486,7 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
             return loss
 
     class Losses(pl.Callback):
-        values = []
+        values: ClassVar[list[float]] = []
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.values.append(float(outputs["loss"]))

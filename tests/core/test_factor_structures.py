@@ -158,5 +158,5 @@ def test_state_with_other_structures_is_refused() -> None:
     F.mse_loss(model(torch.randn(5, 4)), torch.randn(5, 6)).backward()
     pre.step()
     other = KFACPreconditioner(model, max_dense_dim=5)
-    with pytest.raises(ValueError, match="factor structures|does not fit this model"):
+    with pytest.raises(ValueError, match=r"factor structures|does not fit this model"):
         other.load_state_dict(pre.state_dict())

@@ -266,7 +266,7 @@ def test_clear_errors() -> None:
     pre = KFACPreconditioner(model, fisher_type="mc", factor_update_steps=1)
     out = model(x)
     out.sum().backward()
-    with pytest.raises(RuntimeError, match="BEFORE loss.backward"):
+    with pytest.raises(RuntimeError, match=r"BEFORE loss\.backward"):
         pre.mc_backward()
     model.zero_grad()
     model(x).sum().backward()

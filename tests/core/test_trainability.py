@@ -132,7 +132,9 @@ def test_requires_grad_mid_fit_preconditioned_from_next_factor_update():
     pre = KFACPreconditioner(
         model, factor_update_steps=2, inv_update_steps=50, kl_clip=None, damping=DAMPING
     )
-    assert "frozen (for now)" in next(l for l in pre.summary().splitlines() if l.startswith("0 "))
+    assert "frozen (for now)" in next(
+        row for row in pre.summary().splitlines() if row.startswith("0 ")
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for t in range(3):
         _step(model, pre, opt, t)

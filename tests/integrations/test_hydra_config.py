@@ -19,12 +19,12 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from examples.data import load_digits_tensors
 from examples.train import CONF_DIR, build_kfac_callback  # registers the schema
 from lightning_kfac import KFACConfig
 from lightning_kfac.integrations.hydra import KFACSchema
+
+ROOT = Path(__file__).resolve().parents[2]
 
 GROUPS = ("data", "model", "optimizer", "kfac", "trainer", "experiment")
 

@@ -8,12 +8,11 @@ a finite spike (a float multiplier), so faults reach the real engine through rea
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-Fault = Optional[str | float]
+Fault = str | float | None
 
 
 def _corrupt(x: Tensor, fault: Fault) -> Tensor:

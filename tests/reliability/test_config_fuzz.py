@@ -129,7 +129,9 @@ def test_one_option_arbitrary_value(reliability_row) -> None:
             raise
         except Exception as err:  # a crash other than ValueError
             stats["crash"] += 1
-            raise AssertionError(f"{name}={value!r} crashed with {type(err).__name__}: {err}")
+            raise AssertionError(
+                f"{name}={value!r} crashed with {type(err).__name__}: {err}"
+            ) from err
 
     try:
         _run(prop, stats)
@@ -222,7 +224,7 @@ def test_valid_combinations_train_finite_steps(reliability_row) -> None:
             raise
         except Exception as err:
             stats["crash"] += 1
-            raise AssertionError(f"{options} crashed with {type(err).__name__}: {err}")
+            raise AssertionError(f"{options} crashed with {type(err).__name__}: {err}") from err
         stats[outcome] += 1
         assert outcome == "trained", f"a valid configuration was rejected: {options}"
 

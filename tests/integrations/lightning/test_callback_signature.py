@@ -12,7 +12,7 @@ import enum
 import inspect
 import types
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import pytest
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -56,7 +56,7 @@ def expected_annotation(name: str) -> Any:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return Literal[tuple(member.value for member in hint)]
     if typing.get_origin(hint) is list:
-        return Optional[hint]
+        return hint | None
     return hint
 
 
