@@ -1,4 +1,5 @@
-"""The engine's per-step checks, old against new, side by side: ``python -m benchmarks.check_costs``.
+"""The engine's per-step checks, old against new, side by side:
+``python -m benchmarks.check_costs``.
 
 Times (one thread, ``time.thread_time``, interleaved repetitions, medians in ms) the checks that
 a K-FAC step runs besides its matmuls, on the shapes where they cost most:

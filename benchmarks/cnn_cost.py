@@ -153,7 +153,8 @@ def table(rows: list[dict], stem: str, deflate: bool, max_dense_dim: int | None 
         p = r["plain_s"]
         lines.append(
             f"| {r['batch']} | {r['method']} | {p:.3f} s | {r['first_refresh_s']:.2f} s | "
-            f"{r['first_refresh_s'] / p:.1f} | {r['precond_s'] / p:.2f} | {r['factor_s'] / p:.2f} | "
+            f"{r['first_refresh_s'] / p:.1f} | {r['precond_s'] / p:.2f} | "
+            f"{r['factor_s'] / p:.2f} | "
             f"{r['refresh100_s']:.2f} s | {r['stagger_max_s']:.2f} s | "
             f"{r['amortized_s'] / p:.2f} | {r['retries']} | "
             f"{r['slowest_layers']} |"

@@ -2,8 +2,8 @@
 (``--time``) measured times of the three ``distribute`` modes with 2 gloo ranks on this machine.
 
 Bytes are the payload each rank hands to collectives (``core/kaisa.communication_bytes``; the
-communicator's counter gives the same figure, see tests/core/test_distributed.py), for every layer due
-at once, in the factor dtype (float32):
+communicator's counter gives the same figure, see tests/core/test_distributed.py), for every layer
+due at once, in the factor dtype (float32):
 
 - ``factor_update``: upper triangles of every ``A^``, ``G^`` (+3 flags a layer), one all-reduce;
   ``full_matrices`` is what sending whole matrices would cost;
@@ -110,7 +110,7 @@ def print_table(rows: list[dict], columns: list[str], scale: dict[str, float]) -
         print("  ".join(cells))
 
 
-# -- timing with 2 gloo ranks ------------------------------------------------------------------------
+# -- timing with 2 gloo ranks ----------------------------------------------------------------------
 def _max_over_ranks(seconds: float) -> float:
     import torch.distributed as dist
 

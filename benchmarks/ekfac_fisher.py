@@ -4,12 +4,13 @@ For each layer the empirical Fisher block of ``vec(W~)`` on a held-out batch of 
 ``F = (1/n) sum_n vec(dW~_n) vec(dW~_n)^T`` (per-example gradients from ``torch.func``). K-FAC
 applies ``Q diag(vec(e_G e_A^T)) Q^T`` (the decomposition in use: the eigenbases
 ``Q = Q_A (x) Q_G`` and eigenvalues of the factors at the last refresh), EKFAC
-``Q diag(vec s) Q^T`` with its running scaling s (George et al. 2018). Both engines train the same network from the same initialization on the
-same batches with their own preconditioned SGD; every ``--every`` steps the table reports the
-relative Frobenius distance ``||F - F_approx|| / ||F||`` summed over layers (squared, then
-rooted). In the refresh basis EKFAC's diagonal is the Frobenius-optimal one for the Fisher it
-was estimated on (tests/core/test_ekfac.py checks the identity); this shows how much of that survives
-the running averages, between refreshes, on held-out examples.
+``Q diag(vec s) Q^T`` with its running scaling s (George et al. 2018). Both engines train the same
+network from the same initialization on the same batches with their own preconditioned SGD; every
+``--every`` steps the table reports the relative Frobenius distance ``||F - F_approx|| / ||F||``
+summed over layers (squared, then rooted). In the refresh basis EKFAC's diagonal is the
+Frobenius-optimal one for the Fisher it was estimated on (tests/core/test_ekfac.py checks the
+identity); this shows how much of that survives the running averages, between refreshes, on held-out
+examples.
 
     python -m benchmarks.ekfac_fisher [--steps 60] [--every 10]
 """
@@ -122,7 +123,8 @@ def table(rows: list[dict], n: int, m: int) -> str:
     lines = [
         f"Relative Frobenius distance to the held-out empirical Fisher (MLP 12-16-10-4, "
         f"factors every {n}, refresh every {m}, decay 0.95)\n",
-        "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| | EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
+        "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| "
+        "| EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
         "| --- | --- | --- |",
     ]
     for r in rows:

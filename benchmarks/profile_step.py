@@ -1,4 +1,5 @@
-"""Where a K-FAC step's time goes: ``python -m benchmarks.profile_step [--method inverse] [--steps 60]``.
+"""Where a K-FAC step's time goes:
+``python -m benchmarks.profile_step [--method inverse] [--steps 60]``.
 
 Profiles (cProfile, sorted by own time) the engine on the step-overhead MLP (784-1000-500-250-10,
 batch 128, default clocks: factors every 10 steps, decompositions every 100) after three warm-up

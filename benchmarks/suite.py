@@ -192,7 +192,8 @@ def first_reach(run: dict[str, Any], target: float):
 def target_loss(
     initial: float, first_order_best: float, fraction: float = TARGET_FRACTION
 ) -> float:
-    """``initial^f * best^(1-f)``: ``f`` of the way (in log scale) from the best toward the start."""
+    """``initial^f * best^(1-f)``: ``f`` of the way (in log scale) from the
+    best toward the start."""
     return math.exp(fraction * math.log(initial) + (1 - fraction) * math.log(first_order_best))
 
 
@@ -394,8 +395,9 @@ def run(
         mine = summarize(p, chosen)
         rows += mine
         pngs.append(plot(p, chosen, mine[0]["target"], out))
+    run_length = f"smoke: {SMOKE_STEPS} steps" if smoke else f"{budget:g} CPU s"
     header = (
-        f"Benchmark suite ({'smoke: ' + str(SMOKE_STEPS) + ' steps' if smoke else f'{budget:g} CPU s'} "
+        f"Benchmark suite ({run_length} "
         f"per run, 1 thread, seeds {list(SEEDS)}, medians; target = L_init^{TARGET_FRACTION} "
         f"x L_first_order^{1 - TARGET_FRACTION:g}; rates tuned on seed 0 from {grids}; "
         f"K-FAC options: { {m: s['kfac'] for m, s in specs.items() if s['kfac'] is not None} })"

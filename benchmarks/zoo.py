@@ -153,8 +153,8 @@ def markdown(
         )
     lines.append(
         f"\nBatch {batch_size}, SGD (lr {DEFAULTS['lr']}, momentum "
-        f"{DEFAULTS['momentum']}), K-FAC options {options or 'default'}, one thread, CPU time of the "
-        "training thread; peak memory = increase of the peak RSS during training."
+        f"{DEFAULTS['momentum']}), K-FAC options {options or 'default'}, one thread, CPU time of "
+        "the training thread; peak memory = increase of the peak RSS during training."
     )
     return "\n".join(lines)
 

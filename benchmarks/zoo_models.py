@@ -28,7 +28,7 @@ VOCAB, WIDTH, LAYERS, HEADS, SEQ = 1000, 64, 2, 2, 32
 Batch = tuple[Tensor, ...]
 
 
-# -- data --------------------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------------
 def bigram_tokens(batches: int, batch_size: int, seed: int) -> list[Tensor]:
     """(batch_size, SEQ) token ids from a fixed random successor chain with 10% noise."""
     gen = torch.Generator().manual_seed(seed)
@@ -59,7 +59,7 @@ def template_images(batches: int, batch_size: int, seed: int, classes: int = 10)
     return out
 
 
-# -- transformers ------------------------------------------------------------------------------------
+# -- transformers ----------------------------------------------------------------------------------
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -124,7 +124,7 @@ def masked_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     return model(input_ids=inputs, labels=labels).loss
 
 
-# -- CNNs --------------------------------------------------------------------------------------------
+# -- CNNs ------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the (projected) input, ReLU."""
 
@@ -199,7 +199,7 @@ def classification_loss(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-# -- the zoo -----------------------------------------------------------------------------------------
+# -- the zoo ---------------------------------------------------------------------------------------
 ZOO: dict[str, tuple[Callable[[], nn.Module], Callable, Callable]] = {
     # name: (model builder, data builder (batches, batch_size, seed), loss)
     "gpt2": (gpt2, lambda n, b, s: [(t,) for t in bigram_tokens(n, b, s)], causal_lm_loss),

@@ -16,8 +16,8 @@ somewhat under load: shared caches). The table gives the final training loss, te
 steps, CPU seconds, steps per CPU second, the steps and CPU seconds to a common target loss, and
 wall seconds for reference. ``demo_results/`` gets ``demo.png`` (loss against CPU time and
 against steps), ``curves.csv`` (every step of both runs) and ``summary.md`` (the table). After
-the K-FAC run, the Kronecker-factorization diagnostics (per-layer Kronecker error and ``||E[g]||``) of the
-trained model on a training batch are printed and drawn to ``diagnostics.png``
+the K-FAC run, the Kronecker-factorization diagnostics (per-layer Kronecker error and ``||E[g]||``)
+of the trained model on a training batch are printed and drawn to ``diagnostics.png``
 (examples/demo_diagnostics.py).
 
 The "final training loss" is the mean over the last ``--window`` steps; the common target is the
@@ -166,8 +166,9 @@ def plot(
     path: Path,
     floor: float | None = None,
 ) -> Path:
-    """Loss against training-thread CPU time and against steps, linear axes zoomed on the interesting
-    range (from the floor, if given, to the mean-image plateau; the first steps lie above it)."""
+    """Loss against training-thread CPU time and against steps, linear axes zoomed on the
+    interesting range (from the floor, if given, to the mean-image plateau; the
+    first steps lie above it)."""
     import matplotlib
 
     matplotlib.use("Agg")

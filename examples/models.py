@@ -168,7 +168,8 @@ class MLPClassifier(_Classifier):
 
 
 class CNNClassifier(_Classifier):
-    """Conv2d(1->c1, 3x3) -> ReLU -> Conv2d(c1->c2, 3x3, stride 2) -> ReLU -> Linear(c2*4*4 -> 10)."""
+    """Conv2d(1->c1, 3x3) -> ReLU -> Conv2d(c1->c2, 3x3, stride 2) -> ReLU
+    -> Linear(c2*4*4 -> 10)."""
 
     def __init__(
         self,

@@ -7,9 +7,9 @@
     python examples/train.py -m kfac.damping=1e-3,1e-2         # a sweep, outputs in multirun/
 
 K-FAC is one callback built from ``cfg.kfac`` (``_target_: lightning_kfac.KFACCallback``, checked
-against the schema that :mod:`lightning_kfac.integrations.hydra` registers); the model code does not change.
-Each run writes to Hydra's output directory: ``metrics.csv`` (CSVLogger: ``train/loss`` every
-step, test metrics), ``loss.png`` (training loss against step), ``checkpoints/`` (with the
+against the schema that :mod:`lightning_kfac.integrations.hydra` registers); the model code does not
+change. Each run writes to Hydra's output directory: ``metrics.csv`` (CSVLogger: ``train/loss``
+every step, test metrics), ``loss.png`` (training loss against step), ``checkpoints/`` (with the
 callback's state) and ``.hydra/config.yaml`` (the composed config).
 """
 
@@ -33,7 +33,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lightning_kfac.integrations.hydra import register_configs  # noqa: E402
 
-register_configs()  # the kfac_schema node that conf/kfac/default.yaml extends (the presets extend default)
+# the kfac_schema node that conf/kfac/default.yaml extends (the presets extend default)
+register_configs()
 CONF_DIR = ROOT / "conf"
 
 

@@ -26,7 +26,8 @@ from typing import Any
 
 
 class _StrEnum(str, enum.Enum):
-    """An enum whose members compare equal to their string value ("eigen" == ComputeMethod.EIGEN)."""
+    """An enum whose members compare equal to their string value ("eigen"
+    == ComputeMethod.EIGEN)."""
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         text: str = self.value
@@ -73,7 +74,8 @@ class OutputReduction(_StrEnum):
 
 
 class DampingMode(_StrEnum):
-    """``absolute``: damping as given; ``relative``: multiplied per layer by (tr A/dim A)(tr G/dim G)."""
+    """``absolute``: damping as given; ``relative``: multiplied per layer by
+    (tr A/dim A)(tr G/dim G)."""
 
     ABSOLUTE = "absolute"
     RELATIVE = "relative"
@@ -91,7 +93,8 @@ class FactorInit(_StrEnum):
 
 class DampingSchedule(_StrEnum):
     """Damping over optimizer steps t (core/damping.py): ``constant``, ``exponential``
-    (``damping * decay ** (t / step_size)``) or ``step`` (``damping * decay ** (t // step_size)``)."""
+    (``damping * decay ** (t / step_size)``) or ``step`` (``damping * decay
+    ** (t // step_size)``)."""
 
     CONSTANT = "constant"
     EXPONENTIAL = "exponential"
@@ -241,7 +244,8 @@ class KFACConfig:
         mc_samples: number of sampled labels per example for ``fisher_type="mc"``.
         gaussian_variance: variance of the Gaussian likelihood for ``fisher_type="mc"``.
         skip_layers: regexes searched in each module's qualified name and class name.
-        loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
+        loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example
+            scale of g.
         output_reduction: for ``fisher_type="mc"`` with a bernoulli or gaussian likelihood under
             ``loss_reduction="mean"``: "mean" (default, as ``nn.MSELoss()`` and
             ``nn.BCEWithLogitsLoss()``: the mean over every output element, so a loss averaged
@@ -266,7 +270,8 @@ class KFACConfig:
             compute_method, max_dense_dim, a_structure, g_structure} dicts; ``compute_method:
             skip`` leaves matching layers out; ``a_structure`` / ``g_structure`` pick a registered
             factor structure ("dense", "diagonal", "isotropic") for that side.
-        nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
+        nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once)
+            or "raise".
         max_decomposition_failures: consecutive failed decompositions of one layer before an error.
         distribute: under DDP (world > 1), who does the second-order work (core/kaisa.py;
             KAISA, Pauloski et al. SC'21); each layer has one owner rank. "gradients" (default,
@@ -288,7 +293,8 @@ class KFACConfig:
             every layer refreshes at t % inv_update_steps == 0).
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
-            step's batch (``kfac_diag/<layer>/...``; integrations/lightning/diagnostics_callback.py).
+            step's batch (``kfac_diag/<layer>/...``;
+            integrations/lightning/diagnostics_callback.py).
         max_dense_dim: a factor side (A or G) of dimension <= this is a dense matrix, a wider one
             is kept as its diagonal (core/factors.py); 2048 keeps one refresh of a side at a few
             CPU-seconds (an eigh of d = 4096 takes ~36 CPU-s on 2 cores). Per layer via

@@ -12,9 +12,9 @@ when ``a`` and ``g`` are independent and ``E[g] = 0``. We report the relative Fr
 ``||M - K||_F / ||M||_F`` per layer, and the mean gradient ``E[g]`` (zero in expectation under
 the true Fisher, i.e. labels sampled from the model; not under the empirical Fisher).
 
-Conventions are those of docs/conventions.md and the engine (``lightning_kfac.core.layers``): ``a`` has
-a trailing 1 when the layer has a bias; with a mean-reduced loss ``g_n = N x`` autograd's gradient
-(N = rows for Linear, B for conv); conv layers follow KFC: example n owns T rows
+Conventions are those of docs/conventions.md and the engine (``lightning_kfac.core.layers``): ``a``
+has a trailing 1 when the layer has a bias; with a mean-reduced loss ``g_n = N x`` autograd's
+gradient (N = rows for Linear, B for conv); conv layers follow KFC: example n owns T rows
 ``(a_{n,t}, g_{n,t})``, ``J_n = sum_t g_{n,t} a_{n,t}^T``, ``A = (1/B) sum a a^T``,
 ``G = (1/(BT)) sum g g^T``.
 
@@ -36,8 +36,8 @@ is small against the layer: the batch ``M`` has rank <= B while ``A (x) G`` has 
 B^2, so with B << d_in d_out it tends to 1 whatever the network (e.g. 0.90, 0.82, 0.52, 0.23 at
 B = 16, 128, 1024, 8192 for a 50-40 tanh layer on Gaussian inputs). For one row per example
 (Linear) and B >= 4 we also report ``population``: the ratio of unbiased U-statistic estimates
-of the population's ``||M - A (x) G||^2`` and ``||M||^2`` (the error measure of the Kronecker approximation). With
-``P_nm = (a_n . a_m)^2`` and ``Q_nm = (g_n . g_m)^2`` over distinct examples,
+of the population's ``||M - A (x) G||^2`` and ``||M||^2`` (the error measure of the Kronecker
+approximation). With ``P_nm = (a_n . a_m)^2`` and ``Q_nm = (g_n . g_m)^2`` over distinct examples,
 ``||M||^2 = E[P_nm Q_nm]``, ``<K, M> = E[P_nm Q_nk]``, ``||K||^2 = E[P_nm Q_kl]`` (indices all
 distinct), summed over distinct index tuples by inclusion-exclusion at O(B^2 (d_in + d_out)).
 

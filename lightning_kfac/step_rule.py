@@ -201,7 +201,8 @@ class QuadraticStepRule:
         directions: list[Tensor],
         previous: list[Tensor | None],
     ) -> tuple[StepSolution, float]:
-        """The 1 x 1 or 2 x 2 model ``K x = -b`` from exact products; returns (solution, h(theta))."""
+        """The 1 x 1 or 2 x 2 model ``K x = -b`` from exact products;
+        returns (solution, h(theta))."""
         names = [name for name, _, _, _ in params]
         loss, f, u1 = products.jvp(dict(zip(names, directions)))
         vectors, outputs = [directions], [u1]

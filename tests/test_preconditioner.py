@@ -1,8 +1,8 @@
 """KFACPreconditioner behaviour against brute force: running averages, the two clocks,
 skip_layers, frozen layers, remove(), huge damping, micro-batches, state round trip, wrap().
 
-Conventions are those of docs/conventions.md (Martens & Grosse 2015, sec. 5 for the running averages,
-sec. 6.3 for damping); references come from ``tests/support/dense.py``.
+Conventions are those of docs/conventions.md (Martens & Grosse 2015, sec. 5 for the running
+averages, sec. 6.3 for damping); references come from ``tests/support/dense.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Damping over time: schedules and Levenberg-Marquardt adaptation (Martens & Grosse 2015, sec. 6.5).
+"""Damping over time: schedules and Levenberg-Marquardt adaptation
+(Martens & Grosse 2015, sec. 6.5).
 
 The engine keeps one global damping ``lambda_t`` (``pre.damping``). A layer whose
 ``layer_overrides`` give it its own damping ``d_l`` uses ``d_l * lambda_t / lambda_0`` (every group
@@ -26,10 +27,10 @@ with ``D`` the layer's step in the ``W~`` layout (``vec(G D A) = (A (x) G) vec(D
 curvature of the mean loss, for every layer with factors; parameters that are not
 preconditioned enter to first order; in relative mode ``lambda_l`` is scaled by the current
 factors' mean eigenvalues, so every rank computes the same model).
-``rho > 3/4``: ``lambda *= omega``; ``rho < 1/4``: ``lambda /= omega``; ``omega = (19/20)**T`` unless
-``adaptive_damping_factor`` is set. A step whose new loss is not finite counts as ``rho = -inf``
-(damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a zero
-step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
+``rho > 3/4``: ``lambda *= omega``; ``rho < 1/4``: ``lambda /= omega``; ``omega = (19/20)**T``
+unless ``adaptive_damping_factor`` is set. A step whose new loss is not finite counts as ``rho =
+-inf`` (damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a
+zero step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
 are averaged over ranks first, so every rank takes the same decision.
 
 With ``step_rule="quadratic"`` (lightning_kfac/step_rule.py) the same LM update

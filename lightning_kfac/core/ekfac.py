@@ -9,9 +9,10 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
     P = Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T
 
 - Per-example gradients: for Linear every row is an example (docs/conventions.md, KFAC-expand), so
-  ``dW~_n = g_n a_n^T`` and ``(Q_G^T g_n a_n^T Q_A)^2 = (Q_G^T g_n)^2 ((Q_A^T a_n)^2)^T``: the sum over
-  rows is one matmul of squared rotated rows. For convolutions ``dW~_n = sum_t g_{n,t} a_{n,t}^T``
-  (the sum over output locations, as in the paper, sec. 4), averaged over the B examples.
+  ``dW~_n = g_n a_n^T`` and ``(Q_G^T g_n a_n^T Q_A)^2 = (Q_G^T g_n)^2 ((Q_A^T a_n)^2)^T``: the sum
+  over rows is one matmul of squared rotated rows. For convolutions ``dW~_n = sum_t g_{n,t}
+  a_{n,t}^T`` (the sum over output locations, as in the paper, sec. 4), averaged over the B
+  examples.
 - Clocks (paper, Algorithm 1): a refresh computes new eigenbases, and the scaling is then
   re-estimated IN THE NEW BASIS from the refresh step's own per-example gradients: the first
   batch estimate ``s^`` after a refresh replaces the scaling outright (``s = s^``; an old scaling

@@ -147,7 +147,7 @@ def _no_sync() -> None:
     """Nothing to wait for on the CPU."""
 
 
-# -- refresh time -----------------------------------------------------------------------------------
+# -- refresh time ----------------------------------------------------------------------------------
 @functools.cache
 def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str, dtype: torch.dtype) -> float:
     """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""

@@ -9,8 +9,8 @@ not be repeated on every rank. Each shared layer gets one owner rank
   every rank; communication: one tiny flag all-reduce per refresh; compute: all of it, everywhere.
 - ``"decompositions"`` (KAISA's COMM-OPT, grad_worker_fraction = 1): the owner broadcasts the
   decomposition, every rank keeps all of them and preconditions every layer itself. Memory: as
-  replicate; communication: the decompositions once per refresh (eigen: ``d_A^2 + d_A + d_G^2 + d_G``
-  numbers a layer); compute: 1/world of the decompositions.
+  replicate; communication: the decompositions once per refresh (eigen: ``d_A^2 + d_A + d_G^2 +
+  d_G`` numbers a layer); compute: 1/world of the decompositions.
 - ``"gradients"`` (default; KAISA's MEM-OPT, grad_worker_fraction = 1/world): only the owner
   keeps the decomposition and computes the layer's preconditioned gradient, broadcast every step
   (``d_G x d_A`` numbers a layer, like a second gradient all-reduce). Memory: 1/world of the
@@ -32,10 +32,11 @@ Layers whose method declares no transfer layout (``Method.layout`` is None: EKFA
 sums stay per rank) and grouped convolutions are always replicated. The layout (which tensors,
 their shapes, dtypes and memory order) comes from the method's decomposition type
 (core/methods/): a matrix the type declares column-major (produced by LAPACK) is received into a
-column-major buffer, so every rank's matmuls see the owner's memory layout. Transfers use one flattened broadcast per source rank
-(``transport="broadcast"``) or one all-reduce of zero-filled buffers (``"all_reduce"``); both
-deliver the owner's values exactly (x + 0 = x). At 2 ranks here neither was consistently faster;
-"broadcast" is the default because an all-reduce moves every rank's (zero) share too.
+column-major buffer, so every rank's matmuls see the owner's memory layout. Transfers use one
+flattened broadcast per source rank (``transport="broadcast"``) or one all-reduce of zero-filled
+buffers (``"all_reduce"``); both deliver the owner's values exactly (x + 0 = x). At 2 ranks here
+neither was consistently faster; "broadcast" is the default because an all-reduce moves every rank's
+(zero) share too.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ class DistributedWork:
     def exchange_gradients(
         self, work: list[WorkItem], lr_of: dict[int, float] | None
     ) -> list[WorkItem]:
-        """ "gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
+        """ "gradients" mode: replace the preconditioned gradients of shared layers by their
+        owner's.
 
         ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
         the result holds every layer whose owner produced a P (in ``blocks`` order).

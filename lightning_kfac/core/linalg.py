@@ -16,11 +16,11 @@ logs them per layer), never silently. Eigenvalues are clamped at zero (factors a
 round-off can make them slightly negative).
 
 Conditioning before decomposing: the factor is symmetrized, and the decoupled rows/columns of a
-2-D factor (zero off the diagonal) are split off (deflation). An input feature that is zero in every captured row (a
-conv kernel tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet stage at 1x1
-resolution, where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives a
-zero row and column of ``A`` (or, with an identity-blended factor, a row that is zero off the
-diagonal): ``e_j`` is then an exact eigenvector with eigenvalue ``A_jj``, and only
+2-D factor (zero off the diagonal) are split off (deflation). An input feature that is zero in every
+captured row (a conv kernel tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet
+stage at 1x1 resolution, where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel)
+gives a zero row and column of ``A`` (or, with an identity-blended factor, a row that is zero off
+the diagonal): ``e_j`` is then an exact eigenvector with eigenvalue ``A_jj``, and only
 the support block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3
 times cheaper, and it removes the massively repeated zero eigenvalue on which float32 ``eigh``
 fails to converge. When the support is at most half of A, it is kept (``"A_support"``, with the

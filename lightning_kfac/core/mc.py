@@ -13,8 +13,8 @@ factor-update steps, one extra backward replaces them by sampled labels:
    ``nll = sum_rows -log p(y~|f(x))`` and calls ``torch.autograd.grad(nll, kept_outputs,
    retain_graph=True)``. Parameter ``.grad`` fields are never touched. Because the loss is a
    *sum*, the gradient of a row is that example's own ``g_n = d(-log p(y~_n))/ds_n``
-   (docs/conventions.md), so it is added with ``per_example=True``; with ``mc_samples = S`` each of the S
-   sampled losses adds its own ``sum g g^T`` and its rows to the divisor, i.e. ``G^`` averages
+   (docs/conventions.md), so it is added with ``per_example=True``; with ``mc_samples = S`` each of
+   the S sampled losses adds its own ``sum g g^T`` and its rows to the divisor, i.e. ``G^`` averages
    over examples and samples (scale ``1/S``).
 
 Sampling uses a dedicated ``torch.Generator`` seeded from ``torch.initial_seed()`` (plus the rank)

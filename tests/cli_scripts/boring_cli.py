@@ -1,4 +1,5 @@
-"""A user's LightningCLI script, for tests/integrations/lightning/test_lightning_cli.py (run as a subprocess).
+"""A user's LightningCLI script, for tests/integrations/lightning/test_lightning_cli.py
+(run as a subprocess).
 
     python tests/cli_scripts/boring_cli.py {pytorch_lightning|lightning} fit [LightningCLI args]
 

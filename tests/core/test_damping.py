@@ -86,7 +86,8 @@ def test_schedule_formulas_and_clamp():
 
 @pytest.mark.parametrize("schedule", ["constant", "exponential", "step"])
 def test_scheduled_damping_is_used_on_the_optimizer_step_clock(schedule):
-    """At step t the eigen method applies (A (x) G + lambda_t I)^-1, layer overrides scaled alike."""
+    """At step t the eigen method applies (A (x) G + lambda_t I)^-1, layer
+    overrides scaled alike."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     pre = KFACPreconditioner(

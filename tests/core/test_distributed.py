@@ -91,7 +91,8 @@ def test_matches_single_process_on_concatenated_batch(runs, fault) -> None:
 
 
 def test_fault_decisions_are_collective(runs) -> None:
-    """NaN on rank 1 only: both ranks skip that update; a failure on the owner: both keep the old one."""
+    """NaN on rank 1 only: both ranks skip that update; a failure on the owner:
+    both keep the old one."""
     nan = [runs[r]["decompositions:nan"]["counters"] for r in range(WORLD)]
     assert [c["nonfinite_estimates"] for c in nan] == [1, 1]
     for case in ("decompositions:fail", "replicate:fail", "gradients:fail"):
@@ -169,8 +170,9 @@ def test_reliability_rows(runs, request) -> None:
             "DDP identical ranks",
             len(diffs),
             same,
-            f"max cross-rank difference {max(diffs.values()):g} ({len(diffs)} runs x {E.STEPS} steps, "
-            f"2 gloo ranks, different data); vs 1 process on the concatenated batch {vs_one:.1e}",
+            f"max cross-rank difference {max(diffs.values()):g} "
+            f"({len(diffs)} runs x {E.STEPS} steps, 2 gloo ranks, different data); "
+            f"vs 1 process on the concatenated batch {vs_one:.1e}",
             request.node.nodeid,
         ),
     )
@@ -190,8 +192,8 @@ def test_reliability_rows(runs, request) -> None:
             "DDP fault on one rank",
             len(faults),
             agreed,
-            "hangs 0 (spawn bounded by a timeout); NaN estimate on rank 1 / decomposition failure on "
-            "the owner rank: same skip on both ranks, ranks bit-identical",
+            "hangs 0 (spawn bounded by a timeout); NaN estimate on rank 1 / decomposition failure "
+            "on the owner rank: same skip on both ranks, ranks bit-identical",
             request.node.nodeid,
         ),
     )

@@ -100,7 +100,8 @@ def test_scaling_and_step_equal_brute_force_after_refresh(kind: str) -> None:
 
 
 def test_sequence_linear_uses_one_example_per_position() -> None:
-    """Linear on (B, T, d): every position is an example (docs/conventions.md), g = N x autograd grad."""
+    """Linear on (B, T, d): every position is an example (docs/conventions.md),
+    g = N x autograd grad."""
 
     class Seq(nn.Module):
         def __init__(self):
@@ -140,7 +141,8 @@ def test_single_example_ekfac_equals_kfac() -> None:
 
 
 def test_running_average_between_refreshes() -> None:
-    """s <- decay s + (1-decay) s^ every factor step; a refresh restarts it at the new basis's s^."""
+    """s <- decay s + (1-decay) s^ every factor step; a refresh restarts it
+    at the new basis's s^."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -453,8 +455,9 @@ def test_ekfac_is_closer_to_the_empirical_fisher_than_kfac() -> None:
     """George et al. 2018, sec. 3.2: in the Kronecker eigenbasis Q = Q_A (x) Q_G, the diagonal
     closest (Frobenius) to the empirical Fisher block F = E_n[vec(dW~_n) vec(dW~_n)^T] is
     diag(Q^T F Q) = s, EKFAC's scaling; K-FAC's A (x) G = Q diag(e_G e_A^T) Q^T is another
-    diagonal in the same basis, so ||F - F_KFAC||^2 - ||F - F_EKFAC||^2 = ||s - e_G e_A^T||^2. Checked on a conv + linear network against the dense block from torch.func,
-    and ||F - F_EKFAC||^2 = ||F||^2 - ||s||^2 (Pythagoras in the rotated basis)."""
+    diagonal in the same basis, so ||F - F_KFAC||^2 - ||F - F_EKFAC||^2 = ||s - e_G e_A^T||^2.
+    Checked on a conv + linear network against the dense block from torch.func, and ||F -
+    F_EKFAC||^2 = ||F||^2 - ||s||^2 (Pythagoras in the rotated basis)."""
     torch.manual_seed(13)
     model = _conv_net()
     x, y = torch.randn(16, 2, 4, 4, dtype=DT), torch.randint(0, 4, (16,))

@@ -54,7 +54,8 @@ def _criterion(grad: Tensor, am: Tensor, gm: Tensor) -> bool:
 
 
 def _layer(rows: int, d_in: int, d_out: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad, am, gm) as a Linear layer's autograd gives them: weight by a product, bias by a sum."""
+    """(grad, am, gm) as a Linear layer's autograd gives them: weight by a
+    product, bias by a sum."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, d_in, generator=gen)
     g = torch.randn(rows, d_out, generator=gen) * (torch.rand(rows, d_out, generator=gen) < 0.5)

@@ -56,7 +56,8 @@ def _train(model, pre, batches, names=NAMES):
 
 
 def _running(estimates, steps, decay):
-    """The running average of docs/conventions.md over the given steps: first sets, later decay-average."""
+    """The running average of docs/conventions.md over the given steps: first
+    sets, later decay-average."""
     A = G = None
     for t in steps:
         a, g = estimates[t]

@@ -1,4 +1,5 @@
-"""The Hydra config tree (conf/) and the structured K-FAC schema (lightning_kfac/integrations/hydra.py).
+"""The Hydra config tree (conf/) and the structured K-FAC schema
+(lightning_kfac/integrations/hydra.py).
 
 Every option of every group is composed with ``initialize_config_dir`` + ``compose`` (no argv, no
 chdir) and instantiated; the typo / wrong-type / out-of-range errors name the offending key.

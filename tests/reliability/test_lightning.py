@@ -1,8 +1,8 @@
 """Lightning rows: fit twice / no leak, eval is silent, the Lightning matrix, and the resume sweep
 through real checkpoints (including a crash in the middle of gradient accumulation).
 
-Must hold (docs/reliability.md): hook handles per module constant during fit and zero after every fit,
-validate, test, predict and crash, and nothing captured kept by the engine; no factor update
+Must hold (docs/reliability.md): hook handles per module constant during fit and zero after every
+fit, validate, test, predict and crash, and nothing captured kept by the engine; no factor update
 outside training (sanity check, validation, predict, ``no_grad`` and eval-mode forwards inside
 ``training_step``, a ``training_step`` returning None); every cell of the matrix works or raises
 ``MisconfigurationException`` naming the reason; a run resumed from the checkpoint of any step of
@@ -284,7 +284,7 @@ def test_lightning_matrix(tmp_path, reliability_row) -> None:
     assert not failures, failures
 
 
-# -- resume sweep through Lightning checkpoints -----------------------------------------------------
+# -- resume sweep through Lightning checkpoints ----------------------------------------------------
 ACCUMULATE, TOTAL = 2, 12
 RESUME_KFAC = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=4, kl_clip=1e-2)
 

@@ -1,10 +1,10 @@
 """Wrapped optimizers: SGD, SGD+Nesterov, Adam, AdamW, two param groups, an LR scheduler; LBFGS.
 
-Must hold (docs/reliability.md, "wrapped optimizers"): through ``pre.wrap(optimizer)`` training works
-(the loss on a teacher-labelled set drops), the inner optimizer receives the KL-clipped
+Must hold (docs/reliability.md, "wrapped optimizers"): through ``pre.wrap(optimizer)`` training
+works (the loss on a teacher-labelled set drops), the inner optimizer receives the KL-clipped
 preconditioned gradient with the lr of the param group holding each layer (when the clip is
-active ``nu = kl_clip / sum_layers lr^2 <P_clipped, grad>``, docs/conventions.md), its state_dict keeps
-the structure of the same optimizer without K-FAC and resumes bit-identically; closure-based
+active ``nu = kl_clip / sum_layers lr^2 <P_clipped, grad>``, docs/conventions.md), its state_dict
+keeps the structure of the same optimizer without K-FAC and resumes bit-identically; closure-based
 optimizers (LBFGS) are refused with a ValueError naming them, before any hook is installed.
 LR schedulers attach to the inner optimizer (``torch.optim.lr_scheduler`` accepts only
 ``torch.optim.Optimizer``); the engine reads the scheduled lr from it at every step.

@@ -1,7 +1,7 @@
 """State round trip and the resume sweep (engine level, plain PyTorch loop).
 
-Must hold (docs/reliability.md, "state round trip", "resume sweep"; docs/conventions.md: a resumed run
-continues bit-identically): save model + optimizer + ``pre.state_dict()``, load them into fresh
+Must hold (docs/reliability.md, "state round trip", "resume sweep"; docs/conventions.md: a resumed
+run continues bit-identically): save model + optimizer + ``pre.state_dict()``, load them into fresh
 objects with ``torch.load(weights_only=True)`` and continue; every tensor (parameters, optimizer
 state, factors, decompositions, scalings) is ``torch.equal`` to an uninterrupted run. The sweep
 crashes after each step of one inverse interval (factor_update_steps=2, inv_update_steps=4), runs

@@ -202,7 +202,8 @@ def conv2d_patches_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
 def conv_rows(
     module: nn.Module, inp: Tensor, out: Tensor, reduction: str = "mean", batch: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``a_{n,t}`` (B, T, d_in [+1]) and ``g_{n,t}`` (B, T, C_out), g = B x autograd grad for mean."""
+    """``a_{n,t}`` (B, T, d_in [+1]) and ``g_{n,t}`` (B, T, C_out), g = B x
+    autograd grad for mean."""
     a = conv_patches_loop(module, inp)
     B, T = a.shape[0], a.shape[1]
     if module.bias is not None:

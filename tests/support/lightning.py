@@ -107,7 +107,8 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def hand_loop(model: MLP, batches, steps: int, **kfac_options) -> KFACPreconditioner:
-    """The reference: ``zero_grad; loss.backward(); pre.step(opt); opt.step()`` without Lightning."""
+    """The reference: ``zero_grad; loss.backward(); pre.step(opt);
+    opt.step()`` without Lightning."""
     model = model.train()
     pre = KFACPreconditioner(model, **kfac_options)
     optimizer = make_optimizer(model.optimizer_name, model.parameters(), model.lr)

@@ -5,11 +5,12 @@ writing "5" to /proc/self/clear_refs and read back, around forward/backward and 
 of the step, for the same steps (model, batches, optimizer with lr 0) without and with K-FAC.
 K-FAC's peak is the largest of: its forward/backward peak minus the plain one, and its
 ``pre.step`` + ``opt.step`` peak minus what the plain run holds after its backward (the model's
-activations are gone by then, so this is K-FAC's own memory, not hidden behind theirs). The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then
-serves every tensor above 64 KiB with its own mapping and returns it to the system when freed,
-so resident memory follows the live tensors (with glibc's default, adaptive threshold, freed
-blocks up to 32 MiB stay in the heap and are reused without showing in the peak). A warm-up run
-first pages in the LAPACK code, so that its one-off cost is not counted.
+activations are gone by then, so this is K-FAC's own memory, not hidden behind theirs). The child
+runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every tensor above 64 KiB with its own
+mapping and returns it to the system when freed, so resident memory follows the live tensors (with
+glibc's default, adaptive threshold, freed blocks up to 32 MiB stay in the heap and are reused
+without showing in the peak). A warm-up run first pages in the LAPACK code, so that its one-off cost
+is not counted.
 
 Usage: ``measure(spec)`` returns ``{"plain": bytes, "kfac": bytes, "extra": bytes,
 "predicted": bytes, "structures": ..., "cpu_plain": s, "cpu_first": s}``; ``spec`` is a dict

@@ -2,8 +2,8 @@
 
 16-mixed multiplies the loss by the scaler's scale s before backward, so the captured output
 gradients are s times too large; the callback sets ``grad_scale = s`` and the engine divides G
-by s^2 (Lightning's 16-mixed precision plugin). An overflow step (inf gradients, skipped by the scaler)
-must leave the running factors and the parameters untouched.
+by s^2 (Lightning's 16-mixed precision plugin). An overflow step (inf gradients, skipped by the
+scaler) must leave the running factors and the parameters untouched.
 """
 
 from __future__ import annotations

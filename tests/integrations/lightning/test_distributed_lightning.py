@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 class RankSlice(Sampler):
-    """Examples ``rank, rank + world, ...`` of the current process group (all when there is none)."""
+    """Examples ``rank, rank + world, ...`` of the current process group
+    (all when there is none)."""
 
     def __init__(self, n: int):
         self.n = n

@@ -1,11 +1,12 @@
 """LightningCLI (jsonargparse) with KFACCallback, in both packages.
 
 ``pytorch_lightning.cli.LightningCLI`` takes ``lightning_kfac.KFACCallback``;
-``lightning.pytorch.cli.LightningCLI`` takes ``lightning_kfac.integrations.lightning.unified.KFACCallback`` (its
-Callback base). Checked: lowercase enum strings, a ``config:`` mapping that is not overridden by
-the keywords' defaults, and a typo or bad value reported in one line without a traceback. The
-runs are real subprocesses of a user's CLI script (tests/cli_scripts/boring_cli.py); the error
-cases are also checked in-process (fast).
+``lightning.pytorch.cli.LightningCLI`` takes
+``lightning_kfac.integrations.lightning.unified.KFACCallback`` (its Callback base). Checked:
+lowercase enum strings, a ``config:`` mapping that is not overridden by the keywords' defaults, and
+a typo or bad value reported in one line without a traceback. The runs are real subprocesses of a
+user's CLI script (tests/cli_scripts/boring_cli.py); the error cases are also checked in-process
+(fast).
 """
 
 from __future__ import annotations
