@@ -14,7 +14,7 @@ from torch import nn
 from lightning_kfac.core.footprint import describe_side, footprint, held_bytes, refresh_seconds
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -47,7 +47,7 @@ def skipped_rows(skipped: list, trainable: int, shown: int = 3) -> list[tuple[st
     groups: dict[tuple[str, str], list] = {}
     for s in skipped:
         groups.setdefault((s.type_name, s.reason), []).append(s)
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for (type_name, reason), members in groups.items():
         names = [m.name or "<root>" for m in members[:shown]]
         if len(members) > shown:
@@ -73,7 +73,9 @@ def skipped_rows(skipped: list, trainable: int, shown: int = 3) -> list[tuple[st
 def format_summary(model: nn.Module, blocks: dict, skipped: list) -> str:
     """A plain-text table of covered and skipped modules, with the share of parameters covered."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows = [("module", "type", "A", "G", "params", "memory", "refresh", "status")]
+    rows: list[tuple[str, ...]] = [
+        ("module", "type", "A", "G", "params", "memory", "refresh", "status")
+    ]
     covered, refresh = 0, 0.0
     for name, block in blocks.items():
         module = block.kind.module

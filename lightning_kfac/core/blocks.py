@@ -114,8 +114,8 @@ class KFACBlock:
 
     def clear_rows(self) -> None:
         """Drop the rows kept for the low-rank path (core/lowrank.py)."""
-        self.a_rows: list = []
-        self.g_rows: list = []
+        self.a_rows: list[Tensor] = []
+        self.g_rows: list[Tensor] = []
         self.kept_rows = 0
 
     # -- accumulation --------------------------------------------------------------------------
@@ -143,7 +143,7 @@ class KFACBlock:
     def batch_estimates(self) -> tuple[Tensor, Tensor]:
         """``(A^, G^)``; zeros when nothing was captured (the caller checks ``has_estimates``)."""
         device = self.kind.weight.device
-        if not self.has_estimates():
+        if self.a_sum is None or self.g_sum is None:  # not has_estimates()
             return (
                 self.a_structure.zeros(self.dtype, device),
                 self.g_structure.zeros(self.dtype, device),
@@ -155,7 +155,7 @@ class KFACBlock:
         self, a_hat: Tensor, g_hat: Tensor, decay: float, init: str = "batch"
     ) -> None:
         """Running averages; ``init`` (``factor_init``) sets what the first update starts from."""
-        if self.A is None:
+        if self.A is None or self.G is None:  # set together: both None before the first update
             if init == "batch":
                 self.A, self.G = a_hat.clone(), g_hat.clone()
                 return
@@ -166,6 +166,8 @@ class KFACBlock:
 
     def factor_matrices(self) -> tuple[Tensor, Tensor]:
         """``(A, G)`` as dense matrices (copies); a diagonal side becomes ``diag(F)``."""
+        if self.A is None or self.G is None:
+            raise RuntimeError(f"K-FAC: layer {self.name!r} has no running factors yet")
         return self.a_structure.to_matrix(self.A), self.g_structure.to_matrix(self.G)
 
     def set_structures(self, a_structure: FactorStructure, g_structure: FactorStructure) -> None:
@@ -191,7 +193,7 @@ class KFACBlock:
             "failures": self.failures,
             "structures": (self.a_structure.name, self.g_structure.name),
         }
-        if self.A is not None:
+        if self.A is not None and self.G is not None:  # set together
             state["A"], state["G"] = self.A.clone(), self.G.clone()
         dec = self.decomposition
         state["decomposition"] = (

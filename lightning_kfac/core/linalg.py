@@ -133,7 +133,7 @@ def eigh_psd(matrix: Tensor) -> dict[str, Tensor]:
     if keep is None:
         return _retry(fn, matrix, "eigendecomposition")
     n, k = matrix.shape[0], keep.numel()
-    sub = _retry(fn, matrix[keep][:, keep], "eigendecomposition") if k else None
+    sub = _retry(fn, matrix[keep][:, keep], "eigendecomposition") if k else {}
     zero = torch.ones(n, dtype=torch.bool, device=matrix.device)
     zero[keep] = False
     Q = matrix.new_zeros(n, n)
@@ -156,7 +156,7 @@ def _layout_like(full: Tensor, ref: Tensor) -> Tensor:
     return full
 
 
-def damped_inverse(matrix: Tensor, damping) -> Tensor:
+def damped_inverse(matrix: Tensor, damping: float | Tensor) -> Tensor:
     """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU).
 
     A stack of matrices (K x d x d) takes a float or a (K x 1 x 1) tensor of dampings. The
@@ -204,7 +204,7 @@ def eigen_decomposition(
     QG, eG = sg.eigen(G)
     dec = {"QA": QA, "eA": eA, "QG": QG, "eG": eG}
     keep = support(A) if QA is not None and QG is not None else None
-    if keep is not None and _deflation_pays(keep, A.shape[0]):  # Q_S kept for preconditioning
+    if QA is not None and keep is not None and _deflation_pays(keep, A.shape[0]):  # Q_S kept
         n, k = A.shape[0], keep.numel()
         dec["A_support"], dec["A_support_Q"] = keep, QA[keep, n - k :].contiguous()
     return {k: v for k, v in dec.items() if v is not None}
@@ -218,9 +218,12 @@ def inverse_decomposition(
     if sa.groups > 1:  # grouped convolution: each group's own pi
         a_mean, g_mean = sa.group_means(A), sg.group_means(G)
         ok = (a_mean > 0) & (g_mean > 0)
-        pi = torch.where(ok, (a_mean / torch.where(ok, g_mean, 1.0)).sqrt(), 1.0)
-        pi = torch.where(torch.isfinite(pi), pi, 1.0)
-        return {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
+        group_pi = torch.where(ok, (a_mean / torch.where(ok, g_mean, 1.0)).sqrt(), 1.0)
+        group_pi = torch.where(torch.isfinite(group_pi), group_pi, 1.0)
+        return {
+            "A_inv": sa.damped_inverse(A, group_pi * root),
+            "G_inv": sg.damped_inverse(G, root / group_pi),
+        }
     pi = pi_correction(sa.mean_eigenvalue(A), sg.mean_eigenvalue(G))
     dec = {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
     both_dense = dec["A_inv"].dim() == 2 and dec["G_inv"].dim() == 2

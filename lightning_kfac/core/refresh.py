@@ -21,11 +21,12 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from lightning_kfac.core.linalg import DecompositionRetryWarning
 
 logger = logging.getLogger("lightning_kfac")
+_Result = TypeVar("_Result")  # what the timed decomposition returns
 if not logging.getLogger().hasHandlers() and not logger.handlers:
     logger.setLevel(logging.INFO)
     logger.addHandler(logging.StreamHandler())
@@ -55,7 +56,7 @@ class RefreshMonitor:
         self._start, self._step, self._total = time.perf_counter(), step, layers
         self._done, self._reported = [], False
 
-    def run(self, block: Any, fn: Callable[[Any], dict]) -> dict:
+    def run(self, block: Any, fn: Callable[[Any], _Result]) -> _Result:
         """``fn(block)`` with its retry warnings counted and logged, and its time recorded."""
         if self._start is None:
             self.begin(self._step, 1)
@@ -86,7 +87,9 @@ class RefreshMonitor:
             )
         self._start = None
 
-    def _finish_layer(self, block: Any, seconds: float, caught: list) -> None:
+    def _finish_layer(
+        self, block: Any, seconds: float, caught: list[warnings.WarningMessage]
+    ) -> None:
         self.layer_seconds[block.name] = seconds
         self._done.append((block.name, seconds))
         for record in caught:
@@ -107,6 +110,7 @@ class RefreshMonitor:
                     record.lineno,
                     source=record.source,
                 )
+        assert self._start is not None  # run() began the refresh
         elapsed = time.perf_counter() - self._start
         if elapsed > self.report_after:
             if not self._reported:

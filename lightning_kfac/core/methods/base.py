@@ -30,10 +30,11 @@ import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import ClassVar, Self
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from lightning_kfac.core import linalg
 from lightning_kfac.core.factors import FactorStructure
