@@ -1,6 +1,6 @@
 """Diagnostics: how good is the Kronecker approximation, and how far is ``E[g]`` from zero.
 
-Seed notes (``kfac-notes.md``; Martens & Grosse 2015, sec. 3): for one layer with per-example
+Martens & Grosse 2015, sec. 3 (and docs/conventions.md): for one layer with per-example
 gradient ``J_n = g_n a_n^T`` the exact Fisher block of ``vec(W~)`` is
 
     M = E_n[vec(J_n) vec(J_n)^T] = E_n[(a_n a_n^T) (x) (g_n g_n^T)],

@@ -184,7 +184,7 @@ def _nll_param_grad(
 
 
 def test_expected_score_is_zero_enumerated() -> None:
-    """Seed notes' first identity, E_{y~p}[grad log p(y|x)] = 0, exactly over all classes."""
+    """The score identity E_{y~p}[grad log p(y|x)] = 0, exactly over all classes."""
     model, x = _mlp(), torch.randn(5, 4, dtype=DT)
     pre = KFACPreconditioner(model, fisher_type="mc")
     with torch.no_grad():
