@@ -25,26 +25,28 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import coverage, lowrank, stagger
+from lightning_kfac.core import coverage, factor_step, kl_clip, lowrank, stagger
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss, model_device
-from lightning_kfac.core.discovery import discover
+from lightning_kfac.core.discovery import Skipped, discover
 from lightning_kfac.core.ekfac import EKFACScaling
 from lightning_kfac.core.mc import MCFisher
-from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
-from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
-from lightning_kfac.core.linalg import all_finite
+from lightning_kfac.core.distributed import Communicator, default_communicator
+from lightning_kfac.core.kaisa import DistributedWork
 from lightning_kfac.core.methods import Decomposition
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
 from lightning_kfac.core import state_checks
 from lightning_kfac.core.state_checks import STATE_VERSION
 from lightning_kfac.core.transaction import StepParts, StepUndo, discard_captured
-from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
+from lightning_kfac.core.trainability import is_trainable
 from lightning_kfac.step_rule import QuadraticStepRule
+from lightning_kfac.optimizer_wrapper import KFACOptimizer
 from lightning_kfac.summary import format_summary
+
+__all__ = ["KFACOptimizer", "KFACPreconditioner"]  # KFACOptimizer: optimizer_wrapper.py
 
 _COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
              "decomposition_failures", "dropped_layers", "decomposition_retries")
@@ -298,7 +300,7 @@ class KFACPreconditioner:
                 self.damping_control.snapshot(self.blocks.values(), self.model, optimizer, t)
             self._precondition(optimizer)
         else:
-            self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
+            self.last_stats = dict(kl_clip.NO_CLIP)
         for block in active:
             block.clear_rows()
         late = self._first_interval.late(t, [b for b in active if b.name in self.blocks],
@@ -484,45 +486,10 @@ class KFACPreconditioner:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _update_factors(self, due: List[KFACBlock]) -> None:
-        """Batch estimates -> all-reduce (one flattened call) -> running averages."""
-        if not due:
-            return
-        estimates: List[Tensor] = []
-        flags = torch.zeros(FACTOR_FLAGS * len(due), dtype=torch.float64)  # seen, bad, ever seen
-        for i, block in enumerate(due):
-            f = FACTOR_FLAGS * i
-            a_hat, g_hat = block.batch_estimates()
-            seen = block.has_estimates()
-            finite = seen and all_finite(a_hat, g_hat)
-            if seen and not finite:
-                a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
-            flags[f], flags[f + 1] = float(seen), float(seen and not finite)
-            flags[f + 2] = float(block.seen)  # a training forward ever ran (even w/o backward)
-            estimates += [a_hat, g_hat]
-            block.reset_accumulators()
-        all_reduce_factors_(self.comm, flags, estimates)  # upper triangles + flags, one call
-        dropped = []
-        for i, block in enumerate(due):
-            f = FACTOR_FLAGS * i
-            seen, bad = int(flags[f]), int(flags[f + 1])  # ranks with estimates / non-finite
-            a_hat, g_hat = estimates[2 * i], estimates[2 * i + 1]
-            if seen == 0:
-                if block.A is None and int(flags[f + 2]) == 0:
-                    dropped.append(block.name)
-                continue
-            if bad > 0:
-                self._nonfinite("nonfinite_estimates", f"nonfinite-est:{block.name}",
-                                f"K-FAC: non-finite factor estimate for layer {block.name!r} at "
-                                f"step {self.steps}; this factor update is skipped (running "
-                                "factors kept).")
-                continue
-            if seen > 1:  # mean over the ranks that ran the layer this step
-                a_hat.div_(seen)
-                g_hat.div_(seen)
-            restart_if_reshaped(block, a_hat, g_hat)  # a bias changed trainability
-            block.update_factors(a_hat, g_hat, self.config.factor_decay,
-                                 str(self.config.factor_init))
-            self.counters["factor_updates"] += 1
+        """The factor step (core/factor_step.py); layers that never ran anywhere are dropped."""
+        dropped = factor_step.update_factors(
+            due, self.comm, self.config.factor_decay, str(self.config.factor_init), self.steps,
+            self.counters, self._nonfinite)
         if dropped:
             self._drop(dropped)
 
@@ -630,102 +597,11 @@ class KFACPreconditioner:
             work.append((block, grad, self._precondition_block(block, grad),
                          1.0 if lr_of is None else lr_of[id(weight)]))
         work = self.distributed.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
-        if not work:
-            self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
-            return
-        # One host sync for every layer's (<P, grad>, |grad|^2, |P|^2) (a sync per float() would
-        # stall a GPU once per layer and statistic). P is finite iff |P|^2 is, except when the
-        # squares overflow: only then is P scanned entry by entry (a separate isfinite pass cost
-        # as much as the three sums together).
-        sums = torch.stack([torch.stack([(p * g).sum().double(), _dot(g, g), _dot(p, p)])
-                            for _, g, p, _ in work]).tolist()
-        finite = [math.isfinite(row[2]) or bool(torch.isfinite(p).all())
-                  for (_, _, p, _), row in zip(work, sums)]
-        vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
-        for (_, grad, pre, lr), ok, (vg, _, _) in zip(work, finite, sums):
-            if ok:
-                if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
-                    vg = float((pre.double() * grad.double()).sum())
-                vg_sum += vg * lr * lr
-        nu = 1.0
-        if self.config.kl_clip is not None and vg_sum != 0.0:
-            nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))
-        for (block, grad, pre, lr), ok, (_, g_sq, p_sq) in zip(work, finite, sums):
-            if not ok:
-                self._nonfinite("nonfinite_gradients", f"nonfinite-grad:{block.name}",
-                                f"K-FAC: non-finite preconditioned gradient for layer "
-                                f"{block.name!r} at step {self.steps}; the raw gradient is used "
-                                "for this step.")
-                continue
-            if nu != 1.0:
-                pre = pre * nu
-            raw_sq += g_sq
-            pre_sq += p_sq * nu * nu
-            block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
-        ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
-        self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
+        self.last_stats = kl_clip.clip_and_apply(work, self.config.kl_clip, self.steps,
+                                                 self._nonfinite)  # sets the gradients
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """``<x, y>`` in float64 (one pass, no temporary; for the norm statistics only)."""
-    return torch.dot(x.reshape(-1), y.reshape(-1)).double()
-
-
-def _skipped_unseen(block: KFACBlock):
-    from lightning_kfac.core.discovery import Skipped
-
+def _skipped_unseen(block: KFACBlock) -> Skipped:
     module = block.kind.module
     n = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
     return Skipped(block.name, type(module).__name__, "never ran in a training forward", n)
-
-
-class KFACOptimizer:
-    """Optimizer wrapper for plain PyTorch: ``step()`` preconditions, then steps the inner one.
-
-    Example:
-        >>> opt = KFACPreconditioner(model).wrap(torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> loss.backward(); opt.step(); opt.zero_grad()
-    """
-
-    def __init__(self, preconditioner: KFACPreconditioner, optimizer: torch.optim.Optimizer):
-        self.preconditioner = preconditioner
-        self.optimizer = optimizer
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def step(self, closure=None):
-        """Precondition, then step the inner optimizer; if that raises, the K-FAC step is undone
-        (core/transaction.py), so running the batch again does not count its factors twice."""
-        if closure is not None:
-            raise ValueError("Invalid closure: KFACOptimizer needs the gradients before step(); "
-                             "call loss.backward() first and step() without a closure.")
-        pre = self.preconditioner
-        kept, pre.undoable = pre.undoable, True
-        try:
-            pre.step(self.optimizer)
-            try:
-                result = self.optimizer.step()
-            except BaseException:
-                pre.abort_step(pre.steps - 1)
-                raise
-            pre.commit_step()
-        finally:
-            pre.undoable = kept
-        return result
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
-                "kfac": self.preconditioner.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.preconditioner.load_state_dict(state["kfac"])
