@@ -11,7 +11,8 @@ undone (core/transaction.py), so running the batch again does not count its fact
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,19 +33,21 @@ class KFACOptimizer:
         self.optimizer = optimizer
 
     @property
-    def param_groups(self) -> List[Dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @property
     def state(self) -> Any:
         return self.optimizer.state
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Precondition, then step the inner optimizer; if that raises, the K-FAC step is undone
         (core/transaction.py), so running the batch again does not count its factors twice."""
         if closure is not None:
-            raise ValueError("Invalid closure: KFACOptimizer needs the gradients before step(); "
-                             "call loss.backward() first and step() without a closure.")
+            raise ValueError(
+                "Invalid closure: KFACOptimizer needs the gradients before step(); "
+                "call loss.backward() first and step() without a closure."
+            )
         pre = self.preconditioner
         kept, pre.undoable = pre.undoable, True
         try:
@@ -62,10 +65,9 @@ class KFACOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
-                "kfac": self.preconditioner.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "kfac": self.preconditioner.state_dict()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.preconditioner.load_state_dict(state["kfac"])

@@ -11,26 +11,37 @@ hooks) enter the running averages ``A <- decay A + (1 - decay) A^`` (likewise G)
    and it has no factors: the caller drops it), skipped and reported when any rank's estimate was
    non-finite (the running factors are kept), else the mean over the ranks that saw it enters
    the running average.
+
+EKFAC (George et al. 2018, sec. 3-4) keeps, besides, a running average of its eigenbasis
+scaling on the same factor-update steps (``update_ekfac_scaling``).
 """
 
 from __future__ import annotations
 
-from typing import List, MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.core.blocks import KFACBlock
+from lightning_kfac.core.discovery import Skipped
 from lightning_kfac.core.distributed import Communicator, all_reduce_factors_
+from lightning_kfac.core.ekfac import EKFACScaling
 from lightning_kfac.core.kaisa import FACTOR_FLAGS
 from lightning_kfac.core.linalg import all_finite
 from lightning_kfac.core.nonfinite import NonfiniteReport
 from lightning_kfac.core.trainability import restart_if_reshaped
 
 
-def update_factors(due: Sequence[KFACBlock], comm: Communicator, factor_decay: float,
-                   factor_init: str, step: int, counters: MutableMapping[str, int],
-                   report: NonfiniteReport) -> List[str]:
+def update_factors(
+    due: Sequence[KFACBlock],
+    comm: Communicator,
+    factor_decay: float,
+    factor_init: str,
+    step: int,
+    counters: MutableMapping[str, int],
+    report: NonfiniteReport,
+) -> list[str]:
     """Batch estimates -> all-reduce (one flattened call) -> running averages.
 
     Counts each running-average update in ``counters["factor_updates"]`` and reports non-finite
@@ -38,7 +49,7 @@ def update_factors(due: Sequence[KFACBlock], comm: Communicator, factor_decay: f
     in a training forward on any rank and have no factors (for the caller to drop)."""
     if not due:
         return []
-    estimates: List[Tensor] = []
+    estimates: list[Tensor] = []
     flags = torch.zeros(FACTOR_FLAGS * len(due), dtype=torch.float64)  # seen, bad, ever seen
     for i, block in enumerate(due):
         f = FACTOR_FLAGS * i
@@ -62,9 +73,12 @@ def update_factors(due: Sequence[KFACBlock], comm: Communicator, factor_decay: f
                 dropped.append(block.name)
             continue
         if bad > 0:
-            report("nonfinite_estimates", f"nonfinite-est:{block.name}",
-                   f"K-FAC: non-finite factor estimate for layer {block.name!r} at step {step}; "
-                   "this factor update is skipped (running factors kept).")
+            report(
+                "nonfinite_estimates",
+                f"nonfinite-est:{block.name}",
+                f"K-FAC: non-finite factor estimate for layer {block.name!r} at step {step}; "
+                "this factor update is skipped (running factors kept).",
+            )
             continue
         if seen_by > 1:  # mean over the ranks that ran the layer this step
             a_hat.div_(seen_by)
@@ -73,3 +87,31 @@ def update_factors(due: Sequence[KFACBlock], comm: Communicator, factor_decay: f
         block.update_factors(a_hat, g_hat, factor_decay, factor_init)
         counters["factor_updates"] += 1
     return dropped
+
+
+def update_ekfac_scaling(
+    ekfac: EKFACScaling | None,
+    blocks: Iterable[KFACBlock],
+    t: int,
+    factor_decay: float,
+    comm: Communicator,
+    report: NonfiniteReport,
+) -> None:
+    """EKFAC: running average of the eigenbasis scaling on factor-update steps; a non-finite
+    estimate is skipped (previous scaling kept) and reported (``"nonfinite_estimates"``)."""
+    assert ekfac is not None  # called only with compute_method="ekfac"
+    due = [b for b in blocks if t % b.factor_update_steps == 0]
+    for name in ekfac.update(due, factor_decay, comm):
+        report(
+            "nonfinite_estimates",
+            f"nonfinite-ekfac:{name}",
+            f"K-FAC: non-finite EKFAC scaling estimate for layer {name!r} at step "
+            f"{t}; this scaling update is skipped (previous scaling kept).",
+        )
+
+
+def skipped_unseen(block: KFACBlock) -> Skipped:
+    """The registration summary's row for a layer dropped because it never ran in training."""
+    module = block.kind.module
+    n = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+    return Skipped(block.name, type(module).__name__, "never ran in a training forward", n)

@@ -15,7 +15,7 @@ returned for ``last_stats``.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -25,16 +25,17 @@ from lightning_kfac.core.kaisa import WorkItem
 from lightning_kfac.core.nonfinite import NonfiniteReport
 
 #: The statistics of a step that preconditioned nothing (or only warmed up).
-NO_CLIP: Dict[str, float] = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
+NO_CLIP: dict[str, float] = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
 
 
-def clip_and_apply(work: Sequence[WorkItem], kl_clip: Optional[float], step: int,
-                   report: NonfiniteReport) -> Dict[str, float]:
+def clip_and_apply(
+    work: Sequence[WorkItem], kl_clip: float | None, step: int, report: NonfiniteReport
+) -> dict[str, float]:
     """Scale every finite P by the KL clip's nu and write it back as the layer's gradient.
 
     Reports each layer with a non-finite P (counter ``"nonfinite_gradients"``); returns
     ``{"kl_clip_factor": nu, "grad_norm_ratio": |nu P| / |grad|}``."""
-    items: List[Tuple[KFACBlock, Tensor, Tensor, float]] = []
+    items: list[tuple[KFACBlock, Tensor, Tensor, float]] = []
     for block, grad, pre, lr in work:
         assert pre is not None  # exchange_gradients keeps only the layers with a P
         items.append((block, grad, pre, lr))
@@ -44,11 +45,13 @@ def clip_and_apply(work: Sequence[WorkItem], kl_clip: Optional[float], step: int
     # stall a GPU once per layer and statistic). P is finite iff |P|^2 is, except when the
     # squares overflow: only then is P scanned entry by entry (a separate isfinite pass cost
     # as much as the three sums together).
-    sums: List[List[float]] = torch.stack([
-        torch.stack([(p * g).sum().double(), _dot(g, g), _dot(p, p)])
-        for _, g, p, _ in items]).tolist()
-    finite = [math.isfinite(row[2]) or bool(torch.isfinite(p).all())
-              for (_, _, p, _), row in zip(items, sums)]
+    sums: list[list[float]] = torch.stack(
+        [torch.stack([(p * g).sum().double(), _dot(g, g), _dot(p, p)]) for _, g, p, _ in items]
+    ).tolist()
+    finite = [
+        math.isfinite(row[2]) or bool(torch.isfinite(p).all())
+        for (_, _, p, _), row in zip(items, sums)
+    ]
     vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
     for (_, grad, pre, lr), ok, (vg, _, _) in zip(items, finite, sums):
         if ok:
@@ -58,11 +61,14 @@ def clip_and_apply(work: Sequence[WorkItem], kl_clip: Optional[float], step: int
     nu = 1.0
     if kl_clip is not None and vg_sum != 0.0:
         nu = min(1.0, math.sqrt(kl_clip / abs(vg_sum)))
-    for (block, grad, pre, lr), ok, (_, g_sq, p_sq) in zip(items, finite, sums):
+    for (block, _, pre, _), ok, (_, g_sq, p_sq) in zip(items, finite, sums):
         if not ok:
-            report("nonfinite_gradients", f"nonfinite-grad:{block.name}",
-                   f"K-FAC: non-finite preconditioned gradient for layer {block.name!r} at step "
-                   f"{step}; the raw gradient is used for this step.")
+            report(
+                "nonfinite_gradients",
+                f"nonfinite-grad:{block.name}",
+                f"K-FAC: non-finite preconditioned gradient for layer {block.name!r} at step "
+                f"{step}; the raw gradient is used for this step.",
+            )
             continue
         if nu != 1.0:
             pre = pre * nu
