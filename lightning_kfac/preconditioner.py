@@ -12,6 +12,12 @@ Usage in a plain PyTorch loop::
 At optimizer step t (0-based): factors are updated when ``t % factor_update_steps == 0``,
 decompositions recomputed when ``t % inv_update_steps == 0``, in that order, then the gradient is
 preconditioned with the decompositions in use and KL-clipped (docs/conventions.md, "Clocks").
+
+This class is the orchestrator (the clocks, the public API, the state); the steps themselves
+live in core/: factor_step.py (batch estimates -> all-reduce -> running averages),
+decomposition_step.py (refreshes and their damping), precondition_step.py (which layers, their
+gradients and P), kl_clip.py (the KL clip and the write-back). ``KFACOptimizer`` (the optimizer
+wrapper) lives in optimizer_wrapper.py and is re-exported here.
 """
 
 from __future__ import annotations
@@ -323,17 +329,13 @@ class KFACPreconditioner:
         factors_start = time.perf_counter()
         self._update_factors(factors_due)
         decompose_start = time.perf_counter()
+        # also decomposed at once: a block whose first factors came late (it was frozen)
+        first_now = first if t >= self.config.warmup_steps else set()
         self._update_decompositions(
             [
                 b
                 for b in active
-                if b.A is not None
-                and (
-                    self._decomposition_due(
-                        b, t
-                    )  # first factors came late (unfrozen): decompose now
-                    or (b.name in first and t >= self.config.warmup_steps)
-                )
+                if b.A is not None and (self._decomposition_due(b, t) or b.name in first_now)
             ]
         )
         if self.ekfac is not None:
