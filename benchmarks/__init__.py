@@ -1,1 +1,2 @@
-"""Reproducible speed, convergence and approximation-quality measurements: ``python -m benchmarks``."""
+"""Reproducible speed, convergence and approximation-quality measurements:
+``python -m benchmarks``."""

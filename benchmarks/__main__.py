@@ -11,25 +11,35 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from benchmarks import common, kronecker, scaling, step_overhead, time_to_target
 
-BENCHMARKS = {"step_overhead": step_overhead, "time_to_target": time_to_target,
-              "scaling": scaling, "kronecker": kronecker}
+BENCHMARKS = {
+    "step_overhead": step_overhead,
+    "time_to_target": time_to_target,
+    "scaling": scaling,
+    "kronecker": kronecker,
+}
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["suite"]:
         from benchmarks import suite
 
         return {"suite": suite.main(argv[1:])}
-    parser = argparse.ArgumentParser(prog="python -m benchmarks",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+    )
     common.add_common_args(parser)
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None,
-                        help="run only these benchmarks")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(BENCHMARKS),
+        default=None,
+        help="run only these benchmarks",
+    )
     args = parser.parse_args(argv)
     results = {}
     for name, module in BENCHMARKS.items():
@@ -37,8 +47,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
             continue
         start = time.perf_counter()
         results[name] = module.run(tiny=args.tiny, out=args.out, threads=args.threads)
-        print(f"[{name}: {time.perf_counter() - start:.1f} s; wrote {results[name]['json']} and "
-              f"{results[name]['png']}]\n", flush=True)
+        print(
+            f"[{name}: {time.perf_counter() - start:.1f} s; wrote {results[name]['json']} and "
+            f"{results[name]['png']}]\n",
+            flush=True,
+        )
     return results
 
 

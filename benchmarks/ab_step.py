@@ -70,13 +70,27 @@ print(json.dumps({"step": sum(k[0] for k in kfac) / steps,
 """
 
 
-def _run_child(tree: str, method: str, low_rank: bool, steps: int, sizes: str,
-               batch: int) -> dict[str, float]:
+def _run_child(
+    tree: str, method: str, low_rank: bool, steps: int, sizes: str, batch: int
+) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _CHILD, method, "1" if low_rank else "0",
-                          str(steps), sizes, str(batch)], env=env, capture_output=True,
-                         text=True, check=True,
-                         cwd=os.path.abspath(tree))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            method,
+            "1" if low_rank else "0",
+            str(steps),
+            sizes,
+            str(batch),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.abspath(tree),
+    )
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -88,30 +102,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--low-rank", choices=["on", "off", "both"], default="on")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--sizes", default="784-1000-500-250-10",
-                        help="layer widths of the ReLU MLP (e.g. 2048-2048: one wide Linear)")
+    parser.add_argument(
+        "--sizes",
+        default="784-1000-500-250-10",
+        help="layer widths of the ReLU MLP (e.g. 2048-2048: one wide Linear)",
+    )
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args(argv)
     flags = {"on": [True], "off": [False], "both": [True, False]}[args.low_rank]
-    keys: list[tuple[str, bool, str]] = [(m, f, t) for m in args.methods for f in flags
-                                         for t in args.trees]
+    keys: list[tuple[str, bool, str]] = [
+        (m, f, t) for m in args.methods for f in flags for t in args.trees
+    ]
     results: dict[tuple[str, bool, str], list[dict[str, float]]] = {k: [] for k in keys}
     for r in range(args.rounds):
         order = keys if r % 2 == 0 else list(reversed(keys))
         for key in order:
-            results[key].append(_run_child(key[2], key[0], key[1], args.steps, args.sizes,
-                                           args.batch))
-    print(f"MLP {args.sizes}, batch {args.batch}, 1 thread, thread CPU time, clocks 10/100, "
-          f"median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print("| method | low_rank | tree | engine ms/step (mean) | engine ms (median step) "
-          "| step / plain SGD | low-rank layer-steps |")
+            results[key].append(
+                _run_child(key[2], key[0], key[1], args.steps, args.sizes, args.batch)
+            )
+    print(
+        f"MLP {args.sizes}, batch {args.batch}, 1 thread, thread CPU time, clocks 10/100, "
+        f"median of {args.rounds} interleaved rounds x {args.steps} steps"
+    )
+    print(
+        "| method | low_rank | tree | engine ms/step (mean) | engine ms (median step) "
+        "| step / plain SGD | low-rank layer-steps |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (method, flag, tree), runs in results.items():
         engine = statistics.median(1e3 * run["engine"] for run in runs)
         typical = statistics.median(1e3 * run["engine_median"] for run in runs)
         ratio = statistics.median(run["step"] / run["plain"] for run in runs)
-        print(f"| {method} | {flag} | {tree} | {engine:.2f} | {typical:.2f} | {ratio:.2f} | "
-              f"{int(runs[0]['low_rank_steps'])} |")
+        print(
+            f"| {method} | {flag} | {tree} | {engine:.2f} | {typical:.2f} | {ratio:.2f} | "
+            f"{int(runs[0]['low_rank_steps'])} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The engine's per-step checks, old against new, side by side: ``python -m benchmarks.check_costs``.
+"""The engine's per-step checks, old against new, side by side:
+``python -m benchmarks.check_costs``.
 
 Times (one thread, ``time.thread_time``, interleaved repetitions, medians in ms) the checks that
 a K-FAC step runs besides its matmuls, on the shapes where they cost most:
@@ -67,16 +68,27 @@ def entrywise_v1(grad: Tensor, am: Tensor, gm: Tensor) -> bool:
 
 def stats_v1(p: Tensor, g: Tensor) -> list[float]:
     """The step statistics before this round (one layer)."""
-    return torch.stack([torch.isfinite(p).all().double(), (p * g).sum().double(),
-                        g.square().sum().double(), p.square().sum().double()]).tolist()
+    return torch.stack(
+        [
+            torch.isfinite(p).all().double(),
+            (p * g).sum().double(),
+            g.square().sum().double(),
+            p.square().sum().double(),
+        ]
+    ).tolist()
 
 
 def stats_v2(p: Tensor, g: Tensor) -> list[float]:
     """The step statistics now (one layer): finiteness from |P|^2, norms by dot."""
-    row = torch.stack([(p * g).sum().double(), torch.dot(g.reshape(-1), g.reshape(-1)).double(),
-                       torch.dot(p.reshape(-1), p.reshape(-1)).double()]).tolist()
+    row = torch.stack(
+        [
+            (p * g).sum().double(),
+            torch.dot(g.reshape(-1), g.reshape(-1)).double(),
+            torch.dot(p.reshape(-1), p.reshape(-1)).double(),
+        ]
+    ).tolist()
     finite = math.isfinite(row[2]) or bool(torch.isfinite(p).all())
-    return [float(finite)] + row
+    return [float(finite), *row]
 
 
 def _layer(rows: int, d_out: int, d_in: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,7 +103,7 @@ def _layer(rows: int, d_out: int, d_in: int) -> tuple[Tensor, Tensor, Tensor]:
 def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median thread-CPU ms of each function, the functions interleaved in every repetition."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():  # warm-up
+    for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -106,24 +118,39 @@ def _check_row(d_out: int, d_in: int, repeats: int) -> str:
     gen = torch.Generator().manual_seed(1)
     g_inv, a_inv = torch.randn(d_out, d_out, generator=gen), torch.randn(d_in, d_in, generator=gen)
     assert lowrank.gradient_matches(grad, am, gm) and entrywise_v1(grad, am, gm)
-    ms = _time({"probe": lambda: single_probe(grad, am, gm),
-                "v1": lambda: entrywise_v1(grad, am, gm),
-                "now": lambda: lowrank.gradient_matches(grad, am, gm),
-                "rank_r": lambda: (g_inv @ gm.T) @ (am @ a_inv),
-                "full": lambda: (g_inv @ grad) @ a_inv}, repeats)
-    return (f"| 128 | {d_out} x {d_in} | {ms['probe']:.1f} | {ms['v1']:.1f} | {ms['now']:.1f} "
-            f"| {ms['rank_r']:.1f} | {ms['full']:.1f} |")
+    ms = _time(
+        {
+            "probe": lambda: single_probe(grad, am, gm),
+            "v1": lambda: entrywise_v1(grad, am, gm),
+            "now": lambda: lowrank.gradient_matches(grad, am, gm),
+            "rank_r": lambda: (g_inv @ gm.T) @ (am @ a_inv),
+            "full": lambda: (g_inv @ grad) @ a_inv,
+        },
+        repeats,
+    )
+    return (
+        f"| 128 | {d_out} x {d_in} | {ms['probe']:.1f} | {ms['v1']:.1f} | {ms['now']:.1f} "
+        f"| {ms['rank_r']:.1f} | {ms['full']:.1f} |"
+    )
 
 
 def _finite_row(rows: int, cols: int, repeats: int) -> str:
     gen = torch.Generator().manual_seed(2)
     t, u = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
     assert linalg.all_finite(t) and stats_v1(t, u)[0] == stats_v2(t, u)[0] == 1.0
-    ms = _time({"isfinite": lambda: bool(torch.isfinite(t).all()),
-                "aminmax": lambda: linalg.all_finite(t),
-                "s1": lambda: stats_v1(t, u), "s2": lambda: stats_v2(t, u)}, repeats)
-    return (f"| {rows} x {cols} | {ms['isfinite']:.1f} | {ms['aminmax']:.1f} "
-            f"| {ms['s1']:.1f} | {ms['s2']:.1f} |")
+    ms = _time(
+        {
+            "isfinite": lambda: bool(torch.isfinite(t).all()),
+            "aminmax": lambda: linalg.all_finite(t),
+            "s1": lambda: stats_v1(t, u),
+            "s2": lambda: stats_v2(t, u),
+        },
+        repeats,
+    )
+    return (
+        f"| {rows} x {cols} | {ms['isfinite']:.1f} | {ms['aminmax']:.1f} "
+        f"| {ms['s1']:.1f} | {ms['s2']:.1f} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,8 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("thread CPU ms, median of", args.repeats, "interleaved repetitions, 1 thread\n")
-    print("| R | gradient | single_probe | entrywise_v1 | gradient_matches (now) "
-          "| rank-R product | full product |")
+    print(
+        "| R | gradient | single_probe | entrywise_v1 | gradient_matches (now) "
+        "| rank-R product | full product |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for d_out, d_in in ((1000, 785), (2048, 2049)):
         print(_check_row(d_out, d_in, args.repeats))

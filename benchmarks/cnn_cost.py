@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,9 @@ SCHEDULE = [0, 1, 2, 3, 10, 11, 12, 13, 20, 100]  # set_step clock values
 
 def _batch(batch: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    return torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(
+        0, 10, (batch,), generator=gen
+    )
 
 
 def _plain_step_seconds(batch: int, stem: str) -> float:
@@ -61,14 +63,15 @@ def _plain_step_seconds(batch: int, stem: str) -> float:
     return statistics.median(times[1:])
 
 
-def _kfac_costs(batch: int, stem: str, method: str,
-                max_dense_dim: Optional[int] = None) -> Dict[str, Any]:
+def _kfac_costs(
+    batch: int, stem: str, method: str, max_dense_dim: int | None = None
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = resnet18(stem=stem)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     extra = {} if max_dense_dim is None else {"max_dense_dim": max_dense_dim}
     pre = KFACPreconditioner(model, compute_method=method, **extra)  # default clocks 10 / 100
-    refresh: Dict[int, float] = {}
+    refresh: dict[int, float] = {}
     update = pre._update_decompositions
 
     def timed_update(due):
@@ -78,7 +81,7 @@ def _kfac_costs(batch: int, stem: str, method: str,
             refresh[pre.steps] = time.thread_time() - start
 
     pre._update_decompositions = timed_update
-    step_time: Dict[int, float] = {}
+    step_time: dict[int, float] = {}
     for i, t in enumerate(SCHEDULE):
         pre.set_step(t)
         x, y = _batch(batch, 100 + i)
@@ -94,20 +97,32 @@ def _kfac_costs(batch: int, stem: str, method: str,
     amortized = (90 * precond + 9 * factor + factor + refresh.get(100, 0.0)) / 100
     cpu = pre.refresh.layer_cpu_seconds  # per layer, the refresh at t = 100
     slowest = sorted(cpu.items(), key=lambda kv: -kv[1])[:3]
-    offsets = stagger.refresh_offsets(pre.blocks.values(), pre.config.factor_update_steps,
-                                      pre.config.inv_update_steps)
-    per_slot: Dict[int, float] = {}
+    offsets = stagger.refresh_offsets(
+        pre.blocks.values(), pre.config.factor_update_steps, pre.config.inv_update_steps
+    )
+    per_slot: dict[int, float] = {}
     for name, seconds in cpu.items():
         per_slot[offsets[name]] = per_slot.get(offsets[name], 0.0) + seconds
-    return {"first_refresh_s": refresh.get(0, 0.0), "first_step_s": step_time[0],
-            "precond_s": precond, "factor_s": factor, "refresh100_s": refresh.get(100, 0.0),
-            "amortized_s": amortized, "retries": pre.counters["decomposition_retries"],
-            "stagger_max_s": max(per_slot.values()) if per_slot else 0.0,
-            "slowest_layers": ", ".join(f"{n} {s:.2f}s" for n, s in slowest)}
+    return {
+        "first_refresh_s": refresh.get(0, 0.0),
+        "first_step_s": step_time[0],
+        "precond_s": precond,
+        "factor_s": factor,
+        "refresh100_s": refresh.get(100, 0.0),
+        "amortized_s": amortized,
+        "retries": pre.counters["decomposition_retries"],
+        "stagger_max_s": max(per_slot.values()) if per_slot else 0.0,
+        "slowest_layers": ", ".join(f"{n} {s:.2f}s" for n, s in slowest),
+    }
 
 
-def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True,
-        max_dense_dim: Optional[int] = None) -> List[Dict]:
+def run(
+    batches: list[int],
+    methods: list[str],
+    stem: str,
+    deflate: bool = True,
+    max_dense_dim: int | None = None,
+) -> list[dict]:
     torch.set_num_threads(1)
     if not deflate:
         linalg.support = lambda matrix: None  # the dense path on every factor
@@ -122,42 +137,60 @@ def run(batches: List[int], methods: List[str], stem: str, deflate: bool = True,
     return rows
 
 
-def table(rows: List[Dict], stem: str, deflate: bool, max_dense_dim: Optional[int] = None) -> str:
+def table(rows: list[dict], stem: str, deflate: bool, max_dense_dim: int | None = None) -> str:
     dense = "default" if max_dense_dim is None else str(max_dense_dim)
-    head = (f"ResNet-18 ({stem} stem), 32x32, 1 thread, thread CPU time, deflation "
-            f"{'on' if deflate else 'off'}, max_dense_dim {dense}\n\n"
-            "| batch | method | plain step | first refresh | first refresh / plain | "
-            "precond step / plain | factor step / plain | refresh t=100 | "
-            "largest staggered refresh | amortized / plain | retries | "
-            "slowest layers (refresh t=100) |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = (
+        f"ResNet-18 ({stem} stem), 32x32, 1 thread, thread CPU time, deflation "
+        f"{'on' if deflate else 'off'}, max_dense_dim {dense}\n\n"
+        "| batch | method | plain step | first refresh | first refresh / plain | "
+        "precond step / plain | factor step / plain | refresh t=100 | "
+        "largest staggered refresh | amortized / plain | retries | "
+        "slowest layers (refresh t=100) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     lines = [head]
     for r in rows:
         p = r["plain_s"]
         lines.append(
             f"| {r['batch']} | {r['method']} | {p:.3f} s | {r['first_refresh_s']:.2f} s | "
-            f"{r['first_refresh_s'] / p:.1f} | {r['precond_s'] / p:.2f} | {r['factor_s'] / p:.2f} | "
+            f"{r['first_refresh_s'] / p:.1f} | {r['precond_s'] / p:.2f} | "
+            f"{r['factor_s'] / p:.2f} | "
             f"{r['refresh100_s']:.2f} s | {r['stagger_max_s']:.2f} s | "
             f"{r['amortized_s'] / p:.2f} | {r['retries']} | "
-            f"{r['slowest_layers']} |")
+            f"{r['slowest_layers']} |"
+        )
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cnn_cost",
-                                     description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.cnn_cost", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--methods", nargs="+", default=["eigen", "inverse"],
-                        choices=["eigen", "inverse", "ekfac"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["eigen", "inverse"], choices=["eigen", "inverse", "ekfac"]
+    )
     parser.add_argument("--stem", default="imagenet", choices=STEMS)
-    parser.add_argument("--no-deflate", action="store_true",
-                        help="decompose every factor densely (the behaviour before deflation)")
-    parser.add_argument("--max-dense-dim", type=int, default=None,
-                        help="factor sides wider than this are diagonal (default: the "
-                             "engine's max_dense_dim); 8192 keeps every ResNet-18 factor dense")
+    parser.add_argument(
+        "--no-deflate",
+        action="store_true",
+        help="decompose every factor densely (the behaviour before deflation)",
+    )
+    parser.add_argument(
+        "--max-dense-dim",
+        type=int,
+        default=None,
+        help="factor sides wider than this are diagonal (default: the "
+        "engine's max_dense_dim); 8192 keeps every ResNet-18 factor dense",
+    )
     args = parser.parse_args(argv)
-    return run(args.batch, args.methods, args.stem, deflate=not args.no_deflate,
-               max_dense_dim=args.max_dense_dim)
+    return run(
+        args.batch,
+        args.methods,
+        args.stem,
+        deflate=not args.no_deflate,
+        max_dense_dim=args.max_dense_dim,
+    )
 
 
 if __name__ == "__main__":

@@ -21,15 +21,15 @@ Cholesky inverse), so ``time / bound`` does not depend on the machine.
 from __future__ import annotations
 
 import argparse
-
 import json
 import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 DEFAULT_OUT = "bench_results"
 
 
-def set_threads(tiny: bool = False, threads: Optional[int] = None) -> int:
+def set_threads(tiny: bool = False, threads: int | None = None) -> int:
     """Use every core of the machine (``torch.set_num_threads(os.cpu_count())``) by default.
 
     ``tiny`` runs use one thread: their matrices are too small to gain from more, and a single
@@ -46,8 +46,9 @@ def set_threads(tiny: bool = False, threads: Optional[int] = None) -> int:
     count) OpenMP's thread barriers can make multi-threaded steps 10-100x slower, so one thread
     is the fairer measurement there; the count used is recorded in every JSON.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise ValueError(f"Invalid threads={threads!r}: must be an integer >= 1 or None.")
     count = threads if threads is not None else 1 if tiny else (os.cpu_count() or 1)
     torch.set_num_threads(count)
@@ -66,28 +67,39 @@ def add_common_args(parser) -> None:
     """``--tiny``, ``--out`` and ``--threads``, shared by every benchmark's command line."""
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: every core; 1 with --tiny)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: every core; 1 with --tiny)",
+    )
 
 
-def machine_info() -> Dict[str, Any]:
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load_average_1min": load_average(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+def machine_info() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": load_average(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def time_median(fn: Callable[[], Any], repeats: int, warmup: int = 1,
-                min_time: float = 0.0) -> float:
+def time_median(
+    fn: Callable[[], Any], repeats: int, warmup: int = 1, min_time: float = 0.0
+) -> float:
     """Median wall-clock seconds of ``fn()`` over at least ``repeats`` calls (and at least
     ``min_time`` seconds in all), after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    times: List[float] = []
+    times: list[float] = []
     while len(times) < repeats or sum(times) < min_time:
         start = time.perf_counter()
         fn()
@@ -115,11 +127,15 @@ class Rates:
     matmul: float
     eigh: float
     inverse: float
-    sizes: Dict[str, int]
+    sizes: dict[str, int]
 
-    def as_dict(self) -> Dict[str, Any]:
-        return {"matmul_gflops": self.matmul / 1e9, "eigh_gflops": self.eigh / 1e9,
-                "inverse_gflops": self.inverse / 1e9, "sizes": self.sizes}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "matmul_gflops": self.matmul / 1e9,
+            "eigh_gflops": self.eigh / 1e9,
+            "inverse_gflops": self.inverse / 1e9,
+            "sizes": self.sizes,
+        }
 
 
 def _spd(d: int, gen: torch.Generator) -> Tensor:
@@ -127,8 +143,9 @@ def _spd(d: int, gen: torch.Generator) -> Tensor:
     return x @ x.T / (2 * d) + 1e-3 * torch.eye(d)
 
 
-def measure_rates(matmul_size: int = 2048, decomp_size: int = 1024, repeats: int = 5,
-                  min_time: float = 0.2) -> Rates:
+def measure_rates(
+    matmul_size: int = 2048, decomp_size: int = 1024, repeats: int = 5, min_time: float = 0.2
+) -> Rates:
     """Time a large matmul, eigh and Cholesky inverse (the engine's ops) in float32."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(matmul_size, matmul_size, generator=gen)
@@ -144,8 +161,12 @@ def measure_rates(matmul_size: int = 2048, decomp_size: int = 1024, repeats: int
 
     t_inv = time_median(inv, repeats, min_time=min_time)
     d = decomp_size
-    return Rates(matmul=2 * matmul_size ** 3 / t_mm, eigh=9 * d ** 3 / t_eigh,
-                 inverse=d ** 3 / t_inv, sizes={"matmul": matmul_size, "decomposition": d})
+    return Rates(
+        matmul=2 * matmul_size**3 / t_mm,
+        eigh=9 * d**3 / t_eigh,
+        inverse=d**3 / t_inv,
+        sizes={"matmul": matmul_size, "decomposition": d},
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,9 +183,9 @@ class LayerShape:
     needs_input_grad: bool
 
 
-def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> List[LayerShape]:
+def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> list[LayerShape]:
     """Shapes of every Linear / Conv layer seen in one forward pass (in call order)."""
-    shapes: List[LayerShape] = []
+    shapes: list[LayerShape] = []
     handles = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -173,11 +194,15 @@ def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> List[Layer
         def hook(mod, args, out, name=name):
             w = mod.weight
             cols = w[0].numel()
-            rows = out.numel() // out.shape[1] if not isinstance(mod, nn.Linear) else \
-                out.numel() // out.shape[-1]
+            rows = (
+                out.numel() // out.shape[1]
+                if not isinstance(mod, nn.Linear)
+                else out.numel() // out.shape[-1]
+            )
             bias = 1 if mod.bias is not None else 0
-            shapes.append(LayerShape(name, cols + bias, w.shape[0], rows, cols,
-                                     bool(args[0].requires_grad)))
+            shapes.append(
+                LayerShape(name, cols + bias, w.shape[0], rows, cols, bool(args[0].requires_grad))
+            )
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -192,22 +217,33 @@ def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> List[Layer
     return shapes
 
 
-def flop_bound(shapes: Sequence[LayerShape], rates: Rates, *, method: Optional[str],
-               factor_every: int = 1, inv_every: int = 1) -> Dict[str, float]:
+def flop_bound(
+    shapes: Sequence[LayerShape],
+    rates: Rates,
+    *,
+    method: str | None,
+    factor_every: int = 1,
+    inv_every: int = 1,
+) -> dict[str, float]:
     """Lower-bound seconds per step, by part: fwd_bwd, factors, precondition, decompositions.
 
     ``method=None`` is the plain optimizer (forward + backward only). Factor and decomposition
     costs are amortized over their clocks (``/factor_every``, ``/inv_every``).
     """
-    fwd_bwd = sum(2 * s.rows * s.weight_cols * s.d_out * (3 if s.needs_input_grad else 2)
-                  for s in shapes)
-    out = {"fwd_bwd": fwd_bwd / rates.matmul, "factors": 0.0, "precondition": 0.0,
-           "decompositions": 0.0}
+    fwd_bwd = sum(
+        2 * s.rows * s.weight_cols * s.d_out * (3 if s.needs_input_grad else 2) for s in shapes
+    )
+    out = {
+        "fwd_bwd": fwd_bwd / rates.matmul,
+        "factors": 0.0,
+        "precondition": 0.0,
+        "decompositions": 0.0,
+    }
     if method is not None:
-        factors = sum(2 * s.rows * (s.d_in ** 2 + s.d_out ** 2) for s in shapes)
+        factors = sum(2 * s.rows * (s.d_in**2 + s.d_out**2) for s in shapes)
         matmuls = 4 if method == "eigen" else 2
         precond = sum(matmuls * s.d_in * s.d_out * (s.d_in + s.d_out) for s in shapes)
-        cubes = sum(s.d_in ** 3 + s.d_out ** 3 for s in shapes)
+        cubes = sum(s.d_in**3 + s.d_out**3 for s in shapes)
         decomp = 9 * cubes / rates.eigh if method == "eigen" else cubes / rates.inverse
         out["factors"] = factors / rates.matmul / factor_every
         out["precondition"] = precond / rates.matmul
@@ -218,7 +254,7 @@ def flop_bound(shapes: Sequence[LayerShape], rates: Rates, *, method: Optional[s
 
 def factor_bytes(shapes: Sequence[LayerShape], bytes_per: int = 4) -> int:
     """Memory of the running factors: ``sum (d_in^2 + d_out^2) x bytes``."""
-    return sum((s.d_in ** 2 + s.d_out ** 2) * bytes_per for s in shapes)
+    return sum((s.d_in**2 + s.d_out**2) * bytes_per for s in shapes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,20 +273,21 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
     """A plain-text table, one line per row, columns padded to their widest entry."""
     cells = [[c for c in columns]] + [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = [title] if title else []
     for j, row in enumerate(cells):
-        lines.append("  ".join(cell.rjust(w) if j else cell.ljust(w)
-                               for cell, w in zip(row, widths)))
+        lines.append(
+            "  ".join(cell.rjust(w) if j else cell.ljust(w) for cell, w in zip(row, widths))
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def write_json(out_dir: str, name: str, payload: Dict[str, Any]) -> str:
+def write_json(out_dir: str, name: str, payload: dict[str, Any]) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:

@@ -4,12 +4,13 @@ For each layer the empirical Fisher block of ``vec(W~)`` on a held-out batch of 
 ``F = (1/n) sum_n vec(dW~_n) vec(dW~_n)^T`` (per-example gradients from ``torch.func``). K-FAC
 applies ``Q diag(vec(e_G e_A^T)) Q^T`` (the decomposition in use: the eigenbases
 ``Q = Q_A (x) Q_G`` and eigenvalues of the factors at the last refresh), EKFAC
-``Q diag(vec s) Q^T`` with its running scaling s (George et al. 2018). Both engines train the same network from the same initialization on the
-same batches with their own preconditioned SGD; every ``--every`` steps the table reports the
-relative Frobenius distance ``||F - F_approx|| / ||F||`` summed over layers (squared, then
-rooted). In the refresh basis EKFAC's diagonal is the Frobenius-optimal one for the Fisher it
-was estimated on (tests/core/test_ekfac.py checks the identity); this shows how much of that survives
-the running averages, between refreshes, on held-out examples.
+``Q diag(vec s) Q^T`` with its running scaling s (George et al. 2018). Both engines train the same
+network from the same initialization on the same batches with their own preconditioned SGD; every
+``--every`` steps the table reports the relative Frobenius distance ``||F - F_approx|| / ||F||``
+summed over layers (squared, then rooted). In the refresh basis EKFAC's diagonal is the
+Frobenius-optimal one for the Fisher it was estimated on (tests/core/test_ekfac.py checks the
+identity); this shows how much of that survives the running averages, between refreshes, on held-out
+examples.
 
     python -m benchmarks.ekfac_fisher [--steps 60] [--every 10]
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,12 @@ def _data(n: int, seed: int):
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(),
-                         nn.Linear(10, 4)).to(torch.float64)
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 4)
+    ).to(torch.float64)
 
 
-def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Dense empirical Fisher block per Linear layer (column-stacking vec of [W b])."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -59,7 +60,7 @@ def _fisher_blocks(model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
     return out
 
 
-def _approximations(pre: KFACPreconditioner, method: str) -> Dict[str, Tensor]:
+def _approximations(pre: KFACPreconditioner, method: str) -> dict[str, Tensor]:
     """The curvature each preconditioner applies (the decomposition in use, not fresher factors):
     K-FAC ``Q diag(vec(e_G e_A^T)) Q^T``, EKFAC ``Q diag(vec s) Q^T``."""
     out = {}
@@ -71,23 +72,33 @@ def _approximations(pre: KFACPreconditioner, method: str) -> Dict[str, Tensor]:
     return out
 
 
-def _distance(fisher: Dict[str, Tensor], approx: Dict[str, Tensor]) -> float:
+def _distance(fisher: dict[str, Tensor], approx: dict[str, Tensor]) -> float:
     err = sum(float(torch.linalg.norm(fisher[n] - approx[n])) ** 2 for n in fisher)
     norm = sum(float(torch.linalg.norm(fisher[n])) ** 2 for n in fisher)
     return (err / norm) ** 0.5
 
 
-def run(steps: int = 60, every: int = 10, batch: int = 64, lr: float = 0.05,
-        factor_update_steps: int = 1, inv_update_steps: int = 20) -> List[Dict]:
+def run(
+    steps: int = 60,
+    every: int = 10,
+    batch: int = 64,
+    lr: float = 0.05,
+    factor_update_steps: int = 1,
+    inv_update_steps: int = 20,
+) -> list[dict]:
     torch.set_num_threads(1)
     base = _net()
     runs = {}
     for method in ("eigen", "ekfac"):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        pre = KFACPreconditioner(model, compute_method=method, damping=1e-2,
-                                 factor_update_steps=factor_update_steps,
-                                 inv_update_steps=inv_update_steps)
+        pre = KFACPreconditioner(
+            model,
+            compute_method=method,
+            damping=1e-2,
+            factor_update_steps=factor_update_steps,
+            inv_update_steps=inv_update_steps,
+        )
         runs[method] = (model, opt, pre)
     held_x, held_y = _data(256, seed=10_000)
     rows = []
@@ -108,19 +119,23 @@ def run(steps: int = 60, every: int = 10, batch: int = 64, lr: float = 0.05,
     return rows
 
 
-def table(rows: List[Dict], n: int, m: int) -> str:
-    lines = [f"Relative Frobenius distance to the held-out empirical Fisher (MLP 12-16-10-4, "
-             f"factors every {n}, refresh every {m}, decay 0.95)\n",
-             "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| | EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
-             "| --- | --- | --- |"]
+def table(rows: list[dict], n: int, m: int) -> str:
+    lines = [
+        f"Relative Frobenius distance to the held-out empirical Fisher (MLP 12-16-10-4, "
+        f"factors every {n}, refresh every {m}, decay 0.95)\n",
+        "| step | K-FAC: ||F - Q diag(e_G e_A) Q^T|| / ||F|| "
+        "| EKFAC: ||F - Q diag(s) Q^T|| / ||F|| |",
+        "| --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(f"| {r['step']} | {r['eigen']:.4f} | {r['ekfac']:.4f} |")
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ekfac_fisher",
-                                     description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ekfac_fisher", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--inv-update-steps", type=int, default=20)

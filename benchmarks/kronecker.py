@@ -16,7 +16,7 @@ sampled from the model: categorical for the classifier, Bernoulli pixels for the
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -26,31 +26,51 @@ from lightning_kfac import KFACPreconditioner
 from lightning_kfac.diagnostics import diagnose, sampled_nll
 
 NAME = "kronecker"
-COLUMNS = ["problem", "stage", "fisher", "layer", "d_in", "d_out", "kronecker_error",
-           "population_error", "mean_grad_ratio", "examples"]
+COLUMNS = [
+    "problem",
+    "stage",
+    "fisher",
+    "layer",
+    "d_in",
+    "d_out",
+    "kronecker_error",
+    "population_error",
+    "mean_grad_ratio",
+    "examples",
+]
 LIKELIHOOD = {"digits_autoencoder": "bernoulli", "digits_mlp": "categorical"}
 KL_CLIP = {"digits_autoencoder": 1e-2, "digits_mlp": 1e-3}
 
 
-def _diagnose(problem: str, model, x, y, loss_fn, stage: str) -> List[Dict[str, Any]]:
+def _diagnose(problem: str, model, x, y, loss_fn, stage: str) -> list[dict[str, Any]]:
     rows = []
     gen = torch.Generator().manual_seed(0)
-    fishers = {"empirical": lambda out: loss_fn(out, y),
-               "true (sampled)": sampled_nll(LIKELIHOOD[problem], generator=gen)}
+    fishers = {
+        "empirical": lambda out: loss_fn(out, y),
+        "true (sampled)": sampled_nll(LIKELIHOOD[problem], generator=gen),
+    }
     modules = dict(model.named_modules())
     for fisher, fn in fishers.items():
         for layer, stats in diagnose(model, x, fn).items():
             weight = modules[layer].weight
-            rows.append({"problem": problem, "stage": stage, "fisher": fisher, "layer": layer,
-                         "d_in": weight.shape[1] + (modules[layer].bias is not None),
-                         "d_out": weight.shape[0], "kronecker_error": stats["kronecker_error"],
-                         "population_error": stats["kronecker_error_population"],
-                         "mean_grad_ratio": stats["mean_grad_ratio"],
-                         "examples": stats["num_examples"]})
+            rows.append(
+                {
+                    "problem": problem,
+                    "stage": stage,
+                    "fisher": fisher,
+                    "layer": layer,
+                    "d_in": weight.shape[1] + (modules[layer].bias is not None),
+                    "d_out": weight.shape[0],
+                    "kronecker_error": stats["kronecker_error"],
+                    "population_error": stats["kronecker_error_population"],
+                    "mean_grad_ratio": stats["mean_grad_ratio"],
+                    "examples": stats["num_examples"],
+                }
+            )
     return rows
 
 
-def run_problem(problem: str, data: Dict[str, Any], steps: int) -> List[Dict[str, Any]]:
+def run_problem(problem: str, data: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     model, x, y, loss_fn = ttt.make_problem(problem, data, seed=0)
     rows = _diagnose(problem, model, x, y, loss_fn, "init")
     opt = torch.optim.SGD(model.parameters(), lr=ttt.KFAC_LR, momentum=0.9)
@@ -67,7 +87,7 @@ def run_problem(problem: str, data: Dict[str, Any], steps: int) -> List[Dict[str
     return rows + _diagnose(problem, model, x, y, loss_fn, f"after {steps} K-FAC steps")
 
 
-def _plot(rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(rows: list[dict[str, Any]], out: str) -> str:
     problems = list(dict.fromkeys(r["problem"] for r in rows))
     fig, axes = common.new_figure(ncols=len(problems), width=6.0)
     for ax, problem in zip(axes, problems):
@@ -76,10 +96,17 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
         groups = list(dict.fromkeys((r["stage"], r["fisher"]) for r in sel))
         width = 0.8 / len(groups)
         for j, (stage, fisher) in enumerate(groups):
-            vals = [next(r["kronecker_error"] for r in sel if r["layer"] == layer
-                         and r["stage"] == stage and r["fisher"] == fisher) for layer in layers]
-            ax.bar([i + j * width for i in range(len(layers))], vals, width,
-                   label=f"{stage}, {fisher}")
+            vals = [
+                next(
+                    r["kronecker_error"]
+                    for r in sel
+                    if r["layer"] == layer and r["stage"] == stage and r["fisher"] == fisher
+                )
+                for layer in layers
+            ]
+            ax.bar(
+                [i + j * width for i in range(len(layers))], vals, width, label=f"{stage}, {fisher}"
+            )
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], layers)
         ax.set_xlabel("layer")
         ax.set_ylabel("relative Frobenius error of A (x) G")
@@ -88,8 +115,9 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
     return common.save_figure(fig, out, NAME)
 
 
-def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+def run(
+    tiny: bool = False, out: str = common.DEFAULT_OUT, threads: int | None = None
+) -> dict[str, Any]:
     threads = common.set_threads(tiny, threads)
     data = ttt.load_data()
     if tiny:
@@ -100,14 +128,20 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
         rows += run_problem(problem, data, steps)
     title = f"kronecker ({'tiny' if tiny else 'full'}; exact per-layer errors on the training set)"
     print(common.format_table(rows, COLUMNS, title), flush=True)
-    payload = {"benchmark": NAME, "tiny": tiny, "machine": common.machine_info(),
-               "steps": steps, "columns": COLUMNS, "rows": rows}
+    payload = {
+        "benchmark": NAME,
+        "tiny": tiny,
+        "machine": common.machine_info(),
+        "steps": steps,
+        "columns": COLUMNS,
+        "rows": rows,
+    }
     payload["json"] = common.write_json(out, NAME, payload)
     payload["png"] = _plot(rows, out)
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     common.cli(run, __doc__, argv)
 
 

@@ -27,7 +27,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SGD_LRS = [0.01, 0.03, 0.1, 0.3]
 
 
-def compose(overrides: List[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from lightning_kfac.integrations.hydra import register_configs
 
@@ -81,15 +82,24 @@ def _clock_callback(budget_s: float, eval_every: int, train_x: torch.Tensor):
     return CPUClock()
 
 
-def train(overrides: List[str], budget_s: float, eval_every: int, seed: int) -> Dict[str, Any]:
+def train(overrides: list[str], budget_s: float, eval_every: int, seed: int) -> dict[str, Any]:
     """One run of the composed experiment; its curve (step, cpu_s, full-train loss)."""
     from hydra.utils import instantiate
 
     from examples.train import build
 
-    cfg = compose(["experiment=autoencoder", f"seed={seed}", "threads=1", "trainer.max_epochs=100000",
-                   "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                   "trainer.enable_checkpointing=false", *overrides])
+    cfg = compose(
+        [
+            "experiment=autoencoder",
+            f"seed={seed}",
+            "threads=1",
+            "trainer.max_epochs=100000",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            "trainer.enable_checkpointing=false",
+            *overrides,
+        ]
+    )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     train_x = torch.stack([datamodule.train_set[i][0] for i in range(len(datamodule.train_set))])
@@ -100,15 +110,28 @@ def train(overrides: List[str], budget_s: float, eval_every: int, seed: int) -> 
     stats = {}
     if kfac is not None:
         pre = kfac.preconditioner
-        stats = {"damping": pre.damping, **{k: pre.counters.get(k, 0)
-                                            for k in ("step_rule_steps", "step_rule_skipped")}}
-    return {"overrides": overrides, "seed": seed, "curve": clock.curve, "steps": trainer.global_step,
-            "final_loss": clock.curve[-1][2], "kfac": stats}
+        stats = {
+            "damping": pre.damping,
+            **{k: pre.counters.get(k, 0) for k in ("step_rule_steps", "step_rule_skipped")},
+        }
+    return {
+        "overrides": overrides,
+        "seed": seed,
+        "curve": clock.curve,
+        "steps": trainer.global_step,
+        "final_loss": clock.curve[-1][2],
+        "kfac": stats,
+    }
 
 
-def run(budget_s: float = 60.0, seeds: Optional[List[int]] = None, out: str = "bench_results",
-        lrs: Optional[List[float]] = None, eval_every: int = 10,
-        kfac_overrides: Optional[List[str]] = None) -> Dict[str, Any]:
+def run(
+    budget_s: float = 60.0,
+    seeds: list[int] | None = None,
+    out: str = "bench_results",
+    lrs: list[float] | None = None,
+    eval_every: int = 10,
+    kfac_overrides: list[str] | None = None,
+) -> dict[str, Any]:
     seeds = seeds or [0]
     lrs = SGD_LRS if lrs is None else lrs
     extra = list(kfac_overrides or [])
@@ -122,18 +145,27 @@ def run(budget_s: float = 60.0, seeds: Optional[List[int]] = None, out: str = "b
     for label, overrides, seed in plan:
         run_ = {"method": label, **train(overrides, budget_s, eval_every, seed)}
         runs.append(run_)
-        print(f"{run_['method']:>18} seed {run_['seed']}: {run_['steps']:5d} steps in "
-              f"{run_['curve'][-1][1]:6.1f} CPU s, full-train loss {run_['final_loss']:.3f} "
-              f"{run_['kfac'] or ''}", flush=True)
-        payload = {"budget_s": budget_s, "seeds": seeds, "lrs": lrs, "runs": runs,
-                   "torch_threads": 1}
+        print(
+            f"{run_['method']:>18} seed {run_['seed']}: {run_['steps']:5d} steps in "
+            f"{run_['curve'][-1][1]:6.1f} CPU s, full-train loss {run_['final_loss']:.3f} "
+            f"{run_['kfac'] or ''}",
+            flush=True,
+        )
+        payload = {
+            "budget_s": budget_s,
+            "seeds": seeds,
+            "lrs": lrs,
+            "runs": runs,
+            "torch_threads": 1,
+        }
         json_path.write_text(json.dumps(payload, indent=1))  # after every run
     png = _plot(runs, Path(out) / "martens2015.png", budget_s)
     return {"json": str(json_path), "png": str(png), "runs": runs}
 
 
-def _plot(runs: List[Dict[str, Any]], path: Path, budget_s: float) -> Path:
+def _plot(runs: list[dict[str, Any]], path: Path, budget_s: float) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -142,11 +174,19 @@ def _plot(runs: List[Dict[str, Any]], path: Path, budget_s: float) -> Path:
         xs = [c[1] for c in run_["curve"]]
         ys = [c[2] for c in run_["curve"]]
         kfac = run_["method"].startswith("kfac")
-        ax.plot(xs, ys, lw=2.0 if kfac else 1.0, color="C3" if kfac else None,
-                label=f"{run_['method']} (seed {run_['seed']})")
-    ax.set(xlabel="CPU seconds (1 thread, training batches only)",
-           ylabel="training-set loss (BCE summed over pixels)", yscale="log",
-           title=f"digits deep autoencoder, {budget_s:g} CPU s per run")
+        ax.plot(
+            xs,
+            ys,
+            lw=2.0 if kfac else 1.0,
+            color="C3" if kfac else None,
+            label=f"{run_['method']} (seed {run_['seed']})",
+        )
+    ax.set(
+        xlabel="CPU seconds (1 thread, training batches only)",
+        ylabel="training-set loss (BCE summed over pixels)",
+        yscale="log",
+        title=f"digits deep autoencoder, {budget_s:g} CPU s per run",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -155,17 +195,27 @@ def _plot(runs: List[Dict[str, Any]], path: Path, budget_s: float) -> Path:
     return path
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.martens2015",
-                                     description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.martens2015", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--budget", type=float, default=60.0, help="CPU seconds per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--lrs", type=float, nargs="*", default=SGD_LRS,
-                        help="SGD learning-rate grid (none: K-FAC only)")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="*",
+        default=SGD_LRS,
+        help="SGD learning-rate grid (none: K-FAC only)",
+    )
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--kfac", nargs="*", default=[],
-                        help="extra overrides of the K-FAC run (e.g. kfac.min_damping=0.1)")
+    parser.add_argument(
+        "--kfac",
+        nargs="*",
+        default=[],
+        help="extra overrides of the K-FAC run (e.g. kfac.min_damping=0.1)",
+    )
     args = parser.parse_args(argv)
     result = run(args.budget, args.seeds, args.out, args.lrs, args.eval_every, args.kfac)
     print(f"wrote {result['json']} and {result['png']}")

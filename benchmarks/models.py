@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch import nn
 
 def mlp(sizes: Sequence[int] = (784, 1000, 500, 250, 10), act=nn.ReLU) -> nn.Sequential:
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(d_in, d_out))
         if i < len(sizes) - 2:
             layers.append(act())
@@ -42,14 +43,18 @@ def sparse_init_(model: nn.Module, nonzero: int = 15, generator: torch.Generator
                     module.bias.zero_()
 
 
-def autoencoder(encoder: Sequence[int] = (784, 1000, 500, 250, 30), sparse_init: bool = False,
-                generator: torch.Generator = None, act=nn.Sigmoid) -> nn.Sequential:
+def autoencoder(
+    encoder: Sequence[int] = (784, 1000, 500, 250, 30),
+    sparse_init: bool = False,
+    generator: torch.Generator = None,
+    act=nn.Sigmoid,
+) -> nn.Sequential:
     """``act`` (default sigmoid) encoder/decoder with a linear code layer; outputs logits (use
     BCE with logits)."""
     sizes = list(encoder) + list(reversed(encoder[:-1]))
     code = len(encoder) - 2  # index of the code layer (linear, no activation)
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(d_in, d_out))
         if i != code and i < len(sizes) - 2:
             layers.append(act())
@@ -63,9 +68,15 @@ def cnn(channels: Sequence[int] = (3, 32, 64), image: int = 32, classes: int = 1
     c0, c1, c2 = channels
     pooled = 4 if image >= 16 else 2
     return nn.Sequential(
-        nn.Conv2d(c0, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(pooled),
-        nn.Flatten(), nn.Linear(c2 * pooled * pooled, classes))
+        nn.Conv2d(c0, c1, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(pooled),
+        nn.Flatten(),
+        nn.Linear(c2 * pooled * pooled, classes),
+    )
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Where a K-FAC step's time goes: ``python -m benchmarks.profile_step [--method inverse] [--steps 60]``.
+"""Where a K-FAC step's time goes:
+``python -m benchmarks.profile_step [--method inverse] [--steps 60]``.
 
 Profiles (cProfile, sorted by own time) the engine on the step-overhead MLP (784-1000-500-250-10,
 batch 128, default clocks: factors every 10 steps, decompositions every 100) after three warm-up
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import pstats
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 from lightning_kfac import KFACPreconditioner
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step")
     parser.add_argument("--method", choices=["eigen", "inverse", "ekfac"], default="inverse")
     parser.add_argument("--steps", type=int, default=60)
@@ -30,8 +31,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     sizes = [784, 1000, 500, 250, 10]
-    layers: List[nn.Module] = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+    layers: list[nn.Module] = []
+    for d_in, d_out in itertools.pairwise(sizes):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

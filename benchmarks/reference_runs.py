@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import zlib
-from typing import Any, Callable, Dict, List, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,15 +28,21 @@ STEPS = 24
 
 def _mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(),
-                         nn.Linear(10, 4))
+    return nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 4)
+    )
 
 
 def _cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(4 * 6 * 6, 4))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 4),
+    )
 
 
 class _Tied(nn.Module):
@@ -55,15 +62,16 @@ def _tied(seed: int) -> nn.Module:
     return _Tied()
 
 
-def _batches(kind: str, n: int) -> List[Tuple[Tensor, Tensor]]:
+def _batches(kind: str, n: int) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(1234)
     out = []
     for _ in range(n):
         if kind == "mlp":
             out.append((torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)))
         elif kind == "cnn":
-            out.append((torch.randn(16, 1, 6, 6, generator=g),
-                        torch.randint(0, 4, (16,), generator=g)))
+            out.append(
+                (torch.randn(16, 1, 6, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+            )
         else:
             tokens = torch.randint(0, 11, (8, 5), generator=g)
             out.append((tokens, torch.randint(1, 11, (8, 5), generator=g)))
@@ -74,38 +82,69 @@ def _loss(out: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-CASES: Dict[str, Tuple[Callable[[int], nn.Module], str, Dict[str, Any]]] = {
-    "eigen": (_mlp, "mlp", dict(compute_method="eigen", factor_update_steps=2,
-                                inv_update_steps=4)),
-    "inverse": (_mlp, "mlp", dict(compute_method="inverse", factor_update_steps=2,
-                                  inv_update_steps=4)),
-    "ekfac": (_mlp, "mlp", dict(compute_method="ekfac", factor_update_steps=2,
-                                inv_update_steps=6)),
-    "relative": (_mlp, "mlp", dict(damping_mode="relative", damping=1e-2, factor_update_steps=1,
-                                   inv_update_steps=3)),
-    "absolute_identity": (_mlp, "mlp", dict(damping_mode="absolute", factor_init="identity",
-                                            inv_update_steps=5)),
+CASES: dict[str, tuple[Callable[[int], nn.Module], str, dict[str, Any]]] = {
+    "eigen": (_mlp, "mlp", dict(compute_method="eigen", factor_update_steps=2, inv_update_steps=4)),
+    "inverse": (
+        _mlp,
+        "mlp",
+        dict(compute_method="inverse", factor_update_steps=2, inv_update_steps=4),
+    ),
+    "ekfac": (_mlp, "mlp", dict(compute_method="ekfac", factor_update_steps=2, inv_update_steps=6)),
+    "relative": (
+        _mlp,
+        "mlp",
+        dict(damping_mode="relative", damping=1e-2, factor_update_steps=1, inv_update_steps=3),
+    ),
+    "absolute_identity": (
+        _mlp,
+        "mlp",
+        dict(damping_mode="absolute", factor_init="identity", inv_update_steps=5),
+    ),
     "mc": (_mlp, "mlp", dict(fisher_type="mc", factor_update_steps=1, inv_update_steps=3)),
-    "no_low_rank": (_mlp, "mlp", dict(low_rank=False, factor_update_steps=1,
-                                      inv_update_steps=2)),
-    "stagger_warmup": (_mlp, "mlp", dict(stagger_refresh=True, warmup_steps=3,
-                                         factor_update_steps=1, inv_update_steps=4)),
-    "kl_clip_small": (_mlp, "mlp", dict(kl_clip=1e-6, factor_update_steps=1,
-                                        inv_update_steps=2)),
-    "adaptive_damping": (_mlp, "mlp", dict(adaptive_damping=True, adaptive_damping_interval=2,
-                                           factor_update_steps=1, inv_update_steps=2)),
-    "step_rule": (_mlp, "mlp", dict(step_rule="quadratic", damping_mode="absolute",
-                                    damping=1e-1, factor_update_steps=1, inv_update_steps=2)),
+    "no_low_rank": (_mlp, "mlp", dict(low_rank=False, factor_update_steps=1, inv_update_steps=2)),
+    "stagger_warmup": (
+        _mlp,
+        "mlp",
+        dict(stagger_refresh=True, warmup_steps=3, factor_update_steps=1, inv_update_steps=4),
+    ),
+    "kl_clip_small": (_mlp, "mlp", dict(kl_clip=1e-6, factor_update_steps=1, inv_update_steps=2)),
+    "adaptive_damping": (
+        _mlp,
+        "mlp",
+        dict(
+            adaptive_damping=True,
+            adaptive_damping_interval=2,
+            factor_update_steps=1,
+            inv_update_steps=2,
+        ),
+    ),
+    "step_rule": (
+        _mlp,
+        "mlp",
+        dict(
+            step_rule="quadratic",
+            damping_mode="absolute",
+            damping=1e-1,
+            factor_update_steps=1,
+            inv_update_steps=2,
+        ),
+    ),
     "cnn_eigen": (_cnn, "cnn", dict(factor_update_steps=1, inv_update_steps=3)),
-    "cnn_inverse": (_cnn, "cnn", dict(compute_method="inverse", factor_update_steps=1,
-                                      inv_update_steps=3)),
+    "cnn_inverse": (
+        _cnn,
+        "cnn",
+        dict(compute_method="inverse", factor_update_steps=1, inv_update_steps=3),
+    ),
     "tied_embedding": (_tied, "tok", dict(factor_update_steps=1, inv_update_steps=3)),
-    "tied_embedding_ekfac": (_tied, "tok", dict(compute_method="ekfac", factor_update_steps=1,
-                                                inv_update_steps=3)),
+    "tied_embedding_ekfac": (
+        _tied,
+        "tok",
+        dict(compute_method="ekfac", factor_update_steps=1, inv_update_steps=3),
+    ),
 }
 
 
-def _flatten(prefix: str, value: Any, out: Dict[str, Tensor]) -> None:
+def _flatten(prefix: str, value: Any, out: dict[str, Tensor]) -> None:
     if isinstance(value, Tensor):
         out[prefix] = value.detach().clone()
     elif isinstance(value, dict):
@@ -115,17 +154,24 @@ def _flatten(prefix: str, value: Any, out: Dict[str, Tensor]) -> None:
         for i, item in enumerate(value):
             _flatten(f"{prefix}/{i}", item, out)
     elif isinstance(value, (int, float, bool, str)) or value is None:
-        out[prefix] = torch.tensor([float(zlib.crc32(value.encode()) if isinstance(value, str) else
-                                          (0.0 if value is None else value))],
-                                   dtype=torch.float64)
+        out[prefix] = torch.tensor(
+            [
+                float(
+                    zlib.crc32(value.encode())
+                    if isinstance(value, str)
+                    else (0.0 if value is None else value)
+                )
+            ],
+            dtype=torch.float64,
+        )
 
 
-def run_case(name: str) -> Dict[str, Tensor]:
+def run_case(name: str) -> dict[str, Tensor]:
     build, data, options = CASES[name]
     model = build(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     pre = KFACPreconditioner(model, optimizer=opt, **options)
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     losses = []
     for x, y in _batches(data, STEPS):
         opt.zero_grad()
@@ -151,20 +197,27 @@ def run_case(name: str) -> Dict[str, Tensor]:
     return out
 
 
-def run_demo(steps: int = 60) -> Dict[str, Tensor]:
+def run_demo(steps: int = 60) -> dict[str, Tensor]:
     """The demo's autoencoder under KFACCallback (Lightning), ``steps`` optimizer steps."""
-    from pathlib import Path
     import tempfile
+    from pathlib import Path
 
     from hydra import compose, initialize_config_dir
 
     from examples.train import CONF_DIR, build
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("train", overrides=["experiment=autoencoder", f"trainer.max_steps={steps}",
-                                          "test=false", "plot=false",
-                                          "trainer.enable_progress_bar=false",
-                                          "trainer.enable_model_summary=false"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=autoencoder",
+                f"trainer.max_steps={steps}",
+                "test=false",
+                "plot=false",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+            ],
+        )
     with tempfile.TemporaryDirectory() as tmp:
         datamodule, model, trainer, kfac = build(cfg, Path(tmp), csv_logger=False)
         trainer.fit(model, datamodule=datamodule)
@@ -175,7 +228,7 @@ def run_demo(steps: int = 60) -> Dict[str, Tensor]:
     return out
 
 
-def run_all(with_demo: bool = True) -> Dict[str, Dict[str, Tensor]]:
+def run_all(with_demo: bool = True) -> dict[str, dict[str, Tensor]]:
     torch.set_num_threads(1)
     results = {name: run_case(name) for name in CASES}
     if with_demo:
@@ -190,7 +243,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def compare(old: Dict[str, Dict[str, Tensor]], new: Dict[str, Dict[str, Tensor]]) -> List[str]:
+def compare(old: dict[str, dict[str, Tensor]], new: dict[str, dict[str, Tensor]]) -> list[str]:
     """Every difference, as text; empty when bit-identical."""
     diffs = []
     for case in sorted(set(old) | set(new)):
@@ -202,8 +255,10 @@ def compare(old: Dict[str, Dict[str, Tensor]], new: Dict[str, Dict[str, Tensor]]
             if key not in a or key not in b:
                 diffs.append(f"{case}: {key} only in {'new' if key not in a else 'old'}")
             elif a[key].dtype != b[key].dtype or a[key].shape != b[key].shape:
-                diffs.append(f"{case}: {key} {a[key].dtype}{tuple(a[key].shape)} vs "
-                             f"{b[key].dtype}{tuple(b[key].shape)}")
+                diffs.append(
+                    f"{case}: {key} {a[key].dtype}{tuple(a[key].shape)} vs "
+                    f"{b[key].dtype}{tuple(b[key].shape)}"
+                )
             elif not _same(a[key], b[key]):
                 err = float((a[key].double() - b[key].double()).abs().max())
                 diffs.append(f"{case}: {key} differs (max abs {err:.3g})")

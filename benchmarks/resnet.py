@@ -14,8 +14,6 @@ columns). ``stem="cifar"`` is the CIFAR variant (one 3x3 stride-1 conv, no pooli
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import Tensor, nn
 
@@ -32,8 +30,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or inp != out:
-            self.shortcut = nn.Sequential(nn.Conv2d(inp, out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inp, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
@@ -49,13 +48,19 @@ class ResNet18(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"Invalid stem={stem!r}: must be one of {STEMS}.")
         if stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
-                                      nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                                      nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False),
-                                      nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        stages: List[nn.Module] = []
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            )
+        stages: list[nn.Module] = []
         inp = width
         for i, out in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if i == 0 else 2

@@ -23,7 +23,7 @@ longer dominate). Differences below timer noise are clamped to 1e-4 ms (flagged 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,23 +32,35 @@ from benchmarks import common
 from lightning_kfac import KFACPreconditioner
 
 NAME = "scaling"
-COLUMNS = ["sweep", "width", "batch", "method", "plain_ms", "factors_ms", "decomposition_ms",
-           "precondition_ms", "clamped"]
+COLUMNS = [
+    "sweep",
+    "width",
+    "batch",
+    "method",
+    "plain_ms",
+    "factors_ms",
+    "decomposition_ms",
+    "precondition_ms",
+    "clamped",
+]
 FIT_COLUMNS = ["sweep", "method", "component", "exponent", "exponent_top3", "expected"]
 COMPONENTS = ("factors", "decomposition", "precondition")
-EXPECTED = {"width": {"factors": 2, "decomposition": 3, "precondition": 3},
-            "batch": {"factors": 1, "decomposition": 0, "precondition": 0}}
+EXPECTED = {
+    "width": {"factors": 2, "decomposition": 3, "precondition": 3},
+    "batch": {"factors": 1, "decomposition": 0, "precondition": 0},
+}
 _CLOCK = {"plain": 1, "precondition": 1, "factors": 2, "decomposition": 0}  # t mod 4
 _FLOOR_MS = 1e-4
 
 
-def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> Dict[str, Any]:
+def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> dict[str, Any]:
     """Median step time of each step type and the component costs (ms)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width))
     x = torch.randn(batch, width)
-    pre = KFACPreconditioner(model, compute_method=method, damping=1e-2, factor_update_steps=2,
-                             inv_update_steps=4)
+    pre = KFACPreconditioner(
+        model, compute_method=method, damping=1e-2, factor_update_steps=2, inv_update_steps=4
+    )
 
     def step(kind: str, k: int) -> float:
         pre.set_step(4 * k + _CLOCK[kind])
@@ -63,7 +75,7 @@ def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> 
     for k in range(2):
         for kind in kinds:
             step(kind, k)
-    times: Dict[str, List[float]] = {kind: [] for kind in kinds}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     k = 2
     while k - 2 < reps or sum(times["decomposition"]) + sum(times["plain"]) < min_time:
         for kind in kinds:
@@ -71,11 +83,18 @@ def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> 
         k += 1
     pre.remove()
     med = {kind: 1e3 * common.median(v) for kind, v in times.items()}
-    raw = {"factors": med["factors"] - med["precondition"],
-           "decomposition": med["decomposition"] - med["factors"],
-           "precondition": med["precondition"] - med["plain"]}
-    row = {"width": width, "batch": batch, "method": method, "plain_ms": med["plain"],
-           "reps": len(times["plain"])}
+    raw = {
+        "factors": med["factors"] - med["precondition"],
+        "decomposition": med["decomposition"] - med["factors"],
+        "precondition": med["precondition"] - med["plain"],
+    }
+    row = {
+        "width": width,
+        "batch": batch,
+        "method": method,
+        "plain_ms": med["plain"],
+        "reps": len(times["plain"]),
+    }
     clamped = []
     for comp, value in raw.items():
         if value < _FLOOR_MS:
@@ -85,21 +104,27 @@ def measure(width: int, batch: int, method: str, reps: int, min_time: float) -> 
     return row
 
 
-def fit(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def fit(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     fits = []
     for sweep in ("width", "batch"):
         for method in sorted({r["method"] for r in rows}):
             sel = [r for r in rows if r["sweep"] == sweep and r["method"] == method]
             for comp in COMPONENTS:
                 xs, ys = [r[sweep] for r in sel], [r[f"{comp}_ms"] for r in sel]
-                fits.append({"sweep": sweep, "method": method, "component": comp,
-                             "exponent": common.loglog_slope(xs, ys),
-                             "exponent_top3": common.loglog_slope(xs[-3:], ys[-3:]),
-                             "expected": EXPECTED[sweep][comp]})
+                fits.append(
+                    {
+                        "sweep": sweep,
+                        "method": method,
+                        "component": comp,
+                        "exponent": common.loglog_slope(xs, ys),
+                        "exponent_top3": common.loglog_slope(xs[-3:], ys[-3:]),
+                        "expected": EXPECTED[sweep][comp],
+                    }
+                )
     return fits
 
 
-def _plot(rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(rows: list[dict[str, Any]], out: str) -> str:
     fig, axes = common.new_figure(ncols=2, width=5.5)
     styles = {"eigen": "-", "inverse": "--"}
     colors = {"factors": "tab:blue", "decomposition": "tab:red", "precondition": "tab:green"}
@@ -107,8 +132,15 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
         for method in ("eigen", "inverse"):
             sel = [r for r in rows if r["sweep"] == sweep and r["method"] == method]
             for comp in COMPONENTS:
-                ax.plot([r[sweep] for r in sel], [r[f"{comp}_ms"] for r in sel], styles[method],
-                        color=colors[comp], marker="o", ms=3, label=f"{comp} ({method})")
+                ax.plot(
+                    [r[sweep] for r in sel],
+                    [r[f"{comp}_ms"] for r in sel],
+                    styles[method],
+                    color=colors[comp],
+                    marker="o",
+                    ms=3,
+                    label=f"{comp} ({method})",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("layer width d" if sweep == "width" else "batch size N")
@@ -118,8 +150,9 @@ def _plot(rows: List[Dict[str, Any]], out: str) -> str:
     return common.save_figure(fig, out, NAME)
 
 
-def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+def run(
+    tiny: bool = False, out: str = common.DEFAULT_OUT, threads: int | None = None
+) -> dict[str, Any]:
     threads = common.set_threads(tiny, threads)
     if tiny:
         widths, batches = [32, 64, 128], [16, 32, 64]
@@ -134,19 +167,28 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
         for batch in batches:
             rows.append({"sweep": "batch", **measure(fixed_width, batch, method, reps, min_time)})
     fits = fit(rows)
-    title = (f"scaling ({'tiny' if tiny else 'full'}; {threads} threads; load "
-             f"{common.load_average():.1f}; ms per step; width sweep at batch {fixed_batch}, "
-             f"batch sweep at width {fixed_width})")
+    title = (
+        f"scaling ({'tiny' if tiny else 'full'}; {threads} threads; load "
+        f"{common.load_average():.1f}; ms per step; width sweep at batch {fixed_batch}, "
+        f"batch sweep at width {fixed_width})"
+    )
     print(common.format_table(rows, COLUMNS, title), flush=True)
     print(common.format_table(fits, FIT_COLUMNS, "fitted log-log exponents"), flush=True)
-    payload = {"benchmark": NAME, "tiny": tiny, "machine": common.machine_info(),
-               "columns": COLUMNS, "rows": rows, "fit_columns": FIT_COLUMNS, "fits": fits}
+    payload = {
+        "benchmark": NAME,
+        "tiny": tiny,
+        "machine": common.machine_info(),
+        "columns": COLUMNS,
+        "rows": rows,
+        "fit_columns": FIT_COLUMNS,
+        "fits": fits,
+    }
     payload["json"] = common.write_json(out, NAME, payload)
     payload["png"] = _plot(rows, out)
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     common.cli(run, __doc__, argv)
 
 

@@ -21,8 +21,9 @@ evaluated outside the CPU-time clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,12 @@ class Problem:
 
     name: str
     batch: int
-    build: Callable[[int, Dict[str, Tensor]], Any]
+    build: Callable[[int, dict[str, Tensor]], Any]
     description: str
     eval_rows: int = 0  # > 0: the reported loss is on the first eval_rows examples only
 
 
-def load_data() -> Dict[str, Tensor]:
+def load_data() -> dict[str, Tensor]:
     """Digits as tensors: ``pixels`` (/16), ``standardized``, ``labels``, ``tokens`` (N x 65)."""
     from sklearn.datasets import load_digits
 
@@ -81,8 +82,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2), is_causal=True)
+        att = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
@@ -90,8 +92,15 @@ class Block(nn.Module):
 class TinyTransformerLM(nn.Module):
     """Token + learned position embeddings, ``layers`` blocks, final LayerNorm, Linear head."""
 
-    def __init__(self, vocab: int = VOCAB, context: int = 64, d_model: int = 32, heads: int = 2,
-                 d_mlp: int = 128, layers: int = 2):
+    def __init__(
+        self,
+        vocab: int = VOCAB,
+        context: int = 64,
+        d_model: int = 32,
+        heads: int = 2,
+        d_mlp: int = 128,
+        layers: int = 2,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.zeros(context, d_model))
@@ -108,43 +117,63 @@ class TinyTransformerLM(nn.Module):
 
 
 def _autoencoder(act: type, sparse: bool) -> Callable:
-    def build(seed: int, data: Dict[str, Tensor]):
+    def build(seed: int, data: dict[str, Tensor]):
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        model = models.autoencoder((64, 128, 64, 32, 8), sparse_init=sparse, generator=gen,
-                                   act=act)
+        model = models.autoencoder((64, 128, 64, 32, 8), sparse_init=sparse, generator=gen, act=act)
         return model, data["pixels"], data["pixels"], bce_per_image
+
     return build
 
 
-def _mlp(seed: int, data: Dict[str, Tensor]):
+def _mlp(seed: int, data: dict[str, Tensor]):
     torch.manual_seed(seed)
     return models.mlp((64, 128, 64, 10)), data["standardized"], data["labels"], F.cross_entropy
 
 
-def _cnn(seed: int, data: Dict[str, Tensor]):
+def _cnn(seed: int, data: dict[str, Tensor]):
     torch.manual_seed(seed)
     images = data["standardized"].view(-1, 1, 8, 8)
     return models.cnn((1, 16, 32), image=8), images, data["labels"], F.cross_entropy
 
 
-def _lm(seed: int, data: Dict[str, Tensor]):
+def _lm(seed: int, data: dict[str, Tensor]):
     torch.manual_seed(seed)
     return TinyTransformerLM(), data["tokens"], data["tokens"], lm_loss
 
 
-def _problems() -> Dict[str, Problem]:
+def _problems() -> dict[str, Problem]:
     table = [
-        ("ae_sigmoid_default", 256, _autoencoder(nn.Sigmoid, False),
-         "sigmoid autoencoder, PyTorch default init"),
-        ("ae_sigmoid_sparse", 256, _autoencoder(nn.Sigmoid, True),
-         "sigmoid autoencoder, sparse init"),
-        ("ae_tanh_default", 256, _autoencoder(nn.Tanh, False),
-         "tanh autoencoder, PyTorch default init"),
-        ("ae_relu_default", 256, _autoencoder(nn.ReLU, False),
-         "ReLU autoencoder, PyTorch default init"),
-        ("ae_sigmoid_default_b64", 64, _autoencoder(nn.Sigmoid, False),
-         "sigmoid autoencoder, PyTorch default init, batch 64"),
+        (
+            "ae_sigmoid_default",
+            256,
+            _autoencoder(nn.Sigmoid, False),
+            "sigmoid autoencoder, PyTorch default init",
+        ),
+        (
+            "ae_sigmoid_sparse",
+            256,
+            _autoencoder(nn.Sigmoid, True),
+            "sigmoid autoencoder, sparse init",
+        ),
+        (
+            "ae_tanh_default",
+            256,
+            _autoencoder(nn.Tanh, False),
+            "tanh autoencoder, PyTorch default init",
+        ),
+        (
+            "ae_relu_default",
+            256,
+            _autoencoder(nn.ReLU, False),
+            "ReLU autoencoder, PyTorch default init",
+        ),
+        (
+            "ae_sigmoid_default_b64",
+            64,
+            _autoencoder(nn.Sigmoid, False),
+            "sigmoid autoencoder, PyTorch default init, batch 64",
+        ),
         ("mlp_b64", 64, _mlp, "ReLU MLP classifier"),
         ("cnn_b128", 128, _cnn, "CNN classifier"),
         ("lm_b16", 16, _lm, "2-block transformer LM on digit pixel tokens"),
@@ -154,5 +183,4 @@ def _problems() -> Dict[str, Problem]:
     return problems
 
 
-PROBLEMS: Dict[str, Problem] = _problems()
-
+PROBLEMS: dict[str, Problem] = _problems()

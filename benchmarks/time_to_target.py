@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,30 +40,54 @@ from benchmarks import common, models
 from lightning_kfac import KFACPreconditioner
 
 NAME = "time_to_target"
-COLUMNS = ["problem", "method", "knob", "best", "time_s", "time_min_s", "time_max_s", "steps",
-           "ms_per_step", "final_loss", "target", "x_best_baseline", "reached"]
+COLUMNS = [
+    "problem",
+    "method",
+    "knob",
+    "best",
+    "time_s",
+    "time_min_s",
+    "time_max_s",
+    "steps",
+    "ms_per_step",
+    "final_loss",
+    "target",
+    "x_best_baseline",
+    "reached",
+]
 TARGET_SLACK = 1.05
 
 # problem -> method -> grid of the method's knob (KNOB); the middle value is the --tiny one
-GRIDS: Dict[str, Dict[str, List[float]]] = {
-    "digits_autoencoder": {"kfac+sgd": [1e-3, 3e-3, 1e-2], "sgd-nesterov": [0.03, 0.1, 0.3],
-                           "adam": [3e-3, 1e-2, 3e-2]},
-    "digits_mlp": {"kfac+sgd": [1e-4, 3e-4, 1e-3, 3e-3], "sgd-nesterov": [0.1, 0.3, 1.0, 3.0],
-                   "adam": [1e-2, 3e-2, 1e-1]},
+GRIDS: dict[str, dict[str, list[float]]] = {
+    "digits_autoencoder": {
+        "kfac+sgd": [1e-3, 3e-3, 1e-2],
+        "sgd-nesterov": [0.03, 0.1, 0.3],
+        "adam": [3e-3, 1e-2, 3e-2],
+    },
+    "digits_mlp": {
+        "kfac+sgd": [1e-4, 3e-4, 1e-3, 3e-3],
+        "sgd-nesterov": [0.1, 0.3, 1.0, 3.0],
+        "adam": [1e-2, 3e-2, 1e-1],
+    },
 }
 KNOB = {"kfac+sgd": "kl_clip", "sgd-nesterov": "lr", "adam": "lr"}
 KFAC_LR = 1.0
 # tuned under the original conventions (absolute damping, first update = batch estimate), kept so
 # that the README's figures reproduce; the defaults' own measurements are benchmarks/suite.py's
-KFAC_OPTIONS: Dict[str, Any] = {"damping": 1e-2, "factor_update_steps": 10, "inv_update_steps": 50,
-                                "damping_mode": "absolute", "factor_init": "batch"}
+KFAC_OPTIONS: dict[str, Any] = {
+    "damping": 1e-2,
+    "factor_update_steps": 10,
+    "inv_update_steps": 50,
+    "damping_mode": "absolute",
+    "factor_init": "batch",
+}
 BATCH = {"digits_autoencoder": 256, "digits_mlp": 256}
 TARGET_FLOOR = {"digits_autoencoder": 0.0, "digits_mlp": 0.01}
 EVAL_EVERY = {"digits_autoencoder": 5, "digits_mlp": 2}
 TINY_STEPS = {"digits_autoencoder": 12, "digits_mlp": 12}  # --tiny: steps per run, not seconds
 
 
-def load_data() -> Dict[str, Any]:
+def load_data() -> dict[str, Any]:
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
@@ -72,7 +96,7 @@ def load_data() -> Dict[str, Any]:
     return {"pixels": X / 16.0, "standardized": std, "labels": torch.tensor(y)}
 
 
-def make_problem(name: str, data: Dict[str, Any], seed: int):
+def make_problem(name: str, data: dict[str, Any], seed: int):
     """(model, inputs, targets, loss_fn) of a problem, initialized from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -90,10 +114,17 @@ def make_problem(name: str, data: Dict[str, Any], seed: int):
     raise ValueError(f"Invalid problem={name!r}: must be one of {sorted(GRIDS)}.")
 
 
-def train(problem: str, method: str, setting: float, seed: int, data: Dict[str, Any],
-          budget_s: float, eval_every: int = 5,
-          kfac_options: Optional[Dict[str, Any]] = None,
-          max_steps: Optional[int] = None) -> Dict[str, Any]:
+def train(
+    problem: str,
+    method: str,
+    setting: float,
+    seed: int,
+    data: dict[str, Any],
+    budget_s: float,
+    eval_every: int = 5,
+    kfac_options: dict[str, Any] | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     """Train for ``budget_s`` seconds of (non-evaluation) wall-clock; return the loss curve.
 
     ``setting`` is the method's knob (``KNOB``); ``kfac_options`` overrides ``KFAC_OPTIONS``.
@@ -127,7 +158,7 @@ def train(problem: str, method: str, setting: float, seed: int, data: Dict[str, 
         for _ in range(eval_every if max_steps is None else min(eval_every, max_steps - step)):
             if pos + batch > n:
                 perm, pos = torch.randperm(n, generator=order_gen), 0
-            idx = perm[pos:pos + batch]
+            idx = perm[pos : pos + batch]
             pos += batch
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
@@ -144,11 +175,18 @@ def train(problem: str, method: str, setting: float, seed: int, data: Dict[str, 
             break
     if pre is not None:
         pre.remove()
-    return {"problem": problem, "method": method, "setting": setting, "seed": seed, "times": times,
-            "losses": losses, "steps": steps}
+    return {
+        "problem": problem,
+        "method": method,
+        "setting": setting,
+        "seed": seed,
+        "times": times,
+        "losses": losses,
+        "steps": steps,
+    }
 
 
-def first_reach(run: Dict[str, Any], target: float):
+def first_reach(run: dict[str, Any], target: float):
     """(time, steps) of the first evaluation at or below ``target``; (inf, None) if never."""
     for t, loss, s in zip(run["times"], run["losses"], run["steps"]):
         if loss <= target:
@@ -156,8 +194,9 @@ def first_reach(run: Dict[str, Any], target: float):
     return math.inf, None
 
 
-def summarize(runs: List[Dict[str, Any]], problem: str,
-              grid: Dict[str, List[float]]) -> List[Dict[str, Any]]:
+def summarize(
+    runs: list[dict[str, Any]], problem: str, grid: dict[str, list[float]]
+) -> list[dict[str, Any]]:
     """Pick the target and each method's best learning rate; one table row per method."""
     mine = [r for r in runs if r["problem"] == problem]
     methods = list(grid)
@@ -184,33 +223,57 @@ def summarize(runs: List[Dict[str, Any]], problem: str,
         ok = [(t, s) for t, s in reach if s is not None]  # non-empty: see the docstring
         total_steps = sum(r["steps"][-1] for r in seeds)
         total_time = sum(r["times"][-1] for r in seeds)
-        rows.append({"problem": problem, "method": m, "knob": KNOB[m], "best": value,
-                     "time_s": common.median(times), "time_min_s": min(times),
-                     "time_max_s": max(t for t, _ in ok),
-                     "steps": common.median([s for _, s in ok]),
-                     "ms_per_step": 1e3 * total_time / max(total_steps, 1),
-                     "final_loss": common.median([r["losses"][-1] for r in seeds]),
-                     "target": target, "reached": f"{len(ok)}/{len(seeds)}"})
+        rows.append(
+            {
+                "problem": problem,
+                "method": m,
+                "knob": KNOB[m],
+                "best": value,
+                "time_s": common.median(times),
+                "time_min_s": min(times),
+                "time_max_s": max(t for t, _ in ok),
+                "steps": common.median([s for _, s in ok]),
+                "ms_per_step": 1e3 * total_time / max(total_steps, 1),
+                "final_loss": common.median([r["losses"][-1] for r in seeds]),
+                "target": target,
+                "reached": f"{len(ok)}/{len(seeds)}",
+            }
+        )
     baselines = [r["time_s"] for r in rows if r["method"] != "kfac+sgd"]
     for row in rows:
         row["x_best_baseline"] = row["time_s"] / min(baselines) if min(baselines) > 0 else math.nan
     return rows
 
 
-def _plot(runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], out: str) -> str:
+def _plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], out: str) -> str:
     problems = sorted({r["problem"] for r in rows}, key=[r["problem"] for r in rows].index)
     fig, axes = common.new_figure(ncols=len(problems), width=5.5)
     colors = {"kfac+sgd": "tab:red", "sgd-nesterov": "tab:blue", "adam": "tab:green"}
     for ax, problem in zip(axes, problems):
         for row in (r for r in rows if r["problem"] == problem):
-            best = [r for r in runs if r["problem"] == problem and r["method"] == row["method"]
-                    and r["setting"] == row["best"]]
+            best = [
+                r
+                for r in runs
+                if r["problem"] == problem
+                and r["method"] == row["method"]
+                and r["setting"] == row["best"]
+            ]
             for i, run in enumerate(best):
-                ax.plot(run["times"], run["losses"], color=colors.get(row["method"]), lw=1,
-                        alpha=0.8, label=(f"{row['method']} {row['knob']}={row['best']:g}"
-                                          if i == 0 else None))
-        ax.axhline(rows[[r["problem"] for r in rows].index(problem)]["target"], color="k", ls="--",
-                   lw=0.8, label="target")
+                ax.plot(
+                    run["times"],
+                    run["losses"],
+                    color=colors.get(row["method"]),
+                    lw=1,
+                    alpha=0.8,
+                    label=(f"{row['method']} {row['knob']}={row['best']:g}" if i == 0 else None),
+                )
+        ax.axhline(
+            rows[[r["problem"] for r in rows].index(problem)]["target"],
+            color="k",
+            ls="--",
+            lw=0.8,
+            label="target",
+        )
         ax.set_yscale("log")
         ax.set_xlabel("wall-clock seconds (evaluation excluded)")
         ax.set_ylabel("training loss")
@@ -219,13 +282,17 @@ def _plot(runs: List[Dict[str, Any]], rows: List[Dict[str, Any]], out: str) -> s
     return common.save_figure(fig, out, NAME)
 
 
-def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
-        threads: Optional[int] = None) -> Dict[str, Any]:
+def run(
+    tiny: bool = False, out: str = common.DEFAULT_OUT, threads: int | None = None
+) -> dict[str, Any]:
     """Run every (problem, method, setting, seed) for the same budget, interleaved."""
     threads = common.set_threads(tiny, threads)
     data = load_data()
-    budget = {"digits_autoencoder": 0.1, "digits_mlp": 0.05} if tiny else \
-        {"digits_autoencoder": 6.0, "digits_mlp": 1.5}
+    budget = (
+        {"digits_autoencoder": 0.1, "digits_mlp": 0.05}
+        if tiny
+        else {"digits_autoencoder": 6.0, "digits_mlp": 1.5}
+    )
     # --tiny (the CI smoke run): a step budget, so which method reaches the target, and when in
     # steps, is the same on an idle and on a loaded machine (a 0.05 s budget gave K-FAC 2 steps
     # under load, the target rose above every initial loss and x_best_baseline became nan).
@@ -238,27 +305,50 @@ def run(tiny: bool = False, out: str = common.DEFAULT_OUT,
             for i in range(max(len(v) for v in grid.values())):
                 for method, values in grid.items():
                     if i < len(values):
-                        runs.append(train(problem, method, values[i], seed, data, budget[problem],
-                                          eval_every=1 if tiny else EVAL_EVERY[problem],
-                                          max_steps=budget_steps and budget_steps[problem]))
+                        runs.append(
+                            train(
+                                problem,
+                                method,
+                                values[i],
+                                seed,
+                                data,
+                                budget[problem],
+                                eval_every=1 if tiny else EVAL_EVERY[problem],
+                                max_steps=budget_steps and budget_steps[problem],
+                            )
+                        )
     rows = []
     for problem, grid in grids.items():
         rows += summarize(runs, problem, grid)
     per_run = f"{budget_steps} steps" if tiny else f"{budget} s"
-    title = (f"time_to_target ({'tiny' if tiny else 'full'}; {threads} threads; load "
-             f"{common.load_average():.1f}; budget per run {per_run}; seeds {seeds})")
+    title = (
+        f"time_to_target ({'tiny' if tiny else 'full'}; {threads} threads; load "
+        f"{common.load_average():.1f}; budget per run {per_run}; seeds {seeds})"
+    )
     print(common.format_table(rows, COLUMNS, title), flush=True)
-    payload = {"benchmark": NAME, "tiny": tiny, "machine": common.machine_info(),
-               "budget_s": None if tiny else budget, "budget_steps": budget_steps,
-               "grids": grids, "knob": KNOB, "kfac_lr": KFAC_LR,
-               "kfac_options": KFAC_OPTIONS, "batch": BATCH, "target_floor": TARGET_FLOOR,
-               "target_slack": TARGET_SLACK, "columns": COLUMNS, "rows": rows, "runs": runs}
+    payload = {
+        "benchmark": NAME,
+        "tiny": tiny,
+        "machine": common.machine_info(),
+        "budget_s": None if tiny else budget,
+        "budget_steps": budget_steps,
+        "grids": grids,
+        "knob": KNOB,
+        "kfac_lr": KFAC_LR,
+        "kfac_options": KFAC_OPTIONS,
+        "batch": BATCH,
+        "target_floor": TARGET_FLOOR,
+        "target_slack": TARGET_SLACK,
+        "columns": COLUMNS,
+        "rows": rows,
+        "runs": runs,
+    }
     payload["json"] = common.write_json(out, NAME, payload)
     payload["png"] = _plot(runs, rows, out)
     return payload
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     common.cli(run, __doc__, argv)
 
 

@@ -22,13 +22,22 @@ import argparse
 
 from tests.support.peak_memory import measure
 
-MIB = 2 ** 20
+MIB = 2**20
 CASES = {
     "llama-32000": dict(model="llama", vocab=32000, batch=4, seq=64),
     "linear-64x50000": dict(model="head", d_in=64, d_out=50000, batch=64),
 }
-COLUMNS = ["model", "plain_ms", "first_ms", "x_first", "kfac_ms", "plain_MiB", "extra_MiB",
-           "pred_MiB", "pred/meas"]
+COLUMNS = [
+    "model",
+    "plain_ms",
+    "first_ms",
+    "x_first",
+    "kfac_ms",
+    "plain_MiB",
+    "extra_MiB",
+    "pred_MiB",
+    "pred/meas",
+]
 
 
 def main() -> None:
@@ -38,12 +47,21 @@ def main() -> None:
     rows = []
     for name, spec in CASES.items():
         r = measure(dict(spec, steps=args.steps, options={}))
-        rows.append([name, f"{1e3 * r['cpu_plain']:.0f}", f"{1e3 * r['cpu_first']:.0f}",
-                     f"{r['cpu_first'] / r['cpu_plain']:.1f}", f"{1e3 * r['cpu_kfac']:.0f}",
-                     f"{r['plain'] / MIB:.1f}", f"{r['extra'] / MIB:.1f}",
-                     f"{r['predicted'] / MIB:.1f}", f"{r['predicted'] / max(r['extra'], 1):.2f}"])
-    widths = [max(len(str(row[i])) for row in [COLUMNS] + rows) for i in range(len(COLUMNS))]
-    for row in [COLUMNS] + rows:
+        rows.append(
+            [
+                name,
+                f"{1e3 * r['cpu_plain']:.0f}",
+                f"{1e3 * r['cpu_first']:.0f}",
+                f"{r['cpu_first'] / r['cpu_plain']:.1f}",
+                f"{1e3 * r['cpu_kfac']:.0f}",
+                f"{r['plain'] / MIB:.1f}",
+                f"{r['extra'] / MIB:.1f}",
+                f"{r['predicted'] / MIB:.1f}",
+                f"{r['predicted'] / max(r['extra'], 1):.2f}",
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+    for row in [COLUMNS, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -37,16 +37,23 @@ from benchmarks.zoo_models import ZOO, build
 DEFAULTS = dict(steps=20, batch_size=16, lr=0.05, momentum=0.9)
 
 
-def train(name: str, kfac: bool, steps: int, batch_size: int, lr: float = DEFAULTS["lr"],
-          momentum: float = DEFAULTS["momentum"], seed: int = 0,
-          options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def train(
+    name: str,
+    kfac: bool,
+    steps: int,
+    batch_size: int,
+    lr: float = DEFAULTS["lr"],
+    momentum: float = DEFAULTS["momentum"],
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One run: losses, per-step thread CPU seconds, coverage (K-FAC only), RSS peak increase."""
     from lightning_kfac import KFACPreconditioner
 
     model, batches, loss_fn = build(name, steps, batch_size, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     pre = None
-    result: Dict[str, Any] = {"model": name, "kfac": kfac}
+    result: dict[str, Any] = {"model": name, "kfac": kfac}
     if kfac:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -69,9 +76,12 @@ def train(name: str, kfac: bool, steps: int, batch_size: int, lr: float = DEFAUL
     if pre is not None:
         pre.remove()
         result["layers_after"] = len(pre.layers)  # layers dropped during training are gone
-    result.update(losses=losses, step_seconds=times, peak_rss_increase_mib=_max_rss_mib()
-                  - rss_before, trainable=sum(p.numel() for p in model.parameters()
-                                              if p.requires_grad))
+    result.update(
+        losses=losses,
+        step_seconds=times,
+        peak_rss_increase_mib=_max_rss_mib() - rss_before,
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
     return result
 
 
@@ -79,27 +89,34 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_isolated(name: str, kfac: bool, steps: int, batch_size: int,
-                 options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def run_isolated(
+    name: str, kfac: bool, steps: int, batch_size: int, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``train`` in a fresh one-thread subprocess (its own peak RSS)."""
-    code = ("import json, torch; torch.set_num_threads(1); from benchmarks.zoo import train; "
-            f"print(json.dumps(train({name!r}, {kfac}, {steps}, {batch_size}, "
-            f"options=json.loads({json.dumps(options or {})!r}))))")
+    code = (
+        "import json, torch; torch.set_num_threads(1); from benchmarks.zoo import train; "
+        f"print(json.dumps(train({name!r}, {kfac}, {steps}, {batch_size}, "
+        f"options=json.loads({json.dumps(options or {})!r}))))"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, check=False)
+    env = dict(
+        os.environ,
+        PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"zoo run {name} (kfac={kfac}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def final_loss(run: Dict[str, Any]) -> float:
+def final_loss(run: dict[str, Any]) -> float:
     return float(statistics.mean(run["losses"][-3:]))
 
 
-def row(plain: Dict[str, Any], kfac: Dict[str, Any]) -> Dict[str, Any]:
+def row(plain: dict[str, Any], kfac: dict[str, Any]) -> dict[str, Any]:
     cov = kfac["coverage"]
     return {
         "model": plain["model"],
@@ -118,34 +135,46 @@ def row(plain: Dict[str, Any], kfac: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def markdown(rows: List[Dict[str, Any]], steps: int, batch_size: int,
-             options: Optional[Dict[str, Any]] = None) -> str:
-    head = ("| model | trainable params | preconditioned | K-FAC layers | loss after "
-            f"{steps} steps: plain / K-FAC | step time K-FAC / plain: median (first) | "
-            "plain step (ms) | peak memory plain / K-FAC (MiB) |")
+def markdown(
+    rows: list[dict[str, Any]], steps: int, batch_size: int, options: dict[str, Any] | None = None
+) -> str:
+    head = (
+        "| model | trainable params | preconditioned | K-FAC layers | loss after "
+        f"{steps} steps: plain / K-FAC | step time K-FAC / plain: median (first) | "
+        "plain step (ms) | peak memory plain / K-FAC (MiB) |"
+    )
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['trainable']:,} | {r['coverage_pct']:.1f}% | {r['layers']} | "
             f"{r['loss_plain']:.3f} / {r['loss_kfac']:.3f} | {r['median_step_ratio']:.2f}x "
             f"({r['first_step_ratio']:.1f}x) | {r['median_step_ms_plain']:.0f} | "
-            f"{r['peak_mib_plain']:.0f} / {r['peak_mib_kfac']:.0f} |")
-    lines.append(f"\nBatch {batch_size}, SGD (lr {DEFAULTS['lr']}, momentum "
-                 f"{DEFAULTS['momentum']}), K-FAC options {options or 'default'}, one thread, CPU time of the "
-                 "training thread; peak memory = increase of the peak RSS during training.")
+            f"{r['peak_mib_plain']:.0f} / {r['peak_mib_kfac']:.0f} |"
+        )
+    lines.append(
+        f"\nBatch {batch_size}, SGD (lr {DEFAULTS['lr']}, momentum "
+        f"{DEFAULTS['momentum']}), K-FAC options {options or 'default'}, one thread, CPU time of "
+        "the training thread; peak memory = increase of the peak RSS during training."
+    )
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo",
-                                     description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.zoo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--models", nargs="+", choices=sorted(ZOO), default=list(ZOO))
     parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a KFACConfig option for the K-FAC runs, VALUE as JSON "
-                             "(e.g. --option damping=0.01); repeatable")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a KFACConfig option for the K-FAC runs, VALUE as JSON "
+        "(e.g. --option damping=0.01); repeatable",
+    )
     args = parser.parse_args(argv)
     options = {}
     for item in args.option:
@@ -167,10 +196,19 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "zoo.json")
     with open(path, "w") as f:
-        json.dump({"steps": args.steps, "batch_size": args.batch_size, "options": options,
-                   "rows": rows,
-                   "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "load_average_1min": os.getloadavg()[0]}, f, indent=1)
+        json.dump(
+            {
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "options": options,
+                "rows": rows,
+                "torch": torch.__version__,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "load_average_1min": os.getloadavg()[0],
+            },
+            f,
+            indent=1,
+        )
     return rows
 
 

@@ -17,7 +17,7 @@ break ``import pytorch_lightning`` on the CPU torch).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 VOCAB, WIDTH, LAYERS, HEADS, SEQ = 1000, 64, 2, 2, 32
 
-Batch = Tuple[Tensor, ...]
+Batch = tuple[Tensor, ...]
 
 
-# -- data --------------------------------------------------------------------------------------------
-def bigram_tokens(batches: int, batch_size: int, seed: int) -> List[Tensor]:
+# -- data ------------------------------------------------------------------------------------------
+def bigram_tokens(batches: int, batch_size: int, seed: int) -> list[Tensor]:
     """(batch_size, SEQ) token ids from a fixed random successor chain with 10% noise."""
     gen = torch.Generator().manual_seed(seed)
     successor = torch.randperm(VOCAB, generator=gen)
@@ -39,13 +39,16 @@ def bigram_tokens(batches: int, batch_size: int, seed: int) -> List[Tensor]:
         tokens[:, 0] = torch.randint(0, VOCAB, (batch_size,), generator=gen)
         for t in range(1, SEQ):
             noise = torch.rand(batch_size, generator=gen) < 0.1
-            tokens[:, t] = torch.where(noise, torch.randint(0, VOCAB, (batch_size,), generator=gen),
-                                       successor[tokens[:, t - 1]])
+            tokens[:, t] = torch.where(
+                noise,
+                torch.randint(0, VOCAB, (batch_size,), generator=gen),
+                successor[tokens[:, t - 1]],
+            )
         out.append(tokens)
     return out
 
 
-def template_images(batches: int, batch_size: int, seed: int, classes: int = 10) -> List[Batch]:
+def template_images(batches: int, batch_size: int, seed: int, classes: int = 10) -> list[Batch]:
     gen = torch.Generator().manual_seed(seed)
     templates = torch.randn(classes, 3, 32, 32, generator=gen)
     out = []
@@ -56,31 +59,55 @@ def template_images(batches: int, batch_size: int, seed: int, classes: int = 10)
     return out
 
 
-# -- transformers ------------------------------------------------------------------------------------
+# -- transformers ----------------------------------------------------------------------------------
 def gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, vocab_size=VOCAB,
-                                      n_positions=SEQ, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=LAYERS,
+            n_embd=WIDTH,
+            n_head=HEADS,
+            vocab_size=VOCAB,
+            n_positions=SEQ,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def bert() -> nn.Module:
     from transformers import BertConfig, BertForMaskedLM
 
-    return BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=WIDTH,
-                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      intermediate_size=2 * WIDTH, max_position_embeddings=SEQ,
-                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=2 * WIDTH,
+            max_position_embeddings=SEQ,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH,
-                                        intermediate_size=2 * WIDTH, num_hidden_layers=LAYERS,
-                                        num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                                        max_position_embeddings=SEQ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=WIDTH,
+            intermediate_size=2 * WIDTH,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
+            max_position_embeddings=SEQ,
+        )
+    )
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
@@ -97,7 +124,7 @@ def masked_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     return model(input_ids=inputs, labels=labels).loss
 
 
-# -- CNNs --------------------------------------------------------------------------------------------
+# -- CNNs ------------------------------------------------------------------------------------------
 class BasicBlock(nn.Module):
     """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the (projected) input, ReLU."""
 
@@ -109,8 +136,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -120,8 +148,9 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, widths=(16, 32, 64), classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         blocks, c_in = [], widths[0]
         for i, width in enumerate(widths):
             blocks.append(BasicBlock(c_in, width, stride=1 if i == 0 else 2))
@@ -137,8 +166,12 @@ def separable(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     """Depthwise 3x3 (groups=c_in) + BN + ReLU, pointwise 1x1 + BN + ReLU."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
-        nn.BatchNorm2d(c_in), nn.ReLU(),
-        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+        nn.BatchNorm2d(c_in),
+        nn.ReLU(),
+        nn.Conv2d(c_in, c_out, 1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    )
 
 
 class MobileNet(nn.Module):
@@ -147,8 +180,9 @@ class MobileNet(nn.Module):
 
     def __init__(self, classes: int = 10):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False),
-                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
         blocks, c_in = [], 16
         for c_out, stride in self.PLAN:
             blocks.append(separable(c_in, c_out, stride))
@@ -165,8 +199,8 @@ def classification_loss(model: nn.Module, batch: Batch) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-# -- the zoo -----------------------------------------------------------------------------------------
-ZOO: Dict[str, Tuple[Callable[[], nn.Module], Callable, Callable]] = {
+# -- the zoo ---------------------------------------------------------------------------------------
+ZOO: dict[str, tuple[Callable[[], nn.Module], Callable, Callable]] = {
     # name: (model builder, data builder (batches, batch_size, seed), loss)
     "gpt2": (gpt2, lambda n, b, s: [(t,) for t in bigram_tokens(n, b, s)], causal_lm_loss),
     "bert": (bert, lambda n, b, s: [(t,) for t in bigram_tokens(n, b, s)], masked_lm_loss),

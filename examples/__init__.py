@@ -1,1 +1,2 @@
-"""Examples of lightning-kfac: LightningModules/DataModules on the digits, the Hydra app, the demo."""
+"""Examples of lightning-kfac: LightningModules/DataModules on the digits,
+the Hydra app, the demo."""

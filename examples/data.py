@@ -12,8 +12,6 @@ Batches are ``(x, y)`` with ``x`` of shape ``(B, 64)`` (flattened; the CNN resha
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -23,8 +21,9 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 
 
-def load_digits_tensors(test_fraction: float = 0.2, split_seed: int = 0
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits_tensors(
+    test_fraction: float = 0.2, split_seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(x_train, y_train, x_test, y_test)``: float32 pixels in [0, 1], long labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -34,10 +33,15 @@ def load_digits_tensors(test_fraction: float = 0.2, split_seed: int = 0
     digits = load_digits()
     x = digits.data.astype("float32") / 16.0
     y = digits.target.astype("int64")
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
-                                              random_state=split_seed, stratify=y)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr),
-            torch.from_numpy(x_te), torch.from_numpy(y_te))
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=split_seed, stratify=y
+    )
+    return (
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te),
+    )
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -57,8 +61,15 @@ class DigitsDataModule(pl.LightningDataModule):
         torch.Size([32, 64])
     """
 
-    def __init__(self, batch_size: int = 100, test_fraction: float = 0.2, split_seed: int = 0,
-                 loader_seed: int = 0, train_size: Optional[int] = None, num_workers: int = 0):
+    def __init__(
+        self,
+        batch_size: int = 100,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        loader_seed: int = 0,
+        train_size: int | None = None,
+        num_workers: int = 0,
+    ):
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Invalid batch_size={batch_size!r}: must be an integer >= 1.")
@@ -71,10 +82,10 @@ class DigitsDataModule(pl.LightningDataModule):
         self.loader_seed = loader_seed
         self.train_size = train_size
         self.num_workers = num_workers
-        self.train_set: Optional[TensorDataset] = None
-        self.test_set: Optional[TensorDataset] = None
+        self.train_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         x_tr, y_tr, x_te, y_te = load_digits_tensors(self.test_fraction, self.split_seed)
@@ -85,9 +96,18 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.loader_seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=generator, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=len(self.test_set), shuffle=False,
-                          num_workers=self.num_workers)
+        return DataLoader(
+            self.test_set,
+            batch_size=len(self.test_set),
+            shuffle=False,
+            num_workers=self.num_workers,
+        )

@@ -40,23 +40,32 @@ class DiagonalMethod(Method):
     name = "diagonal"
     decomposition_type = DiagonalDecomposition
 
-    def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
-                  damping: float) -> DiagonalDecomposition:
-        return DiagonalDecomposition(dA=A.diagonal().clamp_min(0.0),
-                                     dG=G.diagonal().clamp_min(0.0))
+    def decompose(
+        self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure, damping: float
+    ) -> DiagonalDecomposition:
+        return DiagonalDecomposition(dA=A.diagonal().clamp_min(0.0), dG=G.diagonal().clamp_min(0.0))
 
-    def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
-                     sa: FactorStructure, sg: FactorStructure,
-                     rows: Rows | None = None) -> Tensor:
+    def precondition(
+        self,
+        grad: Tensor,
+        dec: Decomposition,
+        damping: float,
+        sa: FactorStructure,
+        sg: FactorStructure,
+        rows: Rows | None = None,
+    ) -> Tensor:
         assert isinstance(dec, DiagonalDecomposition)
         return grad / (torch.outer(dec.dG, dec.dA) + damping)
 
     def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
         return sa.dim + sg.dim  # for the summary's memory column (the default is eigen's)
 
-    def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Layout | None:
+    def layout(
+        self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype, relative: bool
+    ) -> Layout | None:
         # under DDP one owner rank computes it and sends these two vectors to the others
         cls = DiagonalDecomposition
-        return with_damping_scale([layout_entry(cls, "dA", (sa.dim,), dtype),
-                                   layout_entry(cls, "dG", (sg.dim,), dtype)], relative)
+        return with_damping_scale(
+            [layout_entry(cls, "dA", (sa.dim,), dtype), layout_entry(cls, "dG", (sg.dim,), dtype)],
+            relative,
+        )

@@ -15,8 +15,9 @@ Logged metrics: ``train/loss`` every step; ``test/loss`` and ``test/mse`` (autoe
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -50,7 +51,7 @@ def sparse_init_(linear: nn.Linear, nonzero: int = 15) -> nn.Linear:
 class _DigitsModule(pl.LightningModule):
     """Shared plumbing: the optimizer partial and step-wise loss logging."""
 
-    def __init__(self, optimizer: Optional[OptimizerFactory] = None):
+    def __init__(self, optimizer: OptimizerFactory | None = None):
         super().__init__()
         self.optimizer_factory = optimizer or partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 
@@ -77,15 +78,20 @@ class DeepAutoencoder(_DigitsModule):
     hundreds of steps).
     """
 
-    def __init__(self, input_dim: int = 64, hidden_dims: Sequence[int] = (128, 64, 32),
-                 code_dim: int = 16, sparse_init: Optional[int] = 15,
-                 optimizer: Optional[OptimizerFactory] = None):
+    def __init__(
+        self,
+        input_dim: int = 64,
+        hidden_dims: Sequence[int] = (128, 64, 32),
+        code_dim: int = 16,
+        sparse_init: int | None = 15,
+        optimizer: OptimizerFactory | None = None,
+    ):
         super().__init__(optimizer)
         hidden_dims = [int(h) for h in hidden_dims]
         self.save_hyperparameters(ignore=["optimizer"])
         dims = [input_dim, *hidden_dims, code_dim]
-        self.encoder = self._stack(dims)            # last layer (the code) is linear
-        self.decoder = self._stack(dims[::-1])      # last layer gives the pixel logits
+        self.encoder = self._stack(dims)  # last layer (the code) is linear
+        self.decoder = self._stack(dims[::-1])  # last layer gives the pixel logits
         if sparse_init is not None:
             for module in self.modules():
                 if isinstance(module, nn.Linear):
@@ -94,7 +100,7 @@ class DeepAutoencoder(_DigitsModule):
     @staticmethod
     def _stack(dims: Sequence[int]) -> nn.Sequential:
         layers: list = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
             layers.append(nn.Linear(d_in, d_out))
             if i < len(dims) - 2:
                 layers.append(nn.Sigmoid())
@@ -119,9 +125,11 @@ class DeepAutoencoder(_DigitsModule):
 
 
 class _Classifier(_DigitsModule):
-    def __init__(self, num_classes: int, optimizer: Optional[OptimizerFactory]):
+    def __init__(self, num_classes: int, optimizer: OptimizerFactory | None):
         super().__init__(optimizer)
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")  # share correct
+        self.test_acc = MulticlassAccuracy(
+            num_classes=num_classes, average="micro"
+        )  # share correct
 
     def loss(self, batch) -> torch.Tensor:
         x, y = batch
@@ -138,14 +146,19 @@ class _Classifier(_DigitsModule):
 class MLPClassifier(_Classifier):
     """``64 -> hidden_dims (ReLU) -> num_classes`` logits, cross-entropy loss."""
 
-    def __init__(self, input_dim: int = 64, hidden_dims: Sequence[int] = (128, 64),
-                 num_classes: int = 10, optimizer: Optional[OptimizerFactory] = None):
+    def __init__(
+        self,
+        input_dim: int = 64,
+        hidden_dims: Sequence[int] = (128, 64),
+        num_classes: int = 10,
+        optimizer: OptimizerFactory | None = None,
+    ):
         super().__init__(num_classes, optimizer)
         hidden_dims = [int(h) for h in hidden_dims]
         self.save_hyperparameters(ignore=["optimizer"])
         dims = [input_dim, *hidden_dims]
         layers: list = []
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
+        for d_in, d_out in itertools.pairwise(dims):
             layers += [nn.Linear(d_in, d_out), nn.ReLU()]
         layers.append(nn.Linear(dims[-1], num_classes))
         self.net = nn.Sequential(*layers)
@@ -155,10 +168,15 @@ class MLPClassifier(_Classifier):
 
 
 class CNNClassifier(_Classifier):
-    """Conv2d(1->c1, 3x3) -> ReLU -> Conv2d(c1->c2, 3x3, stride 2) -> ReLU -> Linear(c2*4*4 -> 10)."""
+    """Conv2d(1->c1, 3x3) -> ReLU -> Conv2d(c1->c2, 3x3, stride 2) -> ReLU
+    -> Linear(c2*4*4 -> 10)."""
 
-    def __init__(self, channels: Sequence[int] = (16, 32), num_classes: int = 10,
-                 optimizer: Optional[OptimizerFactory] = None):
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32),
+        num_classes: int = 10,
+        optimizer: OptimizerFactory | None = None,
+    ):
         super().__init__(num_classes, optimizer)
         channels = [int(c) for c in channels]
         if len(channels) != 2:
@@ -166,8 +184,11 @@ class CNNClassifier(_Classifier):
         self.save_hyperparameters(ignore=["optimizer"])
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, kernel_size=3, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1), nn.ReLU())
+            nn.Conv2d(1, c1, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(c2 * 4 * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -35,8 +35,14 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def train(use_kfac: bool, steps: int = 200, batch_size: int = 64, lr: float = 0.05,
-          damping: float = 1e-2, seed: int = 0) -> List[float]:
+def train(
+    use_kfac: bool,
+    steps: int = 200,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    damping: float = 1e-2,
+    seed: int = 0,
+) -> list[float]:
     """Train with SGD (momentum 0.9), optionally K-FAC-preconditioned; returns per-step losses."""
     x, y, _, _ = load_digits_tensors()
     torch.manual_seed(seed)
@@ -44,7 +50,7 @@ def train(use_kfac: bool, steps: int = 200, batch_size: int = 64, lr: float = 0.
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     pre = KFACPreconditioner(model, damping=damping) if use_kfac else None
     order = torch.Generator().manual_seed(seed)
-    losses: List[float] = []
+    losses: list[float] = []
     while len(losses) < steps:
         perm = torch.randperm(len(x), generator=order)
         for idx in perm.split(batch_size):
@@ -68,7 +74,7 @@ def final_loss(losses: Sequence[float], window: int = 20) -> float:
     return sum(tail) / len(tail)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="SGD vs K-FAC + SGD on the digits, plain PyTorch")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
@@ -78,8 +84,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for name, use_kfac in (("SGD", False), ("K-FAC + SGD", True)):
         losses = train(use_kfac, steps=args.steps, lr=args.lr, damping=args.damping)
         results[name] = final_loss(losses)
-        print(f"{name:12s} training loss after {args.steps} steps: {results[name]:.4f} "
-              f"(mean of the last 20 steps)")
+        print(
+            f"{name:12s} training loss after {args.steps} steps: {results[name]:.4f} "
+            f"(mean of the last 20 steps)"
+        )
     return results
 
 

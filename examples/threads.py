@@ -16,8 +16,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -35,8 +35,8 @@ class StepTimer(pl.Callback):
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.wall: List[float] = []
-        self.cpu: List[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -47,47 +47,68 @@ class StepTimer(pl.Callback):
             self.cpu.append(time.process_time() - self._cpu)
 
 
-def time_run(threads: int, kfac: bool, steps: int, warmup: int, out: Path) -> Dict[str, float]:
-    overrides = ["experiment=autoencoder", f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
-                 "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-                 "test=false", "plot=false", f"threads={threads}"]
+def time_run(threads: int, kfac: bool, steps: int, warmup: int, out: Path) -> dict[str, float]:
+    overrides = [
+        "experiment=autoencoder",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        "trainer.enable_checkpointing=false",
+        "trainer.enable_progress_bar=false",
+        "test=false",
+        "plot=false",
+        f"threads={threads}",
+    ]
     cfg = compose_config(overrides if kfac else [*overrides, "kfac=off"])
     timer = StepTimer(warmup)
     datamodule, model, trainer, _ = build(cfg, out, extra_callbacks=[timer], csv_logger=False)
     trainer.fit(model, datamodule=datamodule)
-    return {"wall_ms": 1e3 * statistics.median(timer.wall),
-            "cpu_ms": 1e3 * statistics.median(timer.cpu)}
+    return {
+        "wall_ms": 1e3 * statistics.median(timer.wall),
+        "cpu_ms": 1e3 * statistics.median(timer.cpu),
+    }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[int, Dict[str, Dict[str, float]]]:
+def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, nargs="+",
-                        default=sorted({1, torch.get_num_threads()}),
-                        help="thread counts to compare (default: 1 and torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, torch.get_num_threads()}),
+        help="thread counts to compare (default: 1 and torch's default)",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "threads")
     args = parser.parse_args(argv)
     default = torch.get_num_threads()
-    samples: Dict[tuple, List[Dict[str, float]]] = {}
+    samples: dict[tuple, list[dict[str, float]]] = {}
     for _ in range(args.repeats):
         for threads in args.threads:
             for kfac in (True, False):
                 result = time_run(threads, kfac, args.steps, args.warmup, args.out)
                 samples.setdefault((threads, kfac), []).append(result)
-    table: Dict[int, Dict[str, Dict[str, float]]] = {}
-    print(f"\ntorch default threads here: {default}; median ms per step over "
-          f"{args.repeats} x {args.steps - args.warmup} steps")
+    table: dict[int, dict[str, dict[str, float]]] = {}
+    print(
+        f"\ntorch default threads here: {default}; median ms per step over "
+        f"{args.repeats} x {args.steps - args.warmup} steps"
+    )
     print("| threads | K-FAC wall ms | K-FAC cpu ms | no K-FAC wall ms | no K-FAC cpu ms |")
     print("|---|---|---|---|---|")
     for threads in args.threads:
-        row = {name: {key: statistics.median(s[key] for s in samples[(threads, kfac)])
-                      for key in ("wall_ms", "cpu_ms")}
-               for name, kfac in (("kfac", True), ("plain", False))}
+        row = {
+            name: {
+                key: statistics.median(s[key] for s in samples[(threads, kfac)])
+                for key in ("wall_ms", "cpu_ms")
+            }
+            for name, kfac in (("kfac", True), ("plain", False))
+        }
         table[threads] = row
-        print(f"| {threads} | {row['kfac']['wall_ms']:.2f} | {row['kfac']['cpu_ms']:.2f} | "
-              f"{row['plain']['wall_ms']:.2f} | {row['plain']['cpu_ms']:.2f} |")
+        print(
+            f"| {threads} | {row['kfac']['wall_ms']:.2f} | {row['kfac']['cpu_ms']:.2f} | "
+            f"{row['plain']['wall_ms']:.2f} | {row['plain']['cpu_ms']:.2f} |"
+        )
     return table
 
 

@@ -7,9 +7,9 @@
     python examples/train.py -m kfac.damping=1e-3,1e-2         # a sweep, outputs in multirun/
 
 K-FAC is one callback built from ``cfg.kfac`` (``_target_: lightning_kfac.KFACCallback``, checked
-against the schema that :mod:`lightning_kfac.integrations.hydra` registers); the model code does not change.
-Each run writes to Hydra's output directory: ``metrics.csv`` (CSVLogger: ``train/loss`` every
-step, test metrics), ``loss.png`` (training loss against step), ``checkpoints/`` (with the
+against the schema that :mod:`lightning_kfac.integrations.hydra` registers); the model code does not
+change. Each run writes to Hydra's output directory: ``metrics.csv`` (CSVLogger: ``train/loss``
+every step, test metrics), ``loss.png`` (training loss against step), ``checkpoints/`` (with the
 callback's state) and ``.hydra/config.yaml`` (the composed config).
 """
 
@@ -18,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a clone without `pip install -e .`: `examples.*` importable
+if (
+    str(ROOT) not in sys.path
+):  # run from a clone without `pip install -e .`: `examples.*` importable
     sys.path.insert(0, str(ROOT))
 
 import hydra  # noqa: E402
@@ -31,7 +33,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lightning_kfac.integrations.hydra import register_configs  # noqa: E402
 
-register_configs()  # the kfac_schema node that conf/kfac/default.yaml extends (the presets extend default)
+# the kfac_schema node that conf/kfac/default.yaml extends (the presets extend default)
+register_configs()
 CONF_DIR = ROOT / "conf"
 
 
@@ -42,22 +45,26 @@ class RunResult:
     trainer: Any
     model: Any
     datamodule: Any
-    kfac: Optional[Any]                 # the KFACCallback, None with kfac=off
-    test_metrics: Dict[str, float]
+    kfac: Any | None  # the KFACCallback, None with kfac=off
+    test_metrics: dict[str, float]
     output_dir: Path
-    metrics_csv: Optional[Path]         # None under fast_dev_run (Lightning disables loggers)
-    plot: Optional[Path]
+    metrics_csv: Path | None  # None under fast_dev_run (Lightning disables loggers)
+    plot: Path | None
 
 
-def build_kfac_callback(cfg: DictConfig) -> Optional[Any]:
+def build_kfac_callback(cfg: DictConfig) -> Any | None:
     """The KFACCallback described by ``cfg.kfac``, or None when K-FAC is off (``kfac: null``)."""
     if cfg.get("kfac") is None:
         return None
     return instantiate(cfg.kfac)
 
 
-def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
-          csv_logger: bool = True):
+def build(
+    cfg: DictConfig,
+    output_dir: Path,
+    extra_callbacks: list[Any] | None = None,
+    csv_logger: bool = True,
+):
     """Instantiate (datamodule, model, trainer, kfac_callback) from a composed config."""
     import pytorch_lightning as pl
     import torch
@@ -72,16 +79,18 @@ def build(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]
     callbacks = ([kfac] if kfac is not None else []) + list(extra_callbacks or [])
     # name="" and version="" put metrics.csv, hparams.yaml and checkpoints/ straight in output_dir
     logger = CSVLogger(save_dir=str(output_dir), name="", version="") if csv_logger else False
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                          default_root_dir=str(output_dir))
+    trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir)
+    )
     return datamodule, model, trainer, kfac
 
 
-def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Optional[Path]:
+def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Path | None:
     """Plot ``train/loss`` against step from a CSVLogger file; returns the PNG path."""
     import csv
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -103,7 +112,7 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str) -> Optional[Path]:
     return out_png
 
 
-def task_overrides() -> List[str]:
+def task_overrides() -> list[str]:
     """The command-line overrides of this Hydra job (``[]`` outside a Hydra app, e.g. compose)."""
     try:
         return list(HydraConfig.get().overrides.task)
@@ -111,7 +120,7 @@ def task_overrides() -> List[str]:
         return []
 
 
-def plot_title(model_name: str, kfac_on: bool, overrides: List[str], width: int = 70) -> str:
+def plot_title(model_name: str, kfac_on: bool, overrides: list[str], width: int = 70) -> str:
     """``MLPClassifier on digits, K-FAC`` plus the job's overrides (wrapped), so that the plots
     of a sweep (``-m kfac.damping=1e-3,1e-2``) say which run each one is."""
     import textwrap
@@ -122,8 +131,12 @@ def plot_title(model_name: str, kfac_on: bool, overrides: List[str], width: int 
     return title
 
 
-def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] = None,
-        csv_logger: bool = True) -> RunResult:
+def run(
+    cfg: DictConfig,
+    output_dir: Path,
+    extra_callbacks: list[Any] | None = None,
+    csv_logger: bool = True,
+) -> RunResult:
     """Fit, test (if ``cfg.test``), then plot (if ``cfg.plot``); files go to ``output_dir``.
 
     ``csv_logger=False`` runs without a logger (no metrics.csv, no plot; the progress bar and the
@@ -133,7 +146,7 @@ def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] 
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule, model, trainer, kfac = build(cfg, output_dir, extra_callbacks, csv_logger)
     trainer.fit(model, datamodule=datamodule)
-    test_metrics: Dict[str, float] = {}
+    test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
         results = trainer.test(model, datamodule=datamodule, verbose=True)
         test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -147,7 +160,7 @@ def run(cfg: DictConfig, output_dir: Path, extra_callbacks: Optional[List[Any]] 
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the test loss (a sweeper's objective)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     result = run(cfg, output_dir)

@@ -12,8 +12,16 @@ from lightning_kfac.core.coverage import KFACCoverageWarning
 from lightning_kfac.core.layers import LayerKind, register_layer, unregister_layer
 from lightning_kfac.preconditioner import KFACOptimizer, KFACPreconditioner
 
-__all__ = ["KFACCallback", "KFACConfig", "KFACCoverageWarning", "KFACOptimizer",
-           "KFACPreconditioner", "LayerKind", "register_layer", "unregister_layer"]
+__all__ = [
+    "KFACCallback",
+    "KFACConfig",
+    "KFACCoverageWarning",
+    "KFACOptimizer",
+    "KFACPreconditioner",
+    "LayerKind",
+    "register_layer",
+    "unregister_layer",
+]
 __version__ = "0.1.0"
 
 

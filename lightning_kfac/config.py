@@ -21,11 +21,13 @@ import enum
 import math
 import re
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 class _StrEnum(str, enum.Enum):
-    """An enum whose members compare equal to their string value ("eigen" == ComputeMethod.EIGEN)."""
+    """An enum whose members compare equal to their string value ("eigen"
+    == ComputeMethod.EIGEN)."""
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         text: str = self.value
@@ -72,7 +74,8 @@ class OutputReduction(_StrEnum):
 
 
 class DampingMode(_StrEnum):
-    """``absolute``: damping as given; ``relative``: multiplied per layer by (tr A/dim A)(tr G/dim G)."""
+    """``absolute``: damping as given; ``relative``: multiplied per layer by
+    (tr A/dim A)(tr G/dim G)."""
 
     ABSOLUTE = "absolute"
     RELATIVE = "relative"
@@ -90,7 +93,8 @@ class FactorInit(_StrEnum):
 
 class DampingSchedule(_StrEnum):
     """Damping over optimizer steps t (core/damping.py): ``constant``, ``exponential``
-    (``damping * decay ** (t / step_size)``) or ``step`` (``damping * decay ** (t // step_size)``)."""
+    (``damping * decay ** (t / step_size)``) or ``step`` (``damping * decay
+    ** (t // step_size)``)."""
 
     CONSTANT = "constant"
     EXPONENTIAL = "exponential"
@@ -123,7 +127,7 @@ def _invalid(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid {name}={value!r}: {allowed}.")
 
 
-def _unknown_options(unknown: List[str], allowed: List[str]) -> ValueError:
+def _unknown_options(unknown: list[str], allowed: list[str]) -> ValueError:
     """``Invalid option(s) ['dampng'] (did you mean 'damping'?): allowed options are [...]``."""
     close = [match for name in unknown for match in difflib.get_close_matches(name, allowed, n=1)]
     hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
@@ -134,13 +138,22 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_float(name: str, value: Any, *, low: float, high: float = math.inf,
-                 low_inclusive: bool = False, high_inclusive: bool = True) -> float:
+def _check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_inclusive: bool = False,
+    high_inclusive: bool = True,
+) -> float:
     if math.isinf(high):
         allowed = f"must be a finite number {'>=' if low_inclusive else '>'} {low:g}"
     else:
-        allowed = (f"must be a number in {'[' if low_inclusive else '('}{low:g}, "
-                   f"{high:g}{']' if high_inclusive else ')'}")
+        allowed = (
+            f"must be a number in {'[' if low_inclusive else '('}{low:g}, "
+            f"{high:g}{']' if high_inclusive else ')'}"
+        )
     if not _is_real(value) or not math.isfinite(float(value)):
         raise _invalid(name, value, allowed)
     number = float(value)
@@ -185,7 +198,7 @@ def _check_method(name: str, value: Any) -> Any:
         raise _invalid(name, value, f"must be one of {allowed}") from None
 
 
-def _check_regex_list(name: str, value: Any) -> List[str]:
+def _check_regex_list(name: str, value: Any) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -200,8 +213,16 @@ def _check_regex_list(name: str, value: Any) -> List[str]:
     return list(value)
 
 
-_OVERRIDE_KEYS = {"regex", "damping", "factor_update_steps", "inv_update_steps", "compute_method",
-                  "max_dense_dim", "a_structure", "g_structure"}
+_OVERRIDE_KEYS = {
+    "regex",
+    "damping",
+    "factor_update_steps",
+    "inv_update_steps",
+    "compute_method",
+    "max_dense_dim",
+    "a_structure",
+    "g_structure",
+}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -223,7 +244,8 @@ class KFACConfig:
         mc_samples: number of sampled labels per example for ``fisher_type="mc"``.
         gaussian_variance: variance of the Gaussian likelihood for ``fisher_type="mc"``.
         skip_layers: regexes searched in each module's qualified name and class name.
-        loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example scale of g.
+        loss_reduction: "mean" (default: L = 1/N sum_n l_n) or "sum"; sets the per-example
+            scale of g.
         output_reduction: for ``fisher_type="mc"`` with a bernoulli or gaussian likelihood under
             ``loss_reduction="mean"``: "mean" (default, as ``nn.MSELoss()`` and
             ``nn.BCEWithLogitsLoss()``: the mean over every output element, so a loss averaged
@@ -248,7 +270,8 @@ class KFACConfig:
             compute_method, max_dense_dim, a_structure, g_structure} dicts; ``compute_method:
             skip`` leaves matching layers out; ``a_structure`` / ``g_structure`` pick a registered
             factor structure ("dense", "diagonal", "isotropic") for that side.
-        nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once) or "raise".
+        nonfinite: "skip" (discard the estimate / keep the raw gradient, count, warn once)
+            or "raise".
         max_decomposition_failures: consecutive failed decompositions of one layer before an error.
         distribute: under DDP (world > 1), who does the second-order work (core/kaisa.py;
             KAISA, Pauloski et al. SC'21); each layer has one owner rank. "gradients" (default,
@@ -270,7 +293,8 @@ class KFACConfig:
             every layer refreshes at t % inv_update_steps == 0).
         diagnostics_every_n_steps: None (off, the default) or N >= 1: every N optimizer steps the
             callback logs each layer's Kronecker approximation error and ``||E[g]||`` on that
-            step's batch (``kfac_diag/<layer>/...``; integrations/lightning/diagnostics_callback.py).
+            step's batch (``kfac_diag/<layer>/...``;
+            integrations/lightning/diagnostics_callback.py).
         max_dense_dim: a factor side (A or G) of dimension <= this is a dense matrix, a wider one
             is kept as its diagonal (core/factors.py); 2048 keeps one refresh of a side at a few
             CPU-seconds (an eigh of d = 4096 takes ~36 CPU-s on 2 cores). Per layer via
@@ -289,14 +313,14 @@ class KFACConfig:
     factor_update_steps: int = 10
     inv_update_steps: int = 100
     factor_decay: float = 0.95
-    kl_clip: Optional[float] = 1e-3
+    kl_clip: float | None = 1e-3
     compute_method: ComputeMethod = ComputeMethod.EIGEN
     fisher_type: FisherType = FisherType.EMPIRICAL
     likelihood: Likelihood = Likelihood.CATEGORICAL
-    output_module: Optional[str] = None
+    output_module: str | None = None
     mc_samples: int = 1
     gaussian_variance: float = 1.0
-    skip_layers: List[str] = dataclasses.field(default_factory=list)
+    skip_layers: list[str] = dataclasses.field(default_factory=list)
     loss_reduction: LossReduction = LossReduction.MEAN
     output_reduction: OutputReduction = OutputReduction.MEAN
     damping_mode: DampingMode = DampingMode.ABSOLUTE
@@ -307,40 +331,52 @@ class KFACConfig:
     damping_step_size: int = 1000
     adaptive_damping: bool = False
     adaptive_damping_interval: int = 5
-    adaptive_damping_factor: Optional[float] = None
+    adaptive_damping_factor: float | None = None
     min_damping: float = 0.0
-    max_damping: Optional[float] = None
-    layer_overrides: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    max_damping: float | None = None
+    layer_overrides: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     nonfinite: NonFinitePolicy = NonFinitePolicy.SKIP
     max_decomposition_failures: int = 3
     distribute: Distribute = Distribute.GRADIENTS
     low_rank: bool = True
     stagger_refresh: bool = False
-    diagnostics_every_n_steps: Optional[int] = None
+    diagnostics_every_n_steps: int | None = None
     max_dense_dim: int = 2048
-    memory_budget_gib: Optional[float] = 2.0
+    memory_budget_gib: float | None = 2.0
     step_rule: StepRule = StepRule.OPTIMIZER  # lightning_kfac/step_rule.py
 
     def __post_init__(self) -> None:
         self.damping = _check_float("damping", self.damping, low=0.0)
-        self.factor_update_steps = _check_int("factor_update_steps", self.factor_update_steps, low=1)
+        self.factor_update_steps = _check_int(
+            "factor_update_steps", self.factor_update_steps, low=1
+        )
         self.inv_update_steps = _check_int("inv_update_steps", self.inv_update_steps, low=1)
-        self.factor_decay = _check_float("factor_decay", self.factor_decay, low=0.0, high=1.0,
-                                         low_inclusive=True, high_inclusive=False)
+        self.factor_decay = _check_float(
+            "factor_decay",
+            self.factor_decay,
+            low=0.0,
+            high=1.0,
+            low_inclusive=True,
+            high_inclusive=False,
+        )
         if self.kl_clip is not None:
             self.kl_clip = _check_float("kl_clip", self.kl_clip, low=0.0)
         self.compute_method = _check_method("compute_method", self.compute_method)
         self.fisher_type = _check_enum("fisher_type", self.fisher_type, FisherType)
         self.likelihood = _check_enum("likelihood", self.likelihood, Likelihood)
         if self.output_module is not None and not isinstance(self.output_module, str):
-            raise _invalid("output_module", self.output_module,
-                           "must be None or the qualified name of a submodule (a string)")
+            raise _invalid(
+                "output_module",
+                self.output_module,
+                "must be None or the qualified name of a submodule (a string)",
+            )
         self.mc_samples = _check_int("mc_samples", self.mc_samples, low=1)
         self.gaussian_variance = _check_float("gaussian_variance", self.gaussian_variance, low=0.0)
         self.skip_layers = _check_regex_list("skip_layers", self.skip_layers)
         self.loss_reduction = _check_enum("loss_reduction", self.loss_reduction, LossReduction)
-        self.output_reduction = _check_enum("output_reduction", self.output_reduction,
-                                            OutputReduction)
+        self.output_reduction = _check_enum(
+            "output_reduction", self.output_reduction, OutputReduction
+        )
         self.damping_mode = _check_enum("damping_mode", self.damping_mode, DampingMode)
         self.factor_init = _check_enum("factor_init", self.factor_init, FactorInit)
         self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, low=0)
@@ -352,64 +388,91 @@ class KFACConfig:
         if not isinstance(self.stagger_refresh, bool):
             raise _invalid("stagger_refresh", self.stagger_refresh, "must be true or false")
         self.max_decomposition_failures = _check_int(
-            "max_decomposition_failures", self.max_decomposition_failures, low=1)
+            "max_decomposition_failures", self.max_decomposition_failures, low=1
+        )
         self.distribute = _check_enum("distribute", self.distribute, Distribute)
         if self.diagnostics_every_n_steps is not None:
             try:
                 self.diagnostics_every_n_steps = _check_int(
-                    "diagnostics_every_n_steps", self.diagnostics_every_n_steps, low=1)
+                    "diagnostics_every_n_steps", self.diagnostics_every_n_steps, low=1
+                )
             except ValueError:
-                raise _invalid("diagnostics_every_n_steps", self.diagnostics_every_n_steps,
-                               "must be None (off) or an integer >= 1") from None
+                raise _invalid(
+                    "diagnostics_every_n_steps",
+                    self.diagnostics_every_n_steps,
+                    "must be None (off) or an integer >= 1",
+                ) from None
         self.max_dense_dim = _check_int("max_dense_dim", self.max_dense_dim, low=0)
         if self.memory_budget_gib is not None:
             try:
-                self.memory_budget_gib = _check_float("memory_budget_gib",
-                                                      self.memory_budget_gib, low=0.0)
+                self.memory_budget_gib = _check_float(
+                    "memory_budget_gib", self.memory_budget_gib, low=0.0
+                )
             except ValueError:
-                raise _invalid("memory_budget_gib", self.memory_budget_gib,
-                               "must be None (no budget) or a finite number of GiB > 0") from None
+                raise _invalid(
+                    "memory_budget_gib",
+                    self.memory_budget_gib,
+                    "must be None (no budget) or a finite number of GiB > 0",
+                ) from None
         self.step_rule = _check_enum("step_rule", self.step_rule, StepRule)
         if self.inv_update_steps % self.factor_update_steps != 0:
             warnings.warn(
                 f"inv_update_steps={self.inv_update_steps} is not a multiple of "
                 f"factor_update_steps={self.factor_update_steps}: some decompositions will be "
                 "recomputed from factors that have not changed since the last one.",
-                UserWarning, stacklevel=3)
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _check_damping_over_time(self) -> None:
         """Schedule / adaptive-damping options (core/damping.py) and their cross-checks."""
-        self.damping_schedule = _check_enum("damping_schedule", self.damping_schedule,
-                                            DampingSchedule)
+        self.damping_schedule = _check_enum(
+            "damping_schedule", self.damping_schedule, DampingSchedule
+        )
         self.damping_decay = _check_float("damping_decay", self.damping_decay, low=0.0, high=1.0)
         self.damping_step_size = _check_int("damping_step_size", self.damping_step_size, low=1)
         if not isinstance(self.adaptive_damping, bool):
             raise _invalid("adaptive_damping", self.adaptive_damping, "must be true or false")
         self.adaptive_damping_interval = _check_int(
-            "adaptive_damping_interval", self.adaptive_damping_interval, low=1)
+            "adaptive_damping_interval", self.adaptive_damping_interval, low=1
+        )
         if self.adaptive_damping_factor is not None:
             self.adaptive_damping_factor = _check_float(
-                "adaptive_damping_factor", self.adaptive_damping_factor, low=0.0, high=1.0,
-                high_inclusive=False)
-        self.min_damping = _check_float("min_damping", self.min_damping, low=0.0,
-                                        low_inclusive=True)
+                "adaptive_damping_factor",
+                self.adaptive_damping_factor,
+                low=0.0,
+                high=1.0,
+                high_inclusive=False,
+            )
+        self.min_damping = _check_float(
+            "min_damping", self.min_damping, low=0.0, low_inclusive=True
+        )
         if self.max_damping is not None:
             self.max_damping = _check_float("max_damping", self.max_damping, low=self.min_damping)
         high = math.inf if self.max_damping is None else self.max_damping
         if not self.min_damping <= self.damping <= high:
-            raise _invalid("damping", self.damping, "must lie within [min_damping, max_damping] = "
-                           f"[{self.min_damping:g}, {high:g}]")
+            raise _invalid(
+                "damping",
+                self.damping,
+                f"must lie within [min_damping, max_damping] = [{self.min_damping:g}, {high:g}]",
+            )
         if self.adaptive_damping and self.damping_schedule != DampingSchedule.CONSTANT:
-            raise _invalid("damping_schedule", self.damping_schedule.value,
-                           "must be 'constant' when adaptive_damping=True (a schedule and the "
-                           "adaptation would both set the damping)")
+            raise _invalid(
+                "damping_schedule",
+                self.damping_schedule.value,
+                "must be 'constant' when adaptive_damping=True (a schedule and the "
+                "adaptation would both set the damping)",
+            )
         if self.adaptive_damping and self.loss_reduction == LossReduction.SUM:
-            raise _invalid("loss_reduction", self.loss_reduction.value,
-                           "must be 'mean' when adaptive_damping=True (the quadratic model uses "
-                           "the K-FAC curvature of the mean loss)")
+            raise _invalid(
+                "loss_reduction",
+                self.loss_reduction.value,
+                "must be 'mean' when adaptive_damping=True (the quadratic model uses "
+                "the K-FAC curvature of the mean loss)",
+            )
 
     @staticmethod
-    def _check_overrides(value: Any) -> List[Dict[str, Any]]:
+    def _check_overrides(value: Any) -> list[dict[str, Any]]:
         if value is None:
             return []
         if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
@@ -421,8 +484,12 @@ class KFACConfig:
                 raise _invalid(name, item, "must be a dict with a 'regex' key")
             unknown = set(item) - _OVERRIDE_KEYS
             if unknown:
-                raise _invalid(name, item, f"has unknown keys {sorted(unknown)}; allowed keys are "
-                               f"{sorted(_OVERRIDE_KEYS)}")
+                raise _invalid(
+                    name,
+                    item,
+                    f"has unknown keys {sorted(unknown)}; allowed keys are "
+                    f"{sorted(_OVERRIDE_KEYS)}",
+                )
             entry = dict(item)
             entry["regex"] = _check_regex_list(f"{name}.regex", entry["regex"])[0]
             if "damping" in entry:
@@ -431,23 +498,27 @@ class KFACConfig:
                 if key in entry:
                     entry[key] = _check_int(f"{name}.{key}", entry[key], low=1)
             if "max_dense_dim" in entry:
-                entry["max_dense_dim"] = _check_int(f"{name}.max_dense_dim",
-                                                    entry["max_dense_dim"], low=0)
+                entry["max_dense_dim"] = _check_int(
+                    f"{name}.max_dense_dim", entry["max_dense_dim"], low=0
+                )
             for key in ("a_structure", "g_structure"):  # names checked against the registry
                 if key in entry and not isinstance(entry[key], str):  # when the block is built
-                    raise _invalid(f"{name}.{key}", entry[key], "must be a factor structure name "
-                                   "('dense', 'diagonal', 'isotropic' or a registered one)")
+                    raise _invalid(
+                        f"{name}.{key}",
+                        entry[key],
+                        "must be a factor structure name "
+                        "('dense', 'diagonal', 'isotropic' or a registered one)",
+                    )
             if "compute_method" in entry:
                 method = entry["compute_method"]
                 if not (isinstance(method, str) and method.lower() == "skip"):
-                    entry["compute_method"] = str(
-                        _check_method(f"{name}.compute_method", method))
+                    entry["compute_method"] = str(_check_method(f"{name}.compute_method", method))
                 else:
                     entry["compute_method"] = "skip"
             checked.append(entry)
         return checked
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-Python view (enums as strings), suitable for checkpoints and logging."""
         out = {}
         for f in dataclasses.fields(self):
@@ -460,7 +531,7 @@ class KFACConfig:
         return out
 
     @classmethod
-    def from_any(cls, config: Any = None, **options: Any) -> "KFACConfig":
+    def from_any(cls, config: Any = None, **options: Any) -> KFACConfig:
         """Build a config from a KFACConfig, a mapping (e.g. a Hydra DictConfig) and/or keywords."""
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(allowed))

@@ -1,6 +1,6 @@
 """Diagnostics: how good is the Kronecker approximation, and how far is ``E[g]`` from zero.
 
-Seed notes (``kfac-notes.md``; Martens & Grosse 2015, sec. 3): for one layer with per-example
+Martens & Grosse 2015, sec. 3 (and docs/conventions.md): for one layer with per-example
 gradient ``J_n = g_n a_n^T`` the exact Fisher block of ``vec(W~)`` is
 
     M = E_n[vec(J_n) vec(J_n)^T] = E_n[(a_n a_n^T) (x) (g_n g_n^T)],
@@ -12,9 +12,9 @@ when ``a`` and ``g`` are independent and ``E[g] = 0``. We report the relative Fr
 ``||M - K||_F / ||M||_F`` per layer, and the mean gradient ``E[g]`` (zero in expectation under
 the true Fisher, i.e. labels sampled from the model; not under the empirical Fisher).
 
-Conventions are those of docs/conventions.md and the engine (``lightning_kfac.core.layers``): ``a`` has
-a trailing 1 when the layer has a bias; with a mean-reduced loss ``g_n = N x`` autograd's gradient
-(N = rows for Linear, B for conv); conv layers follow KFC: example n owns T rows
+Conventions are those of docs/conventions.md and the engine (``lightning_kfac.core.layers``): ``a``
+has a trailing 1 when the layer has a bias; with a mean-reduced loss ``g_n = N x`` autograd's
+gradient (N = rows for Linear, B for conv); conv layers follow KFC: example n owns T rows
 ``(a_{n,t}, g_{n,t})``, ``J_n = sum_t g_{n,t} a_{n,t}^T``, ``A = (1/B) sum a a^T``,
 ``G = (1/(BT)) sum g g^T``.
 
@@ -36,8 +36,8 @@ is small against the layer: the batch ``M`` has rank <= B while ``A (x) G`` has 
 B^2, so with B << d_in d_out it tends to 1 whatever the network (e.g. 0.90, 0.82, 0.52, 0.23 at
 B = 16, 128, 1024, 8192 for a 50-40 tanh layer on Gaussian inputs). For one row per example
 (Linear) and B >= 4 we also report ``population``: the ratio of unbiased U-statistic estimates
-of the population's ``||M - A (x) G||^2`` and ``||M||^2`` (the error measure of the Kronecker approximation). With
-``P_nm = (a_n . a_m)^2`` and ``Q_nm = (g_n . g_m)^2`` over distinct examples,
+of the population's ``||M - A (x) G||^2`` and ``||M||^2`` (the error measure of the Kronecker
+approximation). With ``P_nm = (a_n . a_m)^2`` and ``Q_nm = (g_n . g_m)^2`` over distinct examples,
 ``||M||^2 = E[P_nm Q_nm]``, ``<K, M> = E[P_nm Q_nk]``, ``||K||^2 = E[P_nm Q_kl]`` (indices all
 distinct), summed over distinct index tuples by inclusion-exclusion at O(B^2 (d_in + d_out)).
 
@@ -50,9 +50,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
-                    Tuple, Union, cast)
+from typing import (
+    Any,
+    Protocol,
+    cast,
+)
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +67,17 @@ from lightning_kfac.core.capture import install_tap, output_grad_scale
 from lightning_kfac.core.layers import make_kind
 from lightning_kfac.core.parametrized import parametrization_reason
 
-__all__ = ["LayerRows", "KroneckerError", "record_rows", "kronecker_error", "population_terms",
-           "mean_gradient", "diagnose", "sampled_nll", "to_scalars"]
+__all__ = [
+    "KroneckerError",
+    "LayerRows",
+    "diagnose",
+    "kronecker_error",
+    "mean_gradient",
+    "population_terms",
+    "record_rows",
+    "sampled_nll",
+    "to_scalars",
+]
 
 _METHODS = ("auto", "dense", "gram", "probe")
 _DENSE_MAX_PARAMS = 1024  # "auto": form the dense block when d_in * d_out <= this
@@ -117,7 +130,7 @@ class KroneckerError:
     std: float
     method: str
     probes: int
-    population: Optional[float] = None
+    population: float | None = None
 
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
@@ -133,7 +146,7 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[str, nn.Module]:
+def _covered_modules(model: nn.Module, layers: Iterable[str] | None) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     if layers is not None:
         names = list(layers)
@@ -148,8 +161,13 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
         kind, _ = make_kind(module)
         if kind is not None and parametrization_reason(module):
             kind = None  # never evaluate a parametrization (core/parametrized.py)
-        plain = kind is not None and kind.groups == 1 and (  # one 2-D W~, unmasked rows
-            getattr(module, "padding_idx", None) is None or not kind.diagonal_a)
+        plain = (
+            kind is not None
+            and kind.groups == 1
+            and (  # one 2-D W~, unmasked rows
+                getattr(module, "padding_idx", None) is None or not kind.diagonal_a
+            )
+        )
         if plain and kind is not None and kind.weight.requires_grad:
             out[name] = module
     if layers is not None and len(out) != len(names):
@@ -158,10 +176,16 @@ def _covered_modules(model: nn.Module, layers: Optional[Iterable[str]]) -> Dict[
     return out
 
 
-def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
-                loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
-                loss_reduction: str = "mean", dtype: torch.dtype = torch.float64,
-                preconditioner: Optional[CapturingLayers] = None) -> Dict[str, LayerRows]:
+def record_rows(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    loss_fn: Callable[[Tensor], Tensor],
+    *,
+    layers: Iterable[str] | None = None,
+    loss_reduction: str = "mean",
+    dtype: torch.dtype = torch.float64,
+    preconditioner: CapturingLayers | None = None,
+) -> dict[str, LayerRows]:
     """Per-example ``a`` and ``g`` rows of every Linear/Conv layer for one batch.
 
     Runs ``loss = loss_fn(model(inputs))`` (``model(*inputs)`` for a tuple/list) with forward
@@ -186,9 +210,12 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
     """
     _check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
     covered = _covered_modules(model, layers)
-    recorders = {name: _RowRecorder(make_kind(module)[0], dtype) for name, module in covered.items()}
-    handles = [install_tap(covered[name], recorder.kind, recorder)
-               for name, recorder in recorders.items()]
+    recorders = {
+        name: _RowRecorder(make_kind(module)[0], dtype) for name, module in covered.items()
+    }
+    handles = [
+        install_tap(covered[name], recorder.kind, recorder) for name, recorder in recorders.items()
+    ]
     paused = []
     if preconditioner is not None:
         for block in preconditioner.layers.values():
@@ -218,8 +245,12 @@ def record_rows(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
         # per call, as the engine: a mean loss over N examples gives each call's rows grad / N
         mean = loss_reduction == "mean"
         a = torch.cat([recorder.a[s] for s in slots])
-        g = torch.cat([g_rows * output_grad_scale(n, mean_reduction=mean)
-                       for g_rows, n in (recorder.g[s] for s in slots)])
+        g = torch.cat(
+            [
+                g_rows * output_grad_scale(n, mean_reduction=mean)
+                for g_rows, n in (recorder.g[s] for s in slots)
+            ]
+        )
         result[name] = LayerRows(a=a, g=g, num_examples=examples)
     return result
 
@@ -231,24 +262,26 @@ class _RowRecorder:
     def __init__(self, kind: Any, dtype: torch.dtype):
         self.kind = kind
         self.dtype = dtype
-        self.a: List[Tensor] = []
-        self.g: Dict[int, Tuple[Tensor, int]] = {}
+        self.a: list[Tensor] = []
+        self.g: dict[int, tuple[Tensor, int]] = {}
 
     def wants(self, module: nn.Module) -> bool:
         return True  # the model's train/eval mode is used as is
 
-    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> Callable[[Tensor], None]:
+    def on_forward(
+        self, x: Tensor, rows: Tensor, divisor: int, output: Tensor
+    ) -> Callable[[Tensor], None]:
         self.a.append(rows.to(self.dtype))
         slot = len(self.a) - 1
 
         def grad_hook(grad: Tensor) -> None:
             g_rows, _, examples = self.kind.grad_rows(grad.detach())
             self.g[slot] = (g_rows.to(self.dtype), examples)
+
         return grad_hook
 
 
-def _factors(a: Tensor, g: Tensor, B: int) -> Tuple[Tensor, Tensor]:
+def _factors(a: Tensor, g: Tensor, B: int) -> tuple[Tensor, Tensor]:
     return a.T @ a / B, g.T @ g / g.shape[0]
 
 
@@ -258,7 +291,7 @@ def _per_example_grads(a: Tensor, g: Tensor, B: int) -> Tensor:
     return torch.einsum("bto,bti->boi", g.reshape(B, T, -1), a.reshape(B, T, -1))
 
 
-def _dense(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
+def _dense(a: Tensor, g: Tensor, B: int) -> tuple[float, float]:
     A, G = _factors(a, g, B)
     J = _per_example_grads(a, g, B)
     vecJ = J.transpose(1, 2).reshape(B, -1)  # column-stacking vec: vec(g a^T) = a (x) g
@@ -266,7 +299,7 @@ def _dense(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
     return float(torch.linalg.norm(M - torch.kron(A, G))), float(torch.linalg.norm(M))
 
 
-def _gram(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
+def _gram(a: Tensor, g: Tensor, B: int) -> tuple[float, float]:
     A, G = _factors(a, g, B)
     if a.shape[0] == B:  # one row per example: <J_n, J_m> = (a_n.a_m)(g_n.g_m)
         C = (a @ a.T) * (g @ g.T)
@@ -276,20 +309,21 @@ def _gram(a: Tensor, g: Tensor, B: int) -> Tuple[float, float]:
         flat = J.reshape(B, -1)
         C = flat @ flat.T
         cross = (torch.matmul(torch.matmul(G, J), A) * J).sum((1, 2))
-    m2 = float((C * C).sum()) / B ** 2
+    m2 = float((C * C).sum()) / B**2
     k2 = float((A * A).sum()) * float((G * G).sum())
     e2 = max(m2 - 2.0 * float(cross.mean()) + k2, 0.0)
     return math.sqrt(e2), math.sqrt(m2)
 
 
-def _probe(a: Tensor, g: Tensor, B: int, num_probes: int,
-           generator: torch.Generator) -> Tuple[float, float, float]:
+def _probe(
+    a: Tensor, g: Tensor, B: int, num_probes: int, generator: torch.Generator
+) -> tuple[float, float, float]:
     A, G = _factors(a, g, B)
     R, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
     T = R // B
     chunk = max(1, _PROBE_CHUNK_ELEMENTS // (R * max(d_in, d_out) + d_in * d_out))
-    err_parts: List[Tensor] = []
-    blk_parts: List[Tensor] = []
+    err_parts: list[Tensor] = []
+    blk_parts: list[Tensor] = []
     for start in range(0, num_probes, chunk):
         k = min(chunk, num_probes - start)
         V = torch.randn(k, d_out, d_in, dtype=a.dtype, generator=generator).to(a.device)
@@ -298,21 +332,21 @@ def _probe(a: Tensor, g: Tensor, B: int, num_probes: int,
         Mv = torch.matmul((g * s.unsqueeze(-1)).transpose(1, 2), a) / B  # E_n[<J_n,V> J_n]
         Kv = torch.matmul(torch.matmul(G, V), A)
         err_parts.append(((Mv - Kv) ** 2).sum((1, 2)))
-        blk_parts.append((Mv ** 2).sum((1, 2)))
+        blk_parts.append((Mv**2).sum((1, 2)))
     y_err, y_blk = torch.cat(err_parts), torch.cat(blk_parts)
     e2, m2 = float(y_err.mean()), float(y_blk.mean())
     ratio = e2 / m2 if m2 > 0 else 0.0
     rel = math.sqrt(max(ratio, 0.0))
     if num_probes > 1 and m2 > 0 and rel > 0:
         # delta method: Var(e2/m2) ~ Var(y_err - ratio y_blk) / (k m2^2); d sqrt(r) = dr / 2 sqrt(r)
-        var_ratio = float((y_err - ratio * y_blk).var()) / (num_probes * m2 ** 2)
+        var_ratio = float((y_err - ratio * y_blk).var()) / (num_probes * m2**2)
         std = math.sqrt(var_ratio) / (2.0 * rel)
     else:
         std = 0.0
     return math.sqrt(max(e2, 0.0)), math.sqrt(max(m2, 0.0)), std
 
 
-def population_terms(a: Tensor, g: Tensor) -> Tuple[float, float]:
+def population_terms(a: Tensor, g: Tensor) -> tuple[float, float]:
     """Unbiased estimates ``(||M - K||^2, ||M||^2)`` of the population block, one row per example.
 
     U-statistics over distinct examples (B >= 4): with ``P = (a a^T)^2``, ``Q = (g g^T)^2``
@@ -337,9 +371,15 @@ def population_terms(a: Tensor, g: Tensor) -> Tuple[float, float]:
     return m2 - 2.0 * cross + k2, m2
 
 
-def kronecker_error(a: Tensor, g: Tensor, num_examples: Optional[int] = None, *,
-                    method: str = "auto", num_probes: int = 64,
-                    generator: Optional[torch.Generator] = None) -> KroneckerError:
+def kronecker_error(
+    a: Tensor,
+    g: Tensor,
+    num_examples: int | None = None,
+    *,
+    method: str = "auto",
+    num_probes: int = 64,
+    generator: torch.Generator | None = None,
+) -> KroneckerError:
     """Relative Frobenius error ``||M - A (x) G|| / ||M||`` of one layer's Kronecker factors.
 
     Args:
@@ -353,20 +393,27 @@ def kronecker_error(a: Tensor, g: Tensor, num_examples: Optional[int] = None, *,
     _check_choice("method", method, _METHODS)
     _check_positive_int("num_probes", num_probes)
     if a.dim() != 2 or g.dim() != 2 or a.shape[0] != g.shape[0] or a.shape[0] == 0:
-        raise ValueError(f"Invalid rows: a {tuple(a.shape)} and g {tuple(g.shape)} must be 2-D "
-                         "with the same, nonzero number of rows.")
+        raise ValueError(
+            f"Invalid rows: a {tuple(a.shape)} and g {tuple(g.shape)} must be 2-D "
+            "with the same, nonzero number of rows."
+        )
     R = a.shape[0]
     B = R if num_examples is None else num_examples
     if isinstance(B, bool) or not isinstance(B, int) or B < 1 or R % B:
-        raise ValueError(f"Invalid num_examples={num_examples!r}: must be a positive divisor of "
-                         f"the number of rows ({R}).")
+        raise ValueError(
+            f"Invalid num_examples={num_examples!r}: must be a positive divisor of "
+            f"the number of rows ({R})."
+        )
     if g.dtype != a.dtype:
         g = g.to(a.dtype)
     d_in, d_out = a.shape[1], g.shape[1]
     if method == "auto":
         per_example = R == B
-        gram_flops = (B * B * (d_in + d_out) if per_example
-                      else B * B * d_in * d_out + 2 * B * d_in * d_out * (d_in + d_out))
+        gram_flops = (
+            B * B * (d_in + d_out)
+            if per_example
+            else B * B * d_in * d_out + 2 * B * d_in * d_out * (d_in + d_out)
+        )
         if d_in * d_out <= _DENSE_MAX_PARAMS and B * (d_in * d_out) ** 2 <= _GRAM_MAX_FLOPS:
             method = "dense"
         elif gram_flops <= _GRAM_MAX_FLOPS:
@@ -389,8 +436,15 @@ def kronecker_error(a: Tensor, g: Tensor, num_examples: Optional[int] = None, *,
     if R == B and B >= 4 and B * B * (d_in + d_out) <= _GRAM_MAX_FLOPS:
         e2_pop, m2_pop = population_terms(a, g)
         population = math.sqrt(max(e2_pop, 0.0) / m2_pop) if m2_pop > 0 else 0.0
-    return KroneckerError(relative=rel, error_norm=err, block_norm=blk, std=std, method=method,
-                          probes=probes, population=population)
+    return KroneckerError(
+        relative=rel,
+        error_norm=err,
+        block_norm=blk,
+        std=std,
+        method=method,
+        probes=probes,
+        population=population,
+    )
 
 
 def mean_gradient(rows: LayerRows) -> Tensor:
@@ -403,11 +457,18 @@ def mean_gradient(rows: LayerRows) -> Tensor:
     return rows.g.mean(0)
 
 
-def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
-             loss_fn: Callable[[Tensor], Tensor], *, layers: Optional[Iterable[str]] = None,
-             loss_reduction: str = "mean", method: str = "auto", num_probes: int = 64,
-             seed: int = 0, preconditioner: Optional[CapturingLayers] = None
-             ) -> Dict[str, Dict[str, float]]:
+def diagnose(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    loss_fn: Callable[[Tensor], Tensor],
+    *,
+    layers: Iterable[str] | None = None,
+    loss_reduction: str = "mean",
+    method: str = "auto",
+    num_probes: int = 64,
+    seed: int = 0,
+    preconditioner: CapturingLayers | None = None,
+) -> dict[str, dict[str, float]]:
     """Per-layer diagnostics for one batch (see :func:`record_rows` for the arguments; from a
     training loop pass ``layers=list(pre.layers)`` and ``preconditioner=pre``).
 
@@ -423,21 +484,29 @@ def diagnose(model: nn.Module, inputs: Union[Tensor, Sequence[Tensor]],
         >>> diagnose(model, x, sampled_nll("categorical"))
     """
     _check_choice("method", method, _METHODS)
-    rows = record_rows(model, inputs, loss_fn, layers=layers, loss_reduction=loss_reduction,
-                       preconditioner=preconditioner)
+    rows = record_rows(
+        model,
+        inputs,
+        loss_fn,
+        layers=layers,
+        loss_reduction=loss_reduction,
+        preconditioner=preconditioner,
+    )
     return layer_statistics(rows, method=method, num_probes=num_probes, seed=seed)
 
 
-def layer_statistics(rows: Dict[str, LayerRows], *, method: str = "auto", num_probes: int = 64,
-                     seed: int = 0) -> Dict[str, Dict[str, float]]:
+def layer_statistics(
+    rows: dict[str, LayerRows], *, method: str = "auto", num_probes: int = 64, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """The per-layer dict of :func:`diagnose` for rows recorded elsewhere (e.g. by the callback
     during a training step). One probe generator (``seed``) serves the layers in order."""
     _check_choice("method", method, _METHODS)
     generator = torch.Generator().manual_seed(int(seed))
-    out: Dict[str, Dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {}
     for name, r in rows.items():
-        err = kronecker_error(r.a, r.g, r.num_examples, method=method, num_probes=num_probes,
-                              generator=generator)
+        err = kronecker_error(
+            r.a, r.g, r.num_examples, method=method, num_probes=num_probes, generator=generator
+        )
         mean_g = mean_gradient(r)
         rms = float(r.g.pow(2).sum(1).mean().sqrt())
         norm = float(torch.linalg.norm(mean_g))
@@ -455,8 +524,12 @@ def layer_statistics(rows: Dict[str, LayerRows], *, method: str = "auto", num_pr
     return out
 
 
-def sampled_nll(likelihood: str = "categorical", *, variance: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> Callable[[Tensor], Tensor]:
+def sampled_nll(
+    likelihood: str = "categorical",
+    *,
+    variance: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Callable[[Tensor], Tensor]:
     """A ``loss_fn`` for the true Fisher: the mean NLL of labels sampled from the model output.
 
     "categorical": logits over the last dimension; "bernoulli": logits, summed over features;
@@ -487,7 +560,10 @@ def sampled_nll(likelihood: str = "categorical", *, variance: float = 1.0,
     return loss_fn
 
 
-def to_scalars(result: Dict[str, Dict[str, float]], prefix: str = "kfac_diag") -> Dict[str, float]:
+def to_scalars(result: dict[str, dict[str, float]], prefix: str = "kfac_diag") -> dict[str, float]:
     """Flatten :func:`diagnose`'s output to ``{"<prefix>/<layer>/<stat>": value}`` for loggers."""
-    return {f"{prefix}/{layer}/{key}": value
-            for layer, stats in result.items() for key, value in stats.items()}
+    return {
+        f"{prefix}/{layer}/{key}": value
+        for layer, stats in result.items()
+        for key, value in stats.items()
+    }

@@ -51,8 +51,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +67,7 @@ from lightning_kfac.core.quadratic_model import ExactProducts, StepSolution, dot
 
 Closure = Callable[[], Any]
 #: ``(qualified name, parameter, eta, block)`` of one preconditioned parameter.
-Param = Tuple[str, nn.Parameter, float, KFACBlock]
+Param = tuple[str, nn.Parameter, float, KFACBlock]
 
 #: Statistics of the last step, merged into ``pre.last_stats`` (and logged as ``kfac/<key>``).
 STATS = ("alpha", "mu", "model_change", "rho")
@@ -76,8 +77,8 @@ STATS = ("alpha", "mu", "model_change", "rho")
 class Pending:
     """What :meth:`QuadraticStepRule.prepare` kept for :meth:`QuadraticStepRule.finish`."""
 
-    params: List[Param]
-    grads: List[Tensor]  # raw gradients (plus eta theta) before preconditioning
+    params: list[Param]
+    grads: list[Tensor]  # raw gradients (plus eta theta) before preconditioning
     closure: Closure  # re-computes the batch loss
 
 
@@ -101,28 +102,39 @@ class QuadraticStepRule:
             of the last step.
     """
 
-    def __init__(self, model: nn.Module, config: KFACConfig, comm: Communicator,
-                 damping: DampingControl, counters: Dict[str, int]):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: KFACConfig,
+        comm: Communicator,
+        damping: DampingControl,
+        counters: dict[str, int],
+    ):
         self.model = model
         self.config = config
         self.comm = comm
         self.damping = damping
         self.counters = counters
         self.output_module = resolve_output_module(model, config.output_module)
-        self.previous: Dict[str, Tensor] = {}
-        self.last: Dict[str, float] = {}
+        self.previous: dict[str, Tensor] = {}
+        self.last: dict[str, float] = {}
         self._warned = False
 
     # -- one step -----------------------------------------------------------------------------
-    def prepare(self, optimizer: Optional[torch.optim.Optimizer], closure: Optional[Closure],
-                blocks: List[KFACBlock]) -> Pending:
+    def prepare(
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        closure: Closure | None,
+        blocks: list[KFACBlock],
+    ) -> Pending:
         """Before the engine's step: the parameters ``P`` of ``blocks`` (the preconditioned
         layers ``optimizer`` steps), ``eta theta`` added to their gradients, the gradients kept."""
         if closure is None:
             raise ValueError(
                 "Invalid closure=None for step_rule='quadratic': pre.step(optimizer, closure=...) "
                 "needs a closure that re-computes the batch loss, e.g. "
-                "closure=lambda: loss_fn(model(x), y) (the KFACCallback passes training_step).")
+                "closure=lambda: loss_fn(model(x), y) (the KFACCallback passes training_step)."
+            )
         params = self._params(optimizer, blocks)
         for _, p, eta, _ in params:
             if eta:
@@ -130,8 +142,9 @@ class QuadraticStepRule:
         grads = [p.grad.detach().clone() for _, p, _, _ in params]  # type: ignore[union-attr]
         return Pending(params, grads, closure)
 
-    def finish(self, pending: Pending, t: int,
-               blocks: Iterable[KFACBlock]) -> Optional[Dict[str, float]]:
+    def finish(
+        self, pending: Pending, t: int, blocks: Iterable[KFACBlock]
+    ) -> dict[str, float] | None:
         """After the engine's step at clock ``t``: choose ``alpha``, ``mu`` and move ``P``.
 
         ``blocks``: every block (their capture is off during the re-runs). Returns the step's
@@ -150,20 +163,28 @@ class QuadraticStepRule:
             if self.damping.adaptation_step(t):
                 rho = self._adapt(products, params, solution, deltas, loss_before)
         self.counters["step_rule_steps"] = self.counters.get("step_rule_steps", 0) + 1
-        self.last = {"alpha": solution.alpha, "mu": solution.mu,
-                     "model_change": solution.model_change, "rho": rho}
+        self.last = {
+            "alpha": solution.alpha,
+            "mu": solution.mu,
+            "model_change": solution.model_change,
+            "rho": rho,
+        }
         return dict(self.last)
 
-    def _params(self, optimizer: Optional[torch.optim.Optimizer],
-                blocks: List[KFACBlock]) -> List[Param]:
+    def _params(
+        self, optimizer: torch.optim.Optimizer | None, blocks: list[KFACBlock]
+    ) -> list[Param]:
         """``(name, param, eta, block)`` of every preconditioned parameter with a gradient."""
         names = {id(p): n for n, p in self.model.named_parameters()}  # tied: first name
-        decay: Dict[int, float] = {}
+        decay: dict[int, float] = {}
         if optimizer is not None:
-            decay = {id(p): float(g.get("weight_decay", 0.0) or 0.0)
-                     for g in optimizer.param_groups for p in g["params"]}
-        out: List[Param] = []
-        seen: Set[int] = set()
+            decay = {
+                id(p): float(g.get("weight_decay", 0.0) or 0.0)
+                for g in optimizer.param_groups
+                for p in g["params"]
+            }
+        out: list[Param] = []
+        seen: set[int] = set()
         for block in blocks:
             for p in block.kind.params:
                 if id(p) in seen or p.grad is None or not p.requires_grad or id(p) not in names:
@@ -172,10 +193,16 @@ class QuadraticStepRule:
                 out.append((names[id(p)], cast(nn.Parameter, p), decay.get(id(p), 0.0), block))
         return out
 
-    def _solve(self, products: ExactProducts, params: List[Param],
-               grads: List[Tensor], directions: List[Tensor], previous: List[Optional[Tensor]]
-               ) -> Tuple[StepSolution, float]:
-        """The 1 x 1 or 2 x 2 model ``K x = -b`` from exact products; returns (solution, h(theta))."""
+    def _solve(
+        self,
+        products: ExactProducts,
+        params: list[Param],
+        grads: list[Tensor],
+        directions: list[Tensor],
+        previous: list[Tensor | None],
+    ) -> tuple[StepSolution, float]:
+        """The 1 x 1 or 2 x 2 model ``K x = -b`` from exact products;
+        returns (solution, h(theta))."""
         names = [name for name, _, _, _ in params]
         loss, f, u1 = products.jvp(dict(zip(names, directions)))
         vectors, outputs = [directions], [u1]
@@ -199,8 +226,14 @@ class QuadraticStepRule:
                 K[i, j] = curvature[i, j] + dot(vectors[i], vectors[j], weights)
         return solve_step(K, b), float(loss)
 
-    def _apply(self, params: List[Param], solution: StepSolution, directions: List[Tensor],
-               previous: List[Optional[Tensor]], t: int) -> List[Tensor]:
+    def _apply(
+        self,
+        params: list[Param],
+        solution: StepSolution,
+        directions: list[Tensor],
+        previous: list[Tensor | None],
+        t: int,
+    ) -> list[Tensor]:
         """``delta = alpha Delta + mu delta_0`` added to the parameters; kept as next delta_0."""
         if not solution.ok:
             self._skipped(solution.reason, t)
@@ -208,7 +241,7 @@ class QuadraticStepRule:
             return [torch.zeros_like(d) for d in directions]
         deltas = []
         with torch.no_grad():
-            for (name, p, _, _), direction, prev in zip(params, directions, previous):
+            for (_name, p, _, _), direction, prev in zip(params, directions, previous):
                 delta = direction * solution.alpha
                 if prev is not None and solution.mu != 0.0:
                     delta = delta + prev.to(delta) * solution.mu
@@ -217,13 +250,20 @@ class QuadraticStepRule:
         self.previous = {name: d for (name, _, _, _), d in zip(params, deltas)}
         return deltas
 
-    def _adapt(self, products: ExactProducts, params: List[Param], solution: StepSolution,
-               deltas: List[Tensor], loss_before: float) -> float:
+    def _adapt(
+        self,
+        products: ExactProducts,
+        params: list[Param],
+        solution: StepSolution,
+        deltas: list[Tensor],
+        loss_before: float,
+    ) -> float:
         """LM rule on ``rho`` (damping term out of the model, L2 term's exact change in h)."""
         control = self.damping
         if not solution.ok:  # no usable model: more damping, as for an overshoot
-            control.value = clamp(self.config, lm_update(control.value, -math.inf,
-                                                         omega(self.config)))
+            control.value = clamp(
+                self.config, lm_update(control.value, -math.inf, omega(self.config))
+            )
             control.last_rho = -math.inf
             control.adaptations += 1
             return -math.inf
@@ -231,7 +271,9 @@ class QuadraticStepRule:
         predicted = solution.model_change - 0.5 * dot(deltas, deltas, damping)
         after = products.loss()
         etas = [eta for _, _, eta, _ in params]
-        if any(etas):  # h includes eta/2 |theta|^2: its change is eta (theta_old.delta + |delta|^2/2)
+        if any(
+            etas
+        ):  # h includes eta/2 |theta|^2: its change is eta (theta_old.delta + |delta|^2/2)
             old = [p.detach() - d.to(p.dtype) for (_, p, _, _), d in zip(params, deltas)]
             after += dot(old, deltas, etas) + 0.5 * dot(deltas, deltas, etas)
         return control.apply_rho(loss_before, after, predicted, model_device(self.model))
@@ -244,9 +286,11 @@ class QuadraticStepRule:
 
     def _skipped(self, reason: str, t: int) -> None:
         self.counters["step_rule_skipped"] = self.counters.get("step_rule_skipped", 0) + 1
-        message = (f"K-FAC step_rule='quadratic': step {t} moved no preconditioned "
-                   f"parameter ({reason}); delta_0 is reset (on adaptation steps the damping is "
-                   "raised). Counted in counters['step_rule_skipped'].")
+        message = (
+            f"K-FAC step_rule='quadratic': step {t} moved no preconditioned "
+            f"parameter ({reason}); delta_0 is reset (on adaptation steps the damping is "
+            "raised). Counted in counters['step_rule_skipped']."
+        )
         if str(self.config.nonfinite) == "raise" and "non-finite" in reason:
             raise FloatingPointError(message)
         if not self._warned:  # once per run
@@ -254,21 +298,24 @@ class QuadraticStepRule:
             warnings.warn(message, RuntimeWarning, stacklevel=6)  # the caller of pre.step()
 
     # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"previous": {n: d.detach().clone() for n, d in self.previous.items()}}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         params = dict(self.model.named_parameters())
         unknown = sorted(set(state.get("previous", {})) - set(params))
         if unknown:
-            raise ValueError(f"K-FAC state has step_rule updates for parameters {unknown} that "
-                             "this model does not have.")
+            raise ValueError(
+                f"K-FAC state has step_rule updates for parameters {unknown} that "
+                "this model does not have."
+            )
         self.previous = {n: d.to(params[n].device) for n, d in state.get("previous", {}).items()}
 
 
 @contextlib.contextmanager
-def _replay(model: nn.Module, blocks: Iterable[KFACBlock], closure: Closure,
-            output_module: nn.Module) -> Iterator[ExactProducts]:
+def _replay(
+    model: nn.Module, blocks: Iterable[KFACBlock], closure: Closure, output_module: nn.Module
+) -> Iterator[ExactProducts]:
     """Exact products for re-runs of ``closure`` that leave no trace.
 
     Every re-run starts from the random state and buffers of the moment this context was
@@ -299,14 +346,18 @@ def _replay(model: nn.Module, blocks: Iterable[KFACBlock], closure: Closure,
             block.capturing, block.row_limit = capturing, row_limit
 
 
-def trainer_refusal(trainer: Any, module: Any) -> Optional[str]:
+def trainer_refusal(trainer: Any, module: Any) -> str | None:
     """Why the callback cannot run ``step_rule="quadratic"`` in this Trainer, or None."""
     if not module.automatic_optimization:
-        return ("KFACCallback(step_rule='quadratic') needs automatic optimization: it re-runs "
-                "training_step on the batch, which under manual optimization would step the "
-                "optimizers again. Use step_rule='optimizer'.")
+        return (
+            "KFACCallback(step_rule='quadratic') needs automatic optimization: it re-runs "
+            "training_step on the batch, which under manual optimization would step the "
+            "optimizers again. Use step_rule='optimizer'."
+        )
     if trainer.accumulate_grad_batches != 1:
-        return (f"KFACCallback(step_rule='quadratic') needs accumulate_grad_batches=1 (got "
-                f"{trainer.accumulate_grad_batches}): its exact curvature products re-run one "
-                "batch. Use a larger batch, or step_rule='optimizer'.")
+        return (
+            f"KFACCallback(step_rule='quadratic') needs accumulate_grad_batches=1 (got "
+            f"{trainer.accumulate_grad_batches}): its exact curvature products re-run one "
+            "batch. Use a larger batch, or step_rule='optimizer'."
+        )
     return None

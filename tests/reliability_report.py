@@ -14,23 +14,41 @@ import os
 import pathlib
 import platform
 from dataclasses import dataclass, field
-from typing import Dict, List
 
 import pytest
 
 # the fault list's row order; rows with other names follow in the order they were recorded
-ORDER = ["exactness oracle", "state round trip", "resume sweep", "fit twice, no leak",
-         "eval is silent", "refit after validate/test", "add-K-FAC resume",
-         "option change on resume", "state checks", "interrupted step",
-         "non-finite gradients", "non-finite statistics, finite gradients",
-         "decomposition failure", "ill-conditioning", "damping sweep", "mixed precision",
-         "low-rank with penalties", "MC/empirical scale",
-         "DDP identical ranks", "DDP fault on one rank", "gradient accumulation",
-         "sharing and freezing", "wrapped optimizers", "Lightning matrix", "config fuzz",
-         "memory soak"]
-ROWS_KEY = pytest.StashKey[List["Row"]]()
-XFAIL_KEY = pytest.StashKey[List[str]]()
-OUTCOMES_KEY = pytest.StashKey[Dict[str, str]]()
+ORDER = [
+    "exactness oracle",
+    "state round trip",
+    "resume sweep",
+    "fit twice, no leak",
+    "eval is silent",
+    "refit after validate/test",
+    "add-K-FAC resume",
+    "option change on resume",
+    "state checks",
+    "interrupted step",
+    "non-finite gradients",
+    "non-finite statistics, finite gradients",
+    "decomposition failure",
+    "ill-conditioning",
+    "damping sweep",
+    "mixed precision",
+    "low-rank with penalties",
+    "MC/empirical scale",
+    "DDP identical ranks",
+    "DDP fault on one rank",
+    "gradient accumulation",
+    "sharing and freezing",
+    "wrapped optimizers",
+    "Lightning matrix",
+    "config fuzz",
+    "memory soak",
+]
+ROWS_KEY = pytest.StashKey[list["Row"]]()
+XFAIL_KEY = pytest.StashKey[list[str]]()
+OUTCOMES_KEY = pytest.StashKey[dict[str, str]]()
 
 
 @dataclass
@@ -62,8 +80,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     outcomes = item.config.stash.setdefault(OUTCOMES_KEY, {})
     if hasattr(report, "wasxfail") and report.skipped and item.get_closest_marker("reliability"):
-        item.config.stash.setdefault(XFAIL_KEY, []).append(
-            f"{item.nodeid}: {report.wasxfail}")
+        item.config.stash.setdefault(XFAIL_KEY, []).append(f"{item.nodeid}: {report.wasxfail}")
     if report.failed:
         outcomes[item.nodeid] = "FAIL"
     elif report.when == "call" and report.skipped:
@@ -72,13 +89,15 @@ def pytest_runtest_makereport(item, call):
         outcomes.setdefault(item.nodeid, "pass")
 
 
-def merged_rows(config: pytest.Config) -> List[List[str]]:
+def merged_rows(config: pytest.Config) -> list[list[str]]:
     """Table body: one line per row name, in first-recorded order."""
     outcomes = config.stash.get(OUTCOMES_KEY, {})
-    merged: Dict[str, Dict] = {}
+    merged: dict[str, dict] = {}
     for row in config.stash.get(ROWS_KEY, []):
-        entry = merged.setdefault(row.name, {"injected": 0, "survived": 0, "figures": [],
-                                             "results": set(), "tests": set()})
+        entry = merged.setdefault(
+            row.name,
+            {"injected": 0, "survived": 0, "figures": [], "results": set(), "tests": set()},
+        )
         entry["injected"] += row.injected
         entry["survived"] += row.survived
         if row.figure and row.figure not in entry["figures"]:
@@ -89,16 +108,23 @@ def merged_rows(config: pytest.Config) -> List[List[str]]:
     rank = {name: i for i, name in enumerate(ORDER)}
     for name, e in sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(ORDER))):
         result = "FAIL" if "FAIL" in e["results"] else "pass"
-        body.append([name, str(e["injected"]), str(e["survived"]), "; ".join(e["figures"]),
-                     f"{result} ({len(e['tests'])} test{'s' if len(e['tests']) > 1 else ''})"])
+        body.append(
+            [
+                name,
+                str(e["injected"]),
+                str(e["survived"]),
+                "; ".join(e["figures"]),
+                f"{result} ({len(e['tests'])} test{'s' if len(e['tests']) > 1 else ''})",
+            ]
+        )
     return body
 
 
-def format_table(body: List[List[str]]) -> str:
+def format_table(body: list[list[str]]) -> str:
     """A Markdown table (aligned so it also reads well in a terminal)."""
     header = ["test", "faults injected", "faults survived", "figure", "result"]
     body = [[c.replace("|", "\\|") for c in r] for r in body]
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -120,11 +146,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     terminalreporter.write_line(table)
     import torch
 
-    out = pathlib.Path(os.environ.get("KFAC_RELIABILITY_OUT",
-                                      str(pathlib.Path(config.rootpath) / "reliability_results.md")))
+    out = pathlib.Path(
+        os.environ.get(
+            "KFAC_RELIABILITY_OUT", str(pathlib.Path(config.rootpath) / "reliability_results.md")
+        )
+    )
     args = " ".join(config.invocation_params.args)
-    text = (f"# Reliability results\n\nCommand: `python -m pytest {args}` "
-            f"(torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{os.cpu_count()} CPUs)\n\n{table}\n")
+    text = (
+        f"# Reliability results\n\nCommand: `python -m pytest {args}` "
+        f"(torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs)\n\n{table}\n"
+    )
     out.write_text(text)
     terminalreporter.write_line(f"reliability table written to {out}")

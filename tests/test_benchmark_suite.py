@@ -29,9 +29,24 @@ from benchmarks import suite  # noqa: E402
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "suite", "--smoke", "--out",
-                           str(out), "--variant", "kfac_batch_init=factor_init=batch"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "suite",
+            "--smoke",
+            "--out",
+            str(out),
+            "--variant",
+            "kfac_batch_init=factor_init=batch",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "suite.json") as f:
         return out, json.load(f), proc.stdout
@@ -46,8 +61,10 @@ def test_outputs_table_json_and_one_plot_per_problem(smoke):
     for problem in suite.SMOKE_PROBLEMS:
         assert (out / f"suite_{problem}.png").stat().st_size > 1000
         for method in methods:
-            assert sum(line.startswith(f"| {problem} | {method} |")
-                       for line in table.splitlines()) == 1
+            assert (
+                sum(line.startswith(f"| {problem} | {method} |") for line in table.splitlines())
+                == 1
+            )
     assert [r["method"] for r in payload["rows"]] == methods * len(suite.SMOKE_PROBLEMS)
     assert payload["methods"]["kfac_batch_init"]["kfac"] == {"factor_init": "batch"}
     assert payload["methods"]["kfac"]["kfac"] == {}  # K-FAC = the defaults, no knob
@@ -70,10 +87,18 @@ def test_learning_rates_targets_and_times_follow_the_stated_protocol(smoke):
         # target: L_init^0.2 x (best first-order median lowest loss)^0.8
         mine = [r for r in payload["rows"] if r["problem"] == p]
         lowest = min(r["lowest_loss"] for r in mine if r["method"] in suite.FIRST_ORDER)
-        assert row["target"] == pytest.approx(row["initial_loss"] ** 0.2 * lowest ** 0.8,
-                                              rel=1e-12)
-        reach = [next(((t, s) for t, s, v in zip(r["times"], r["steps"], r["losses"])
-                       if v <= row["target"]), (math.inf, math.inf)) for r in seeds]
+        assert row["target"] == pytest.approx(row["initial_loss"] ** 0.2 * lowest**0.8, rel=1e-12)
+        reach = [
+            next(
+                (
+                    (t, s)
+                    for t, s, v in zip(r["times"], r["steps"], r["losses"])
+                    if v <= row["target"]
+                ),
+                (math.inf, math.inf),
+            )
+            for r in seeds
+        ]
         assert row["reached"] == f"{sum(math.isfinite(s) for _, s in reach)}/3"
         assert row["steps_to_target"] == statistics.median(s for _, s in reach)
         assert row["time_to_target_s"] == statistics.median(t for t, _ in reach)
@@ -81,32 +106,47 @@ def test_learning_rates_targets_and_times_follow_the_stated_protocol(smoke):
 
 def test_smoke_losses_are_deterministic(smoke):
     _, payload, _ = smoke
-    stored = next(r for r in payload["runs"] if r["problem"] == "lm_b16" and r["method"] == "kfac"
-                  and r["seed"] == 1)
-    again = suite.train("lm_b16", dict(suite.METHODS["kfac"], name="kfac"), stored["lr"], 1,
-                        budget_s=math.inf, max_steps=suite.SMOKE_STEPS)
+    stored = next(
+        r
+        for r in payload["runs"]
+        if r["problem"] == "lm_b16" and r["method"] == "kfac" and r["seed"] == 1
+    )
+    again = suite.train(
+        "lm_b16",
+        dict(suite.METHODS["kfac"], name="kfac"),
+        stored["lr"],
+        1,
+        budget_s=math.inf,
+        max_steps=suite.SMOKE_STEPS,
+    )
     assert again["steps"] == stored["steps"]
     assert again["losses"] == pytest.approx(stored["losses"], rel=1e-6)
     assert again["counters"]["factor_updates"] > 0  # K-FAC did run
 
 
 def test_target_reach_score_and_wins_on_known_values():
-    assert suite.target_loss(100.0, 1.0) == pytest.approx(100.0 ** 0.2)
+    assert suite.target_loss(100.0, 1.0) == pytest.approx(100.0**0.2)
     run = {"times": [0.0, 1.0, 2.0], "steps": [0, 10, 20], "losses": [5.0, 3.0, 1.0]}
     assert suite.first_reach(run, 3.0) == (1.0, 10)
     assert suite.first_reach(run, 0.5) == (math.inf, math.inf)
     assert suite.score(run, 2) == pytest.approx((math.log(5) + math.log(3)) / 3)
     assert suite.score({"losses": [5.0, math.inf]}, 2) == math.inf  # diverged: never preferred
-    rows = [{"problem": "a", "method": "sgd", "x_best_first_order": 1.0},
-            {"problem": "a", "method": "kfac", "x_best_first_order": 0.5},
-            {"problem": "b", "method": "kfac", "x_best_first_order": math.inf}]
+    rows = [
+        {"problem": "a", "method": "sgd", "x_best_first_order": 1.0},
+        {"problem": "a", "method": "kfac", "x_best_first_order": 0.5},
+        {"problem": "b", "method": "kfac", "x_best_first_order": math.inf},
+    ]
     assert suite.wins(rows) == {"kfac": ["a"]}
 
 
 def test_variant_parsing_and_errors():
     v = suite._parse_variant("rel=damping_mode=relative,damping=0.1,kl_clip=none,low_rank=false")
-    assert v["kfac"] == {"damping_mode": "relative", "damping": 0.1, "kl_clip": None,
-                         "low_rank": False}
+    assert v["kfac"] == {
+        "damping_mode": "relative",
+        "damping": 0.1,
+        "kl_clip": None,
+        "low_rank": False,
+    }
     with pytest.raises(ValueError, match="--variant"):
         suite._parse_variant("sgd=damping=1")
     with pytest.raises(ValueError, match="key=value"):

@@ -21,16 +21,34 @@ pytestmark = pytest.mark.bench
 pytest.importorskip("sklearn", reason="scikit-learn (a dev extra) is needed by time_to_target")
 pytest.importorskip("matplotlib", reason="matplotlib (a dev extra) draws the benchmark plots")
 
-NON_NUMERIC = {"model", "variant", "problem", "method", "knob", "sweep", "component", "reached",
-               "clamped", "stage", "fisher", "layer"}
+NON_NUMERIC = {
+    "model",
+    "variant",
+    "problem",
+    "method",
+    "knob",
+    "sweep",
+    "component",
+    "reached",
+    "clamped",
+    "stage",
+    "fisher",
+    "layer",
+}
 
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -57,8 +75,9 @@ def test_every_benchmark_writes_json_png_and_table(bench_run, name):
     assert (out / f"{name}.png").stat().st_size > 1000
     _check_rows(payload["rows"], payload["columns"])
     assert payload["tiny"] is True
-    header = next(line for line in stdout.splitlines()
-                  if line.split()[:2] == payload["columns"][:2])
+    header = next(
+        line for line in stdout.splitlines() if line.split()[:2] == payload["columns"][:2]
+    )
     assert header.split() == payload["columns"]  # the printed table has every column
 
 
@@ -68,8 +87,13 @@ def test_step_overhead_covers_models_and_variants(bench_run):
     assert {r["model"] for r in rows} == {"mlp", "autoencoder", "cnn"}
     for model in ("mlp", "autoencoder", "cnn"):
         variants = {r["variant"]: r for r in rows if r["model"] == model}
-        assert set(variants) == {"sgd", "eigen/every", "eigen/2-20", "inverse/every",
-                                 "inverse/2-20"}
+        assert set(variants) == {
+            "sgd",
+            "eigen/every",
+            "eigen/2-20",
+            "inverse/every",
+            "inverse/2-20",
+        }
         sgd = variants["sgd"]["step_ms"]
         for r in variants.values():
             assert r["x_sgd"] == pytest.approx(r["step_ms"] / sgd)
@@ -77,8 +101,11 @@ def test_step_overhead_covers_models_and_variants(bench_run):
             assert r["steps"] >= 20
         # The bound grows with the work: every-step K-FAC > amortized K-FAC > plain SGD.
         for method in ("eigen", "inverse"):
-            assert (variants[f"{method}/every"]["bound_ms"] > variants[f"{method}/2-20"]["bound_ms"]
-                    > variants["sgd"]["bound_ms"])
+            assert (
+                variants[f"{method}/every"]["bound_ms"]
+                > variants[f"{method}/2-20"]["bound_ms"]
+                > variants["sgd"]["bound_ms"]
+            )
         assert variants["eigen/2-20"]["factor_MB"] > 0 and variants["sgd"]["factor_MB"] == 0
 
 
@@ -98,8 +125,12 @@ def test_scaling_fits_every_component(bench_run):
     payload = _load(bench_run[0], "scaling")
     fits = payload["fits"]
     keys = {(f["sweep"], f["method"], f["component"]) for f in fits}
-    assert keys == {(s, m, c) for s in ("width", "batch") for m in ("eigen", "inverse")
-                    for c in ("factors", "decomposition", "precondition")}
+    assert keys == {
+        (s, m, c)
+        for s in ("width", "batch")
+        for m in ("eigen", "inverse")
+        for c in ("factors", "decomposition", "precondition")
+    }
     assert all(math.isfinite(f["exponent"]) for f in fits)
 
 
@@ -132,7 +163,11 @@ def test_time_to_target_step_budget_ignores_the_clock():
     from benchmarks import time_to_target
 
     data = time_to_target.load_data()
-    runs = [time_to_target.train("digits_mlp", "kfac+sgd", 3e-4, 0, data, budget_s=0.0,
-                                 eval_every=1, max_steps=5) for _ in range(2)]
+    runs = [
+        time_to_target.train(
+            "digits_mlp", "kfac+sgd", 3e-4, 0, data, budget_s=0.0, eval_every=1, max_steps=5
+        )
+        for _ in range(2)
+    ]
     assert runs[0]["steps"] == [0, 1, 2, 3, 4, 5]
     assert runs[0]["losses"] == runs[1]["losses"]

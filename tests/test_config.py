@@ -53,8 +53,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("option,value,fragment", INVALID,
-                         ids=[f"{o}={v!r}" for o, v, _ in INVALID])
+@pytest.mark.parametrize(
+    "option,value,fragment", INVALID, ids=[f"{o}={v!r}" for o, v, _ in INVALID]
+)
 def test_invalid_option_raises_value_error_naming_it(option, value, fragment) -> None:
     with pytest.raises(ValueError) as info:
         KFACConfig(**{option: value})
@@ -62,12 +63,15 @@ def test_invalid_option_raises_value_error_naming_it(option, value, fragment) ->
     assert option in message and fragment in message, message
 
 
-@pytest.mark.parametrize("option,value,allowed", [
-    ("compute_method", "foo", ["eigen", "inverse", "ekfac"]),
-    ("fisher_type", "x", ["empirical", "mc"]),
-    ("likelihood", "x", ["categorical", "bernoulli", "gaussian"]),
-    ("loss_reduction", "x", ["mean", "sum"]),
-])
+@pytest.mark.parametrize(
+    "option,value,allowed",
+    [
+        ("compute_method", "foo", ["eigen", "inverse", "ekfac"]),
+        ("fisher_type", "x", ["empirical", "mc"]),
+        ("likelihood", "x", ["categorical", "bernoulli", "gaussian"]),
+        ("loss_reduction", "x", ["mean", "sum"]),
+    ],
+)
 def test_enum_error_lists_allowed_values(option, value, allowed) -> None:
     with pytest.raises(ValueError) as info:
         KFACConfig(**{option: value})
@@ -82,24 +86,40 @@ def test_bounds_message_says_what_is_allowed() -> None:
 
 
 def test_strings_accepted_for_enums_case_insensitive() -> None:
-    cfg = KFACConfig(compute_method="INVERSE", fisher_type="Mc", likelihood="GAUSSIAN",
-                     loss_reduction="Sum", damping_mode="relative", nonfinite="RAISE")
+    cfg = KFACConfig(
+        compute_method="INVERSE",
+        fisher_type="Mc",
+        likelihood="GAUSSIAN",
+        loss_reduction="Sum",
+        damping_mode="relative",
+        nonfinite="RAISE",
+    )
     assert cfg.compute_method == ComputeMethod.INVERSE and cfg.compute_method == "inverse"
     assert (cfg.fisher_type, cfg.likelihood, cfg.loss_reduction) == ("mc", "gaussian", "sum")
     assert (cfg.damping_mode, cfg.nonfinite) == ("relative", "raise")
 
 
 def test_valid_edge_values_accepted() -> None:
-    cfg = KFACConfig(damping=1, factor_decay=0.0, kl_clip=None, factor_update_steps=2.0,
-                     inv_update_steps=4, skip_layers="fc.*")
+    cfg = KFACConfig(
+        damping=1,
+        factor_decay=0.0,
+        kl_clip=None,
+        factor_update_steps=2.0,
+        inv_update_steps=4,
+        skip_layers="fc.*",
+    )
     assert cfg.damping == 1.0 and isinstance(cfg.damping, float)
     assert cfg.factor_update_steps == 2 and isinstance(cfg.factor_update_steps, int)
     assert cfg.factor_decay == 0.0 and cfg.kl_clip is None and cfg.skip_layers == ["fc.*"]
 
 
 def test_to_dict_round_trip() -> None:
-    cfg = KFACConfig(damping=0.1, compute_method="inverse", skip_layers=["head"],
-                     layer_overrides=[{"regex": "conv", "damping": 0.5}])
+    cfg = KFACConfig(
+        damping=0.1,
+        compute_method="inverse",
+        skip_layers=["head"],
+        layer_overrides=[{"regex": "conv", "damping": 0.5}],
+    )
     plain = cfg.to_dict()
     assert plain["compute_method"] == "inverse" and type(plain["compute_method"]) is str
     assert KFACConfig(**plain) == cfg
@@ -150,8 +170,10 @@ def test_preconditioner_accepts_config_object_and_keywords() -> None:
     from lightning_kfac import KFACPreconditioner
 
     grads = []
-    for make in (lambda m: KFACPreconditioner(m, KFACConfig(damping=0.1, kl_clip=None)),
-                 lambda m: KFACPreconditioner(m, damping=0.1, kl_clip=None)):
+    for make in (
+        lambda m: KFACPreconditioner(m, KFACConfig(damping=0.1, kl_clip=None)),
+        lambda m: KFACPreconditioner(m, damping=0.1, kl_clip=None),
+    ):
         torch.manual_seed(0)
         model = _model()
         pre = make(model)

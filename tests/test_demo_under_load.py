@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the demo trains on scikit-learn's digits (examples extra)")
 
-from examples import demo  # noqa: E402
+from examples import demo
 
 BURNER = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n    pass\n"
 

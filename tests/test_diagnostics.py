@@ -15,8 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac.diagnostics import (diagnose, kronecker_error, mean_gradient,
-                                        population_terms, record_rows, sampled_nll, to_scalars)
+from lightning_kfac.diagnostics import (
+    diagnose,
+    kronecker_error,
+    mean_gradient,
+    population_terms,
+    record_rows,
+    sampled_nll,
+    to_scalars,
+)
 from tests.support import dense
 
 DT = torch.float64
@@ -29,8 +36,9 @@ def _mlp(seed: int = 0, inplace: bool = False) -> nn.Module:
 
 def _cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(3 * 4 * 4, 3)).to(DT)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).to(DT)
 
 
 def _ce(y):
@@ -90,8 +98,10 @@ def test_exact_error_equals_brute_force_conv(method, tol):
 
 def test_rows_give_contract_factors():
     """A = E[a a^T], G = E[g g^T] from the recorded rows equal the brute-force factors."""
-    for model, x in ((_mlp(2), torch.randn(6, 3, 4, dtype=DT)),  # Linear on sequences: 18 rows
-                     (_cnn(2), torch.randn(4, 2, 4, 4, dtype=DT))):
+    for model, x in (
+        (_mlp(2), torch.randn(6, 3, 4, dtype=DT)),  # Linear on sequences: 18 rows
+        (_cnn(2), torch.randn(4, 2, 4, 4, dtype=DT)),
+    ):
         if x.dim() == 3:
             loss_fn = lambda out: out.pow(2).mean()  # noqa: E731
         else:
@@ -143,18 +153,24 @@ def test_probe_estimate_agrees_with_exact(conv):
     for name, r in rows.items():
         _, M, K = _brute_error(model, x, y, name)
         e2, m2, rel, s_e2, s_m2, s_rel = _probe_sigma(M, K, k)
-        est = kronecker_error(r.a, r.g, r.num_examples, method="probe", num_probes=k,
-                              generator=torch.Generator().manual_seed(11))
+        est = kronecker_error(
+            r.a,
+            r.g,
+            r.num_examples,
+            method="probe",
+            num_probes=k,
+            generator=torch.Generator().manual_seed(11),
+        )
         assert est.method == "probe" and est.probes == k
-        assert abs(est.error_norm ** 2 - e2) <= 4 * s_e2
-        assert abs(est.block_norm ** 2 - m2) <= 4 * s_m2
+        assert abs(est.error_norm**2 - e2) <= 4 * s_e2
+        assert abs(est.block_norm**2 - m2) <= 4 * s_m2
         assert abs(est.relative - rel) <= 4 * s_rel
         # The reported standard error estimates s_rel from the same probes (within 2x).
         assert 0.5 * s_rel <= est.std <= 2.0 * s_rel
 
 
 def test_auto_picks_exact_then_probes():
-    """"auto": dense for small blocks, Gram formulas while O(B^2 (d_in + d_out)) is affordable,
+    """ "auto": dense for small blocks, Gram formulas while O(B^2 (d_in + d_out)) is affordable,
     probes only beyond (documented thresholds)."""
     torch.manual_seed(0)
     small = kronecker_error(torch.randn(8, 5, dtype=DT), torch.randn(8, 3, dtype=DT))
@@ -186,7 +202,7 @@ def test_mean_gradient_vanishes_under_sampled_labels():
     x = torch.randn(N, 4, dtype=DT)
     with torch.no_grad():
         p = torch.softmax(model(x), -1)
-    s = math.sqrt(float((p * (1 - p)).sum()) / N ** 2)
+    s = math.sqrt(float((p * (1 - p)).sum()) / N**2)
     gen = torch.Generator().manual_seed(0)
     sampled = diagnose(model, x, sampled_nll("categorical", generator=gen), layers=["2"])
     assert sampled["2"]["mean_grad_norm"] <= 4 * s
@@ -207,8 +223,16 @@ def test_diagnose_dict_and_scalars():
     model = _mlp(7)
     x, y = torch.randn(10, 4, dtype=DT), torch.randint(0, 3, (10,))
     out = diagnose(model, x, _ce(y))
-    keys = {"kronecker_error", "kronecker_error_std", "probes", "mean_grad_norm",
-            "mean_grad_ratio", "num_examples", "rows", "kronecker_error_population"}
+    keys = {
+        "kronecker_error",
+        "kronecker_error_std",
+        "probes",
+        "mean_grad_norm",
+        "mean_grad_ratio",
+        "num_examples",
+        "rows",
+        "kronecker_error_population",
+    }
     assert set(out) == {"0", "2"} and all(set(v) == keys for v in out.values())
     assert all(0.0 <= v["mean_grad_ratio"] <= 1.0 for v in out.values())
     flat = to_scalars(out)
@@ -216,11 +240,14 @@ def test_diagnose_dict_and_scalars():
     assert len(flat) == 2 * len(keys)
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    ({"method": "exact"}, "method"),
-    ({"num_probes": 0}, "num_probes"),
-    ({"num_examples": 3}, "num_examples"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"method": "exact"}, "method"),
+        ({"num_probes": 0}, "num_probes"),
+        ({"num_examples": 3}, "num_examples"),
+    ],
+)
 def test_bad_arguments_name_the_option(kwargs, name):
     with pytest.raises(ValueError, match=rf"Invalid {name}="):
         kronecker_error(torch.randn(8, 3, dtype=DT), torch.randn(8, 2, dtype=DT), **kwargs)
@@ -282,9 +309,11 @@ def test_population_terms_equal_explicit_u_statistics():
     P, Q = (a @ a.T) ** 2, (g @ g.T) ** 2
     m2 = sum(P[n, m] * Q[n, m] for n, m in itertools.permutations(range(B), 2)) / (B * (B - 1))
     cross = sum(P[n, m] * Q[n, k] for n, m, k in itertools.permutations(range(B), 3)) / (
-        B * (B - 1) * (B - 2))
-    k2 = sum(P[n, m] * Q[k, l] for n, m, k, l in itertools.permutations(range(B), 4)) / (
-        B * (B - 1) * (B - 2) * (B - 3))
+        B * (B - 1) * (B - 2)
+    )
+    k2 = sum(P[n, m] * Q[k, j] for n, m, k, j in itertools.permutations(range(B), 4)) / (
+        B * (B - 1) * (B - 2) * (B - 3)
+    )
     e2_got, m2_got = population_terms(a, g)
     assert e2_got == pytest.approx(float(m2 - 2 * cross + k2), rel=1e-12, abs=1e-12)
     assert m2_got == pytest.approx(float(m2), rel=1e-12)
@@ -302,7 +331,7 @@ def test_population_estimate_is_unbiased_and_plug_in_is_not():
     a = torch.cat([torch.tanh(z), torch.ones(N, 1, dtype=DT)], 1)
     g = torch.stack([z[:, 0] * z[:, 1], z[:, 2] ** 2 - 1], 1) + 0.3 * torch.randn(N, 2, dtype=DT)
     truth = kronecker_error(a, g, method="dense")
-    e2_true, m2_true = truth.error_norm ** 2, truth.block_norm ** 2
+    e2_true, m2_true = truth.error_norm**2, truth.block_norm**2
     assert truth.relative > 0.1
     gen = torch.Generator().manual_seed(1)
     e2s, m2s, plug = [], [], []

@@ -16,10 +16,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from examples import demo, plain_pytorch
 from examples.train import CONF_DIR, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -32,8 +32,13 @@ def compose_cfg(*overrides):
 
 def cli(*args, timeout=300):
     """Run examples/train.py in a subprocess from the repository root."""
-    return subprocess.run([sys.executable, "examples/train.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "examples/train.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def kfac_state(checkpoint: Path) -> dict:
@@ -45,8 +50,11 @@ def kfac_state(checkpoint: Path) -> dict:
 
 def train_losses(metrics_csv: Path) -> dict:
     with open(metrics_csv, newline="") as fh:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(fh)
-                if r.get("train/loss")}
+        return {
+            int(r["step"]): float(r["train/loss"])
+            for r in csv.DictReader(fh)
+            if r.get("train/loss")
+        }
 
 
 def preconditionable(model: nn.Module) -> dict:
@@ -62,7 +70,9 @@ def preconditionable(model: nn.Module) -> dict:
 
 
 # -- fast_dev_run of each experiment preset, in process -----------------------------------------
-@pytest.mark.parametrize("experiment,kfac", [(e, None) for e in EXPERIMENTS] + [("classifier", "off")])
+@pytest.mark.parametrize(
+    "experiment,kfac", [(e, None) for e in EXPERIMENTS] + [("classifier", "off")]
+)
 def test_fast_dev_run_of_each_experiment(experiment, kfac, tmp_path):
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true"]
     overrides += [f"kfac={kfac}"] if kfac else []
@@ -114,8 +124,14 @@ def test_cli_override_reaches_the_callback_and_outputs_are_written(tmp_path):
 
 def test_cli_sweep_gives_each_run_its_damping(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("-m", "kfac.damping=1e-3,1e-2", "trainer.max_steps=2", "test=false", "plot=false",
-               f"hydra.sweep.dir={sweep}")
+    proc = cli(
+        "-m",
+        "kfac.damping=1e-3,1e-2",
+        "trainer.max_steps=2",
+        "test=false",
+        "plot=false",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     for job, damping in (("0", 1e-3), ("1", 1e-2)):
         assert OmegaConf.load(sweep / job / ".hydra" / "config.yaml").kfac.damping == damping
@@ -148,11 +164,23 @@ def test_plot_title_carries_the_sweep_overrides():
 
 # -- `make demo` at a tiny budget ---------------------------------------------------------------
 def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
-    results = demo.main(["--budget", "120", "--max-steps", "6", "--window", "3",
-                         "--threads", "0", "--out", str(tmp_path)])
+    results = demo.main(
+        [
+            "--budget",
+            "120",
+            "--max-steps",
+            "6",
+            "--window",
+            "3",
+            "--threads",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert set(results) == {"K-FAC", "no K-FAC"}
-    assert results["K-FAC"]["preconditioned_layers"] == 8      # the autoencoder's Linear layers
+    assert results["K-FAC"]["preconditioned_layers"] == 8  # the autoencoder's Linear layers
     assert results["no K-FAC"]["preconditioned_layers"] == 0
     with open(tmp_path / "curves.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -166,8 +194,14 @@ def test_demo_tiny_budget_writes_the_table_and_the_plot(tmp_path, capsys):
     assert curves["K-FAC"][0]["loss"] == curves["no K-FAC"][0]["loss"]
     assert results["K-FAC"]["target"] == max(r["final_loss"] for r in results.values())
     table = (tmp_path / "summary.md").read_text()
-    for text in ("| K-FAC |", "| no K-FAC |", "final train loss", "steps/cpu s",
-                 "cpu s to loss<=", "CPU seconds of the training thread"):
+    for text in (
+        "| K-FAC |",
+        "| no K-FAC |",
+        "final train loss",
+        "steps/cpu s",
+        "cpu s to loss<=",
+        "CPU seconds of the training thread",
+    ):
         assert text in table and text in printed
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG_MAGIC
     assert len(results["K-FAC"]["diagnostics"]) == 8 and "diagnostics" not in results["no K-FAC"]

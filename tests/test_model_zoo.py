@@ -42,8 +42,12 @@ def one_thread():
 
 def _preconditioned_params(model, names) -> int:
     modules = dict(model.named_modules())
-    unique = {id(p): p for name in names for p in modules[name].parameters(recurse=False)
-              if p.requires_grad}
+    unique = {
+        id(p): p
+        for name in names
+        for p in modules[name].parameters(recurse=False)
+        if p.requires_grad
+    }
     return sum(p.numel() for p in unique.values())
 
 
@@ -60,8 +64,10 @@ def test_zoo_coverage_is_the_preconditioned_modules_parameters(name):
     assert math.isclose(reported["share"], reported["covered"] / total)
     line = pre.summary().splitlines()[-1]
     covered, trainable = re.search(r"([\d,]+) of ([\d,]+) trainable", line).groups()
-    assert (int(covered.replace(",", "")), int(trainable.replace(",", ""))) == \
-        (reported["covered"], total)
+    assert (int(covered.replace(",", "")), int(trainable.replace(",", ""))) == (
+        reported["covered"],
+        total,
+    )
     pre.remove()
 
 

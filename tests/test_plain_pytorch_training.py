@@ -30,8 +30,13 @@ def _train(use_kfac: bool) -> float:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    pre = KFACPreconditioner(model, damping=1e-2, factor_update_steps=1, inv_update_steps=10,
-                             kl_clip=1e-2) if use_kfac else None
+    pre = (
+        KFACPreconditioner(
+            model, damping=1e-2, factor_update_steps=1, inv_update_steps=10, kl_clip=1e-2
+        )
+        if use_kfac
+        else None
+    )
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(1))
     for t in range(STEPS):
         idx = order.roll(-t * BATCH)[:BATCH]

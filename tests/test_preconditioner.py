@@ -1,14 +1,13 @@
 """KFACPreconditioner behaviour against brute force: running averages, the two clocks,
 skip_layers, frozen layers, remove(), huge damping, micro-batches, state round trip, wrap().
 
-Conventions are those of docs/conventions.md (Martens & Grosse 2015, sec. 5 for the running averages,
-sec. 6.3 for damping); references come from ``tests/support/dense.py``.
+Conventions are those of docs/conventions.md (Martens & Grosse 2015, sec. 5 for the running
+averages, sec. 6.3 for damping); references come from ``tests/support/dense.py``.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ def _mlp(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
 
 
-def _batch(t: int, n: int = 8, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
+def _batch(t: int, n: int = 8, dtype=torch.float64) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(1000 + t)
     return torch.randn(n, 5, generator=gen, dtype=dtype), torch.randint(0, 3, (n,), generator=gen)
 
@@ -47,8 +46,9 @@ def _close(x: Tensor, ref: Tensor, tol: float = 1e-10) -> bool:
 def test_running_average_second_update() -> None:
     """First update A = A^ (no bias to 0 or I); then A <- decay A + (1 - decay) A^."""
     model, decay = _mlp(), 0.7
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1,
-                             factor_decay=decay, kl_clip=None)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=1, factor_decay=decay, kl_clip=None
+    )
     brute0, _ = _pass(model, *_batch(0))
     pre.step()
     first = pre.factors()
@@ -65,8 +65,14 @@ def test_update_clocks_factors_every_2_decompositions_every_4() -> None:
     """Factors change only at t % 2 == 0 (capturing only those passes); the gradient is
     preconditioned with the decomposition of the factors as they were at the last t % 4 == 0."""
     model, decay, damping = _mlp(), 0.6, 0.05
-    pre = KFACPreconditioner(model, factor_update_steps=2, inv_update_steps=4, factor_decay=decay,
-                             damping=damping, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=2,
+        inv_update_steps=4,
+        factor_decay=decay,
+        damping=damping,
+        kl_clip=None,
+    )
     modules = dict(model.named_modules())
     expected = decomposed = None
     last = (pre.counters["factor_updates"], pre.counters["decompositions"])
@@ -74,14 +80,21 @@ def test_update_clocks_factors_every_2_decompositions_every_4() -> None:
         brute, raw = _pass(model, *_batch(t))
         pre.step()
         if t % 2 == 0:
-            expected = brute if expected is None else {
-                n: tuple(decay * e + (1 - decay) * b for e, b in zip(expected[n], brute[n]))
-                for n in NAMES}
+            expected = (
+                brute
+                if expected is None
+                else {
+                    n: tuple(decay * e + (1 - decay) * b for e, b in zip(expected[n], brute[n]))
+                    for n in NAMES
+                }
+            )
         if t % 4 == 0:
             decomposed = expected
         factors = pre.factors()
         for n in NAMES:
-            assert _close(factors[n][0], expected[n][0]) and _close(factors[n][1], expected[n][1]), t
+            assert _close(factors[n][0], expected[n][0]) and _close(
+                factors[n][1], expected[n][1]
+            ), t
             P_ref = D.eigen_precondition(*decomposed[n], raw[n], damping)
             assert _close(D.grad_matrix(modules[n]), P_ref, 1e-8), (t, n)
             if t % 4 == 2:  # the factors moved on but the decomposition in use must not have
@@ -105,18 +118,28 @@ class _Net(nn.Module):
         return self.head(torch.tanh(self.body(torch.tanh(self.conv(x)).flatten(1))))
 
 
-@pytest.mark.parametrize("skip,skipped", [
-    (["hea"], {"head"}),             # searched in the qualified name
-    (["^Conv1d$"], {"conv"}),        # matched against the class name
-    (["Linear"], {"body", "head"}),
-], ids=["name", "class", "class-two"])
-def test_skip_layers(skip: List[str], skipped: set) -> None:
+@pytest.mark.parametrize(
+    "skip,skipped",
+    [
+        (["hea"], {"head"}),  # searched in the qualified name
+        (["^Conv1d$"], {"conv"}),  # matched against the class name
+        (["Linear"], {"body", "head"}),
+    ],
+    ids=["name", "class", "class-two"],
+)
+def test_skip_layers(skip: list[str], skipped: set) -> None:
     torch.manual_seed(0)
     model = _Net().double()
     names = ["conv", "body", "head"]
     damping = 0.1
-    pre = KFACPreconditioner(model, skip_layers=skip, damping=damping, factor_update_steps=1,
-                             inv_update_steps=1, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        skip_layers=skip,
+        damping=damping,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+    )
     x, y = torch.randn(4, 2, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
     brute, raw = _pass(model, x, y, names)
     pre.step()
@@ -137,20 +160,28 @@ def test_frozen_layer_not_preconditioned_and_untouched() -> None:
     model[0].requires_grad_(False)
     frozen = [p.detach().clone() for p in model[0].parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    pre = KFACPreconditioner(model, damping=damping, factor_update_steps=1, inv_update_steps=1,
-                             kl_clip=None)
+    pre = KFACPreconditioner(
+        model, damping=damping, factor_update_steps=1, inv_update_steps=1, kl_clip=None
+    )
     brute, raw = _pass(model, *_batch(0), names=["2"])
     pre.step(opt)
     assert set(pre.factors()) == {"2"}
     assert model[0].weight.grad is None and model[0].bias.grad is None
-    assert _close(D.grad_matrix(model[2]), D.eigen_precondition(*brute["2"], raw["2"], damping), 1e-8)
+    assert _close(
+        D.grad_matrix(model[2]), D.eigen_precondition(*brute["2"], raw["2"], damping), 1e-8
+    )
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), frozen))
 
 
 def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               + len(m._backward_pre_hooks) for m in model.modules())
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )
 
 
 def _output_tensor_hooks(model: nn.Module, x: Tensor, y: Tensor) -> int:
@@ -182,8 +213,14 @@ def test_huge_damping_is_scaled_plain_step() -> None:
     """(A (x) G + d I)^-1 -> I / d as d -> inf: K-FAC+SGD(lr d) equals SGD(lr) on raw grads."""
     damping, lr = 1e8, 0.1
     model, plain = _mlp(), _mlp()
-    pre = KFACPreconditioner(model, damping=damping, compute_method="eigen", kl_clip=None,
-                             factor_update_steps=1, inv_update_steps=1)
+    pre = KFACPreconditioner(
+        model,
+        damping=damping,
+        compute_method="eigen",
+        kl_clip=None,
+        factor_update_steps=1,
+        inv_update_steps=1,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr * damping)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=lr)
     x, y = _batch(0)
@@ -215,15 +252,18 @@ def test_micro_batches_merge_into_one_batch_estimate() -> None:
     for micro in (1, 2):
         torch.manual_seed(0)
         model = _ConvLin().double()
-        pre = KFACPreconditioner(model, damping=0.05, factor_update_steps=1, inv_update_steps=1,
-                                 kl_clip=None)
+        pre = KFACPreconditioner(
+            model, damping=0.05, factor_update_steps=1, inv_update_steps=1, kl_clip=None
+        )
         size = 8 // micro
         for k in range(micro):
             pre.grad_scale = 1.0 / micro
             sl = slice(k * size, (k + 1) * size)
             (F.cross_entropy(model(x[sl]), y[sl]) / micro).backward()
         pre.step()
-        results.append((pre.factors(), {n: D.grad_matrix(getattr(model, n)) for n in ("conv", "fc")}))
+        results.append(
+            (pre.factors(), {n: D.grad_matrix(getattr(model, n)) for n in ("conv", "fc")})
+        )
     (f1, g1), (f2, g2) = results
     for n in ("conv", "fc"):
         assert _close(f2[n][0], f1[n][0], 1e-12) and _close(f2[n][1], f1[n][1], 1e-12), n
@@ -242,8 +282,14 @@ def _train(model, pre, opt, steps: range) -> None:
 def _fresh(seed: int):
     model = _mlp(seed, torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pre = KFACPreconditioner(model, damping=0.01, factor_update_steps=1, inv_update_steps=5,
-                             factor_decay=0.9, kl_clip=1e-2)
+    pre = KFACPreconditioner(
+        model,
+        damping=0.01,
+        factor_update_steps=1,
+        inv_update_steps=5,
+        factor_decay=0.9,
+        kl_clip=1e-2,
+    )
     return model, pre, opt
 
 
@@ -256,7 +302,9 @@ def test_state_round_trip_is_bit_identical() -> None:
     model, pre, opt = _fresh(0)
     _train(model, pre, opt, range(7))
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "kfac": pre.state_dict(), "opt": opt.state_dict()}, buf)
+    torch.save(
+        {"model": model.state_dict(), "kfac": pre.state_dict(), "opt": opt.state_dict()}, buf
+    )
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     model2, pre2, opt2 = _fresh(123)  # different initial weights: everything must come from state
@@ -281,8 +329,9 @@ def test_wrap_equals_step_then_optimizer_step(kl_clip) -> None:
     for wrapped in (False, True):
         model = _mlp(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
-        pre = KFACPreconditioner(model, damping=0.02, factor_update_steps=1, inv_update_steps=2,
-                                 kl_clip=kl_clip)
+        pre = KFACPreconditioner(
+            model, damping=0.02, factor_update_steps=1, inv_update_steps=2, kl_clip=kl_clip
+        )
         stepper = pre.wrap(opt) if wrapped else None
         for t in range(4):
             x, y = _batch(t)

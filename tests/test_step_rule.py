@@ -30,19 +30,22 @@ from lightning_kfac.core import damping as dmp
 from lightning_kfac.core.quadratic_model import solve_step
 from tests.support import dense as D
 
-EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, low_rank=False,
-             step_rule="quadratic")
+EXACT = dict(
+    factor_update_steps=1, inv_update_steps=1, kl_clip=None, low_rank=False, step_rule="quadratic"
+)
 LOSSES = {
     "categorical": lambda out, y: F.cross_entropy(out, y),
-    "bernoulli": lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="none")
-    .sum(1).mean(),
+    "bernoulli": lambda out, y: (
+        F.binary_cross_entropy_with_logits(out, y, reduction="none").sum(1).mean()
+    ),
     "gaussian": lambda out, y: F.mse_loss(out, y),
 }
 
 
 def _network():
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
-                         nn.Linear(5, 3)).double()
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
 
 
 def _problem(loss_name: str, seed: int = 0):
@@ -103,8 +106,9 @@ def test_alpha_mu_and_model_equal_the_dense_quadratic_model(loss_name):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     pre = KFACPreconditioner(model, damping=lam, skip_layers=["^4$"], **EXACT)
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
-    previous = torch.zeros(sum(p.numel() for n, p in model.named_parameters() if n in names),
-                           dtype=torch.float64)
+    previous = torch.zeros(
+        sum(p.numel() for n, p in model.named_parameters() if n in names), dtype=torch.float64
+    )
     for step in range(3):
         opt.zero_grad()
         loss_fn(model(x), y).backward()
@@ -140,8 +144,9 @@ def test_alpha_mu_and_model_equal_the_dense_quadratic_model(loss_name):
         # the optimizer left them alone (no grad, no state); the skipped layer got SGD's step
         assert torch.equal(_flat(after, names), _flat(moved, names))
         assert all(p.grad is None for n, p in model.named_parameters() if n in names)
-        assert not any(id(p) in map(id, opt.state) for n, p in model.named_parameters()
-                       if n in names)
+        assert not any(
+            id(p) in map(id, opt.state) for n, p in model.named_parameters() if n in names
+        )
         if step == 0:
             for n in ("4.weight", "4.bias"):
                 expected = before[n] - lr * (grads[n] + wd * before[n])
@@ -155,14 +160,16 @@ def test_levenberg_marquardt_rho_and_damping_equal_a_direct_evaluation():
     model, x, y, loss_fn = _problem("bernoulli", seed=1)
     wd, omega = 1e-3, (19 / 20) ** 2
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=wd)
-    pre = KFACPreconditioner(model, damping=0.05, adaptive_damping=True,
-                             adaptive_damping_interval=2, **EXACT)
+    pre = KFACPreconditioner(
+        model, damping=0.05, adaptive_damping=True, adaptive_damping_interval=2, **EXACT
+    )
     names = [n for n, _ in model.named_parameters()]
 
     def h():
         with torch.no_grad():
             return float(loss_fn(model(x), y)) + 0.5 * wd * sum(
-                float(p.square().sum()) for p in model.parameters())
+                float(p.square().sum()) for p in model.parameters()
+            )
 
     moved = []
     for step in range(4):
@@ -217,8 +224,9 @@ def test_non_positive_model_moves_nothing_counts_and_warns():
 
 def test_replays_leave_rng_and_buffers_alone_and_errors_are_clear():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
-                          nn.Linear(8, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)
+    ).double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     pre = KFACPreconditioner(model, damping=0.1, **EXACT)
@@ -242,8 +250,9 @@ def test_replays_leave_rng_and_buffers_alone_and_errors_are_clear():
 def _run(steps, state=None):
     model, x, y, loss_fn = _problem("categorical", seed=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    pre = KFACPreconditioner(model, damping=0.1, adaptive_damping=True,
-                             adaptive_damping_interval=1, **EXACT)
+    pre = KFACPreconditioner(
+        model, damping=0.1, adaptive_damping=True, adaptive_damping_interval=1, **EXACT
+    )
     if state is not None:
         model.load_state_dict(state["model"])
         pre.load_state_dict(state["kfac"])
@@ -258,8 +267,10 @@ def _run(steps, state=None):
 def test_resume_is_bit_identical():
     full, _ = _run(4)
     half, pre = _run(2)
-    state = {"model": {k: v.clone() for k, v in half.state_dict().items()},
-             "kfac": pre.state_dict()}
+    state = {
+        "model": {k: v.clone() for k, v in half.state_dict().items()},
+        "kfac": pre.state_dict(),
+    }
     assert set(state["kfac"]["step_rule"]["previous"]) == {n for n, _ in half.named_parameters()}
     resumed, _ = _run(2, state)
     assert all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.ddp_scripts import step_rule_case as S
 from tests.core.test_distributed import spawn
+from tests.ddp_scripts import step_rule_case as S
 
 
 @pytest.mark.slow

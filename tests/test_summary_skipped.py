@@ -9,8 +9,9 @@ from lightning_kfac.summary import skipped_rows
 
 
 def resnet_like(blocks: int = 5) -> nn.Module:
-    layers = [nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
-              for _ in range(blocks)]
+    layers = [
+        nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)) for _ in range(blocks)
+    ]
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(3 * 4 * 4, 4), nn.LayerNorm(4))
 
 
@@ -29,7 +30,9 @@ def test_batchnorms_are_one_row_with_count_params_and_share():
     assert status == f"skipped: {reason} ({100.0 * bn_params / total:.1f}% of params)"
     assert rows[1][0] == "7" and rows[1][4] == "8"  # a group of one keeps its own name
     summary = pre.summary()
-    assert summary.count("BatchNorm2d") == 2  # the grouped row (type and reason), no per-module rows
+    assert (
+        summary.count("BatchNorm2d") == 2
+    )  # the grouped row (type and reason), no per-module rows
     assert "1.1 " not in summary.replace("1.1, ", "")
 
 

@@ -24,15 +24,27 @@ VOCAB, WIDTH = 1000, 64
 
 
 def gpt2(vocab=VOCAB, width=WIDTH):
-    config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=2,
-                                     n_head=4, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=width,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def bert_config(vocab=VOCAB, width=WIDTH):
-    return transformers.BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=2 * width,
-                                   max_position_embeddings=64)
+    return transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * width,
+        max_position_embeddings=64,
+    )
 
 
 MODELS = {
@@ -76,8 +88,9 @@ def test_gpt2_tied_weight_is_preconditioned_exactly_by_its_pooled_factors():
     model = gpt2(vocab=50, width=16).double()
     model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
     model.eval()  # no dropout
-    pre = KFACPreconditioner(model, damping=0.03, factor_update_steps=1, inv_update_steps=1,
-                             kl_clip=None)
+    pre = KFACPreconditioner(
+        model, damping=0.03, factor_update_steps=1, inv_update_steps=1, kl_clip=None
+    )
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -133,7 +146,9 @@ def _fit(tmp_path, kfac: bool, steps: int):
     torch.manual_seed(0)
     lit = LitLM.make(gpt2(vocab=64, width=32), lr=0.05)
     data = DataLoader(TensorDataset(_pattern_tokens(8 * steps, 64, 12)), batch_size=8)
-    callbacks = [KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=5)] if kfac else []
+    callbacks = (
+        [KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=5)] if kfac else []
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's few-workers / small-data notices
         make_trainer(tmp_path, max_steps=steps, callbacks=callbacks).fit(lit, data)

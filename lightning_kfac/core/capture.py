@@ -24,7 +24,8 @@ row pairs) and ``diagnostics.record_rows`` (raw rows for the Kronecker-error fig
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, Union
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ from lightning_kfac.core.trainability import is_trainable
 
 GradHook = Callable[[Tensor], None]
 #: ``output_sink(route, output, a_rows)``: the MC Fisher keeps a layer output (core/mc.py).
-OutputSink = Callable[["Route", Tensor, Optional[Tensor]], None]
+OutputSink = Callable[["Route", Tensor, Tensor | None], None]
 #: ``pair_sink(block, a_rows, g_rows, scale, examples)``: EKFAC's matched rows (core/ekfac.py).
 PairSink = Callable[[KFACBlock, Tensor, Tensor, float, int], None]
 
@@ -57,14 +58,20 @@ def training_forward(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled()
 
 
-def layer_input(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+def layer_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The layer's input from a forward hook's arguments (first positional, else ``input=``,
     else the first keyword)."""
     return args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
 
 
-def output_grad_scale(examples: int, *, mean_reduction: bool, grad_scale: float = 1.0,
-                      per_example: bool = False, loss_terms: Optional[int] = None) -> float:
+def output_grad_scale(
+    examples: int,
+    *,
+    mean_reduction: bool,
+    grad_scale: float = 1.0,
+    per_example: bool = False,
+    loss_terms: int | None = None,
+) -> float:
     """The factor turning autograd's gradient rows of one layer output into ``g_n``.
 
     A mean-reduced loss over N examples gives each row ``(1/N) dl_n/ds_n``, and the loss was
@@ -85,8 +92,7 @@ class LayerTap(Protocol):
     def wants(self, module: nn.Module) -> bool:
         """Whether this forward counts (checked first, before anything is computed)."""
 
-    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> Optional[GradHook]:
+    def on_forward(self, x: Tensor, rows: Tensor, divisor: int, output: Tensor) -> GradHook | None:
         """The detached input ``x``, its rows (``kind.input_rows``) and the output; returns the
         hook the output's gradient is handed to (registered when the output requires grad)."""
 
@@ -99,8 +105,8 @@ def install_tap(module: nn.Module, kind: LayerKind, tap: LayerTap) -> RemovableH
     tap and registers the returned gradient hook on the output. Tensor hooks on outputs, not
     module full-backward hooks: those break with in-place activations after the layer.
     """
-    def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-             output: Any) -> None:
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not tap.wants(module) or not isinstance(output, Tensor):
             return None
         x = layer_input(args, kwargs)
@@ -112,6 +118,7 @@ def install_tap(module: nn.Module, kind: LayerKind, tap: LayerTap) -> RemovableH
         if grad_hook is not None and output.requires_grad:
             output.register_hook(grad_hook)  # type: ignore[no-untyped-call]
         return None
+
     # Under torch.compile the hook runs eagerly (a graph break), on the real tensors: the
     # accumulators and the output's tensor hook are Python side effects (docs/compile.md).
     disabled = torch.compiler.disable(hook)  # type: ignore[no-untyped-call]
@@ -122,10 +129,15 @@ class Route:
     """Where one forward's rows go: the block, the holder's kind, whether the holder's ``W~`` is
     the block's transpose, and what its ``grad_rows`` needs from the forward (``grad_context``)."""
 
-    __slots__ = ("block", "kind", "flipped", "context")
+    __slots__ = ("block", "context", "flipped", "kind")
 
-    def __init__(self, block: KFACBlock, kind: Optional[LayerKind] = None, flipped: bool = False,
-                 context: Any = None):
+    def __init__(
+        self,
+        block: KFACBlock,
+        kind: LayerKind | None = None,
+        flipped: bool = False,
+        context: Any = None,
+    ):
         self.block = block
         self.kind = block.kind if kind is None else kind
         self.flipped = flipped
@@ -135,7 +147,7 @@ class Route:
     def name(self) -> str:
         return self.block.name
 
-    def grad_rows(self, grad: Tensor) -> Tuple[Tensor, int, int]:
+    def grad_rows(self, grad: Tensor) -> tuple[Tensor, int, int]:
         if self.context is None:
             return self.kind.grad_rows(grad)
         return self.kind.grad_rows(grad, self.context)  # type: ignore[call-arg]
@@ -156,9 +168,9 @@ class Route:
 class _BlockTap:
     """The engine's tap for one holder of one block: running sums, low-rank rows, MC / EKFAC."""
 
-    __slots__ = ("capture", "block", "kind", "flipped")
+    __slots__ = ("block", "capture", "flipped", "kind")
 
-    def __init__(self, capture: "Capture", block: KFACBlock, kind: LayerKind, flipped: bool):
+    def __init__(self, capture: Capture, block: KFACBlock, kind: LayerKind, flipped: bool):
         self.capture = capture
         self.block = block
         self.kind = kind
@@ -166,11 +178,13 @@ class _BlockTap:
 
     def wants(self, module: nn.Module) -> bool:
         block = self.block
-        return ((block.capturing or block.row_limit > 0) and training_forward(module)
-                and is_trainable(block))  # frozen for now (core/trainability.py)
+        return (
+            (block.capturing or block.row_limit > 0)
+            and training_forward(module)
+            and is_trainable(block)
+        )  # frozen for now (core/trainability.py)
 
-    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> Optional[GradHook]:
+    def on_forward(self, x: Tensor, rows: Tensor, divisor: int, output: Tensor) -> GradHook | None:
         capture, block, kind = self.capture, self.block, self.kind
         capturing, keep_rows = block.capturing, block.row_limit > 0
         route = Route(block, kind, self.flipped, kind.grad_context(x))
@@ -178,8 +192,11 @@ class _BlockTap:
             block.seen = True
             if divisor > 0:  # e.g. an all-padding embedding batch adds nothing
                 route.add_input(rows, divisor)
-        pair = rows if (capturing and capture.pair_sink is not None
-                        and block.method.needs_pairs) else None
+        pair = (
+            rows
+            if (capturing and capture.pair_sink is not None and block.method.needs_pairs)
+            else None
+        )
         if keep_rows:
             keep_rows = capture._keep_a_rows(block, rows)
         if not output.requires_grad:
@@ -208,14 +225,14 @@ class Capture:
             fire then (e.g. the low-rank rows) must not take those gradients for the user's.
     """
 
-    def __init__(self, blocks: Dict[str, KFACBlock], *, mean_reduction: bool = True):
+    def __init__(self, blocks: dict[str, KFACBlock], *, mean_reduction: bool = True):
         self.blocks = blocks
         self.mean_reduction = mean_reduction
         self.grad_scale = 1.0
-        self.output_sink: Optional[OutputSink] = None
-        self.pair_sink: Optional[PairSink] = None
+        self.output_sink: OutputSink | None = None
+        self.pair_sink: PairSink | None = None
         self.sampling = False  # True during the MC Fisher's extra backward (core/mc.py)
-        self._handles: Dict[str, List[RemovableHandle]] = {}
+        self._handles: dict[str, list[RemovableHandle]] = {}
 
     @property
     def capturing(self) -> bool:
@@ -227,9 +244,10 @@ class Capture:
             if name not in self._handles:
                 self._handles[name] = [
                     install_tap(use.module, use.kind, _BlockTap(self, block, use.kind, use.flipped))
-                    for use in uses_of(block.kind)]
+                    for use in uses_of(block.kind)
+                ]
 
-    def remove(self, names: Optional[List[str]] = None) -> None:
+    def remove(self, names: list[str] | None = None) -> None:
         for name in list(self._handles) if names is None else names:
             for handle in self._handles.pop(name, ()):
                 handle.remove()
@@ -244,8 +262,9 @@ class Capture:
         block.a_rows.append(rows)
         return True
 
-    def _make_grad_hook(self, route: Route, empirical: bool, keep_rows: bool,
-                        pair: Optional[Tensor] = None) -> GradHook:
+    def _make_grad_hook(
+        self, route: Route, empirical: bool, keep_rows: bool, pair: Tensor | None = None
+    ) -> GradHook:
         block = route.block
 
         def hook(grad: Tensor) -> None:
@@ -253,11 +272,17 @@ class Capture:
                 self.add_output_grad(route, grad, a_rows=pair)
             if keep_rows and not self.sampling and block.kept_rows <= block.row_limit:
                 block.g_rows.append(grad.detach().reshape(-1, grad.shape[-1]))
+
         return hook
 
-    def add_output_grad(self, target: Union[KFACBlock, Route], grad: Tensor,
-                        per_example: bool = False, a_rows: Optional[Tensor] = None,
-                        loss_terms: Optional[int] = None) -> None:
+    def add_output_grad(
+        self,
+        target: KFACBlock | Route,
+        grad: Tensor,
+        per_example: bool = False,
+        a_rows: Tensor | None = None,
+        loss_terms: int | None = None,
+    ) -> None:
         """Add ``sum g g^T`` for a gradient w.r.t. the block's output.
 
         ``per_example`` and ``loss_terms``: see ``output_grad_scale`` (the MC Fisher's summed
@@ -267,9 +292,13 @@ class Capture:
         route = target if isinstance(target, Route) else Route(target)
         block = route.block
         rows, divisor, examples = route.grad_rows(grad.detach())
-        scale = output_grad_scale(examples, mean_reduction=self.mean_reduction,
-                                  grad_scale=self.grad_scale, per_example=per_example,
-                                  loss_terms=loss_terms)
+        scale = output_grad_scale(
+            examples,
+            mean_reduction=self.mean_reduction,
+            grad_scale=self.grad_scale,
+            per_example=per_example,
+            loss_terms=loss_terms,
+        )
         if divisor > 0:
             route.add_grad(rows, divisor, scale)
         if a_rows is not None and self.pair_sink is not None:

@@ -1,4 +1,5 @@
-"""Damping over time: schedules and Levenberg-Marquardt adaptation (Martens & Grosse 2015, sec. 6.5).
+"""Damping over time: schedules and Levenberg-Marquardt adaptation
+(Martens & Grosse 2015, sec. 6.5).
 
 The engine keeps one global damping ``lambda_t`` (``pre.damping``). A layer whose
 ``layer_overrides`` give it its own damping ``d_l`` uses ``d_l * lambda_t / lambda_0`` (every group
@@ -26,10 +27,10 @@ with ``D`` the layer's step in the ``W~`` layout (``vec(G D A) = (A (x) G) vec(D
 curvature of the mean loss, for every layer with factors; parameters that are not
 preconditioned enter to first order; in relative mode ``lambda_l`` is scaled by the current
 factors' mean eigenvalues, so every rank computes the same model).
-``rho > 3/4``: ``lambda *= omega``; ``rho < 1/4``: ``lambda /= omega``; ``omega = (19/20)**T`` unless
-``adaptive_damping_factor`` is set. A step whose new loss is not finite counts as ``rho = -inf``
-(damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a zero
-step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
+``rho > 3/4``: ``lambda *= omega``; ``rho < 1/4``: ``lambda /= omega``; ``omega = (19/20)**T``
+unless ``adaptive_damping_factor`` is set. A step whose new loss is not finite counts as ``rho =
+-inf`` (damping up); one the model does not predict to decrease the loss (``M(delta) >= 0``, e.g. a
+zero step) leaves the damping alone and returns ``nan``. Under DDP the two losses and ``M(delta)``
 are averaged over ranks first, so every rank takes the same decision.
 
 With ``step_rule="quadratic"`` (lightning_kfac/step_rule.py) the same LM update
@@ -41,8 +42,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +53,7 @@ from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
 
-Loss = Union[float, Tensor, Callable[[], Any]]
+Loss = float | Tensor | Callable[[], Any]
 
 
 def scheduled_damping(config: KFACConfig, step: int) -> float:
@@ -112,7 +114,7 @@ def block_model(grad: Tensor, delta: Tensor, block: KFACBlock, damping: float) -
 class _LayerTerm:
     block: KFACBlock
     grad: Tensor  # raw grad W~ at theta
-    before: List[Tensor]  # the layer's parameters at theta
+    before: list[Tensor]  # the layer's parameters at theta
     damping: float  # absolute damping the step was preconditioned with
 
 
@@ -136,13 +138,13 @@ class DampingControl:
         adaptations: how many times the LM rule ran.
     """
 
-    def __init__(self, config: KFACConfig, comm: Optional[Communicator] = None):
+    def __init__(self, config: KFACConfig, comm: Communicator | None = None):
         self.config = config
         self.comm = Communicator() if comm is None else comm
         self.value = config.damping
         self.last_rho = math.nan
         self.adaptations = 0
-        self.pending: Optional[Tuple[int, List[_LayerTerm], List[_ParamTerm]]] = None
+        self.pending: tuple[int, list[_LayerTerm], list[_ParamTerm]] | None = None
         self._warned = False
 
     @property
@@ -167,8 +169,13 @@ class DampingControl:
         return self.adaptation_step(step) and str(self.config.step_rule) == "optimizer"
 
     # -- adaptation ------------------------------------------------------------------------------
-    def snapshot(self, blocks: Iterable[KFACBlock], model: nn.Module,
-                 optimizer: Optional[torch.optim.Optimizer], step: int) -> None:
+    def snapshot(
+        self,
+        blocks: Iterable[KFACBlock],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        step: int,
+    ) -> None:
         """Keep raw gradients and parameters before this step's preconditioning (memory: 2x the
         trained parameters, released by :meth:`adapt`). ``blocks``: the preconditioned layers;
         the parameters are ``optimizer``'s (``model``'s without one)."""
@@ -178,11 +185,14 @@ class DampingControl:
                 f"K-FAC: adaptive_damping=True but update_damping() was not called after step "
                 f"{self.pending[0]}; that adaptation is dropped. Call "
                 "pre.update_damping(loss_before, loss_after) after optimizer.step() (the "
-                "Lightning callback does it for you).", RuntimeWarning, stacklevel=4)
+                "Lightning callback does it for you).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         params = _trained_params(model, optimizer)
         wanted = {id(p) for p in params}
-        layers: List[_LayerTerm] = []
-        covered: Set[int] = set()
+        layers: list[_LayerTerm] = []
+        covered: set[int] = set()
         for block in blocks:
             kind = block.kind
             if id(kind.weight) not in wanted or block.A is None:
@@ -190,12 +200,20 @@ class DampingControl:
             grad = kind.grad_matrix()
             if grad is None:
                 continue
-            layers.append(_LayerTerm(block, grad.detach().to(block.dtype).clone(),
-                                     [p.detach().clone() for p in kind.params],
-                                     self.layer_damping(block)))
+            layers.append(
+                _LayerTerm(
+                    block,
+                    grad.detach().to(block.dtype).clone(),
+                    [p.detach().clone() for p in kind.params],
+                    self.layer_damping(block),
+                )
+            )
             covered.update(id(p) for p in kind.params)
-        others = [_ParamTerm(p, p.grad.detach().clone(), p.detach().clone())
-                  for p in params if id(p) not in covered and p.grad is not None]
+        others = [
+            _ParamTerm(p, p.grad.detach().clone(), p.detach().clone())
+            for p in params
+            if id(p) not in covered and p.grad is not None
+        ]
         self.pending = (step, layers, others)
 
     def layer_damping(self, block: KFACBlock) -> float:
@@ -204,8 +222,9 @@ class DampingControl:
         every rank, whichever rank holds the decomposition)."""
         damping = block.damping * self.multiplier
         if str(self.config.damping_mode) == "relative":
-            scale = (block.a_structure.mean_eigenvalue(cast(Tensor, block.A))
-                     * block.g_structure.mean_eigenvalue(cast(Tensor, block.G)))
+            scale = block.a_structure.mean_eigenvalue(
+                cast(Tensor, block.A)
+            ) * block.g_structure.mean_eigenvalue(cast(Tensor, block.G))
             damping = damping * scale if scale > 0 else damping
         return damping
 
@@ -225,8 +244,9 @@ class DampingControl:
             total += float((other.grad.double() * change.double()).sum())
         return total
 
-    def adapt(self, loss_before: Loss, loss_after: Loss,
-              device: Optional[torch.device] = None) -> Optional[float]:
+    def adapt(
+        self, loss_before: Loss, loss_after: Loss, device: torch.device | None = None
+    ) -> float | None:
         """Apply the LM rule after an adaptation step; None when no snapshot is pending.
         ``device``: where the model lives (the collective's buffer under DDP)."""
         if self.pending is None:
@@ -236,8 +256,9 @@ class DampingControl:
         self.pending = None
         return self.apply_rho(before, after, predicted, device)
 
-    def apply_rho(self, before: float, after: float, predicted: float,
-                  device: Optional[torch.device] = None) -> float:
+    def apply_rho(
+        self, before: float, after: float, predicted: float, device: torch.device | None = None
+    ) -> float:
         """``rho = (after - before) / predicted`` and the LM update of the damping; returns rho.
 
         ``predicted`` is the model's change ``M(delta) - M(0)``. Under DDP the three numbers are
@@ -264,10 +285,10 @@ class DampingControl:
         return rho
 
     # -- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"value": self.value, "last_rho": self.last_rho, "adaptations": self.adaptations}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore an adapted damping; a constant or scheduled one follows the current options
         (``damping`` and the clock), so resuming with another ``damping`` uses the new value."""
         if self.config.adaptive_damping:
@@ -282,14 +303,15 @@ def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _trained_params(model: nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer]) -> List[nn.Parameter]:
+def _trained_params(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> list[nn.Parameter]:
     if optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
     else:
         params = list(model.parameters())
-    seen: Set[int] = set()
-    out: List[nn.Parameter] = []
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
     for p in params:
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
@@ -304,10 +326,14 @@ def _as_float(loss: Loss) -> float:
             loss = loss()
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
-            raise ValueError(f"Invalid loss of shape {tuple(loss.shape)}: update_damping needs a "
-                             "scalar loss (a number, a 0-d tensor or a closure returning one).")
+            raise ValueError(
+                f"Invalid loss of shape {tuple(loss.shape)}: update_damping needs a "
+                "scalar loss (a number, a 0-d tensor or a closure returning one)."
+            )
         return float(loss.detach())
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
-    raise ValueError(f"Invalid loss={loss!r}: update_damping needs a number, a scalar tensor or a "
-                     "closure returning one.")
+    raise ValueError(
+        f"Invalid loss={loss!r}: update_damping needs a number, a scalar tensor or a "
+        "closure returning one."
+    )

@@ -21,8 +21,11 @@ from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.layers import MHA_REASON, make_kind, registered_kind
 from lightning_kfac.core.methods import method_for
-from lightning_kfac.core.parametrized import (is_parametrization_container, own_trainable,
-                                              parametrization_reason)
+from lightning_kfac.core.parametrized import (
+    is_parametrization_container,
+    own_trainable,
+    parametrization_reason,
+)
 from lightning_kfac.core.sharing import share
 
 
@@ -167,8 +170,12 @@ def discover(model: nn.Module, config: KFACConfig) -> tuple[dict[str, KFACBlock]
         unsupported = _ekfac_unsupported(kind, shared)
         method = settings["compute_method"]
         if unsupported and method_for(method).needs_pairs:
-            _refuse_all(skipped, holders, f"compute_method={method!r} does not support "
-                        f"{unsupported} (use 'eigen' for this layer through layer_overrides)")
+            _refuse_all(
+                skipped,
+                holders,
+                f"compute_method={method!r} does not support "
+                f"{unsupported} (use 'eigen' for this layer through layer_overrides)",
+            )
             continue
         if shared:
             for holder_name, holder, _ in holders:

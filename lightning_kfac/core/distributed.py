@@ -17,7 +17,8 @@ by dense block copies (``pack_symmetric``) into the same buffer as the per-layer
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +31,8 @@ class Communicator:
     rank = 0
 
     def __init__(self) -> None:
-        self.calls: Dict[str, int] = {"all_reduce": 0, "broadcast": 0}
-        self.bytes: Dict[str, int] = {"all_reduce": 0, "broadcast": 0}
+        self.calls: dict[str, int] = {"all_reduce": 0, "broadcast": 0}
+        self.bytes: dict[str, int] = {"all_reduce": 0, "broadcast": 0}
 
     def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
         """Sum each tensor over ranks, in place."""
@@ -40,8 +41,8 @@ class Communicator:
         """Overwrite each tensor with rank ``src``'s copy, in place."""
 
 
-def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[Tuple[List[Tensor], Tensor]]:
-    groups: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = defaultdict(list)
+def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[tuple[list[Tensor], Tensor]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in tensors:
         groups[(t.dtype, t.device)].append(t)
     for group in groups.values():
@@ -51,13 +52,13 @@ def _flatten_by_dtype(tensors: Sequence[Tensor]) -> Iterator[Tuple[List[Tensor],
             yield group, torch.cat([t.reshape(-1) for t in group])
 
 
-def _unflatten_(group: List[Tensor], flat: Tensor) -> None:
+def _unflatten_(group: list[Tensor], flat: Tensor) -> None:
     if len(group) == 1 and flat.data_ptr() == group[0].data_ptr():
         return
     offset = 0
     for t in group:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
+        t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
 
 
@@ -104,14 +105,14 @@ def default_communicator() -> Communicator:
 
 
 # -- factor averaging: upper triangles + flags in one call ----------------------------------------
-def _blocks(n: int) -> Tuple[int, int, int]:
+def _blocks(n: int) -> tuple[int, int, int]:
     """Split n = k + m (k = n // 2): the packed triangle is an R (rows x m) plus a B (k x m)."""
     k = n // 2
     m = n - k
     return k, m, max(m, k + 1) if k else m
 
 
-def pack_symmetric(matrix: Tensor, out: Optional[Tensor] = None) -> Tensor:
+def pack_symmetric(matrix: Tensor, out: Tensor | None = None) -> Tensor:
     """The upper triangle (diagonal included) of a square matrix: d(d+1)/2 values.
 
     Rectangular full packed layout (LAPACK's RFP idea): with ``M = [[M11, M12], [M21, M22]]``
@@ -126,12 +127,12 @@ def pack_symmetric(matrix: Tensor, out: Optional[Tensor] = None) -> Tensor:
     k, m, rows = _blocks(n)
     if out is None:
         out = matrix.new_empty(symmetric_numel(n))
-    rect = out[:rows * m].view(rows, m)
+    rect = out[: rows * m].view(rows, m)
     rect.zero_()
     rect[:m].copy_(matrix[k:, k:].triu())
     if k:
-        rect[1:k + 1, :k].add_(matrix[:k, :k].T.tril())
-        out[rows * m:].view(k, m).copy_(matrix[:k, k:])
+        rect[1 : k + 1, :k].add_(matrix[:k, :k].T.tril())
+        out[rows * m :].view(k, m).copy_(matrix[:k, k:])
     return out
 
 
@@ -142,13 +143,13 @@ def unpack_symmetric_(matrix: Tensor, packed: Tensor) -> Tensor:
     n = matrix.shape[0]
     k, m, rows = _blocks(n)
     packed = packed.to(matrix.dtype)
-    rect = packed[:rows * m].view(rows, m)
+    rect = packed[: rows * m].view(rows, m)
     upper = rect[:m].triu()
     matrix[k:, k:] = upper + upper.triu(1).T
     if k:
-        lower = rect[1:k + 1, :k].tril()  # = triu(M11)^T
+        lower = rect[1 : k + 1, :k].tril()  # = triu(M11)^T
         matrix[:k, :k] = lower.T + lower.tril(-1)
-        top_right = packed[rows * m:].view(k, m)
+        top_right = packed[rows * m :].view(k, m)
         matrix[:k, k:] = top_right
         matrix[k:, :k] = top_right.T
     return matrix
@@ -168,7 +169,7 @@ def all_reduce_factors_(comm: Communicator, flags: Tensor, estimates: Sequence[T
     """
     if comm.world_size == 1:
         return
-    groups: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = defaultdict(list)
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in estimates:
         groups[(t.dtype, t.device)].append(t)
     if not groups:
@@ -182,16 +183,15 @@ def all_reduce_factors_(comm: Communicator, flags: Tensor, estimates: Sequence[T
         flat[:head] = flags
         offset = head
         for t, n in zip(group, sizes):
-            pack_symmetric(t, flat[offset:offset + n])
+            pack_symmetric(t, flat[offset : offset + n])
             offset += n
         comm.all_reduce_sum_([flat])
         offset = 0
         if first:
-            flags.copy_(flat[:flags.numel()].to(flags.dtype))
+            flags.copy_(flat[: flags.numel()].to(flags.dtype))
             offset = flags.numel()
             first = False
         for t in group:
             n = t.numel() if t.dim() != 2 else symmetric_numel(t.shape[0])
-            unpack_symmetric_(t, flat[offset:offset + n])
+            unpack_symmetric_(t, flat[offset : offset + n])
             offset += n
-

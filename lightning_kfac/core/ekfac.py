@@ -9,9 +9,10 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
     P = Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T
 
 - Per-example gradients: for Linear every row is an example (docs/conventions.md, KFAC-expand), so
-  ``dW~_n = g_n a_n^T`` and ``(Q_G^T g_n a_n^T Q_A)^2 = (Q_G^T g_n)^2 ((Q_A^T a_n)^2)^T``: the sum over
-  rows is one matmul of squared rotated rows. For convolutions ``dW~_n = sum_t g_{n,t} a_{n,t}^T``
-  (the sum over output locations, as in the paper, sec. 4), averaged over the B examples.
+  ``dW~_n = g_n a_n^T`` and ``(Q_G^T g_n a_n^T Q_A)^2 = (Q_G^T g_n)^2 ((Q_A^T a_n)^2)^T``: the sum
+  over rows is one matmul of squared rotated rows. For convolutions ``dW~_n = sum_t g_{n,t}
+  a_{n,t}^T`` (the sum over output locations, as in the paper, sec. 4), averaged over the B
+  examples.
 - Clocks (paper, Algorithm 1): a refresh computes new eigenbases, and the scaling is then
   re-estimated IN THE NEW BASIS from the refresh step's own per-example gradients: the first
   batch estimate ``s^`` after a refresh replaces the scaling outright (``s = s^``; an old scaling
@@ -32,7 +33,7 @@ eigenbasis but replaces the diagonal by the second moment of the per-example gra
 
 from __future__ import annotations
 
-from typing import AbstractSet, Dict, List, Optional, Tuple
+from collections.abc import Set
 
 import torch
 from torch import Tensor
@@ -40,8 +41,11 @@ from torch import Tensor
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.distributed import Communicator
 from lightning_kfac.core.layers import ConvKind
-from lightning_kfac.core.methods.ekfac import (EKFACDecomposition, ekfac_decomposition,
-                                               precondition_ekfac)
+from lightning_kfac.core.methods.ekfac import (
+    EKFACDecomposition,
+    ekfac_decomposition,
+    precondition_ekfac,
+)
 
 __all__ = ["EKFACScaling", "ekfac_decomposition", "precondition_ekfac", "squared_rotated_sum"]
 
@@ -49,17 +53,23 @@ __all__ = ["EKFACScaling", "ekfac_decomposition", "precondition_ekfac", "squared
 class _Acc:
     """Scaling sums of one block between two updates."""
 
-    __slots__ = ("rotated", "count", "basis", "raw")
+    __slots__ = ("basis", "count", "raw", "rotated")
 
     def __init__(self) -> None:
-        self.rotated: Optional[Tensor] = None  # sum of squared rotated per-example grads
+        self.rotated: Tensor | None = None  # sum of squared rotated per-example grads
         self.count = 0  # examples in ``rotated``
-        self.basis: Optional[Tensor] = None  # the e_G of the decomposition ``rotated`` used
-        self.raw: List[Tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
+        self.basis: Tensor | None = None  # the e_G of the decomposition ``rotated`` used
+        self.raw: list[tuple[Tensor, Tensor, int]] = []  # (a rows, scaled g rows, examples)
 
 
-def squared_rotated_sum(block: KFACBlock, a_rows: Tensor, g_rows: Tensor, examples: int,
-                        QA: Optional[Tensor], QG: Optional[Tensor]) -> Tensor:
+def squared_rotated_sum(
+    block: KFACBlock,
+    a_rows: Tensor,
+    g_rows: Tensor,
+    examples: int,
+    QA: Tensor | None,
+    QG: Tensor | None,
+) -> Tensor:
     """``sum_n (Q_G^T dW~_n Q_A)^2`` over the examples of one captured tensor (a diagonal side's
     basis is the identity: its rows are used as they are)."""
     g = block.g_structure.right_rotate(g_rows.to(block.dtype), QG)
@@ -83,12 +93,13 @@ class EKFACScaling:
             sets it whenever its clock moves.
     """
 
-    def __init__(self, refresh_due: AbstractSet[str] = frozenset()):
-        self.refresh_due: AbstractSet[str] = refresh_due
-        self._acc: Dict[str, _Acc] = {}
+    def __init__(self, refresh_due: Set[str] = frozenset()):
+        self.refresh_due: Set[str] = refresh_due
+        self._acc: dict[str, _Acc] = {}
 
-    def add_pair(self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float,
-                 examples: int) -> None:
+    def add_pair(
+        self, block: KFACBlock, a_rows: Tensor, g_rows: Tensor, scale: float, examples: int
+    ) -> None:
         """Capture's ``pair_sink``: rows of one forward's input and of its output gradient."""
         if not block.method.needs_pairs:
             return
@@ -112,14 +123,17 @@ class EKFACScaling:
     def discard(self) -> None:
         self._acc.clear()
 
-    def update(self, due: List[KFACBlock], decay: float, comm: Communicator) -> List[str]:
+    def update(self, due: list[KFACBlock], decay: float, comm: Communicator) -> list[str]:
         """Batch estimates ``s^`` -> all-reduce -> running average of ``dec.scale``.
 
         Returns the names of blocks whose estimate was not finite (their scaling is kept).
         """
-        due = [b for b in due if b.method.needs_pairs
-               and isinstance(b.decomposition, EKFACDecomposition)]
-        sums: List[Tensor] = []
+        due = [
+            b
+            for b in due
+            if b.method.needs_pairs and isinstance(b.decomposition, EKFACDecomposition)
+        ]
+        sums: list[Tensor] = []
         counts = torch.zeros(len(due), dtype=torch.float64)
         for i, block in enumerate(due):
             dec, acc = block.decomposition, self._acc.get(block.name)
@@ -130,13 +144,16 @@ class EKFACScaling:
                     total.add_(acc.rotated)
                     counts[i] += acc.count
                 for a_rows, g_rows, examples in acc.raw:
-                    total.add_(squared_rotated_sum(block, a_rows, g_rows, examples,
-                                                   dec.get("QA"), dec.get("QG")))
+                    total.add_(
+                        squared_rotated_sum(
+                            block, a_rows, g_rows, examples, dec.get("QA"), dec.get("QG")
+                        )
+                    )
                     counts[i] += examples
             sums.append(total)
         self._acc.clear()
         if comm.world_size > 1 and due:
-            comm.all_reduce_sum_([counts] + sums)
+            comm.all_reduce_sum_([counts, *sums])
         bad = []
         for block, total, count in zip(due, sums, counts.tolist()):
             if count == 0:

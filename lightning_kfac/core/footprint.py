@@ -106,15 +106,24 @@ def footprint(blocks: Iterable[KFACBlock]) -> Footprint:
     held = F + D
     if not blocks:
         return Footprint(0, 0, {})
-    capture = max(max(b.a_structure.capture_transient_numel(),
-                      b.g_structure.capture_transient_numel()) * _item(b) for b in blocks)
+    capture = max(
+        max(b.a_structure.capture_transient_numel(), b.g_structure.capture_transient_numel())
+        * _item(b)
+        for b in blocks
+    )
     capture += sum(_grad_numel(b) * _item(b) for b in blocks if _method(b).needs_pairs)
-    one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b)
-                       for b in blocks)
-    decompose = max((decomposition_numel(b)
-                     + max(b.a_structure.decompose_transient_numel(_method(b).name),
-                           b.g_structure.decompose_transient_numel(_method(b).name))) * _item(b)
-                    for b in blocks)
+    one_estimate = max(max(b.a_structure.numel(), b.g_structure.numel()) * _item(b) for b in blocks)
+    decompose = max(
+        (
+            decomposition_numel(b)
+            + max(
+                b.a_structure.decompose_transient_numel(_method(b).name),
+                b.g_structure.decompose_transient_numel(_method(b).name),
+            )
+        )
+        * _item(b)
+        for b in blocks
+    )
     buffers = sum((1 + int(b.kind.has_bias)) * _grad_numel(b) * _item(b) for b in blocks)
     product = max(max(_product_numel(b) - 1, 1) * _grad_numel(b) * _item(b) for b in blocks)
     # the step's undo record (core/transaction.py) keeps the captured accumulators and a copy of
@@ -138,10 +147,9 @@ def _no_sync() -> None:
     """Nothing to wait for on the CPU."""
 
 
-# -- refresh time -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str,
-                      dtype: torch.dtype) -> float:
+# -- refresh time ----------------------------------------------------------------------------------
+@functools.cache
+def _seconds_per_cube(kernel: Callable[[Tensor], None], device: str, dtype: torch.dtype) -> float:
     """Seconds per d^3 of one dense decomposition, measured at d = 256 (median of 3)."""
     d = _CALIBRATION_DIM
     gen = torch.Generator().manual_seed(0)

@@ -14,8 +14,6 @@ Select it per layer and side through ``layer_overrides``, e.g.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -27,8 +25,9 @@ class IsotropicFactor(DiagonalFactor):
 
     name = "isotropic"
 
-    def accumulate(self, acc: Optional[Tensor], rows: Tensor, dtype: torch.dtype,
-                   scale: float = 1.0) -> Tensor:
+    def accumulate(
+        self, acc: Tensor | None, rows: Tensor, dtype: torch.dtype, scale: float = 1.0
+    ) -> Tensor:
         flat = _flatten(super().accumulate(None, rows, dtype, scale))
         return flat if acc is None else acc + flat
 

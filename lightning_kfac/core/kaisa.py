@@ -9,8 +9,8 @@ not be repeated on every rank. Each shared layer gets one owner rank
   every rank; communication: one tiny flag all-reduce per refresh; compute: all of it, everywhere.
 - ``"decompositions"`` (KAISA's COMM-OPT, grad_worker_fraction = 1): the owner broadcasts the
   decomposition, every rank keeps all of them and preconditions every layer itself. Memory: as
-  replicate; communication: the decompositions once per refresh (eigen: ``d_A^2 + d_A + d_G^2 + d_G``
-  numbers a layer); compute: 1/world of the decompositions.
+  replicate; communication: the decompositions once per refresh (eigen: ``d_A^2 + d_A + d_G^2 +
+  d_G`` numbers a layer); compute: 1/world of the decompositions.
 - ``"gradients"`` (default; KAISA's MEM-OPT, grad_worker_fraction = 1/world): only the owner
   keeps the decomposition and computes the layer's preconditioned gradient, broadcast every step
   (``d_G x d_A`` numbers a layer, like a second gradient all-reduce). Memory: 1/world of the
@@ -32,15 +32,17 @@ Layers whose method declares no transfer layout (``Method.layout`` is None: EKFA
 sums stay per rank) and grouped convolutions are always replicated. The layout (which tensors,
 their shapes, dtypes and memory order) comes from the method's decomposition type
 (core/methods/): a matrix the type declares column-major (produced by LAPACK) is received into a
-column-major buffer, so every rank's matmuls see the owner's memory layout. Transfers use one flattened broadcast per source rank
-(``transport="broadcast"``) or one all-reduce of zero-filled buffers (``"all_reduce"``); both
-deliver the owner's values exactly (x + 0 = x). At 2 ranks here neither was consistently faster;
-"broadcast" is the default because an all-reduce moves every rank's (zero) share too.
+column-major buffer, so every rank's matmuls see the owner's memory layout. Transfers use one
+flattened broadcast per source rank (``transport="broadcast"``) or one all-reduce of zero-filled
+buffers (``"all_reduce"``); both deliver the owner's values exactly (x + 0 = x). At 2 ranks here
+neither was consistently faster; "broadcast" is the default because an all-reduce moves every rank's
+(zero) share too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,14 +57,14 @@ TRANSPORTS = ("broadcast", "all_reduce")
 #: Decision flags per layer in a factor update (seen, non-finite, ever seen: _update_factors).
 FACTOR_FLAGS = 3
 #: ``(block, grad, P, lr)``: one layer's work in a step (``KFACPreconditioner._precondition``).
-WorkItem = Tuple[KFACBlock, Tensor, Optional[Tensor], float]
+WorkItem = tuple[KFACBlock, Tensor, Tensor | None, float]
 
 
 def _mode(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
-def decomposition_layout(block: KFACBlock, relative: bool) -> Optional[Layout]:
+def decomposition_layout(block: KFACBlock, relative: bool) -> Layout | None:
     """Keys, shapes, dtypes and memory order of a block's decomposition, or None (not shareable)."""
     if block.a_structure.groups > 1:
         return None  # stacked per-group factors (grouped convolutions): decomposed everywhere
@@ -95,8 +97,14 @@ class DistributedWork:
         transport: "broadcast" (one flattened broadcast per source rank) or "all_reduce".
     """
 
-    def __init__(self, comm: Communicator, distribute: object, relative: bool,
-                 blocks: Mapping[str, KFACBlock], transport: str = "broadcast"):
+    def __init__(
+        self,
+        comm: Communicator,
+        distribute: object,
+        relative: bool,
+        blocks: Mapping[str, KFACBlock],
+        transport: str = "broadcast",
+    ):
         if transport not in TRANSPORTS:
             raise ValueError(f"Invalid transport={transport!r}: must be one of {TRANSPORTS}.")
         self.comm = comm
@@ -105,40 +113,43 @@ class DistributedWork:
         self.blocks = blocks
         self.transport = transport
         self.local_decompositions = 0  # decompositions computed on this rank (for figures/tests)
-        self._owners: Dict[str, int] = {}
+        self._owners: dict[str, int] = {}
         self._owners_world = 0
 
     # -- who does what -----------------------------------------------------------------------
-    def layout(self, block: KFACBlock) -> Optional[Layout]:
+    def layout(self, block: KFACBlock) -> Layout | None:
         return decomposition_layout(block, self.relative)
 
     def is_shared(self, block: KFACBlock) -> bool:
         """True when one owner rank decomposes this block (world > 1, mode != replicate)."""
-        return (self.comm.world_size > 1 and self.mode != "replicate"
-                and self.layout(block) is not None)
+        return (
+            self.comm.world_size > 1 and self.mode != "replicate" and self.layout(block) is not None
+        )
 
-    def owners(self) -> Dict[str, int]:
+    def owners(self) -> dict[str, int]:
         """``{name: rank}`` for the shareable blocks; fixed once computed (per world size)."""
         world = self.comm.world_size
         names = [n for n, b in self.blocks.items() if self.layout(b) is not None]
         if world != self._owners_world or any(n not in self._owners for n in names):
-            costs = [(n, layer_cost(self.blocks[n].kind.a_dim(), self.blocks[n].kind.g_dim()))
-                     for n in names]
+            costs = [
+                (n, layer_cost(self.blocks[n].kind.a_dim(), self.blocks[n].kind.g_dim()))
+                for n in names
+            ]
             self._owners = greedy_assignment(costs, world)
             self._owners_world = world
         return self._owners
 
-    def owner(self, block: KFACBlock) -> Optional[int]:
+    def owner(self, block: KFACBlock) -> int | None:
         """The rank that decomposes ``block``, or None when every rank does."""
         return self.owners()[block.name] if self.is_shared(block) else None
 
-    def communication_bytes(self, world_size: Optional[int] = None) -> Dict[str, int]:
+    def communication_bytes(self, world_size: int | None = None) -> dict[str, int]:
         """``communication_bytes`` of these blocks and options (world size: the communicator's)."""
         world = self.comm.world_size if world_size is None else int(world_size)
         return communication_bytes(self.blocks, self.mode, self.relative, world)
 
     # -- transfers ---------------------------------------------------------------------------
-    def _transfer(self, per_src: Dict[int, List[Tensor]]) -> None:
+    def _transfer(self, per_src: dict[int, list[Tensor]]) -> None:
         """Make every rank's tensors equal to the source rank's, for each source."""
         if not per_src:
             return
@@ -155,12 +166,12 @@ class DistributedWork:
                 everything += per_src[src]
             self.comm.all_reduce_sum_(everything)
 
-    def _send_decompositions(self, blocks: Sequence[KFACBlock]) -> Dict[str, Decomposition]:
+    def _send_decompositions(self, blocks: Sequence[KFACBlock]) -> dict[str, Decomposition]:
         """Owners' decompositions of ``blocks`` on every rank: ``{name: decomposition}`` (the
         layout's fields only, on the owner too, so that every rank applies the same tensors)."""
         rank = self.comm.rank
-        per_src: Dict[int, List[Tensor]] = {}
-        out: Dict[str, Decomposition] = {}
+        per_src: dict[int, list[Tensor]] = {}
+        out: dict[str, Decomposition] = {}
         for block in blocks:
             src, layout = self.owners()[block.name], self.layout(block)
             assert layout is not None  # only shareable blocks are sent
@@ -172,9 +183,14 @@ class DistributedWork:
                 fields = {k: dec[k] for k, _, _, _ in layout}
                 wire = [_wire(dec[k], col) for k, _, _, col in layout]
             else:
-                fields = {k: (torch.zeros(shape[::-1], dtype=dtype, device=device).T if col
-                              else torch.zeros(shape, dtype=dtype, device=device))
-                          for k, shape, dtype, col in layout}
+                fields = {
+                    k: (
+                        torch.zeros(shape[::-1], dtype=dtype, device=device).T
+                        if col
+                        else torch.zeros(shape, dtype=dtype, device=device)
+                    )
+                    for k, shape, dtype, col in layout
+                }
                 wire = [fields[k].T if col else fields[k] for k, _, _, col in layout]
             out[block.name] = block.method.decomposition_type.from_state(fields)
             per_src.setdefault(src, []).extend(wire)
@@ -182,8 +198,9 @@ class DistributedWork:
         return out
 
     # -- engine entry points -----------------------------------------------------------------
-    def decompose(self, due: Sequence[KFACBlock], fn: Callable[[KFACBlock], Decomposition]
-                  ) -> List[Tuple[KFACBlock, Optional[Exception]]]:
+    def decompose(
+        self, due: Sequence[KFACBlock], fn: Callable[[KFACBlock], Decomposition]
+    ) -> list[tuple[KFACBlock, Exception | None]]:
         """Refresh the decompositions of ``due`` with ``fn(block)``, collectively.
 
         Returns ``[(block, error or None)]`` in ``due`` order, identical on every rank; on
@@ -195,7 +212,7 @@ class DistributedWork:
         comm, rank = self.comm, self.comm.rank
         owners = [self.owner(block) for block in due]
         failed = torch.zeros(len(due), dtype=torch.float64, device=_device(due))  # nccl: on GPU
-        local: Dict[int, Any] = {}
+        local: dict[int, Any] = {}
         for i, (block, src) in enumerate(zip(due, owners)):
             if src is None or src == rank:
                 try:
@@ -206,7 +223,7 @@ class DistributedWork:
                     failed[i] = 1.0
         if comm.world_size > 1 and len(due):
             comm.all_reduce_sum_([failed])
-        results: List[Tuple[KFACBlock, Optional[Exception]]] = []
+        results: list[tuple[KFACBlock, Exception | None]] = []
         to_send = []
         for i, (block, src) in enumerate(zip(due, owners)):
             if failed[i] > 0:
@@ -228,21 +245,26 @@ class DistributedWork:
                 self.blocks[name].decomposition = dec
         return results
 
-    def exchange_gradients(self, work: List[WorkItem], lr_of: Optional[Dict[int, float]]
-                           ) -> List[WorkItem]:
-        """"gradients" mode: replace the preconditioned gradients of shared layers by their owner's.
+    def exchange_gradients(
+        self, work: list[WorkItem], lr_of: dict[int, float] | None
+    ) -> list[WorkItem]:
+        """ "gradients" mode: replace the preconditioned gradients of shared layers by their
+        owner's.
 
         ``work`` holds ``(block, grad, P, lr)`` for the layers this rank could precondition;
         the result holds every layer whose owner produced a P (in ``blocks`` order).
         """
-        blocks = [b for b in self.blocks.values() if self.is_shared(b)
-                  and (lr_of is None or id(b.kind.weight) in lr_of)]  # this optimizer's
+        blocks = [
+            b
+            for b in self.blocks.values()
+            if self.is_shared(b) and (lr_of is None or id(b.kind.weight) in lr_of)
+        ]  # this optimizer's
         if self.mode != "gradients" or not blocks:
             return work
         rank = self.comm.rank
         local = {item[0].name: item for item in work}
-        per_src: Dict[int, List[Tensor]] = {}
-        received: Dict[str, Tuple[Tensor, Tensor]] = {}
+        per_src: dict[int, list[Tensor]] = {}
+        received: dict[str, tuple[Tensor, Tensor]] = {}
         for block in blocks:
             src = self.owners()[block.name]
             device = block.kind.weight.device
@@ -274,14 +296,17 @@ class DistributedWork:
                 out.append((block, item[1], pre_grad, item[3]))
         return out
 
-    def complete_state(self, layers: Dict[str, Dict[str, Any]]) -> None:
-        """"gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
+    def complete_state(self, layers: dict[str, dict[str, Any]]) -> None:
+        """ "gradients" mode: put the owners' decompositions into every rank's ``state_dict``."""
         blocks = [b for b in self.blocks.values() if self.is_shared(b)]
         if self.mode != "gradients" or not blocks:
             return
         rank = self.comm.rank
-        have = torch.tensor([1.0 if self.owners()[b.name] == rank and b.decomposition else 0.0
-                             for b in blocks], dtype=torch.float64, device=_device(blocks))
+        have = torch.tensor(
+            [1.0 if self.owners()[b.name] == rank and b.decomposition else 0.0 for b in blocks],
+            dtype=torch.float64,
+            device=_device(blocks),
+        )
         self.comm.all_reduce_sum_([have])
         ready = [b for b, h in zip(blocks, have.tolist()) if h > 0]
         for name, dec in self._send_decompositions(ready).items():
@@ -298,7 +323,7 @@ def _side_numel(structure: FactorStructure) -> int:
     return symmetric_numel(structure.dim) if structure.has_basis else structure.dim
 
 
-def _work_item(block: KFACBlock, lr_of: Optional[Dict[int, float]]) -> Optional[WorkItem]:
+def _work_item(block: KFACBlock, lr_of: dict[int, float] | None) -> WorkItem | None:
     weight = block.kind.weight
     if lr_of is not None and id(weight) not in lr_of:
         return None
@@ -308,18 +333,20 @@ def _work_item(block: KFACBlock, lr_of: Optional[Dict[int, float]]) -> Optional[
     return (block, raw.to(block.dtype), None, 1.0 if lr_of is None else lr_of[id(weight)])
 
 
-def _check_layout(block: KFACBlock, dec: Optional[Decomposition], layout: Layout) -> None:
+def _check_layout(block: KFACBlock, dec: Decomposition | None, layout: Layout) -> None:
     for key, shape, dtype, _ in layout:
         value = None if dec is None else dec.get(key)
         if value is None or tuple(value.shape) != tuple(shape) or value.dtype != dtype:
             got = None if value is None else (tuple(value.shape), value.dtype)
             raise RuntimeError(
                 f"K-FAC: decomposition of layer {block.name!r} does not match its transfer layout "
-                f"({key}: expected {tuple(shape)} {dtype}, got {got}); set distribute='replicate'.")
+                f"({key}: expected {tuple(shape)} {dtype}, got {got}); set distribute='replicate'."
+            )
 
 
-def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, relative: bool,
-                        world_size: int) -> Dict[str, int]:
+def communication_bytes(
+    blocks: Mapping[str, KFACBlock], distribute: object, relative: bool, world_size: int
+) -> dict[str, int]:
     """Payload bytes each rank hands to collectives, for every layer due at once.
 
     Returns a dict with ``factor_update`` (upper triangles of A^, G^ and ``FACTOR_FLAGS`` flags
@@ -336,8 +363,9 @@ def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, rel
     mode = _mode(distribute)
     block_list = list(blocks.values())
     layouts = {b.name: decomposition_layout(b, relative) for b in block_list}
-    shared = [b for b in block_list
-              if world > 1 and mode != "replicate" and layouts[b.name] is not None]
+    shared = [
+        b for b in block_list if world > 1 and mode != "replicate" and layouts[b.name] is not None
+    ]
     costs = [(b.name, layer_cost(b.kind.a_dim(), b.kind.g_dim())) for b in shared]
     owner = greedy_assignment(costs, max(world, 1))
     dec_bytes = {name: _nbytes(layout) for name, layout in layouts.items() if layout is not None}
@@ -349,7 +377,8 @@ def communication_bytes(blocks: Mapping[str, KFACBlock], distribute: object, rel
     if world > 1 and block_list:
         out["factor_update"] = sum(
             (_side_numel(b.a_structure) + _side_numel(b.g_structure) + FACTOR_FLAGS) * elsize(b)
-            for b in block_list)
+            for b in block_list
+        )
         out["decomposition_refresh"] = 8 * len(block_list)
         if mode == "decompositions":
             out["decomposition_refresh"] += sum(dec_bytes[b.name] for b in shared)

@@ -16,11 +16,11 @@ logs them per layer), never silently. Eigenvalues are clamped at zero (factors a
 round-off can make them slightly negative).
 
 Conditioning before decomposing: the factor is symmetrized, and the decoupled rows/columns of a
-2-D factor (zero off the diagonal) are split off (deflation). An input feature that is zero in every captured row (a
-conv kernel tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet stage at 1x1
-resolution, where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel) gives a
-zero row and column of ``A`` (or, with an identity-blended factor, a row that is zero off the
-diagonal): ``e_j`` is then an exact eigenvector with eigenvalue ``A_jj``, and only
+2-D factor (zero off the diagonal) are split off (deflation). An input feature that is zero in every
+captured row (a conv kernel tap that only ever reads zero padding, e.g. the 3x3 convs of a ResNet
+stage at 1x1 resolution, where 8 of 9 taps see padding; a dead ReLU channel; a constant-zero pixel)
+gives a zero row and column of ``A`` (or, with an identity-blended factor, a row that is zero off
+the diagonal): ``e_j`` is then an exact eigenvector with eigenvalue ``A_jj``, and only
 the support block ``M[S, S]`` is decomposed (or inverted). This is exact, it is (n / |S|)^3
 times cheaper, and it removes the massively repeated zero eigenvalue on which float32 ``eigh``
 fails to converge. When the support is at most half of A, it is kept (``"A_support"``, with the
@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -69,7 +70,9 @@ def _finite(*tensors: Tensor) -> bool:
     return all_finite(*tensors)
 
 
-def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str) -> Dict[str, Tensor]:
+def _retry(
+    fn: Callable[[Tensor], dict[str, Tensor]], matrix: Tensor, what: str
+) -> dict[str, Tensor]:
     """Run ``fn(matrix)``; on failure retry in float64 with jitter; cast back to matrix.dtype."""
     try:
         out = fn(matrix)
@@ -81,9 +84,13 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
     if not all_finite(matrix):
         raise DecompositionError(f"{what}: the factor has non-finite entries")
     shape = "x".join(str(n) for n in matrix.shape)
-    warnings.warn(DecompositionRetryWarning(
-        f"{what} of a {shape} {matrix.dtype} factor failed ({reason}); retrying in float64 "
-        "with jitter"), stacklevel=3)
+    warnings.warn(
+        DecompositionRetryWarning(
+            f"{what} of a {shape} {matrix.dtype} factor failed ({reason}); retrying in float64 "
+            "with jitter"
+        ),
+        stacklevel=3,
+    )
     m64 = matrix.double()
     scale = float(m64.diagonal(dim1=-2, dim2=-1).abs().mean()) if m64.numel() else 0.0
     jitter = max(scale, 1.0) * 1e-10
@@ -97,7 +104,7 @@ def _retry(fn: Callable[[Tensor], Dict[str, Tensor]], matrix: Tensor, what: str)
     return {k: v.to(matrix.dtype) for k, v in out.items()}
 
 
-def support(matrix: Tensor) -> Optional[Tensor]:
+def support(matrix: Tensor) -> Tensor | None:
     """Indices of the rows of a 2-D matrix with a nonzero OFF-diagonal entry; None when every
     row has one (or for a stack of matrices, which is never deflated). The other rows are
     decoupled: zero apart from the diagonal (an always-zero input feature: exactly zero, or the
@@ -112,29 +119,31 @@ def support(matrix: Tensor) -> Optional[Tensor]:
     return coupled.nonzero().flatten()
 
 
-def eigh_psd(matrix: Tensor) -> Dict[str, Tensor]:
+def eigh_psd(matrix: Tensor) -> dict[str, Tensor]:
     """``{"e": eigenvalues clamped >= 0, "Q": eigenvectors}`` of a symmetric PSD matrix, plus
     ``"support"`` (see ``support``) when decoupled rows/columns were deflated: their
     eigenvectors are unit vectors with their diagonal entry as eigenvalue, listed first."""
-    def fn(m: Tensor) -> Dict[str, Tensor]:
+
+    def fn(m: Tensor) -> dict[str, Tensor]:
         sym = (m + m.mT) * 0.5
         e, q = torch.linalg.eigh(sym)
         return {"e": e.clamp_min(0.0), "Q": q}
+
     keep = support(matrix)
     if keep is None:
         return _retry(fn, matrix, "eigendecomposition")
     n, k = matrix.shape[0], keep.numel()
-    sub = _retry(fn, matrix[keep][:, keep], "eigendecomposition") if k else None
+    sub = _retry(fn, matrix[keep][:, keep], "eigendecomposition") if k else {}
     zero = torch.ones(n, dtype=torch.bool, device=matrix.device)
     zero[keep] = False
     Q = matrix.new_zeros(n, n)
     zero_idx = zero.nonzero().flatten()
     Q[zero_idx, torch.arange(n - k, device=matrix.device)] = 1.0
     e = matrix.new_zeros(n)
-    e[:n - k] = matrix.diagonal()[zero_idx].clamp_min(0.0)
+    e[: n - k] = matrix.diagonal()[zero_idx].clamp_min(0.0)
     if k:
         Q[keep.unsqueeze(1), torch.arange(n - k, n, device=matrix.device)] = sub["Q"]
-        e[n - k:] = sub["e"]
+        e[n - k :] = sub["e"]
         Q = _layout_like(Q, sub["Q"])
     return {"e": e, "Q": Q, "support": keep}
 
@@ -147,19 +156,24 @@ def _layout_like(full: Tensor, ref: Tensor) -> Tensor:
     return full
 
 
-def damped_inverse(matrix: Tensor, damping) -> Tensor:
+def damped_inverse(matrix: Tensor, damping: float | Tensor) -> Tensor:
     """``(matrix + damping I)^-1`` of a symmetric PSD matrix (Cholesky, falling back to LU).
 
     A stack of matrices (K x d x d) takes a float or a (K x 1 x 1) tensor of dampings. The
     exactly-zero rows/columns of a 2-D matrix are deflated (their block is ``I / damping``)."""
-    def fn(m: Tensor) -> Dict[str, Tensor]:
+
+    def fn(m: Tensor) -> dict[str, Tensor]:
         eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
         lam = damping.to(m.dtype) if isinstance(damping, Tensor) else damping
         damped = (m + m.mT) * 0.5 + lam * eye
         chol, info = torch.linalg.cholesky_ex(damped)
-        inv = (torch.cholesky_inverse(chol) if m.dim() == 2 else torch.cholesky_solve(eye, chol)) \
-            if bool((info == 0).all()) else torch.linalg.inv(damped)
+        inv = (
+            (torch.cholesky_inverse(chol) if m.dim() == 2 else torch.cholesky_solve(eye, chol))
+            if bool((info == 0).all())
+            else torch.linalg.inv(damped)
+        )
         return {"inv": inv}
+
     keep = support(matrix) if not isinstance(damping, Tensor) else None
     if keep is None:
         return _retry(fn, matrix, "inverse")["inv"]
@@ -179,8 +193,9 @@ def pi_correction(a_mean: float, g_mean: float) -> float:
     return math.sqrt(a_mean / g_mean)
 
 
-def eigen_decomposition(A: Tensor, G: Tensor, sa: "FactorStructure",
-                        sg: "FactorStructure") -> Dict[str, Tensor]:
+def eigen_decomposition(
+    A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure
+) -> dict[str, Tensor]:
     """``{"QA", "eA", "QG", "eG"}`` for the eigen method (damping is applied at use time); a side
     without an eigenbasis (diagonal) has no ``Q`` entry. With both sides dense and A deflated
     (``support``) to at most half its size, ``A_support`` / ``A_support_Q`` are kept for the
@@ -189,22 +204,26 @@ def eigen_decomposition(A: Tensor, G: Tensor, sa: "FactorStructure",
     QG, eG = sg.eigen(G)
     dec = {"QA": QA, "eA": eA, "QG": QG, "eG": eG}
     keep = support(A) if QA is not None and QG is not None else None
-    if keep is not None and _deflation_pays(keep, A.shape[0]):  # Q_S kept for preconditioning
+    if QA is not None and keep is not None and _deflation_pays(keep, A.shape[0]):  # Q_S kept
         n, k = A.shape[0], keep.numel()
-        dec["A_support"], dec["A_support_Q"] = keep, QA[keep, n - k:].contiguous()
+        dec["A_support"], dec["A_support_Q"] = keep, QA[keep, n - k :].contiguous()
     return {k: v for k, v in dec.items() if v is not None}
 
 
-def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStructure",
-                          sg: "FactorStructure") -> Dict[str, Tensor]:
+def inverse_decomposition(
+    A: Tensor, G: Tensor, damping: float, sa: FactorStructure, sg: FactorStructure
+) -> dict[str, Tensor]:
     """``{"A_inv", "G_inv"}`` with factored Tikhonov damping and the pi correction."""
     root = math.sqrt(damping)
     if sa.groups > 1:  # grouped convolution: each group's own pi
         a_mean, g_mean = sa.group_means(A), sg.group_means(G)
         ok = (a_mean > 0) & (g_mean > 0)
-        pi = torch.where(ok, (a_mean / torch.where(ok, g_mean, 1.0)).sqrt(), 1.0)
-        pi = torch.where(torch.isfinite(pi), pi, 1.0)
-        return {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
+        group_pi = torch.where(ok, (a_mean / torch.where(ok, g_mean, 1.0)).sqrt(), 1.0)
+        group_pi = torch.where(torch.isfinite(group_pi), group_pi, 1.0)
+        return {
+            "A_inv": sa.damped_inverse(A, group_pi * root),
+            "G_inv": sg.damped_inverse(G, root / group_pi),
+        }
     pi = pi_correction(sa.mean_eigenvalue(A), sg.mean_eigenvalue(G))
     dec = {"A_inv": sa.damped_inverse(A, pi * root), "G_inv": sg.damped_inverse(G, root / pi)}
     both_dense = dec["A_inv"].dim() == 2 and dec["G_inv"].dim() == 2
@@ -215,8 +234,13 @@ def inverse_decomposition(A: Tensor, G: Tensor, damping: float, sa: "FactorStruc
     return dec
 
 
-def precondition_eigen(grad: Tensor, dec: Mapping[str, Tensor], damping: float,
-                       sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
+def precondition_eigen(
+    grad: Tensor,
+    dec: Mapping[str, Tensor],
+    damping: float,
+    sa: FactorStructure,
+    sg: FactorStructure,
+) -> Tensor:
     """``(A (x) G + damping I)^-1 vec(grad)`` through the eigendecompositions."""
     if "A_support_Q" in dec:
         return _precondition_eigen_deflated(grad, dec, damping)
@@ -240,13 +264,13 @@ def _precondition_eigen_deflated(grad: Tensor, dec: Mapping[str, Tensor], dampin
     block instead of the full (a x a) rotation."""
     keep, QG, QS = dec["A_support"], dec["QG"], dec["A_support_Q"]
     n, k = grad.shape[1], keep.numel()
-    eS = dec["eA"][n - k:]
+    eS = dec["eA"][n - k :]
     out = grad.index_fill(1, keep, 0.0)
     if bool(out.any()):
         zero = torch.ones(n, dtype=torch.bool, device=grad.device)
         zero[keep] = False
         Z = zero.nonzero().flatten()
-        part = (QG.T @ grad[:, Z]) / (torch.outer(dec["eG"], dec["eA"][:n - k]) + damping)
+        part = (QG.T @ grad[:, Z]) / (torch.outer(dec["eG"], dec["eA"][: n - k]) + damping)
         out[:, Z] = QG @ part
     rotated = (QG.T @ grad[:, keep]) @ QS
     rotated = rotated / (torch.outer(dec["eG"], eS) + damping)
@@ -254,16 +278,21 @@ def _precondition_eigen_deflated(grad: Tensor, dec: Mapping[str, Tensor], dampin
     return out
 
 
-
-def precondition_eigen_rotated(rotated: Tensor, dec: Mapping[str, Tensor], damping: float,
-                               sa: "FactorStructure", sg: "FactorStructure") -> Tensor:
+def precondition_eigen_rotated(
+    rotated: Tensor,
+    dec: Mapping[str, Tensor],
+    damping: float,
+    sa: FactorStructure,
+    sg: FactorStructure,
+) -> Tensor:
     """The eigen method from an already rotated gradient ``Q_G^T grad Q_A``."""
     rotated = rotated / (dec["eG"].unsqueeze(-1) * dec["eA"].unsqueeze(-2) + damping)
     return sa.right_unrotate(sg.left_unrotate(dec.get("QG"), rotated), dec.get("QA"))
 
 
-def precondition_inverse(grad: Tensor, dec: Mapping[str, Tensor], sa: "FactorStructure",
-                         sg: "FactorStructure") -> Tensor:
+def precondition_inverse(
+    grad: Tensor, dec: Mapping[str, Tensor], sa: FactorStructure, sg: FactorStructure
+) -> Tensor:
     """``G_inv grad A_inv`` (with zero rows/columns Z of a dense A: ``A_inv[Z, Z] = I / d``, so the
     columns Z are ``G_inv grad[:, Z] / d`` and only ``A_inv[S, S]`` multiplies)."""
     if "A_support_inv" in dec:

@@ -34,8 +34,9 @@ not part of ``C``; give it as the optimizer's ``weight_decay`` instead, which en
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -75,8 +76,9 @@ def solve_step(K: Tensor, b: Tensor) -> StepSolution:
         return StepSolution(0.0, 0.0, 0.0, ok=False, reason="non-finite quadratic model")
     k11, b1 = float(K[0, 0]), float(b[0])
     if not k11 > 0.0:
-        return StepSolution(0.0, 0.0, 0.0, ok=False,
-                            reason=f"curvature along Delta is not positive ({k11:.3g})")
+        return StepSolution(
+            0.0, 0.0, 0.0, ok=False, reason=f"curvature along Delta is not positive ({k11:.3g})"
+        )
     if K.shape[0] == 2:
         k12, k22, b2 = float(K[0, 1]), float(K[1, 1]), float(b[1])
         det = k11 * k22 - k12 * k12
@@ -85,8 +87,9 @@ def solve_step(K: Tensor, b: Tensor) -> StepSolution:
             mu = -(k11 * b2 - k12 * b1) / det
             return StepSolution(alpha, mu, 0.5 * (alpha * b1 + mu * b2))
         if k22 < 0.0 or det < -PARALLEL_TOLERANCE * k11 * max(k22, 0.0):
-            return StepSolution(0.0, 0.0, 0.0, ok=False,
-                                reason=f"the 2 x 2 model is indefinite (K = {K.tolist()})")
+            return StepSolution(
+                0.0, 0.0, 0.0, ok=False, reason=f"the 2 x 2 model is indefinite (K = {K.tolist()})"
+            )
     alpha = -b1 / k11
     return StepSolution(alpha, 0.0, 0.5 * alpha * b1)
 
@@ -116,15 +119,20 @@ class ExactProducts:
             that every re-run sees the same dropout masks).
     """
 
-    def __init__(self, model: nn.Module, output_module: nn.Module, closure: Callable[[], Any],
-                 before_each: Optional[Callable[[], None]] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        output_module: nn.Module,
+        closure: Callable[[], Any],
+        before_each: Callable[[], None] | None = None,
+    ):
         self.model = model
         self.output_module = output_module
         self.run = _Run(model, closure)
         self.before_each = before_each or (lambda: None)
 
     # -- J v --------------------------------------------------------------------------------------
-    def jvp(self, tangents: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    def jvp(self, tangents: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, f, J v)`` at the current parameters, ``v`` given by parameter name.
 
         Parameters without a tangent are constants. Runs under ``torch.no_grad`` (forward-mode
@@ -134,14 +142,17 @@ class ExactProducts:
         unknown = sorted(set(tangents) - set(params))
         if unknown:
             raise ValueError(f"Invalid tangents for {unknown}: not parameters of the model.")
-        outputs: List[Any] = []
+        outputs: list[Any] = []
         handle = self.output_module.register_forward_hook(lambda m, a, o: outputs.append(o))
         self.before_each()
         try:
             with torch.no_grad(), fwAD.dual_level():
-                duals = {f"model.{name}": fwAD.make_dual(  # type: ignore[no-untyped-call]
-                    params[name].detach(), t.to(params[name]))
-                         for name, t in tangents.items()}
+                duals = {
+                    f"model.{name}": fwAD.make_dual(  # type: ignore[no-untyped-call]
+                        params[name].detach(), t.to(params[name])
+                    )
+                    for name, t in tangents.items()
+                }
                 loss = _loss_tensor(functional_call(self.run, duals, ()))
                 f = self._one_output(outputs)
                 loss_primal = fwAD.unpack_dual(loss).primal  # type: ignore[no-untyped-call]
@@ -153,7 +164,7 @@ class ExactProducts:
         return loss_primal.detach().clone(), f_primal.detach().clone(), f_tangent.detach().clone()
 
     # -- u^T H u' ----------------------------------------------------------------------------------
-    def output_hessian(self, f: Tensor, directions: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    def output_hessian(self, f: Tensor, directions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """``(g, H)`` with ``g_i = dL/df . u_i`` and ``H_ij = u_i^T (d^2 L / df^2) u_j``.
 
         Exact second derivatives of ``t -> L(f + sum_i t_i u_i)`` at ``t = 0`` (reverse over
@@ -185,12 +196,15 @@ class ExactProducts:
                     raise RuntimeError(
                         "K-FAC step_rule='quadratic': the loss does not depend on the model "
                         "output captured from the output module; set output_module to the "
-                        "submodule whose output the loss is computed from.")
+                        "submodule whose output the loss is computed from."
+                    )
                 (g,) = torch.autograd.grad(loss, t, create_graph=True)
-                rows: List[Optional[Tensor]] = [None] * k  # linear in the output: no curvature
+                rows: list[Tensor | None] = [None] * k  # linear in the output: no curvature
                 if g.requires_grad:
-                    rows = [torch.autograd.grad(g[i], t, retain_graph=i + 1 < k,
-                                                allow_unused=True)[0] for i in range(k)]
+                    rows = [
+                        torch.autograd.grad(g[i], t, retain_graph=i + 1 < k, allow_unused=True)[0]
+                        for i in range(k)
+                    ]
         finally:
             if shadowed is None:
                 del module.forward
@@ -206,7 +220,7 @@ class ExactProducts:
         with torch.no_grad():
             return float(_loss_tensor(self.run()))
 
-    def _one_output(self, outputs: List[Any]) -> Tensor:
+    def _one_output(self, outputs: list[Any]) -> Tensor:
         if len(outputs) != 1:
             raise RuntimeError(_calls_message(len(outputs)))
         f = outputs[0]
@@ -214,15 +228,18 @@ class ExactProducts:
             raise RuntimeError(
                 f"K-FAC step_rule='quadratic': the output module returned a "
                 f"{type(f).__name__}, not a floating-point tensor. Set output_module to the "
-                "submodule whose output (logits, means) the loss is computed from.")
+                "submodule whose output (logits, means) the loss is computed from."
+            )
         return f
 
 
 def _calls_message(calls: int) -> str:
-    return (f"K-FAC step_rule='quadratic': the output module ran {calls} times while the loss "
-            "was re-computed; the exact quadratic model needs exactly one model output per step. "
-            "Set output_module to the qualified name of the submodule whose single output the "
-            "loss is computed from (output_module=None means the model's own forward).")
+    return (
+        f"K-FAC step_rule='quadratic': the output module ran {calls} times while the loss "
+        "was re-computed; the exact quadratic model needs exactly one model output per step. "
+        "Set output_module to the qualified name of the submodule whose single output the "
+        "loss is computed from (output_module=None means the model's own forward)."
+    )
 
 
 def _loss_tensor(output: Any) -> Tensor:
@@ -232,16 +249,20 @@ def _loss_tensor(output: Any) -> Tensor:
     if not isinstance(output, Tensor) or output.numel() != 1:
         raise RuntimeError(
             "K-FAC step_rule='quadratic': the loss closure must return the scalar loss (a 0-d "
-            f"tensor, or a mapping with a 'loss' entry), got {type(output).__name__}.")
+            f"tensor, or a mapping with a 'loss' entry), got {type(output).__name__}."
+        )
     return output.reshape(())
 
 
-def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Optional[Sequence[float]] = None
-        ) -> float:
+def dot(
+    xs: Sequence[Tensor], ys: Sequence[Tensor], weights: Sequence[float] | None = None
+) -> float:
     """``sum_p w_p <x_p, y_p>`` in float64 (one host sync)."""
     if not xs:
         return 0.0
-    terms = [(x.double() * y.double()).sum() * (1.0 if weights is None else float(w))
-             for x, y, w in zip(xs, ys, weights if weights is not None else [1.0] * len(xs))]
+    terms = [
+        (x.double() * y.double()).sum() * (1.0 if weights is None else float(w))
+        for x, y, w in zip(xs, ys, weights if weights is not None else [1.0] * len(xs))
+    ]
     value = float(torch.stack(terms).sum())
     return value if math.isfinite(value) else math.nan

@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lightning_kfac.core.linalg import DecompositionRetryWarning
 
 logger = logging.getLogger("lightning_kfac")
+_Result = TypeVar("_Result")  # what the timed decomposition returns
 if not logging.getLogger().hasHandlers() and not logger.handlers:
     logger.setLevel(logging.INFO)
     logger.addHandler(logging.StreamHandler())
@@ -40,12 +42,12 @@ class RefreshMonitor:
     def __init__(self, report_after: float = REPORT_AFTER_S):
         self.report_after = float(report_after)
         self.retries = 0  # float64 retries over the preconditioner's life
-        self.layer_seconds: Dict[str, float] = {}  # last decomposition time of each layer (wall)
-        self.layer_cpu_seconds: Dict[str, float] = {}  # the same, CPU time of this thread
+        self.layer_seconds: dict[str, float] = {}  # last decomposition time of each layer (wall)
+        self.layer_cpu_seconds: dict[str, float] = {}  # the same, CPU time of this thread
         self.last_refresh_seconds = 0.0
-        self._start: Optional[float] = None
+        self._start: float | None = None
         self._step = 0
-        self._done: List[Tuple[str, float]] = []
+        self._done: list[tuple[str, float]] = []
         self._total = 0
         self._reported = False
 
@@ -54,7 +56,7 @@ class RefreshMonitor:
         self._start, self._step, self._total = time.perf_counter(), step, layers
         self._done, self._reported = [], False
 
-    def run(self, block: Any, fn: Callable[[Any], Dict]) -> Dict:
+    def run(self, block: Any, fn: Callable[[Any], _Result]) -> _Result:
         """``fn(block)`` with its retry warnings counted and logged, and its time recorded."""
         if self._start is None:
             self.begin(self._step, 1)
@@ -75,28 +77,58 @@ class RefreshMonitor:
         self.last_refresh_seconds = total
         if self._reported and self._done:
             name, slowest = max(self._done, key=lambda item: item[1])
-            logger.info("K-FAC refresh at step %d: %d layers decomposed in %.1f s "
-                        "(slowest: %s, %.1f s)", self._step, len(self._done), total, name, slowest)
+            logger.info(
+                "K-FAC refresh at step %d: %d layers decomposed in %.1f s (slowest: %s, %.1f s)",
+                self._step,
+                len(self._done),
+                total,
+                name,
+                slowest,
+            )
         self._start = None
 
-    def _finish_layer(self, block: Any, seconds: float, caught: List) -> None:
+    def _finish_layer(
+        self, block: Any, seconds: float, caught: list[warnings.WarningMessage]
+    ) -> None:
         self.layer_seconds[block.name] = seconds
         self._done.append((block.name, seconds))
         for record in caught:
             if issubclass(record.category, DecompositionRetryWarning):
                 self.retries += 1
-                logger.warning("K-FAC: layer %r at step %d: %s (retry %d of this run)",
-                               block.name, self._step, record.message, self.retries)
+                logger.warning(
+                    "K-FAC: layer %r at step %d: %s (retry %d of this run)",
+                    block.name,
+                    self._step,
+                    record.message,
+                    self.retries,
+                )
             else:  # not ours: hand it on unchanged
-                warnings.warn_explicit(record.message, record.category, record.filename,
-                                       record.lineno, source=record.source)
+                warnings.warn_explicit(
+                    record.message,
+                    record.category,
+                    record.filename,
+                    record.lineno,
+                    source=record.source,
+                )
+        assert self._start is not None  # run() began the refresh
         elapsed = time.perf_counter() - self._start
         if elapsed > self.report_after:
             if not self._reported:
-                logger.info("K-FAC refresh at step %d is slow (%d layers due); reporting "
-                            "progress", self._step, self._total)
+                logger.info(
+                    "K-FAC refresh at step %d is slow (%d layers due); reporting progress",
+                    self._step,
+                    self._total,
+                )
             self._reported = True
             a, g = block.kind.a_dim(), block.kind.g_dim()
-            logger.info("K-FAC refresh at step %d: layer %d/%d %s (A %d, G %d) took %.1f s, "
-                        "%.1f s elapsed", self._step, len(self._done), self._total, block.name,
-                        a, g, seconds, elapsed)
+            logger.info(
+                "K-FAC refresh at step %d: layer %d/%d %s (A %d, G %d) took %.1f s, %.1f s elapsed",
+                self._step,
+                len(self._done),
+                self._total,
+                block.name,
+                a,
+                g,
+                seconds,
+                elapsed,
+            )

@@ -21,7 +21,8 @@ those from the restored factors, so changed options act from the first resumed s
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,9 +32,17 @@ from lightning_kfac.core.methods import method_for, method_of_state
 STATE_VERSION = 1
 
 # Options that change the damping baked into an inverse decomposition.
-DAMPING_OPTIONS = ("damping", "damping_schedule", "damping_decay", "damping_step_size",
-                   "adaptive_damping", "adaptive_damping_interval", "adaptive_damping_factor",
-                   "min_damping", "max_damping")
+DAMPING_OPTIONS = (
+    "damping",
+    "damping_schedule",
+    "damping_decay",
+    "damping_step_size",
+    "adaptive_damping",
+    "adaptive_damping_interval",
+    "adaptive_damping_factor",
+    "min_damping",
+    "max_damping",
+)
 
 
 def check_version(state: Mapping[str, Any]) -> None:
@@ -45,16 +54,17 @@ def check_version(state: Mapping[str, Any]) -> None:
         raise ValueError(
             f"K-FAC state version {version!r} is not supported: this lightning_kfac reads "
             f"version {STATE_VERSION}. Was the checkpoint written by another release of "
-            "lightning_kfac? Load it with that release, or resume without its K-FAC state.")
+            "lightning_kfac? Load it with that release, or resume without its K-FAC state."
+        )
 
 
-def decomposition_method(dec: Mapping[str, Tensor]) -> Optional[str]:
+def decomposition_method(dec: Mapping[str, Tensor]) -> str | None:
     """The ``compute_method`` a decomposition was built for, from its keys (None: empty)."""
     method = method_of_state(dec)
     return None if method is None else method.name
 
 
-def _expected_shapes(block: Any) -> Dict[str, Tuple[int, ...]]:
+def _expected_shapes(block: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of this run's factors and decomposition entries of ``block``.
 
     A factor is a matrix (d x d), its diagonal (d,) or a stack of matrices (k x d x d, one per
@@ -80,14 +90,16 @@ def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
         method_of_state(layer_state.get("decomposition") or {})  # its keys fit a known method
     except ValueError as err:
         raise ValueError(f"K-FAC state of layer {name!r}: {err}") from None
-    found: List[Tuple[str, Any]] = [(k, layer_state[k]) for k in ("A", "G") if k in layer_state]
-    found += [(f"decomposition[{k!r}]", v) for k, v in
-              (layer_state.get("decomposition") or {}).items()]
+    found: list[tuple[str, Any]] = [(k, layer_state[k]) for k in ("A", "G") if k in layer_state]
+    found += [
+        (f"decomposition[{k!r}]", v) for k, v in (layer_state.get("decomposition") or {}).items()
+    ]
     for label, value in found:
         key = label.split("'")[1] if label.startswith("decomposition") else label
         if not isinstance(value, Tensor):
-            raise ValueError(f"K-FAC state of layer {name!r}: {label} is a "
-                             f"{type(value).__name__}, not a tensor.")
+            raise ValueError(
+                f"K-FAC state of layer {name!r}: {label} is a {type(value).__name__}, not a tensor."
+            )
         want = expected.get(key)
         if want is not None and tuple(value.shape) != want:
             raise ValueError(
@@ -95,10 +107,11 @@ def check_layer(name: str, block: Any, layer_state: Mapping[str, Any]) -> None:
                 f"{tuple(value.shape)}, this layer needs {want} (A is d_A x d_A with d_A = inputs "
                 "+ 1 for a trainable bias, G is d_G x d_G with d_G = outputs; per group for "
                 "grouped convolutions). Was the layer resized, or its bias frozen or unfrozen, "
-                "since the state was saved?")
+                "since the state was saved?"
+            )
 
 
-def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
+def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``layer_state`` with every tensor in the dtype this run computes it in."""
     out = dict(layer_state)
     for key in ("A", "G"):
@@ -106,15 +119,18 @@ def cast_layer(block: Any, layer_state: Mapping[str, Any]) -> Dict[str, Any]:
             out[key] = out[key].to(block.dtype)
     dec = layer_state.get("decomposition") or {}
     # integer entries (the support indices of a deflated factor, core/linalg.py) keep their dtype
-    out["decomposition"] = {k: v if not v.is_floating_point() else
-                            v.to(torch.float64 if k in ("damping_scale", "scale_updates")
-                                 else block.dtype)
-                            for k, v in dec.items()}
+    out["decomposition"] = {
+        k: v
+        if not v.is_floating_point()
+        else v.to(torch.float64 if k in ("damping_scale", "scale_updates") else block.dtype)
+        for k, v in dec.items()
+    }
     return out
 
 
-def stale_decompositions(blocks: Mapping[str, Any], config: Any,
-                         state: Mapping[str, Any]) -> Dict[str, str]:
+def stale_decompositions(
+    blocks: Mapping[str, Any], config: Any, state: Mapping[str, Any]
+) -> dict[str, str]:
     """Layer name -> the changed option(s), for saved decompositions built under other options.
 
     ``blocks``: this run's name -> block; ``config``: this run's ``KFACConfig``.
@@ -127,10 +143,11 @@ def stale_decompositions(blocks: Mapping[str, Any], config: Any,
     """
     saved_config = state.get("config") or {}
     current = config.to_dict()
-    changed_damping = [k for k in DAMPING_OPTIONS
-                       if k in saved_config and saved_config[k] != current[k]]
+    changed_damping = [
+        k for k in DAMPING_OPTIONS if k in saved_config and saved_config[k] != current[k]
+    ]
     relative = str(config.damping_mode) == "relative"
-    stale: Dict[str, str] = {}
+    stale: dict[str, str] = {}
     for name, layer_state in (state.get("layers") or {}).items():
         dec = layer_state.get("decomposition") or {}
         block = blocks[name]
@@ -146,8 +163,9 @@ def stale_decompositions(blocks: Mapping[str, Any], config: Any,
         if saved == block.method.name and method_for(saved).damping_in_decomposition:
             layer_damping = layer_state.get("damping")
             if layer_damping is not None and float(layer_damping) != float(block.damping):
-                reasons.append(f"damping of the layer {float(layer_damping):g} -> "
-                               f"{float(block.damping):g}")
+                reasons.append(
+                    f"damping of the layer {float(layer_damping):g} -> {float(block.damping):g}"
+                )
             reasons += [f"{k} {saved_config[k]!r} -> {current[k]!r}" for k in changed_damping]
         if reasons:
             stale[name] = ", ".join(dict.fromkeys(reasons))

@@ -6,24 +6,25 @@ the interface; core/isotropic.py is the smallest example) and one line in ``STRU
 
 from __future__ import annotations
 
-from typing import Dict, Type
-
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor, FactorStructure
 from lightning_kfac.core.isotropic import IsotropicFactor
 
-STRUCTURES: Dict[str, Type[FactorStructure]] = {
+STRUCTURES: dict[str, type[FactorStructure]] = {
     DenseFactor.name: DenseFactor,
     DiagonalFactor.name: DiagonalFactor,
     IsotropicFactor.name: IsotropicFactor,
 }
 
 
-def make_structure(name: str, dim: int, groups: int = 1, *,
-                   option: str = "factor structure") -> FactorStructure:
+def make_structure(
+    name: str, dim: int, groups: int = 1, *, option: str = "factor structure"
+) -> FactorStructure:
     """A structure of dimension ``dim`` (``groups`` stacked) by its registered name."""
     try:
         cls = STRUCTURES[name]
     except KeyError:
-        raise ValueError(f"Invalid {option}={name!r}: must be one of {sorted(STRUCTURES)} "
-                         "(core/structure_registry.py).") from None
+        raise ValueError(
+            f"Invalid {option}={name!r}: must be one of {sorted(STRUCTURES)} "
+            "(core/structure_registry.py)."
+        ) from None
     return cls(dim, groups)

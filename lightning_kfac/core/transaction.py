@@ -20,8 +20,9 @@ decompositions it replaces; nothing is kept between steps unless ``undoable`` is
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -34,12 +35,17 @@ if TYPE_CHECKING:
     from lightning_kfac.core.mc import MCFisher
 
 _UNCHANGED = object()
-FAULT_COUNTERS = ("nonfinite_estimates", "nonfinite_gradients", "decomposition_failures",
-                  "overflow_steps", "dropped_layers")
-_Saved = Union[Optional[Tensor], object]  # a factor, or _UNCHANGED
+FAULT_COUNTERS = (
+    "nonfinite_estimates",
+    "nonfinite_gradients",
+    "decomposition_failures",
+    "overflow_steps",
+    "dropped_layers",
+)
+_Saved = Tensor | None | object  # a factor, or _UNCHANGED
 
 
-def _clone(t: Optional[Tensor]) -> Optional[Tensor]:
+def _clone(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clone()
 
 
@@ -55,11 +61,11 @@ class StepParts:
         ekfac: the EKFAC scaling (``compute_method="ekfac"``), else None.
     """
 
-    blocks: Dict[str, KFACBlock]
-    counters: Dict[str, int]
+    blocks: dict[str, KFACBlock]
+    counters: dict[str, int]
     damping: DampingControl
-    mc: Optional["MCFisher"] = None
-    ekfac: Optional["EKFACScaling"] = None
+    mc: MCFisher | None = None
+    ekfac: EKFACScaling | None = None
 
 
 class StepUndo:
@@ -80,16 +86,18 @@ class StepUndo:
         self.undecomposed = set(undecomposed)
         mc = parts.mc
         self.mc_rng = mc.step_start_rng() if mc is not None else None
-        self.blocks: Dict[str, Tuple[_Saved, _Saved, Optional[Decomposition], int]] = {}
+        self.blocks: dict[str, tuple[_Saved, _Saved, Decomposition | None, int]] = {}
         # What was captured for step t (the step consumes it): back in place after an exception
         # inside step(), so that step() can be retried on the same backward.
-        self.captured = {name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows,
-                                b.kept_rows) for name, b in parts.blocks.items()}
+        self.captured = {
+            name: (b.a_sum, b.a_div, b.g_sum, b.g_div, b.a_rows, b.g_rows, b.kept_rows)
+            for name, b in parts.blocks.items()
+        }
         self.mc_kept = mc.captured() if mc is not None else None
         ekfac = parts.ekfac
         self.ekfac_acc = dict(ekfac._acc) if ekfac is not None else None
 
-    def save_blocks(self, blocks: Iterable[KFACBlock], factors_due: List[KFACBlock]) -> None:
+    def save_blocks(self, blocks: Iterable[KFACBlock], factors_due: list[KFACBlock]) -> None:
         """Save each block's state before this step touches it (first save wins)."""
         due = {id(b) for b in factors_due}
         for block in blocks:
@@ -99,17 +107,20 @@ class StepUndo:
             dec = block.decomposition
             if dec is not None:  # EKFAC's scaling changes in place on factor-update steps
                 dec = dec.snapshot() if self.t % block.factor_update_steps == 0 else dec.copy()
-            self.blocks[block.name] = (_clone(block.A) if updated else _UNCHANGED,
-                                       _clone(block.G) if updated else _UNCHANGED,
-                                       dec, block.failures)
+            self.blocks[block.name] = (
+                _clone(block.A) if updated else _UNCHANGED,
+                _clone(block.G) if updated else _UNCHANGED,
+                dec,
+                block.failures,
+            )
 
-    def merge(self, later: "StepUndo") -> "StepUndo":
+    def merge(self, later: StepUndo) -> StepUndo:
         """Another ``step()`` at the same t (manual optimization, one per optimizer)."""
         for name, saved in later.blocks.items():
             self.blocks.setdefault(name, saved)
         return self
 
-    def restore(self, keep_captured: bool = False) -> Set[str]:
+    def restore(self, keep_captured: bool = False) -> set[str]:
         """Put the state back to where it was before step t; returns the names of the blocks
         with no decomposition then (the engine's set; it also sets its clock back to ``t``).
 
@@ -148,8 +159,15 @@ class StepUndo:
         for name, saved in self.captured.items():
             block = parts.blocks.get(name)
             if block is not None:
-                (block.a_sum, block.a_div, block.g_sum, block.g_div, block.a_rows, block.g_rows,
-                 block.kept_rows) = saved
+                (
+                    block.a_sum,
+                    block.a_div,
+                    block.g_sum,
+                    block.g_div,
+                    block.a_rows,
+                    block.g_rows,
+                    block.kept_rows,
+                ) = saved
         if self.mc_kept is not None and parts.mc is not None:
             parts.mc.put_back(self.mc_kept)
         if self.ekfac_acc is not None and parts.ekfac is not None:

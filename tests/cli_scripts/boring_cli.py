@@ -1,4 +1,5 @@
-"""A user's LightningCLI script, for tests/integrations/lightning/test_lightning_cli.py (run as a subprocess).
+"""A user's LightningCLI script, for tests/integrations/lightning/test_lightning_cli.py
+(run as a subprocess).
 
     python tests/cli_scripts/boring_cli.py {pytorch_lightning|lightning} fit [LightningCLI args]
 
@@ -19,7 +20,13 @@ else:
     from pytorch_lightning.demos.boring_classes import BoringDataModule, BoringModel
 
 cli = LightningCLI(BoringModel, BoringDataModule, args=args)
-found = [{"class": f"{type(cb).__module__}.{type(cb).__name__}", "config": cb.config.to_dict(),
-          "steps": cb.preconditioner.steps if cb.preconditioner is not None else 0}
-         for cb in cli.trainer.callbacks if hasattr(cb, "preconditioner")]
+found = [
+    {
+        "class": f"{type(cb).__module__}.{type(cb).__name__}",
+        "config": cb.config.to_dict(),
+        "steps": cb.preconditioner.steps if cb.preconditioner is not None else 0,
+    }
+    for cb in cli.trainer.callbacks
+    if hasattr(cb, "preconditioner")
+]
 print("KFAC_RESULT " + json.dumps(found))

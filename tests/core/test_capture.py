@@ -1,7 +1,7 @@
 """The one capture hook (core/capture.py): the rows a tap receives are the layer's ``a`` and,
 scaled by ``output_grad_scale``, the per-example ``g_n = dl_n/ds_n`` of a float64 brute force."""
 
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,14 +16,15 @@ class _Recorder:
 
     def __init__(self, kind, want: bool = True):
         self.kind, self.want = kind, want
-        self.a: List[Tuple[Tensor, int]] = []
-        self.g: List[Tuple[Tensor, int, int]] = []
+        self.a: list[tuple[Tensor, int]] = []
+        self.g: list[tuple[Tensor, int, int]] = []
 
     def wants(self, module: nn.Module) -> bool:
         return self.want
 
-    def on_forward(self, x: Tensor, rows: Tensor, divisor: int,
-                   output: Tensor) -> Optional[Callable[[Tensor], None]]:
+    def on_forward(
+        self, x: Tensor, rows: Tensor, divisor: int, output: Tensor
+    ) -> Callable[[Tensor], None] | None:
         self.a.append((rows, divisor))
         return lambda grad: self.g.append(self.kind.grad_rows(grad))
 
@@ -44,11 +45,12 @@ def test_tap_rows_are_a_and_per_example_g_of_a_brute_force() -> None:
     loss = (layer(x) - y).pow(2).sum(1).mean()  # mean over N = 7 examples
     loss.backward()
     handle.remove()
-    (rows, divisor), = tap.a
+    ((rows, divisor),) = tap.a
     assert divisor == 7
-    torch.testing.assert_close(rows, torch.cat([x, torch.ones(7, 1, dtype=x.dtype)], 1),
-                               rtol=0, atol=0)
-    (g_rows, g_div, examples), = tap.g
+    torch.testing.assert_close(
+        rows, torch.cat([x, torch.ones(7, 1, dtype=x.dtype)], 1), rtol=0, atol=0
+    )
+    ((g_rows, g_div, examples),) = tap.g
     assert (g_div, examples) == (7, 7)
     # brute force: l_n = |W x_n + b - y_n|^2, so g_n = dl_n/ds_n = 2 (s_n - y_n)
     with torch.no_grad():
@@ -77,8 +79,10 @@ def test_torch_func_passes_are_not_captured() -> None:
     assert len(tap.a) == 1
 
 
-@pytest.mark.parametrize("mean, grad_scale, expected", [
-    (True, 1.0, 8.0), (True, 4.0, 2.0), (False, 1.0, 1.0), (False, 0.5, 2.0)])
+@pytest.mark.parametrize(
+    "mean, grad_scale, expected",
+    [(True, 1.0, 8.0), (True, 4.0, 2.0), (False, 1.0, 1.0), (False, 0.5, 2.0)],
+)
 def test_output_grad_scale_undoes_mean_and_loss_scale(mean, grad_scale, expected) -> None:
     assert output_grad_scale(8, mean_reduction=mean, grad_scale=grad_scale) == expected
 

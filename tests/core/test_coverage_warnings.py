@@ -24,11 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from lightning_kfac import KFACCoverageWarning
-
-from lightning_kfac import KFACPreconditioner
-
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACCoverageWarning, KFACPreconditioner
 from tests.support.lightning import loader, make_dataset, make_trainer
 
 EVERY = dict(factor_update_steps=1, inv_update_steps=1)
@@ -127,7 +123,7 @@ def test_no_output_gradient_warns_at_the_end_of_the_first_interval():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=3)
     messages = []
-    for t in range(4):
+    for _t in range(4):
         x = torch.randn(8, 4)
         hidden = model[0](x)
         loss = model[1](hidden.detach()).square().mean()
@@ -161,11 +157,14 @@ def _legacy_weight_norm(module):
         return torch.nn.utils.weight_norm(module)
 
 
-@pytest.mark.parametrize("wrap, label", [
-    (parametrizations.weight_norm, "_WeightNorm"),
-    (parametrizations.spectral_norm, "_SpectralNorm"),
-    (_legacy_weight_norm, "torch.nn.utils.weight_norm"),
-])
+@pytest.mark.parametrize(
+    "wrap, label",
+    [
+        (parametrizations.weight_norm, "_WeightNorm"),
+        (parametrizations.spectral_norm, "_SpectralNorm"),
+        (_legacy_weight_norm, "torch.nn.utils.weight_norm"),
+    ],
+)
 def test_parametrized_weights_are_skipped_with_the_reason(wrap, label):
     model = Param(wrap)
     pre, messages = _kfac_warnings(lambda: KFACPreconditioner(model))
@@ -189,7 +188,8 @@ def test_callback_never_evaluates_spectral_norm(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             make_trainer(tmp_path, max_steps=5, callbacks=callbacks).fit(
-                model, loader(make_dataset(40), 8))
+                model, loader(make_dataset(40), 8)
+            )
         counts.append(len(calls))
     assert counts == [5, 5]
 
@@ -213,8 +213,9 @@ def _net():
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("backend", [
-    "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])  # inductor: ~15 s here
+@pytest.mark.parametrize(
+    "backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)  # inductor: ~15 s here
 def test_compiled_after_hooks_gets_the_uncompiled_factors(backend):
     torch._dynamo.reset()
     reference = _net()
@@ -289,8 +290,9 @@ def test_lightning_compile_in_on_fit_start_is_preconditioned_and_before_fit_warn
         torch._dynamo.reset()
         kfac = KFACCallback(**EVERY)
         trainer = make_trainer(tmp_path, max_steps=3, callbacks=[kfac])
-        _, messages[when] = _kfac_warnings(lambda: trainer.fit(CompiledNet(when),
-                                                               loader(make_dataset(24), 8)))
+        _, messages[when] = _kfac_warnings(
+            lambda: trainer.fit(CompiledNet(when), loader(make_dataset(24), 8))
+        )
         factors[when] = kfac.factors()
     torch._dynamo.reset()
     assert set(factors["on_fit_start"]) == set(factors["never"]) == {"net.0", "net.2"}

@@ -14,15 +14,14 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core import damping as dmp
 from tests.support import dense as D
 
@@ -33,28 +32,33 @@ EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None)
 # configuration
 
 
-@pytest.mark.parametrize("option,value,needle", [
-    ("damping_schedule", "cosine", "damping_schedule='cosine'"),
-    ("damping_decay", 0.0, "damping_decay=0.0"),
-    ("damping_decay", 1.5, "damping_decay=1.5"),
-    ("damping_step_size", 0, "damping_step_size=0"),
-    ("adaptive_damping", "yes", "adaptive_damping='yes'"),
-    ("adaptive_damping_interval", 0, "adaptive_damping_interval=0"),
-    ("adaptive_damping_factor", 1.0, "adaptive_damping_factor=1.0"),
-    ("min_damping", -1e-3, "min_damping=-0.001"),
-    ("max_damping", 0.0, "max_damping=0.0"),
-])
+@pytest.mark.parametrize(
+    "option,value,needle",
+    [
+        ("damping_schedule", "cosine", "damping_schedule='cosine'"),
+        ("damping_decay", 0.0, "damping_decay=0.0"),
+        ("damping_decay", 1.5, "damping_decay=1.5"),
+        ("damping_step_size", 0, "damping_step_size=0"),
+        ("adaptive_damping", "yes", "adaptive_damping='yes'"),
+        ("adaptive_damping_interval", 0, "adaptive_damping_interval=0"),
+        ("adaptive_damping_factor", 1.0, "adaptive_damping_factor=1.0"),
+        ("min_damping", -1e-3, "min_damping=-0.001"),
+        ("max_damping", 0.0, "max_damping=0.0"),
+    ],
+)
 def test_bad_damping_options_name_option_and_value(option, value, needle):
-    with pytest.raises(ValueError, match="Invalid " + needle.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(
+        ValueError, match="Invalid " + needle.replace("(", r"\(").replace(".", r"\.")
+    ):
         KFACConfig(**{option: value})
 
 
 def test_damping_cross_checks():
     with pytest.raises(ValueError, match=r"Invalid damping=0\.001: must lie within"):
         KFACConfig(damping=1e-3, min_damping=1e-2)
-    with pytest.raises(ValueError, match="Invalid damping_schedule='step'.*adaptive_damping"):
+    with pytest.raises(ValueError, match=r"Invalid damping_schedule='step'.*adaptive_damping"):
         KFACConfig(adaptive_damping=True, damping_schedule="step")
-    with pytest.raises(ValueError, match="Invalid loss_reduction='sum'.*adaptive_damping"):
+    with pytest.raises(ValueError, match=r"Invalid loss_reduction='sum'.*adaptive_damping"):
         KFACConfig(adaptive_damping=True, loss_reduction="sum")
     cfg = KFACConfig(damping_schedule="EXPONENTIAL", adaptive_damping_factor=0.5)
     assert cfg.to_dict()["damping_schedule"] == "exponential"
@@ -66,24 +70,36 @@ def test_damping_cross_checks():
 
 
 def test_schedule_formulas_and_clamp():
-    cfg = KFACConfig(damping=1.0, damping_schedule="exponential", damping_decay=0.5,
-                     damping_step_size=4, min_damping=0.1)
-    assert [dmp.scheduled_damping(cfg, t) for t in (0, 2, 4, 8)] == \
-        [1.0, 0.5 ** 0.5, 0.5, 0.25]
+    cfg = KFACConfig(
+        damping=1.0,
+        damping_schedule="exponential",
+        damping_decay=0.5,
+        damping_step_size=4,
+        min_damping=0.1,
+    )
+    assert [dmp.scheduled_damping(cfg, t) for t in (0, 2, 4, 8)] == [1.0, 0.5**0.5, 0.5, 0.25]
     assert dmp.scheduled_damping(cfg, 40) == 0.1  # clamped at min_damping
     step = KFACConfig(damping=1.0, damping_schedule="step", damping_decay=0.5, damping_step_size=4)
     assert [dmp.scheduled_damping(step, t) for t in (0, 3, 4, 7, 8)] == [1.0, 1.0, 0.5, 0.5, 0.25]
-    assert dmp.scheduled_damping(KFACConfig(damping=0.3), 10 ** 6) == 0.3
+    assert dmp.scheduled_damping(KFACConfig(damping=0.3), 10**6) == 0.3
 
 
 @pytest.mark.parametrize("schedule", ["constant", "exponential", "step"])
 def test_scheduled_damping_is_used_on_the_optimizer_step_clock(schedule):
-    """At step t the eigen method applies (A (x) G + lambda_t I)^-1, layer overrides scaled alike."""
+    """At step t the eigen method applies (A (x) G + lambda_t I)^-1, layer
+    overrides scaled alike."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-    pre = KFACPreconditioner(model, damping=0.2, damping_schedule=schedule, damping_decay=0.5,
-                             damping_step_size=2, factor_decay=0.5,
-                             layer_overrides=[{"regex": "^2$", "damping": 0.05}], **EXACT)
+    pre = KFACPreconditioner(
+        model,
+        damping=0.2,
+        damping_schedule=schedule,
+        damping_decay=0.5,
+        damping_step_size=2,
+        factor_decay=0.5,
+        layer_overrides=[{"regex": "^2$", "damping": 0.05}],
+        **EXACT,
+    )
     base = {"0": 0.2, "2": 0.05}
     for t in range(5):
         x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
@@ -91,7 +107,9 @@ def test_scheduled_damping_is_used_on_the_optimizer_step_clock(schedule):
         F.cross_entropy(model(x), y).backward()
         raw = {n: D.grad_matrix(model[int(n)]) for n in base}
         pre.step()
-        expected = {"constant": 1.0, "exponential": 0.5 ** (t / 2), "step": 0.5 ** (t // 2)}[schedule]
+        expected = {"constant": 1.0, "exponential": 0.5 ** (t / 2), "step": 0.5 ** (t // 2)}[
+            schedule
+        ]
         assert pre.damping == pytest.approx(0.2 * expected, rel=1e-14)
         assert pre.last_stats["damping"] == pre.damping
         factors = pre.factors()
@@ -124,8 +142,15 @@ def test_quadratic_model_equals_dense_brute_force():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    pre = KFACPreconditioner(model, damping=0.3, damping_mode="relative", adaptive_damping=True,
-                             adaptive_damping_interval=1, skip_layers=["^2$"], **EXACT)
+    pre = KFACPreconditioner(
+        model,
+        damping=0.3,
+        damping_mode="relative",
+        adaptive_damping=True,
+        adaptive_damping_interval=1,
+        skip_layers=["^2$"],
+        **EXACT,
+    )
     x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
     loss = F.cross_entropy(model(x), y)
     loss.backward()
@@ -140,7 +165,9 @@ def test_quadratic_model_equals_dense_brute_force():
     d0 = D.weight_matrix(delta["0.weight"], delta["0.bias"])
     curv = torch.kron(A, G) + lam * torch.eye(24, dtype=torch.float64)
     ref = float(D.vec(g0) @ D.vec(d0) + 0.5 * D.vec(d0) @ curv @ D.vec(d0))
-    ref += float((raw["2.weight"] * delta["2.weight"]).sum() + (raw["2.bias"] * delta["2.bias"]).sum())
+    ref += float(
+        (raw["2.weight"] * delta["2.weight"]).sum() + (raw["2.bias"] * delta["2.bias"]).sum()
+    )
     got = pre.damping_control.model_decrease()
     assert got == pytest.approx(ref, rel=1e-10)
     with torch.no_grad():
@@ -167,8 +194,9 @@ def _least_squares_case(c: float, damping: float = 1e-9, seed: int = 2):
         return 0.5 * (layer(x) - y).square().sum(1).mean()
 
     opt = torch.optim.SGD(layer.parameters(), lr=1.0)
-    pre = KFACPreconditioner(layer, damping=damping, adaptive_damping=True,
-                             adaptive_damping_interval=3, **EXACT)
+    pre = KFACPreconditioner(
+        layer, damping=damping, adaptive_damping=True, adaptive_damping_interval=3, **EXACT
+    )
     loss = loss_fn()
     loss.backward()
     pre.step(opt)
@@ -211,9 +239,15 @@ def test_adaptation_clock_closure_calls_and_bounds():
     layer = nn.Linear(3, 2).double()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    pre = KFACPreconditioner(layer, damping=1e-2, adaptive_damping=True,
-                             adaptive_damping_interval=2, adaptive_damping_factor=0.5,
-                             min_damping=4e-3, **EXACT)
+    pre = KFACPreconditioner(
+        layer,
+        damping=1e-2,
+        adaptive_damping=True,
+        adaptive_damping_interval=2,
+        adaptive_damping_factor=0.5,
+        min_damping=4e-3,
+        **EXACT,
+    )
     calls, rhos = [], []
 
     def closure():
@@ -249,12 +283,23 @@ def _adaptive_run(steps, state=None, resume_at=None):
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    opts = dict(damping=1e-2, adaptive_damping=True, adaptive_damping_interval=2,
-                factor_update_steps=1, inv_update_steps=3, kl_clip=1e-2)
+    opts = dict(
+        damping=1e-2,
+        adaptive_damping=True,
+        adaptive_damping_interval=2,
+        factor_update_steps=1,
+        inv_update_steps=3,
+        kl_clip=1e-2,
+    )
     pre = KFACPreconditioner(model, **opts)
     g = torch.Generator().manual_seed(6)
-    data = [(torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
-            for _ in range(steps)]
+    data = [
+        (
+            torch.randn(8, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (8,), generator=g),
+        )
+        for _ in range(steps)
+    ]
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -264,9 +309,13 @@ def _adaptive_run(steps, state=None, resume_at=None):
     saved, dampings = None, []
     for t in range(start, steps):
         if t == resume_at and state is None:
-            saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                     "opt": opt.state_dict(), "pre": pre.state_dict()}
+            saved = {
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "opt": opt.state_dict(),
+                "pre": pre.state_dict(),
+            }
             import copy
+
             saved = copy.deepcopy(saved)
         x, y = data[t]
         opt.zero_grad()
@@ -310,11 +359,10 @@ def _autoencoder_run(pixel_reduction, mode, damping, lr, steps=4):
     model = nn.Sequential(nn.Linear(PIXELS, 12), nn.Tanh(), nn.Linear(12, PIXELS)).double()
     x = _digits()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, factor_decay=0.8,
-                             **EXACT)
+    pre = KFACPreconditioner(model, damping=damping, damping_mode=mode, factor_decay=0.8, **EXACT)
     first = None
     for t in range(steps):
-        batch = x[8 * t:8 * t + 8]
+        batch = x[8 * t : 8 * t + 8]
         opt.zero_grad()
         logits = model(batch)
         if pixel_reduction == "mean":  # mean over examples and pixels
@@ -337,12 +385,14 @@ def test_relative_damping_is_invariant_to_averaging_over_pixels():
     lam, lr = 1e-3, 0.02
     ref = {}
     for mode in ("relative", "absolute"):
-        m_mean, pre_mean, p_mean = _autoencoder_run("mean", mode, lam, lr)
-        m_sum, pre_sum, p_sum = _autoencoder_run("sum", mode, lam, lr * PIXELS)
+        m_mean, _pre_mean, p_mean = _autoencoder_run("mean", mode, lam, lr)
+        m_sum, _pre_sum, p_sum = _autoencoder_run("sum", mode, lam, lr * PIXELS)
         G_mean, G_sum = p_mean.pop("G"), p_sum.pop("G")  # after the first step
-        assert D.rel_err(G_mean * PIXELS ** 2, G_sum) <= 1e-10  # the scale the test is about
-        ref[mode] = (max(D.rel_err(p_mean[n], PIXELS * p_sum[n]) for n in p_mean),
-                     max(D.rel_err(a, b) for a, b in zip(m_mean.parameters(), m_sum.parameters())))
+        assert D.rel_err(G_mean * PIXELS**2, G_sum) <= 1e-10  # the scale the test is about
+        ref[mode] = (
+            max(D.rel_err(p_mean[n], PIXELS * p_sum[n]) for n in p_mean),
+            max(D.rel_err(a, b) for a, b in zip(m_mean.parameters(), m_sum.parameters())),
+        )
     assert ref["relative"][0] <= 1e-9 and ref["relative"][1] <= 1e-9, ref
     assert ref["absolute"][0] >= 0.1 and ref["absolute"][1] >= 1e-3, ref
 
@@ -353,8 +403,9 @@ def test_relative_damping_formula(method):
     factored form with that absolute value (inverse)."""
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    pre = KFACPreconditioner(model, damping=0.1, damping_mode="relative", compute_method=method,
-                             **EXACT)
+    pre = KFACPreconditioner(
+        model, damping=0.1, damping_mode="relative", compute_method=method, **EXACT
+    )
     x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
     F.cross_entropy(model(x), y).backward()
     raw = {n: D.grad_matrix(model[int(n)]) for n in ("0", "2")}
@@ -377,14 +428,20 @@ def _lightning():
     return pl, S
 
 
-ADAPTIVE = dict(damping=1e-2, adaptive_damping=True, adaptive_damping_interval=2,
-                factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
+ADAPTIVE = dict(
+    damping=1e-2,
+    adaptive_damping=True,
+    adaptive_damping_interval=2,
+    factor_update_steps=1,
+    inv_update_steps=2,
+    kl_clip=1e-2,
+)
 
 
 def test_callback_adaptive_damping_equals_hand_loop(tmp_path):
     """Trainer.fit == zero_grad; backward; pre.step; opt.step; pre.update_damping(loss, closure)
     on the same batches: same damping after every step and bit-identical parameters."""
-    pl, S = _lightning()
+    _pl, S = _lightning()
     from lightning_kfac import KFACCallback
 
     data = S.loader(S.make_dataset(8 * 8), batch_size=8)
@@ -420,8 +477,9 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
     class LoggingBN(S.MLP):
         def __init__(self):
             super().__init__(lr=0.2)
-            self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(),
-                                     nn.Linear(8, 3)).double()
+            self.net = nn.Sequential(
+                nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)
+            ).double()
 
         def training_step(self, batch, batch_idx):
             loss = self.loss(batch)
@@ -429,7 +487,7 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
             return loss
 
     class Losses(pl.Callback):
-        values = []
+        values: ClassVar[list[float]] = []
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.values.append(float(outputs["loss"]))
@@ -437,7 +495,8 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
     model, losses = LoggingBN(), Losses()
     callback = KFACCallback(**dict(ADAPTIVE, adaptive_damping_interval=1))
     S.make_trainer(tmp_path, max_epochs=1, callbacks=[callback, losses]).fit(
-        model, S.loader(S.make_dataset(4 * 8), batch_size=8))
+        model, S.loader(S.make_dataset(4 * 8), batch_size=8)
+    )
     assert callback.preconditioner.damping_control.adaptations == 4
     assert int(model.net[1].num_batches_tracked) == 4
     mean = sum(losses.values) / len(losses.values)
@@ -445,8 +504,9 @@ def test_callback_reevaluation_has_no_side_effects(tmp_path):
 
 
 def test_callback_adaptive_damping_refuses_manual_optimization(tmp_path):
-    pl, S = _lightning()
+    _pl, S = _lightning()
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
     from lightning_kfac import KFACCallback
 
     class Manual(S.MLP):
@@ -462,7 +522,8 @@ def test_callback_adaptive_damping_refuses_manual_optimization(tmp_path):
 
     with pytest.raises(MisconfigurationException, match=r"adaptive_damping=True\) needs automatic"):
         S.make_trainer(tmp_path, max_steps=1, callbacks=[KFACCallback(**ADAPTIVE)]).fit(
-            Manual(), S.loader(S.make_dataset(8), 8))
+            Manual(), S.loader(S.make_dataset(8), 8)
+        )
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

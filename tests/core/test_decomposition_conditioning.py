@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import List
 
 import pytest
 import torch
@@ -30,8 +29,9 @@ from tests.support import dense as D
 DT = torch.float64
 
 
-def _psd_with_zero_rows(n: int, zero: List[int], rank: int, seed: int,
-                        diagonal: float = 0.0) -> Tensor:
+def _psd_with_zero_rows(
+    n: int, zero: list[int], rank: int, seed: int, diagonal: float = 0.0
+) -> Tensor:
     """Rows/columns ``zero`` are zero, or zero off the diagonal with ``diagonal`` there (an
     identity-blended factor)."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +55,9 @@ def test_deflated_eigh_is_an_exact_eigendecomposition() -> None:
     assert torch.allclose(e.sort().values, torch.linalg.eigvalsh(A).clamp_min(0), atol=1e-13)
     blended = _psd_with_zero_rows(10, zero, rank=4, seed=0, diagonal=0.7)
     out = linalg.eigh_psd(blended)
-    assert out["support"].numel() == 6 and torch.equal(out["e"][:4], torch.full((4,), 0.7, dtype=DT))
+    assert out["support"].numel() == 6 and torch.equal(
+        out["e"][:4], torch.full((4,), 0.7, dtype=DT)
+    )
     assert torch.allclose(out["Q"] @ torch.diag(out["e"]) @ out["Q"].T, blended, atol=1e-13)
     assert "support" not in linalg.eigh_psd(_psd_with_zero_rows(6, [], rank=8, seed=1))
 
@@ -71,8 +73,9 @@ def test_deflated_damped_inverse_equals_the_dense_inverse() -> None:
 @pytest.mark.parametrize("diagonal", [0.0, 0.3], ids=["zero", "identity-blend"])
 @pytest.mark.parametrize("zero", [[0, 2, 5, 6], [3]], ids=["support-block", "dense-Q"])
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_deflated_preconditioning_equals_the_dense_solve(method: str, zero: List[int],
-                                                         diagonal: float) -> None:
+def test_deflated_preconditioning_equals_the_dense_solve(
+    method: str, zero: list[int], diagonal: float
+) -> None:
     """Half of A decoupled: the support-block path; one such row: the dense Q_A / A_inv path."""
     A = _psd_with_zero_rows(8, zero, rank=3, seed=3, diagonal=diagonal)
     pays = len(zero) >= 4
@@ -95,8 +98,13 @@ def test_deflated_preconditioning_equals_the_dense_solve(method: str, zero: List
 
 def _one_pixel_net() -> nn.Module:
     """A 3x3 conv (padding 1) on a 1x1 map, as in a ResNet's last stage on 32x32 inputs."""
-    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1),
-                         nn.Flatten(), nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
@@ -117,14 +125,15 @@ def test_engine_on_padding_only_taps_equals_dense_reference(method: str) -> None
         support = [c * 9 + 4 for c in range(A.shape[0] // 9)] + [A.shape[0] - 1]
         assert dec["A_support"].tolist() == support
         ref = (D.eigen_precondition if method == "eigen" else D.inverse_precondition)(
-            A, G, raw[name], 1e-2)
+            A, G, raw[name], 1e-2
+        )
         assert D.rel_err(D.grad_matrix(dict(model.named_modules())[name]), ref) < 1e-10
 
 
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
-        self.messages: List[str] = []
+        self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
@@ -207,15 +216,17 @@ def test_deflated_decomposition_survives_a_state_round_trip(method: str) -> None
     torch.manual_seed(10)
     model = _one_pixel_net()
     x, y = torch.randn(7, 4, 1, 1), torch.randint(0, 3, (7,))
-    pre = KFACPreconditioner(model, compute_method=method, factor_update_steps=1,
-                             inv_update_steps=2)
+    pre = KFACPreconditioner(
+        model, compute_method=method, factor_update_steps=1, inv_update_steps=2
+    )
     F.cross_entropy(model(x), y).backward()
     pre.step()
     assert pre.blocks["2"].decomposition["A_support"].dtype == torch.int64
     state = pre.state_dict()
     pre.remove()
-    twin = KFACPreconditioner(model, compute_method=method, factor_update_steps=1,
-                              inv_update_steps=2)
+    twin = KFACPreconditioner(
+        model, compute_method=method, factor_update_steps=1, inv_update_steps=2
+    )
     twin.load_state_dict(state)
     assert twin.blocks["2"].decomposition["A_support"].dtype == torch.int64
     grads = []

@@ -29,8 +29,7 @@ WORLD = 2
 def spawn(target, args, world: int = WORLD, timeout: float = TIMEOUT) -> None:
     """Run ``target(rank, *args)`` in ``world`` spawned processes; fail on error or hang."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(rank,) + tuple(args), daemon=True)
-             for rank in range(world)]
+    procs = [ctx.Process(target=target, args=(rank, *args), daemon=True) for rank in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -92,7 +91,8 @@ def test_matches_single_process_on_concatenated_batch(runs, fault) -> None:
 
 
 def test_fault_decisions_are_collective(runs) -> None:
-    """NaN on rank 1 only: both ranks skip that update; a failure on the owner: both keep the old one."""
+    """NaN on rank 1 only: both ranks skip that update; a failure on the owner:
+    both keep the old one."""
     nan = [runs[r]["decompositions:nan"]["counters"] for r in range(WORLD)]
     assert [c["nonfinite_estimates"] for c in nan] == [1, 1]
     for case in ("decompositions:fail", "replicate:fail", "gradients:fail"):
@@ -123,17 +123,22 @@ def test_bytes_counter_matches_communication_bytes(runs) -> None:
     for mode in ("replicate", "decompositions", "gradients"):
         pre = KFACPreconditioner(model, distribute=mode, **E.OPTIONS)
         fig = pre.distributed.communication_bytes(world_size=WORLD)
-        expected = (E.STEPS * (fig["factor_update"] + fig["per_step"])
-                    + refreshes * fig["decomposition_refresh"] + fig["state_dict"])
+        expected = (
+            E.STEPS * (fig["factor_update"] + fig["per_step"])
+            + refreshes * fig["decomposition_refresh"]
+            + fig["state_dict"]
+        )
         for r in range(WORLD):
             sent = runs[r][f"{mode}:None"]["sent"]
             snapshot_gather = fig["state_dict"]  # _snapshot calls state_dict() after `sent`
             assert sum(sent.values()) + snapshot_gather == expected, mode
         pre.remove()
-    rep = KFACPreconditioner(model, distribute="replicate",
-                             **E.OPTIONS).distributed.communication_bytes(2)
-    grad = KFACPreconditioner(model, distribute="gradients",
-                              **E.OPTIONS).distributed.communication_bytes(2)
+    rep = KFACPreconditioner(
+        model, distribute="replicate", **E.OPTIONS
+    ).distributed.communication_bytes(2)
+    grad = KFACPreconditioner(
+        model, distribute="gradients", **E.OPTIONS
+    ).distributed.communication_bytes(2)
     assert grad["decomposition_memory_per_rank"] < rep["decomposition_memory_per_rank"]
 
 
@@ -149,32 +154,60 @@ def test_reliability_rows(runs, request) -> None:
     """reliability rows "DDP identical ranks" and "DDP fault on one rank" (make reliability)."""
     from tests.reliability_report import Row, record_row
 
-    diffs = {case: max(_max_diff(runs[0][case][k], runs[1][case][k])
-                       for k in ("params", "factors", "decompositions")) for case in runs[0]}
+    diffs = {
+        case: max(
+            _max_diff(runs[0][case][k], runs[1][case][k])
+            for k in ("params", "factors", "decompositions")
+        )
+        for case in runs[0]
+    }
     ref = E.reference(None)
     vs_one = max(_max_diff(runs[0]["replicate:None"][k], ref[k]) for k in ("params", "factors"))
     same = sum(d == 0.0 for d in diffs.values())
-    record_row(request.config, Row(
-        "DDP identical ranks", len(diffs), same,
-        f"max cross-rank difference {max(diffs.values()):g} ({len(diffs)} runs x {E.STEPS} steps, "
-        f"2 gloo ranks, different data); vs 1 process on the concatenated batch {vs_one:.1e}",
-        request.node.nodeid))
-    faults = {"decompositions:nan": "nonfinite_estimates", "decompositions:fail":
-              "decomposition_failures", "replicate:fail": "decomposition_failures",
-              "gradients:fail": "decomposition_failures"}
-    agreed = sum(runs[0][c]["counters"][k] == runs[1][c]["counters"][k] == 1 and diffs[c] == 0.0
-                 for c, k in faults.items())
-    record_row(request.config, Row(
-        "DDP fault on one rank", len(faults), agreed,
-        "hangs 0 (spawn bounded by a timeout); NaN estimate on rank 1 / decomposition failure on "
-        "the owner rank: same skip on both ranks, ranks bit-identical", request.node.nodeid))
+    record_row(
+        request.config,
+        Row(
+            "DDP identical ranks",
+            len(diffs),
+            same,
+            f"max cross-rank difference {max(diffs.values()):g} "
+            f"({len(diffs)} runs x {E.STEPS} steps, 2 gloo ranks, different data); "
+            f"vs 1 process on the concatenated batch {vs_one:.1e}",
+            request.node.nodeid,
+        ),
+    )
+    faults = {
+        "decompositions:nan": "nonfinite_estimates",
+        "decompositions:fail": "decomposition_failures",
+        "replicate:fail": "decomposition_failures",
+        "gradients:fail": "decomposition_failures",
+    }
+    agreed = sum(
+        runs[0][c]["counters"][k] == runs[1][c]["counters"][k] == 1 and diffs[c] == 0.0
+        for c, k in faults.items()
+    )
+    record_row(
+        request.config,
+        Row(
+            "DDP fault on one rank",
+            len(faults),
+            agreed,
+            "hangs 0 (spawn bounded by a timeout); NaN estimate on rank 1 / decomposition failure "
+            "on the owner rank: same skip on both ranks, ranks bit-identical",
+            request.node.nodeid,
+        ),
+    )
     assert same == len(diffs) and agreed == len(faults) and vs_one < 1e-6
 
 
 # -- pure helpers (no processes) -----------------------------------------------------------------
 def test_greedy_assignment_balances_and_is_deterministic() -> None:
-    costs = [("a", layer_cost(785, 1000)), ("b", layer_cost(1001, 500)),
-             ("c", layer_cost(501, 250)), ("d", layer_cost(251, 10))]
+    costs = [
+        ("a", layer_cost(785, 1000)),
+        ("b", layer_cost(1001, 500)),
+        ("c", layer_cost(501, 250)),
+        ("d", layer_cost(251, 10)),
+    ]
     owner = greedy_assignment(costs, 2)
     assert owner == greedy_assignment(list(costs), 2)
     assert owner["a"] != owner["b"]  # the two big layers go to different ranks

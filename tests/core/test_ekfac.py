@@ -10,16 +10,22 @@ are unique up to sign, and squares do not see the sign).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac import KFACPreconditioner
-from tests.support.dense import (brute_factors, grad_matrix, linear_rows, per_example_grads,
-                                 record, rel_err, unvec, vec)
+from tests.support.dense import (
+    brute_factors,
+    grad_matrix,
+    linear_rows,
+    per_example_grads,
+    record,
+    rel_err,
+    unvec,
+    vec,
+)
 
 DT = torch.float64
 DAMPING = 1e-2
@@ -44,8 +50,16 @@ def _dense_ekfac_solve(QA: Tensor, QG: Tensor, s: Tensor, grad: Tensor, damping:
 
 def _one_step(model: nn.Module, x: Tensor, y: Tensor, names, **options):
     """One factor step with decay 0 and a refresh; returns pre, raw grads, recorded store."""
-    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, damping=DAMPING,
-                             factor_update_steps=1, inv_update_steps=1, kl_clip=None, **options)
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        factor_decay=0.0,
+        damping=DAMPING,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        **options,
+    )
     modules = dict(model.named_modules())
     with record(model, names) as store:
         F.cross_entropy(model(x), y).backward()
@@ -62,8 +76,9 @@ def test_scaling_and_step_equal_brute_force_after_refresh(kind: str) -> None:
         x = torch.randn(12, 5, dtype=DT)
         names = {"0": 7, "2": 4}
     else:
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(3 * 16, 4)).to(DT)
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 4)
+        ).to(DT)
         x = torch.randn(6, 2, 4, 4, dtype=DT)
         names = {"0": 3, "3": 4}
     y = torch.randint(0, 4, (x.shape[0],))
@@ -85,7 +100,8 @@ def test_scaling_and_step_equal_brute_force_after_refresh(kind: str) -> None:
 
 
 def test_sequence_linear_uses_one_example_per_position() -> None:
-    """Linear on (B, T, d): every position is an example (docs/conventions.md), g = N x autograd grad."""
+    """Linear on (B, T, d): every position is an example (docs/conventions.md),
+    g = N x autograd grad."""
 
     class Seq(nn.Module):
         def __init__(self):
@@ -99,12 +115,13 @@ def test_sequence_linear_uses_one_example_per_position() -> None:
     model = Seq().to(DT)
     x, y = torch.randn(4, 6, 3, dtype=DT), torch.randint(0, 4, (4,))
     pre, _, store = _one_step(model, x, y, ["inner"])
-    (inp, out), = store["inner"]
+    ((inp, out),) = store["inner"]
     a, g = linear_rows(model.inner, inp, out)
     dec = pre.blocks["inner"].decomposition
     rows = g[:, :, None] * a[:, None, :]  # per-position g a^T, N = B T rows
-    assert torch.allclose(dec["scale"], _rotated_sq_mean(rows, dec["QA"], dec["QG"]),
-                          rtol=1e-9, atol=1e-14)
+    assert torch.allclose(
+        dec["scale"], _rotated_sq_mean(rows, dec["QA"], dec["QG"]), rtol=1e-9, atol=1e-14
+    )
 
 
 def test_single_example_ekfac_equals_kfac() -> None:
@@ -124,14 +141,21 @@ def test_single_example_ekfac_equals_kfac() -> None:
 
 
 def test_running_average_between_refreshes() -> None:
-    """s <- decay s + (1-decay) s^ every factor step; a refresh restarts it at the new basis's s^."""
+    """s <- decay s + (1-decay) s^ every factor step; a refresh restarts it
+    at the new basis's s^."""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     decay = 0.5
-    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=decay, damping=DAMPING,
-                             factor_update_steps=1, inv_update_steps=3)
-    expected: Dict[str, Tensor] = {}
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        factor_decay=decay,
+        damping=DAMPING,
+        factor_update_steps=1,
+        inv_update_steps=3,
+    )
+    expected: dict[str, Tensor] = {}
     for t in range(5):
         x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
         per = {n: _per_example(model, x, y, n, o) for n, o in (("0", 5), ("2", 3))}
@@ -154,9 +178,15 @@ def test_off_clock_refresh_at_end_of_warmup_rotates_in_the_new_basis() -> None:
     and rotated after the refresh, not in the stale basis (decay 0: s = this step's s^)."""
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
-    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, warmup_steps=2,
-                             factor_update_steps=1, inv_update_steps=10)
-    for t in range(3):
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        factor_decay=0.0,
+        warmup_steps=2,
+        factor_update_steps=1,
+        inv_update_steps=10,
+    )
+    for _t in range(3):
         x, y = torch.randn(8, 4, dtype=DT), torch.randint(0, 3, (8,))
         per = {n: _per_example(model, x, y, n, o) for n, o in (("0", 5), ("2", 3))}
         model.zero_grad()
@@ -192,8 +222,14 @@ def test_mc_enumerated_scaling_is_the_true_fisher_diagonal() -> None:
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).to(DT)
     x = torch.randn(7, 4, dtype=DT)
-    pre = KFACPreconditioner(model, compute_method="ekfac", fisher_type="mc", factor_decay=0.0,
-                             factor_update_steps=1, inv_update_steps=1)
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        fisher_type="mc",
+        factor_decay=0.0,
+        factor_update_steps=1,
+        inv_update_steps=1,
+    )
     model(x)
     pre.mc.backward(enumerate_classes=True)
     pre.step()
@@ -212,8 +248,9 @@ def test_ekfac_config_and_state() -> None:
     """The scaling is part of the saved decomposition; eigen layers carry no scaling."""
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
-    pre = KFACPreconditioner(model, compute_method="eigen",
-                             layer_overrides=[{"regex": "^2$", "compute_method": "ekfac"}])
+    pre = KFACPreconditioner(
+        model, compute_method="eigen", layer_overrides=[{"regex": "^2$", "compute_method": "ekfac"}]
+    )
     F.cross_entropy(model(torch.randn(5, 3, dtype=DT)), torch.randint(0, 2, (5,))).backward()
     pre.step()
     state = pre.state_dict()["layers"]
@@ -228,8 +265,15 @@ def test_embedding_scaling_and_step_equal_brute_force() -> None:
     torch.manual_seed(8)
     model = nn.Sequential(nn.Embedding(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
     idx, y = torch.tensor([0, 2, 2, 5, 1, 2, 0, 3]), torch.randint(0, 3, (8,))
-    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, damping=DAMPING,
-                             factor_update_steps=1, inv_update_steps=1, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        factor_decay=0.0,
+        damping=DAMPING,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+    )
     assert "0" in pre.blocks
     F.cross_entropy(model(idx), y).backward()
     raw = model[0].weight.grad.T.clone()  # g_dim x a_dim = embedding_dim x num_embeddings
@@ -251,8 +295,14 @@ def test_embedding_scaling_and_step_equal_brute_force() -> None:
 
 # -- two ranks (gloo): the scaling estimate is averaged like the factors -------------------------
 def _ekfac_run(model: nn.Module, batches, rank: int = 0, world: int = 1):
-    pre = KFACPreconditioner(model, compute_method="ekfac", factor_update_steps=1,
-                             inv_update_steps=2, factor_decay=0.5, damping=DAMPING)
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        factor_update_steps=1,
+        inv_update_steps=2,
+        factor_decay=0.5,
+        damping=DAMPING,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in batches:
         part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -265,8 +315,10 @@ def _ekfac_run(model: nn.Module, batches, rank: int = 0, world: int = 1):
 
 def _batches():
     gen = torch.Generator().manual_seed(9)
-    return [(torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
-            for _ in range(3)]
+    return [
+        (torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(3)
+    ]
 
 
 def _net() -> nn.Module:
@@ -291,8 +343,12 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path) -> None
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path)),
-                         daemon=True) for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_ddp_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path)), daemon=True
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -317,7 +373,7 @@ class _SeqNet(nn.Module):
         return self.head(torch.tanh(self.inner(x))).mean(1)
 
 
-def _seq_position_grads(model: _SeqNet, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+def _seq_position_grads(model: _SeqNet, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Per-position ``dW~_r = g_r a_r^T`` of both layers, with g = (B T) x autograd's gradient.
 
     Every position r is one term of the loss seen per row, so its gradient is the row's
@@ -327,15 +383,20 @@ def _seq_position_grads(model: _SeqNet, x: Tensor, y: Tensor) -> Dict[str, Tenso
     model.zero_grad()
     out = {}
     for name in ("inner", "head"):
-        (inp, outp), = store[name]
+        ((inp, outp),) = store[name]
         a, g = linear_rows(getattr(model, name), inp, outp)
         out[name] = g[:, :, None] * a[:, None, :]
     return out
 
 
 def _conv_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2),
-                         nn.Flatten(), nn.Linear(2 * 9, 4)).to(DT)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 2),
+        nn.Flatten(),
+        nn.Linear(2 * 9, 4),
+    ).to(DT)
 
 
 @pytest.mark.parametrize("kind", ["linear", "sequence", "conv"])
@@ -358,10 +419,11 @@ def test_scaling_after_refresh_is_the_new_basis_second_moment_with_default_decay
         model = _conv_net()
         shapes, make_x = {"0": 3, "2": 2, "4": 4}, lambda: torch.randn(5, 2, 4, 4, dtype=DT)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    pre = KFACPreconditioner(model, compute_method="ekfac", damping=DAMPING,
-                             factor_update_steps=1, inv_update_steps=3)
+    pre = KFACPreconditioner(
+        model, compute_method="ekfac", damping=DAMPING, factor_update_steps=1, inv_update_steps=3
+    )
     assert pre.config.factor_decay == 0.95
-    expected: Dict[str, Tensor] = {}
+    expected: dict[str, Tensor] = {}
     for t in range(5):
         x = make_x()
         y = torch.randint(0, 3, (x.shape[0],))
@@ -393,8 +455,9 @@ def test_ekfac_is_closer_to_the_empirical_fisher_than_kfac() -> None:
     """George et al. 2018, sec. 3.2: in the Kronecker eigenbasis Q = Q_A (x) Q_G, the diagonal
     closest (Frobenius) to the empirical Fisher block F = E_n[vec(dW~_n) vec(dW~_n)^T] is
     diag(Q^T F Q) = s, EKFAC's scaling; K-FAC's A (x) G = Q diag(e_G e_A^T) Q^T is another
-    diagonal in the same basis, so ||F - F_KFAC||^2 - ||F - F_EKFAC||^2 = ||s - e_G e_A^T||^2. Checked on a conv + linear network against the dense block from torch.func,
-    and ||F - F_EKFAC||^2 = ||F||^2 - ||s||^2 (Pythagoras in the rotated basis)."""
+    diagonal in the same basis, so ||F - F_KFAC||^2 - ||F - F_EKFAC||^2 = ||s - e_G e_A^T||^2.
+    Checked on a conv + linear network against the dense block from torch.func, and ||F -
+    F_EKFAC||^2 = ||F||^2 - ||s||^2 (Pythagoras in the rotated basis)."""
     torch.manual_seed(13)
     model = _conv_net()
     x, y = torch.randn(16, 2, 4, 4, dtype=DT), torch.randint(0, 4, (16,))
@@ -414,10 +477,10 @@ def test_ekfac_is_closer_to_the_empirical_fisher_than_kfac() -> None:
         assert err_ekfac < err_kfac, (name, err_ekfac, err_kfac)
         norm2 = float(torch.linalg.norm(fisher)) ** 2
         pythagoras = norm2 - float(dec["scale"].square().sum())
-        assert abs(err_ekfac ** 2 - pythagoras) < 1e-8 * norm2
+        assert abs(err_ekfac**2 - pythagoras) < 1e-8 * norm2
         # the gain is exactly the distance between the two diagonals
         gain = float((dec["scale"] - torch.outer(dec["eG"], dec["eA"])).square().sum())
-        assert abs((err_kfac ** 2 - err_ekfac ** 2) - gain) < 1e-8 * norm2
+        assert abs((err_kfac**2 - err_ekfac**2) - gain) < 1e-8 * norm2
         assert gain > 1e-3 * norm2
 
 
@@ -425,12 +488,19 @@ def test_aborted_step_restores_the_scaling_count():
     """A step undone with ``abort_step`` (its optimizer step never ran) and run again leaves the
     EKFAC scaling and its estimate count as an uninterrupted run does. Warm-up ends at t=3, off
     the factor clock, so the first estimate in that basis comes at t=4 (count 0 -> 1, in place)."""
+
     def run(abort_at):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        pre = KFACPreconditioner(model, compute_method="ekfac", factor_update_steps=2,
-                                 inv_update_steps=100, warmup_steps=3, optimizer=opt)
+        pre = KFACPreconditioner(
+            model,
+            compute_method="ekfac",
+            factor_update_steps=2,
+            inv_update_steps=100,
+            warmup_steps=3,
+            optimizer=opt,
+        )
         pre.undoable = True
         gen = torch.Generator().manual_seed(1)
         for t in range(6):

@@ -9,8 +9,6 @@ factored-Tikhonov formula (inverse: M&G 2015, sec. 6.3), computed from ``tests/s
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,8 +37,9 @@ def _ce(reduction: str = "mean"):
     return loss
 
 
-def one_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn, names: List[str], optimizer=None,
-             **options) -> Tuple[object, Dict[str, Tuple[Tensor, Tensor]], Dict[str, Tensor]]:
+def one_step(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn, names: list[str], optimizer=None, **options
+) -> tuple[object, dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
     """Build a preconditioner (factors and decompositions refreshed this step), run one
     forward/backward/``pre.step()``; return it, the brute-force factors and the raw ``grad W~``."""
     opts = dict(factor_update_steps=1, inv_update_steps=1, factor_decay=0.5, kl_clip=None)
@@ -55,7 +54,7 @@ def one_step(model: nn.Module, x: Tensor, y: Tensor, loss_fn, names: List[str], 
     return pre, brute, raw
 
 
-def check_factors(pre, brute: Dict[str, Tuple[Tensor, Tensor]]) -> None:
+def check_factors(pre, brute: dict[str, tuple[Tensor, Tensor]]) -> None:
     factors = pre.factors()
     assert set(brute) <= set(factors), f"missing layers: {set(brute) - set(factors)}"
     for name, (A_ref, G_ref) in brute.items():
@@ -65,8 +64,14 @@ def check_factors(pre, brute: Dict[str, Tuple[Tensor, Tensor]]) -> None:
         assert D.rel_err(G, G_ref) <= FACTOR_TOL, (name, "G", D.rel_err(G, G_ref))
 
 
-def check_preconditioned(pre, model: nn.Module, raw: Dict[str, Tensor], damping: float,
-                         method: str = "eigen", scale: float = 1.0) -> None:
+def check_preconditioned(
+    pre,
+    model: nn.Module,
+    raw: dict[str, Tensor],
+    damping: float,
+    method: str = "eigen",
+    scale: float = 1.0,
+) -> None:
     modules = dict(model.named_modules())
     factors = pre.factors()
     solve = D.eigen_precondition if method == "eigen" else D.inverse_precondition
@@ -98,10 +103,17 @@ def test_reference_per_example_grad_is_kron_a_g(bias: bool) -> None:
         assert D.rel_err(per_ex.mean(0), D.vec(D.grad_matrix(model[int(name)]))) <= 1e-12
 
 
-@pytest.mark.parametrize("cls,shape,kw", [
-    (nn.Conv2d, (3, 2, 7, 6), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
-    (nn.Conv1d, (3, 2, 9), dict(kernel_size=3, stride=2, padding=1, dilation=2)),
-])
+@pytest.mark.parametrize(
+    "cls,shape,kw",
+    [
+        (
+            nn.Conv2d,
+            (3, 2, 7, 6),
+            dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        ),
+        (nn.Conv1d, (3, 2, 9), dict(kernel_size=3, stride=2, padding=1, dilation=2)),
+    ],
+)
 def test_reference_conv_patches(cls, shape, kw) -> None:
     """Loop patches reproduce the conv output and per-example grads: dW~_n = sum_t g a^T."""
     torch.manual_seed(0)
@@ -144,8 +156,10 @@ def test_one_example_kron_equals_exact_fisher_block(bias: bool) -> None:
     model = _mlp(bias)
     x, y = torch.randn(1, 5, dtype=torch.float64), torch.randint(0, 3, (1,))
     # the torch.func reference runs before the engine hooks the model (they would capture it)
-    fisher = {n: D.exact_fisher_block(D.per_example_grads(model, F.cross_entropy, x, y, n))
-              for n in ["0", "2"]}
+    fisher = {
+        n: D.exact_fisher_block(D.per_example_grads(model, F.cross_entropy, x, y, n))
+        for n in ["0", "2"]
+    }
     pre, brute, _ = one_step(model, x, y, F.cross_entropy, ["0", "2"])
     check_factors(pre, brute)
     factors = pre.factors()
@@ -162,16 +176,25 @@ def test_one_example_kron_equals_exact_fisher_block(bias: bool) -> None:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("seq", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_linear_factors_and_preconditioned_grad(reduction: str, bias: bool, seq: bool,
-                                               method: str) -> None:
+def test_linear_factors_and_preconditioned_grad(
+    reduction: str, bias: bool, seq: bool, method: str
+) -> None:
     torch.manual_seed(2)
     model = _mlp(bias)
     shape = (4, 3) if seq else (8,)
     x = torch.randn(*shape, 5, dtype=torch.float64)
     y = torch.randint(0, 3, shape)
     damping = 0.03
-    pre, brute, raw = one_step(model, x, y, _ce(reduction), ["0", "2"], damping=damping,
-                               compute_method=method, loss_reduction=reduction)
+    pre, brute, raw = one_step(
+        model,
+        x,
+        y,
+        _ce(reduction),
+        ["0", "2"],
+        damping=damping,
+        compute_method=method,
+        loss_reduction=reduction,
+    )
     check_factors(pre, brute)
     check_preconditioned(pre, model, raw, damping, method)
 
@@ -182,7 +205,12 @@ def test_linear_factors_and_preconditioned_grad(reduction: str, bias: bool, seq:
 CONV_CASES = [
     (nn.Conv2d, (3, 2, 6, 6), dict(kernel_size=3), True),
     (nn.Conv2d, (3, 2, 7, 7), dict(kernel_size=3, stride=2, padding=1), True),
-    (nn.Conv2d, (2, 2, 7, 6), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), True),
+    (
+        nn.Conv2d,
+        (2, 2, 7, 6),
+        dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        True,
+    ),
     (nn.Conv2d, (3, 2, 5, 5), dict(kernel_size=2, padding=1, dilation=2), False),
     (nn.Conv1d, (3, 2, 8), dict(kernel_size=3), True),
     (nn.Conv1d, (3, 2, 11), dict(kernel_size=3, stride=2, padding=2, dilation=2), False),
@@ -190,8 +218,11 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("cls,shape,kw,bias", CONV_CASES,
-                         ids=[f"{c.__name__}-{i}" for i, (c, *_r) in enumerate(CONV_CASES)])
+@pytest.mark.parametrize(
+    "cls,shape,kw,bias",
+    CONV_CASES,
+    ids=[f"{c.__name__}-{i}" for i, (c, *_r) in enumerate(CONV_CASES)],
+)
 def test_conv_factors_and_preconditioned_grad(cls, shape, kw, bias, reduction: str) -> None:
     torch.manual_seed(3)
     conv = cls(2, 3, bias=bias, **kw).double()
@@ -199,8 +230,9 @@ def test_conv_factors_and_preconditioned_grad(cls, shape, kw, bias, reduction: s
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * T, 4)).double()
     x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 4, (shape[0],))
     damping = 0.01
-    pre, brute, raw = one_step(model, x, y, _ce(reduction), ["0", "3"], damping=damping,
-                               loss_reduction=reduction)
+    pre, brute, raw = one_step(
+        model, x, y, _ce(reduction), ["0", "3"], damping=damping, loss_reduction=reduction
+    )
     check_factors(pre, brute)
     check_preconditioned(pre, model, raw, damping, "eigen")
 
@@ -215,12 +247,17 @@ def test_kl_clip_equals_formula(kl_clip: float) -> None:
     torch.manual_seed(4)
     model = _mlp()
     lrs = {"0": 0.1, "2": 0.3}
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lrs["0"]},
-                           {"params": model[2].parameters(), "lr": lrs["2"]}])
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": lrs["0"]},
+            {"params": model[2].parameters(), "lr": lrs["2"]},
+        ]
+    )
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     damping = 0.02
-    pre, brute, raw = one_step(model, x, y, F.cross_entropy, ["0", "2"], optimizer=opt,
-                               damping=damping, kl_clip=kl_clip)
+    pre, _brute, raw = one_step(
+        model, x, y, F.cross_entropy, ["0", "2"], optimizer=opt, damping=damping, kl_clip=kl_clip
+    )
     factors = pre.factors()
     P = {n: D.eigen_precondition(*factors[n], raw[n], damping) for n in raw}
     nu = D.kl_clip_factor([(P[n], raw[n], lrs[n]) for n in raw], kl_clip)
@@ -235,12 +272,14 @@ def test_kl_clip_equals_formula(kl_clip: float) -> None:
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
 def test_deep_linear_network_layer_by_layer(method: str) -> None:
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 5, bias=False), nn.Linear(5, 4),
-                          nn.Linear(4, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.Linear(5, 5, bias=False), nn.Linear(5, 4), nn.Linear(4, 3)
+    ).double()
     x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
     names = ["0", "1", "2", "3"]
     damping = 1e-3
-    pre, brute, raw = one_step(model, x, y, F.mse_loss, names, damping=damping,
-                               compute_method=method)
+    pre, brute, raw = one_step(
+        model, x, y, F.mse_loss, names, damping=damping, compute_method=method
+    )
     check_factors(pre, brute)
     check_preconditioned(pre, model, raw, damping, method)

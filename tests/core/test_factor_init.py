@@ -35,8 +35,15 @@ def _estimates(model: nn.Module, t: int):
 
 def _run(init: str, steps: int = 3, decay: float = 0.7):
     model = _model()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None,
-                             factor_decay=decay, factor_init=init, damping=0.1)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        factor_decay=decay,
+        factor_init=init,
+        damping=0.1,
+    )
     history, factors = [], []
     for t in range(steps):
         history.append(_estimates(model, t))
@@ -70,8 +77,9 @@ def test_batch_init_sets_the_first_estimate():
 def _first_step(**options):
     """Raw grad W~, brute-force estimates and the preconditioned grad W~ of step 0."""
     model = _model()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None,
-                             **options)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=1, kl_clip=None, **options
+    )
     estimates = _estimates(model, 0)
     modules = dict(model.named_modules())
     raw = {n: D.grad_matrix(modules[n]) for n in NAMES}
@@ -87,7 +95,9 @@ def test_old_conventions_are_one_setting_away():
         assert D.rel_err(pre[n], ref) <= 1e-9
 
 
-WARM_START = dict(factor_init="identity", damping_mode="relative", damping=0.1)  # conf/kfac/warm_start
+WARM_START = dict(
+    factor_init="identity", damping_mode="relative", damping=0.1
+)  # conf/kfac/warm_start
 
 
 def test_defaults_are_the_batch_start_with_absolute_damping():
@@ -112,8 +122,9 @@ def test_warm_start_step_is_the_identity_blend_with_relative_damping():
 def test_identity_init_for_a_diagonal_factor_is_a_vector_of_ones():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3)).double()
-    pre = KFACPreconditioner(model, factor_update_steps=1, factor_init="identity",
-                             factor_decay=0.5, kl_clip=None)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, factor_init="identity", factor_decay=0.5, kl_clip=None
+    )
     tokens = torch.tensor([0, 1, 1, 3])
     F.cross_entropy(model(tokens), torch.tensor([0, 1, 2, 0])).backward()
     pre.step()
@@ -123,7 +134,10 @@ def test_identity_init_for_a_diagonal_factor_is_a_vector_of_ones():
 
 
 def test_factor_init_is_validated_with_the_allowed_values():
-    with pytest.raises(ValueError, match=r"factor_init='eye'.*'batch', 'identity', "
-                                         r"'scaled_identity'"):
+    with pytest.raises(
+        ValueError,
+        match=r"factor_init='eye'.*'batch', 'identity', "
+        r"'scaled_identity'",
+    ):
         KFACConfig(factor_init="eye")
     assert KFACConfig(factor_init="IDENTITY").factor_init == "identity"

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_kfac import KFACPreconditioner
 from lightning_kfac.core.factors import DenseFactor, DiagonalFactor
 from tests.support import dense as D
-from lightning_kfac import KFACPreconditioner
 
 DT = torch.float64
 DAMPING = 1e-2
@@ -30,8 +30,12 @@ def _diag_if(F_ref: torch.Tensor, diagonal: bool) -> torch.Tensor:
 def _model(kind: str) -> nn.Module:
     if kind == "linear":  # A: 7 (6 + bias), G: 5
         return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
-    return nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.Tanh(), nn.Flatten(),  # A: 19, G: 5
-                         nn.Linear(5 * 16, 3)).to(DT)
+    return nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),  # A: 19, G: 5
+        nn.Linear(5 * 16, 3),
+    ).to(DT)
 
 
 def _input(kind: str) -> torch.Tensor:
@@ -53,9 +57,16 @@ def test_diagonal_side_equals_dense_reference_with_diag(kind, side, method) -> N
     # a diagonal G with a dense A is set on the block directly (before any capture)
     limit = {"A": g_dim, "G": None, "both": 0}[side]
     overrides = [] if limit is None else [{"regex": r"^0$", "max_dense_dim": limit}]
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, factor_decay=0.5,
-                             kl_clip=None, damping=DAMPING, compute_method=method,
-                             layer_overrides=overrides)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        factor_decay=0.5,
+        kl_clip=None,
+        damping=DAMPING,
+        compute_method=method,
+        layer_overrides=overrides,
+    )
     if side == "G":
         pre.blocks["0"].set_structures(DenseFactor(a_dim), DiagonalFactor(g_dim))
     block = pre.blocks["0"]
@@ -83,10 +94,18 @@ def test_ekfac_with_a_diagonal_side_equals_dense_solve(side) -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
     x, y = torch.randn(12, 6, dtype=DT), torch.randint(0, 3, (12,))
-    pre = KFACPreconditioner(model, compute_method="ekfac", factor_decay=0.0, damping=DAMPING,
-                             factor_update_steps=1, inv_update_steps=1, kl_clip=None)
-    a_s, g_s = (DiagonalFactor(7), DenseFactor(4)) if side == "A" else (DenseFactor(7),
-                                                                        DiagonalFactor(4))
+    pre = KFACPreconditioner(
+        model,
+        compute_method="ekfac",
+        factor_decay=0.0,
+        damping=DAMPING,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+    )
+    a_s, g_s = (
+        (DiagonalFactor(7), DenseFactor(4)) if side == "A" else (DenseFactor(7), DiagonalFactor(4))
+    )
     pre.blocks["0"].set_structures(a_s, g_s)
     with D.record(model, ["0"]) as store:
         F.cross_entropy(model(x), y).backward()
@@ -109,10 +128,14 @@ def test_structure_by_size_and_override() -> None:
     model = nn.Sequential(nn.Embedding(40, 8), nn.Linear(8, 30), nn.Linear(30, 50, bias=False))
     pre = KFACPreconditioner(model, max_dense_dim=32, memory_budget_gib=None)
     names = {n: (b.a_structure.name, b.g_structure.name) for n, b in pre.blocks.items()}
-    assert names == {"0": ("diagonal", "dense"), "1": ("dense", "dense"),
-                     "2": ("dense", "diagonal")}
-    pre = KFACPreconditioner(model, max_dense_dim=32,
-                             layer_overrides=[{"regex": "^2$", "max_dense_dim": 64}])
+    assert names == {
+        "0": ("diagonal", "dense"),
+        "1": ("dense", "dense"),
+        "2": ("dense", "diagonal"),
+    }
+    pre = KFACPreconditioner(
+        model, max_dense_dim=32, layer_overrides=[{"regex": "^2$", "max_dense_dim": 64}]
+    )
     assert pre.blocks["2"].g_structure.name == "dense"
     assert "diagonal (> max_dense_dim=32)" not in pre.summary().splitlines()[2]
     summary = KFACPreconditioner(model, max_dense_dim=32).summary()
@@ -135,5 +158,5 @@ def test_state_with_other_structures_is_refused() -> None:
     F.mse_loss(model(torch.randn(5, 4)), torch.randn(5, 6)).backward()
     pre.step()
     other = KFACPreconditioner(model, max_dense_dim=5)
-    with pytest.raises(ValueError, match="factor structures|does not fit this model"):
+    with pytest.raises(ValueError, match=r"factor structures|does not fit this model"):
         other.load_state_dict(pre.state_dict())

@@ -22,8 +22,11 @@ def test_all_finite_equals_isfinite(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     big = torch.finfo(dtype).max
     for case in range(40):
-        tensors = [torch.randn(7, 9, generator=gen).to(dtype), torch.randn(300, generator=gen)
-                   .to(dtype), torch.randn(6, 5, generator=gen).to(dtype).T]
+        tensors = [
+            torch.randn(7, 9, generator=gen).to(dtype),
+            torch.randn(300, generator=gen).to(dtype),
+            torch.randn(6, 5, generator=gen).to(dtype).T,
+        ]
         which, at = case % 3, case % 5
         kind = case % 4
         row, col = divmod(at, 2)  # an entry of every tensor (the third is a transposed view)
@@ -51,7 +54,8 @@ def _criterion(grad: Tensor, am: Tensor, gm: Tensor) -> bool:
 
 
 def _layer(rows: int, d_in: int, d_out: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad, am, gm) as a Linear layer's autograd gives them: weight by a product, bias by a sum."""
+    """(grad, am, gm) as a Linear layer's autograd gives them: weight by a
+    product, bias by a sum."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, d_in, generator=gen)
     g = torch.randn(rows, d_out, generator=gen) * (torch.rand(rows, d_out, generator=gen) < 0.5)

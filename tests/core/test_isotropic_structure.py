@@ -38,17 +38,25 @@ def test_isotropic_side_equals_dense_reference(kind, side, method) -> None:
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
         batches = [torch.randn(10, 6, dtype=DT) for _ in range(2)]
     else:
-        model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                              nn.Linear(5 * 16, 3)).to(DT)
+        model = nn.Sequential(
+            nn.Conv2d(2, 5, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 16, 3)
+        ).to(DT)
         batches = [torch.randn(6, 2, 4, 4, dtype=DT) for _ in range(2)]
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1,
-                             factor_decay=DECAY, kl_clip=None, damping=DAMPING,
-                             compute_method=method,
-                             layer_overrides=[{"regex": r"^0$", side: "isotropic"}])
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        factor_decay=DECAY,
+        kl_clip=None,
+        damping=DAMPING,
+        compute_method=method,
+        layer_overrides=[{"regex": r"^0$", side: "isotropic"}],
+    )
     block = pre.blocks["0"]
     chosen = block.a_structure if side == "a_structure" else block.g_structure
-    assert chosen.name == "isotropic" and block.structure_reason[side[0].upper()] == \
-        "layer_overrides"
+    assert (
+        chosen.name == "isotropic" and block.structure_reason[side[0].upper()] == "layer_overrides"
+    )
     A_run = G_run = None
     for x in batches:  # two updates: the running average of isotropic estimates stays isotropic
         y = torch.randint(0, 3, (x.shape[0],))
@@ -77,24 +85,36 @@ def test_isotropic_embedding_a_and_dense_refused() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3)).to(DT)
     tokens = torch.tensor([0, 1, 1, 3, 6, 6, 6, 2])
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None,
-                             damping=DAMPING,
-                             layer_overrides=[{"regex": r"^0$", "a_structure": "isotropic"}])
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        damping=DAMPING,
+        layer_overrides=[{"regex": r"^0$", "a_structure": "isotropic"}],
+    )
     F.cross_entropy(model(tokens), torch.randint(0, 3, (8,))).backward()
     pre.step()
     A, _ = pre.factors()["0"]
     counts = torch.bincount(tokens, minlength=7).to(DT) / len(tokens)
     assert torch.allclose(A, counts.mean() * torch.eye(7, dtype=DT), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match=r"layer_overrides\.a_structure='dense'.*diagonal"):
-        KFACPreconditioner(nn.Sequential(nn.Embedding(7, 4)),
-                           layer_overrides=[{"regex": r"^0$", "a_structure": "dense"}])
+        KFACPreconditioner(
+            nn.Sequential(nn.Embedding(7, 4)),
+            layer_overrides=[{"regex": r"^0$", "a_structure": "dense"}],
+        )
 
 
 def test_unknown_or_bad_structure_names_the_option() -> None:
-    with pytest.raises(ValueError, match=r"g_structure='banded'.*\['dense', 'diagonal', "
-                                         r"'isotropic'\]"):
-        KFACPreconditioner(nn.Sequential(nn.Linear(3, 2)),
-                           layer_overrides=[{"regex": ".", "g_structure": "banded"}])
+    with pytest.raises(
+        ValueError,
+        match=r"g_structure='banded'.*\['dense', 'diagonal', "
+        r"'isotropic'\]",
+    ):
+        KFACPreconditioner(
+            nn.Sequential(nn.Linear(3, 2)),
+            layer_overrides=[{"regex": ".", "g_structure": "banded"}],
+        )
     with pytest.raises(ValueError, match=r"layer_overrides\[0\]\.a_structure"):
         KFACConfig(layer_overrides=[{"regex": ".", "a_structure": 3}])
 

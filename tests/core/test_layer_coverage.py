@@ -76,8 +76,10 @@ def test_embedding_factors_layout_and_per_example_gradients():
     summed over a sequence (divided by T) is the torch.func per-example gradient of weight^T."""
     model = _bag()
     B, T = 5, 4
-    idx, y = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1)), \
-        torch.tensor([0, 1, 1, 0, 1])
+    idx, y = (
+        torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1)),
+        torch.tensor([0, 1, 1, 0, 1]),
+    )
     per_ex = D.per_example_grads(model, F.cross_entropy, idx, y, "emb")  # vec(weight grad)
     pre = KFACPreconditioner(model, **EXACT)
     with D.record(model, ["emb"]) as store:
@@ -100,12 +102,15 @@ def test_embedding_factors_layout_and_per_example_gradients():
     assert D.rel_err(G, g.T @ g / N) <= 1e-12
 
 
-@pytest.mark.parametrize("method,mode", [("eigen", "absolute"), ("inverse", "absolute"),
-                                         ("eigen", "relative")])
+@pytest.mark.parametrize(
+    "method,mode", [("eigen", "absolute"), ("inverse", "absolute"), ("eigen", "relative")]
+)
 def test_embedding_preconditioned_gradient_equals_dense_solve(method, mode):
     model = _bag()
-    idx, y = torch.randint(0, VOCAB - 2, (6, 3), generator=torch.Generator().manual_seed(2)), \
-        torch.tensor([0, 1, 1, 0, 1, 0])
+    idx, y = (
+        torch.randint(0, VOCAB - 2, (6, 3), generator=torch.Generator().manual_seed(2)),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
     pre = KFACPreconditioner(model, damping=0.05, compute_method=method, damping_mode=mode, **EXACT)
     F.cross_entropy(model(idx), y).backward()
     raw = _emb_grad_matrix(model)
@@ -118,7 +123,7 @@ def test_embedding_preconditioned_gradient_equals_dense_solve(method, mode):
     P_ref = solve(A, G, raw, lam)
     assert D.rel_err(_emb_grad_matrix(model), P_ref) <= 1e-8
     # unseen tokens (never in the batch): their zero gradient columns stay zero
-    assert torch.equal(model.emb.weight.grad[VOCAB - 2:], torch.zeros(2, DIM, dtype=torch.float64))
+    assert torch.equal(model.emb.weight.grad[VOCAB - 2 :], torch.zeros(2, DIM, dtype=torch.float64))
 
 
 def test_embedding_state_round_trip_and_quadratic_model():
@@ -126,8 +131,10 @@ def test_embedding_state_round_trip_and_quadratic_model():
     model = _bag()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     pre = KFACPreconditioner(model, damping=0.1, adaptive_damping=True, **EXACT)
-    idx, y = torch.randint(0, VOCAB, (4, 3), generator=torch.Generator().manual_seed(3)), \
-        torch.tensor([0, 1, 1, 0])
+    idx, y = (
+        torch.randint(0, VOCAB, (4, 3), generator=torch.Generator().manual_seed(3)),
+        torch.tensor([0, 1, 1, 0]),
+    )
     F.cross_entropy(model(idx), y).backward()
     raw = _emb_grad_matrix(model)
     raw_out = D.grad_matrix(model.out)
@@ -137,9 +144,10 @@ def test_embedding_state_round_trip_and_quadratic_model():
     opt.step()
     factors = pre.factors()
     total = 0.0
-    for grad, d, (A, G) in ((raw, model.emb.weight.detach().T - w0, factors["emb"]),
-                            (raw_out, D.weight_matrix(model.out.weight, model.out.bias).detach() - o0,
-                             factors["out"])):
+    for grad, d, (A, G) in (
+        (raw, model.emb.weight.detach().T - w0, factors["emb"]),
+        (raw_out, D.weight_matrix(model.out.weight, model.out.bias).detach() - o0, factors["out"]),
+    ):
         M = torch.kron(A, G) + 0.1 * torch.eye(A.shape[0] * G.shape[0], dtype=torch.float64)
         total += float(D.vec(grad) @ D.vec(d) + 0.5 * D.vec(d) @ M @ D.vec(d))
     assert pre.damping_control.model_decrease() == pytest.approx(total, rel=1e-10)
@@ -153,10 +161,13 @@ def test_embedding_state_round_trip_and_quadratic_model():
         assert torch.equal(pre2.layers["emb"].decomposition[k], v), k
 
 
-@pytest.mark.parametrize("emb,needle", [
-    (dict(sparse=True), "sparse=True"),
-    (dict(scale_grad_by_freq=True), "scale_grad_by_freq"),
-])
+@pytest.mark.parametrize(
+    "emb,needle",
+    [
+        (dict(sparse=True), "sparse=True"),
+        (dict(scale_grad_by_freq=True), "scale_grad_by_freq"),
+    ],
+)
 def test_unsupported_embeddings_are_skipped_with_a_reason(emb, needle):
     model = _bag(**emb)
     pre = KFACPreconditioner(model, **EXACT)
@@ -268,9 +279,10 @@ def conv_patches_nd(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     sizes = [(xp.shape[2 + i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(nd)]
     patches = []
     for loc in itertools.product(*[range(o) for o in sizes]):
-        window = tuple(slice(loc[i] * s[i], loc[i] * s[i] + dil[i] * (k[i] - 1) + 1, dil[i])
-                       for i in range(nd))
-        patches.append(xp[(slice(None), slice(None)) + window].reshape(x.shape[0], -1))
+        window = tuple(
+            slice(loc[i] * s[i], loc[i] * s[i] + dil[i] * (k[i] - 1) + 1, dil[i]) for i in range(nd)
+        )
+        patches.append(xp[(slice(None), slice(None), *window)].reshape(x.shape[0], -1))
     return torch.stack(patches, 1)
 
 
@@ -335,14 +347,25 @@ def _ddp_train(model, pre, data, steps=4):
         pre.update_damping(loss, lambda: F.cross_entropy(model(idx), y))
         dampings.append(pre.damping)
     base = model.module if hasattr(model, "module") else model
-    return {"params": {k: v.detach().clone() for k, v in base.state_dict().items()},
-            "factors": pre.factors(), "dampings": torch.tensor(dampings, dtype=torch.float64)}
+    return {
+        "params": {k: v.detach().clone() for k, v in base.state_dict().items()},
+        "factors": pre.factors(),
+        "dampings": torch.tensor(dampings, dtype=torch.float64),
+    }
 
 
 def _ddp_options(mode):
-    return dict(damping=0.05, factor_update_steps=1, inv_update_steps=2, kl_clip=None,
-                distribute=mode, adaptive_damping=True, adaptive_damping_interval=1,
-                damping_mode="relative", layer_overrides=[{"regex": "^out$", "compute_method": "inverse"}])
+    return dict(
+        damping=0.05,
+        factor_update_steps=1,
+        inv_update_steps=2,
+        kl_clip=None,
+        distribute=mode,
+        adaptive_damping=True,
+        adaptive_damping_interval=1,
+        damping_mode="relative",
+        layer_overrides=[{"regex": "^out$", "compute_method": "inverse"}],
+    )
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -367,8 +390,12 @@ def test_embedding_under_ddp_matches_single_process(tmp_path):
     """Factors, parameters and the adapted (relative) damping: equal across ranks in every
     KAISA mode and equal to one process on the concatenated batch."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path)),
-                         daemon=True) for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_ddp_worker, args=(r, 2, str(tmp_path / "store"), str(tmp_path)), daemon=True
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 240
@@ -434,7 +461,10 @@ def test_unsupported_layers_are_listed_and_left_raw():
     assert set(reasons) == {"norm", "rnn", "attn", "attn.out_proj"}
     assert "not a supported layer type" in reasons["rnn"]
     # MHA's out_proj is a Linear whose weight MHA uses functionally: skipped up front, with why
-    assert "functionally" in reasons["attn"] and "MultiheadAttention 'attn'" in reasons["attn.out_proj"]
+    assert (
+        "functionally" in reasons["attn"]
+        and "MultiheadAttention 'attn'" in reasons["attn.out_proj"]
+    )
     summary = pre.summary()
     assert all(name in summary for name in reasons)
     for name, p in model.named_parameters():

@@ -22,8 +22,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import lightning_kfac
-from lightning_kfac import LayerKind, register_layer, unregister_layer
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACPreconditioner, LayerKind, register_layer, unregister_layer
 from tests.support import dense as D
 
 EXACT = dict(factor_update_steps=1, inv_update_steps=1, kl_clip=None, factor_decay=0.5)
@@ -42,6 +41,7 @@ def per_example(model, loss_fn, x, y, name):
 # --------------------------------------------------------------------------------------------
 # transformers' Conv1D (GPT-2): a Linear with its weight stored transposed
 
+
 class Seq(nn.Module):
     """(B, T, 4) -> projection -> tanh -> mean over T -> Linear head."""
 
@@ -55,8 +55,9 @@ class Seq(nn.Module):
 
 
 def _conv1d_and_twin():
-    utils = pytest.importorskip("transformers.pytorch_utils",
-                                reason="transformers (dev extra) not installed")
+    utils = pytest.importorskip(
+        "transformers.pytorch_utils", reason="transformers (dev extra) not installed"
+    )
     Conv1D = utils.Conv1D
     torch.manual_seed(0)
     conv = Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs: weight (4 x 6)
@@ -81,7 +82,7 @@ def test_transformers_conv1d_factors_and_preconditioned_grad(method):
     assert pre.layers["proj"].kind.name == "Conv1D"
     with D.record(model, ["proj"]) as store:
         F.cross_entropy(model(x), y).backward()
-    (inp, out), = store["proj"]
+    ((inp, out),) = store["proj"]
     N = B * T
     a = torch.cat([inp.reshape(N, 4), torch.ones(N, 1, dtype=torch.float64)], 1)
     g = out.grad.reshape(N, 6) * N
@@ -119,7 +120,9 @@ def _grouped_model(kw):
     torch.manual_seed(2)
     conv = nn.Conv2d(**kw)
     T = conv(torch.zeros(1, 4, 5, 5))[0, 0].numel()
-    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(kw["out_channels"] * T, 2)).double()
+    return nn.Sequential(
+        conv, nn.Tanh(), nn.Flatten(), nn.Linear(kw["out_channels"] * T, 2)
+    ).double()
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
@@ -136,19 +139,23 @@ def test_grouped_conv_per_group_factors_and_preconditioned_grad(kw, method):
     pre = KFACPreconditioner(model, damping=0.02, compute_method=method, **EXACT)
     with D.record(model, ["0"]) as store:
         F.cross_entropy(model(x), y).backward()
-    (inp, out), = store["0"]
+    ((inp, out),) = store["0"]
     T = out[0, 0].numel()
-    raw = [D.weight_matrix(conv.weight.grad[k * cout:(k + 1) * cout],
-                           conv.bias.grad[k * cout:(k + 1) * cout] if bias else None).clone()
-           for k in range(K)]
+    raw = [
+        D.weight_matrix(
+            conv.weight.grad[k * cout : (k + 1) * cout],
+            conv.bias.grad[k * cout : (k + 1) * cout] if bias else None,
+        ).clone()
+        for k in range(K)
+    ]
     As, Gs = [], []
     for k in range(K):
-        a = D.conv_patches_loop(conv, inp[:, k * cin:(k + 1) * cin])  # (B, T, cin * kernel)
+        a = D.conv_patches_loop(conv, inp[:, k * cin : (k + 1) * cin])  # (B, T, cin * kernel)
         if bias:
             a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
-        g = out.grad[:, k * cout:(k + 1) * cout].reshape(B, cout, T).transpose(1, 2) * B
-        ex = per_ex[:, k * cout:(k + 1) * cout].reshape(B, cout, -1)
-        assert D.rel_err(g.transpose(1, 2) @ a[..., :ex.shape[2]], ex) <= 1e-12  # rows exact
+        g = out.grad[:, k * cout : (k + 1) * cout].reshape(B, cout, T).transpose(1, 2) * B
+        ex = per_ex[:, k * cout : (k + 1) * cout].reshape(B, cout, -1)
+        assert D.rel_err(g.transpose(1, 2) @ a[..., : ex.shape[2]], ex) <= 1e-12  # rows exact
         a2, g2 = a.reshape(B * T, -1), g.reshape(B * T, -1)
         As.append(a2.T @ a2 / B)
         Gs.append(g2.T @ g2 / (B * T))
@@ -157,9 +164,13 @@ def test_grouped_conv_per_group_factors_and_preconditioned_grad(kw, method):
     d = cin * conv.weight[0, 0].numel() + bias
     assert A.shape == (K, d, d) and G.shape == (K, cout, cout)
     assert D.rel_err(A, torch.stack(As)) <= 1e-12 and D.rel_err(G, torch.stack(Gs)) <= 1e-12
-    P = [D.weight_matrix(conv.weight.grad[k * cout:(k + 1) * cout],
-                         conv.bias.grad[k * cout:(k + 1) * cout] if bias else None)
-         for k in range(K)]
+    P = [
+        D.weight_matrix(
+            conv.weight.grad[k * cout : (k + 1) * cout],
+            conv.bias.grad[k * cout : (k + 1) * cout] if bias else None,
+        )
+        for k in range(K)
+    ]
     if method == "eigen":  # one dense solve of the block-diagonal Fisher over all groups
         M = torch.block_diag(*[torch.kron(a, g) for a, g in zip(As, Gs)])
         M = M + 0.02 * torch.eye(M.shape[0], dtype=M.dtype)
@@ -190,8 +201,9 @@ def test_grouped_conv_with_ekfac_is_skipped_with_the_reason():
     pre = KFACPreconditioner(model, compute_method="ekfac")
     reasons = {s.name: s.reason for s in pre.skipped}
     assert "grouped convolutions" in reasons["0"] and "layer_overrides" in reasons["0"]
-    pre = KFACPreconditioner(model, compute_method="ekfac",
-                             layer_overrides=[{"regex": "^0$", "compute_method": "eigen"}])
+    pre = KFACPreconditioner(
+        model, compute_method="ekfac", layer_overrides=[{"regex": "^0$", "compute_method": "eigen"}]
+    )
     assert "0" in pre.layers
 
 
@@ -220,7 +232,7 @@ def test_embedding_padding_positions_are_left_out_of_the_factors(method):
     pre = KFACPreconditioner(model, damping=0.05, compute_method=method, **EXACT)
     with D.record(model, ["emb"]) as store:
         F.cross_entropy(model(idx), y).backward()
-    (_, out), = store["emb"]
+    ((_, out),) = store["emb"]
     N = idx.numel()
     keep = idx.reshape(-1) != PAD
     Nv = int(keep.sum())
@@ -292,8 +304,8 @@ def test_tied_embedding_and_head_pool_their_rows(head_first):
     idx = torch.randint(0, VOCAB, (4, 3), generator=torch.Generator().manual_seed(6))
     with D.record(model, ["emb", "dec"]) as store:
         _lm_loss(model(idx), idx).backward()
-    (_, e_out), = store["emb"]
-    (h, d_out), = store["dec"]
+    ((_, e_out),) = store["emb"]
+    ((h, d_out),) = store["dec"]
     N = idx.numel()  # rows of each use (both see every position)
     onehot = F.one_hot(idx.reshape(-1), VOCAB).double()
     g_emb = e_out.grad.reshape(N, DIM) * N  # embedding use: dim side
@@ -485,7 +497,7 @@ def test_register_layer_with_a_kind_class_is_exact(registry):
     x, y = torch.randn(B, 3, dtype=torch.float64), torch.randint(0, 2, (B,))
     with D.record(model, ["0"]) as store:
         F.cross_entropy(model(x), y).backward()
-    (inp, out), = store["0"]
+    ((inp, out),) = store["0"]
     g = out.grad * B
     raw = model[0].W.grad.T.clone()
     pre.step()
@@ -494,11 +506,14 @@ def test_register_layer_with_a_kind_class_is_exact(registry):
     assert D.rel_err(model[0].W.grad.T, D.eigen_precondition(A, G, raw, 0.02)) <= 1e-8
 
 
-@pytest.mark.parametrize("args,needle", [
-    ((int, "linear"), "module_class"),
-    ((MyDense, "dense"), "kind='dense'"),
-    ((MyDense, nn.Linear), "kind="),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ((int, "linear"), "module_class"),
+        ((MyDense, "dense"), "kind='dense'"),
+        ((MyDense, nn.Linear), "kind="),
+    ],
+)
 def test_register_layer_rejects_bad_input(args, needle):
     with pytest.raises(ValueError, match=needle):
         register_layer(*args)
@@ -589,8 +604,9 @@ def test_grouped_conv_quadratic_model_and_state_round_trip():
     buf = __import__("io").BytesIO()
     torch.save(pre.state_dict(), buf)
     buf.seek(0)
-    pre2 = KFACPreconditioner(_grouped_model(GROUPED[1]), damping=0.1, adaptive_damping=True,
-                              **EXACT)
+    pre2 = KFACPreconditioner(
+        _grouped_model(GROUPED[1]), damping=0.1, adaptive_damping=True, **EXACT
+    )
     pre2.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(pre2.layers["0"].A, pre.layers["0"].A)
     for k, v in pre.layers["0"].decomposition.items():

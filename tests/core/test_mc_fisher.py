@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import io
-from typing import Dict, List
 
 import pytest
 import torch
@@ -30,11 +29,12 @@ DT = torch.float64
 
 def _mlp(out: int = 3, inplace: bool = True) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 5), nn.Tanh(),
-                         nn.Linear(5, out)).to(DT)
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, out)
+    ).to(DT)
 
 
-def _tails(model: nn.Sequential) -> Dict[str, object]:
+def _tails(model: nn.Sequential) -> dict[str, object]:
     """Functional maps from each Linear's output to the model output (no in-place ops)."""
     l2, l4 = model[2], model[4]
     return {
@@ -44,7 +44,7 @@ def _tails(model: nn.Sequential) -> Dict[str, object]:
     }
 
 
-def _layer_outputs(model: nn.Sequential, x: Tensor) -> Dict[str, Tensor]:
+def _layer_outputs(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
     with torch.no_grad():
         s0 = model[0](x)
         s2 = model[2](torch.relu(s0))
@@ -52,7 +52,7 @@ def _layer_outputs(model: nn.Sequential, x: Tensor) -> Dict[str, Tensor]:
     return {"0": s0, "2": s2, "4": s4}
 
 
-def _exact_fisher_G(model: nn.Sequential, x: Tensor) -> Dict[str, Tensor]:
+def _exact_fisher_G(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
     """``(1/N) sum_n sum_c p_nc J_n[c] J_n[c]^T``, J_n = d log softmax(tail(s_n)) / d s_n."""
     outs, tails = _layer_outputs(model, x), _tails(model)
     probs = torch.softmax(outs["4"], -1)
@@ -74,12 +74,13 @@ def _factor_step(pre: KFACPreconditioner, model: nn.Module, x: Tensor, **kw) -> 
 
 def test_enumerated_classes_give_the_exact_fisher_factors() -> None:
     model, x = _mlp(), torch.randn(7, 4, dtype=DT)
-    pre = KFACPreconditioner(model, fisher_type="mc", factor_decay=0.0, factor_update_steps=1,
-                             inv_update_steps=1)
+    pre = KFACPreconditioner(
+        model, fisher_type="mc", factor_decay=0.0, factor_update_steps=1, inv_update_steps=1
+    )
     _factor_step(pre, model, x, enumerate_classes=True)
     exact = _exact_fisher_G(model, x)
     a = torch.cat([x, torch.ones(7, 1, dtype=DT)], 1)
-    for name, (A, G) in pre.factors().items():
+    for name, (_A, G) in pre.factors().items():
         assert torch.allclose(G, exact[name], rtol=1e-10, atol=1e-14), name
     assert torch.allclose(pre.factors()["0"][0], a.T @ a / 7, rtol=1e-12)
     # Last layer in closed form: g = p - e_c, so E_c[g g^T] = diag(p) - p p^T.
@@ -103,12 +104,18 @@ def test_micro_batches_merge_into_the_full_batch_estimate() -> None:
         assert torch.allclose(A, A2, rtol=1e-12) and torch.allclose(G, G2, rtol=1e-12), name
 
 
-def _sampled_estimates(model: nn.Module, x: Tensor, k: int, **options) -> Dict[str, Tensor]:
+def _sampled_estimates(model: nn.Module, x: Tensor, k: int, **options) -> dict[str, Tensor]:
     """K independent single-sample G estimates per layer (factor_decay=0: G = this step's G^)."""
     torch.manual_seed(1234)
-    pre = KFACPreconditioner(model, fisher_type="mc", factor_decay=0.0, factor_update_steps=1,
-                             inv_update_steps=10 ** 6, **options)
-    runs: Dict[str, List[Tensor]] = {}
+    pre = KFACPreconditioner(
+        model,
+        fisher_type="mc",
+        factor_decay=0.0,
+        factor_update_steps=1,
+        inv_update_steps=10**6,
+        **options,
+    )
+    runs: dict[str, list[Tensor]] = {}
     for _ in range(k):
         _factor_step(pre, model, x)
         for name, (_, G) in pre.factors().items():
@@ -136,7 +143,7 @@ def test_sampled_categorical_G_converges_to_the_exact_fisher() -> None:
     pre = KFACPreconditioner(model, fisher_type="mc", mc_samples=100, factor_update_steps=1)
     _factor_step(pre, model, x)
     for name, (_, G) in pre.factors().items():
-        se = samples[name].std(0) / 100 ** 0.5
+        se = samples[name].std(0) / 100**0.5
         assert float(((G - exact[name]).abs() / (se + 1e-15)).max()) < 5.0, name
     # The empirical Fisher with fixed labels is a different matrix: the test can fail.
     labels_G = F.one_hot(torch.zeros(6, dtype=torch.long), 3).to(DT)
@@ -152,8 +159,9 @@ def test_sampled_last_layer_G_matches_closed_form(likelihood: str, reduction: st
     -> E[g g^T] = I / v; with output_reduction="mean" the loss averages the C = 3 outputs, so
     g is C times smaller and G C^2 times smaller."""
     model, x, var = _mlp(out=3), torch.randn(6, 4, dtype=DT), 0.25
-    samples = _sampled_estimates(model, x, k=200, likelihood=likelihood, gaussian_variance=var,
-                                 output_reduction=reduction)
+    samples = _sampled_estimates(
+        model, x, k=200, likelihood=likelihood, gaussian_variance=var, output_reduction=reduction
+    )
     f = _layer_outputs(model, x)["4"]
     if likelihood == "bernoulli":
         p = torch.sigmoid(f)
@@ -167,21 +175,21 @@ def test_sampled_last_layer_G_matches_closed_form(likelihood: str, reduction: st
     assert _within_5_se(samples["4"], wrong) > 5.0
 
 
-def _nll_param_grad(model: nn.Module, pre: KFACPreconditioner, x: Tensor, y: Tensor,
-                    weight=None) -> Tensor:
+def _nll_param_grad(
+    model: nn.Module, pre: KFACPreconditioner, x: Tensor, y: Tensor, weight=None
+) -> Tensor:
     nll = pre.mc.nll(model(x), y, weight)
     grads = torch.autograd.grad(nll, list(model.parameters()))
     return torch.cat([g.reshape(-1) for g in grads])
 
 
 def test_expected_score_is_zero_enumerated() -> None:
-    """Seed notes' first identity, E_{y~p}[grad log p(y|x)] = 0, exactly over all classes."""
+    """The score identity E_{y~p}[grad log p(y|x)] = 0, exactly over all classes."""
     model, x = _mlp(), torch.randn(5, 4, dtype=DT)
     pre = KFACPreconditioner(model, fisher_type="mc")
     with torch.no_grad():
         probs = torch.softmax(model(x), -1)
-    total = sum(_nll_param_grad(model, pre, x, torch.full((5,), c), probs[:, c])
-                for c in range(3))
+    total = sum(_nll_param_grad(model, pre, x, torch.full((5,), c), probs[:, c]) for c in range(3))
     scale = float(_nll_param_grad(model, pre, x, torch.zeros(5, dtype=torch.long)).abs().max())
     assert float(total.abs().max()) < 1e-12 * scale
 
@@ -194,13 +202,12 @@ def test_expected_score_is_zero_sampled(likelihood: str) -> None:
     pre = KFACPreconditioner(model, fisher_type="mc", likelihood=likelihood)
     with torch.no_grad():
         f = model(x)
-    grads = torch.stack([_nll_param_grad(model, pre, x, pre.mc._sample(f)[0])
-                         for _ in range(200)])
+    grads = torch.stack([_nll_param_grad(model, pre, x, pre.mc._sample(f)[0]) for _ in range(200)])
     assert _within_5_se(grads, torch.zeros_like(grads[0])) < 5.0
     # Labels from the argmax are not the model's distribution: the same check fails.
     if likelihood == "categorical":
         argmax = _nll_param_grad(model, pre, x, f.argmax(-1))
-        assert float((argmax.abs() / (grads.std(0) / 200 ** 0.5 + 1e-15)).max()) > 5.0
+        assert float((argmax.abs() / (grads.std(0) / 200**0.5 + 1e-15)).max()) > 5.0
 
 
 def test_parameter_gradients_unchanged_by_mc_backward() -> None:
@@ -259,7 +266,7 @@ def test_clear_errors() -> None:
     pre = KFACPreconditioner(model, fisher_type="mc", factor_update_steps=1)
     out = model(x)
     out.sum().backward()
-    with pytest.raises(RuntimeError, match="BEFORE loss.backward"):
+    with pytest.raises(RuntimeError, match=r"BEFORE loss\.backward"):
         pre.mc_backward()
     model.zero_grad()
     model(x).sum().backward()
@@ -295,10 +302,18 @@ def _train_steps(pre: KFACPreconditioner, model: nn.Module, opt, data, start: in
 def test_resume_is_bit_identical(method: str) -> None:
     """The sampling generator's state is part of the state: a resumed run samples the same y~."""
     gen = torch.Generator().manual_seed(5)
-    data = [(torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
-            for _ in range(8)]
-    options = dict(fisher_type="mc", compute_method=method, factor_update_steps=1,
-                   inv_update_steps=3, factor_decay=0.5, kl_clip=None)
+    data = [
+        (torch.randn(8, 4, generator=gen, dtype=DT), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(8)
+    ]
+    options = dict(
+        fisher_type="mc",
+        compute_method=method,
+        factor_update_steps=1,
+        inv_update_steps=3,
+        factor_decay=0.5,
+        kl_clip=None,
+    )
 
     def fresh():
         model = _mlp()
@@ -311,8 +326,9 @@ def test_resume_is_bit_identical(method: str) -> None:
     model2, opt2, pre2 = fresh()
     _train_steps(pre2, model2, opt2, data, 0, 4)
     buffer = io.BytesIO()
-    torch.save({"kfac": pre2.state_dict(), "opt": opt2.state_dict(), "model": model2.state_dict()},
-               buffer)
+    torch.save(
+        {"kfac": pre2.state_dict(), "opt": opt2.state_dict(), "model": model2.state_dict()}, buffer
+    )
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     model3, opt3, pre3 = fresh()
@@ -344,9 +360,18 @@ def _digits_loss(fisher: str | None) -> float:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pre = None if fisher is None else KFACPreconditioner(
-        model, fisher_type=fisher, damping=1e-2, factor_update_steps=1, inv_update_steps=10,
-        kl_clip=1e-2)
+    pre = (
+        None
+        if fisher is None
+        else KFACPreconditioner(
+            model,
+            fisher_type=fisher,
+            damping=1e-2,
+            factor_update_steps=1,
+            inv_update_steps=10,
+            kl_clip=1e-2,
+        )
+    )
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(1))
     for t in range(DIGITS_STEPS):
         idx = order.roll(-t * 256)[:256]
@@ -364,15 +389,25 @@ def _digits_loss(fisher: str | None) -> float:
 
 def test_digits_mc_fisher_beats_sgd() -> None:
     sgd, mc = _digits_loss(None), _digits_loss("mc")
-    assert mc < sgd, f"training loss after {DIGITS_STEPS} steps: K-FAC (mc) + SGD {mc:.4f}, SGD {sgd:.4f}"
+    assert mc < sgd, (
+        f"training loss after {DIGITS_STEPS} steps: K-FAC (mc) + SGD {mc:.4f}, SGD {sgd:.4f}"
+    )
 
 
 # -- through Lightning (KFACCallback calls pre.mc_backward() in on_before_backward) -------------
 pl = pytest.importorskip("pytorch_lightning", reason="the callback tests need pytorch_lightning")
-from lightning_kfac import KFACCallback  # noqa: E402
-from tests.support.lightning import (MLP, assert_factors_equal, assert_params_equal,  # noqa: E402
-                                         clone_module, loader, make_dataset, make_trainer)
 from torch.utils.data import TensorDataset  # noqa: E402
+
+from lightning_kfac import KFACCallback  # noqa: E402
+from tests.support.lightning import (  # noqa: E402
+    MLP,
+    assert_factors_equal,
+    assert_params_equal,
+    clone_module,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
 
@@ -417,7 +452,7 @@ def _mc_hand_loop(model, batches, micro: int = 1, skip=(), **options) -> KFACPre
     batches = list(batches)
     for t in range(len(batches) // micro):
         opt.zero_grad()
-        for batch in batches[t * micro:(t + 1) * micro]:
+        for batch in batches[t * micro : (t + 1) * micro]:
             loss = model.loss(batch)
             if t in skip:
                 continue
@@ -430,8 +465,12 @@ def _mc_hand_loop(model, batches, micro: int = 1, skip=(), **options) -> KFACPre
 
 
 def _fit(tmp_path, model, data, callback, **trainer_options):
-    trainer = make_trainer(tmp_path, max_steps=len(data) // trainer_options.get(
-        "accumulate_grad_batches", 1), callbacks=[callback], **trainer_options)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=len(data) // trainer_options.get("accumulate_grad_batches", 1),
+        callbacks=[callback],
+        **trainer_options,
+    )
     torch.manual_seed(1)
     trainer.fit(model, data)
 
@@ -439,8 +478,10 @@ def _fit(tmp_path, model, data, callback, **trainer_options):
 @pytest.mark.parametrize("method", ["eigen", "ekfac"])
 def test_lightning_bernoulli_autoencoder_equals_hand_loop(tmp_path, method: str) -> None:
     gen = torch.Generator().manual_seed(0)
-    data = loader(TensorDataset(torch.bernoulli(torch.full((5 * 8, 8), 0.3, dtype=DT),
-                                                generator=gen)), batch_size=8)
+    data = loader(
+        TensorDataset(torch.bernoulli(torch.full((5 * 8, 8), 0.3, dtype=DT), generator=gen)),
+        batch_size=8,
+    )
     options = dict(CLOCKS, fisher_type="mc", likelihood="bernoulli", compute_method=method)
     model = BernoulliAutoencoder()
     reference = clone_module(model)
@@ -491,8 +532,9 @@ def test_mc_keeps_the_low_rank_path_exact() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(DT)
         torch.manual_seed(5)
-        pre = KFACPreconditioner(model, fisher_type="mc", low_rank=low_rank,
-                                 factor_update_steps=1, inv_update_steps=1)
+        pre = KFACPreconditioner(
+            model, fisher_type="mc", low_rank=low_rank, factor_update_steps=1, inv_update_steps=1
+        )
         x, y = torch.randn(4, 64, dtype=DT), torch.randint(0, 10, (4,))
         out = model(x)
         pre.mc_backward()

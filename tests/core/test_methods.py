@@ -42,11 +42,14 @@ def test_registry_names_and_unknown_method_error():
         KFACConfig(compute_method="bogus")
 
 
-@pytest.mark.parametrize("name, keys", [
-    ("eigen", ["QA", "eA", "QG", "eG", "damping_scale"]),
-    ("inverse", ["A_inv", "G_inv", "damping_scale"]),
-    ("ekfac", ["QA", "eA", "QG", "eG", "scale", "scale_updates", "damping_scale"]),
-])
+@pytest.mark.parametrize(
+    "name, keys",
+    [
+        ("eigen", ["QA", "eA", "QG", "eG", "damping_scale"]),
+        ("inverse", ["A_inv", "G_inv", "damping_scale"]),
+        ("ekfac", ["QA", "eA", "QG", "eG", "scale", "scale_updates", "damping_scale"]),
+    ],
+)
 def test_state_keys_round_trip_and_method_detection(name, keys):
     """to_state writes the historical checkpoint keys in their historical order;
     from_state reads them back; the keys alone say which method saved them."""
@@ -65,8 +68,9 @@ def test_unknown_keys_are_refused():
     with pytest.raises(ValueError, match="fits no compute method"):
         method_of_state({"QA": torch.eye(2), "A_inv": torch.eye(2)})
     with pytest.raises(ValueError, match="has no entries"):
-        EigenDecomposition.from_state({"eA": torch.ones(2), "eG": torch.ones(2),
-                                       "A_inv": torch.eye(2)})
+        EigenDecomposition.from_state(
+            {"eA": torch.ones(2), "eG": torch.ones(2), "A_inv": torch.eye(2)}
+        )
 
 
 def test_layout_column_major_matches_what_lapack_returns():
@@ -80,8 +84,9 @@ def test_layout_column_major_matches_what_lapack_returns():
         for key, shape, dtype, col in layout:
             value = dec[key]
             assert tuple(value.shape) == shape and value.dtype == dtype
-            produced_col = value.dim() == 2 and not value.is_contiguous() \
-                and value.T.is_contiguous()
+            produced_col = (
+                value.dim() == 2 and not value.is_contiguous() and value.T.is_contiguous()
+            )
             assert col == produced_col, (name, key)
     diag = method_for("eigen").layout(DiagonalFactor(6), DenseFactor(4), torch.float64, True)
     assert [e[0] for e in diag] == ["eA", "QG", "eG", "damping_scale"]
@@ -99,20 +104,30 @@ def test_worked_example_diagonal_method_matches_dense_reference(diagonal_method)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     damping = 0.05
-    pre = KFACPreconditioner(model, compute_method="diagonal", damping=damping, kl_clip=None,
-                             factor_update_steps=1, inv_update_steps=1)
+    pre = KFACPreconditioner(
+        model,
+        compute_method="diagonal",
+        damping=damping,
+        kl_clip=None,
+        factor_update_steps=1,
+        inv_update_steps=1,
+    )
     assert {b.method.name for b in pre.blocks.values()} == {"diagonal"}
     model(torch.randn(8, 4, dtype=torch.float64)).pow(2).mean().backward()
-    raw = {name: torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone()
-           for name, m in model.named_children() if isinstance(m, nn.Linear)}
+    raw = {
+        name: torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone()
+        for name, m in model.named_children()
+        if isinstance(m, nn.Linear)
+    }
     pre.step()
     factors = pre.factors()
     for name, grad in raw.items():
         A, G = factors[name]
         fisher = torch.kron(torch.diag(A.diagonal()), torch.diag(G.diagonal()))
         vec = grad.T.reshape(-1)  # column-stacking vec
-        expected = torch.linalg.solve(fisher + damping * torch.eye(vec.numel(),
-                                                                   dtype=torch.float64), vec)
+        expected = torch.linalg.solve(
+            fisher + damping * torch.eye(vec.numel(), dtype=torch.float64), vec
+        )
         expected = expected.reshape(grad.shape[1], grad.shape[0]).T
         module = model[int(name)]
         torch.testing.assert_close(module.weight.grad, expected[:, :-1], rtol=1e-12, atol=0)

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core.discovery import layer_settings
 from tests.support import dense as D
 
@@ -33,8 +31,13 @@ def _mlp():
 
 def _batches(n, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
-            for _ in range(n)]
+    return [
+        (
+            torch.randn(6, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (6,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def _train(model, pre, batches, names=NAMES):
@@ -53,7 +56,8 @@ def _train(model, pre, batches, names=NAMES):
 
 
 def _running(estimates, steps, decay):
-    """The running average of docs/conventions.md over the given steps: first sets, later decay-average."""
+    """The running average of docs/conventions.md over the given steps: first
+    sets, later decay-average."""
     A = G = None
     for t in steps:
         a, g = estimates[t]
@@ -63,8 +67,15 @@ def _running(estimates, steps, decay):
 
 def test_warmup_leaves_gradients_raw_and_refreshes_decompositions_at_its_end():
     model = _mlp()
-    pre = KFACPreconditioner(model, damping=0.05, warmup_steps=3, factor_update_steps=1,
-                             inv_update_steps=100, factor_decay=0.5, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        damping=0.05,
+        warmup_steps=3,
+        factor_update_steps=1,
+        inv_update_steps=100,
+        factor_decay=0.5,
+        kl_clip=None,
+    )
     records = _train(model, pre, _batches(5))
     for t in range(3):
         _, raw, after = records[t]
@@ -80,8 +91,14 @@ def test_warmup_leaves_gradients_raw_and_refreshes_decompositions_at_its_end():
 def test_warmup_zero_keeps_the_contract_clock():
     """Without warm-up step 0 preconditions with the step-0 decomposition, kept until step 100."""
     model = _mlp()
-    pre = KFACPreconditioner(model, damping=0.05, factor_update_steps=1, inv_update_steps=100,
-                             factor_decay=0.5, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        damping=0.05,
+        factor_update_steps=1,
+        inv_update_steps=100,
+        factor_decay=0.5,
+        kl_clip=None,
+    )
     records = _train(model, pre, _batches(3))
     for t in range(3):
         for name in NAMES:
@@ -92,18 +109,24 @@ def test_warmup_zero_keeps_the_contract_clock():
 
 
 def test_overrides_apply_in_order_by_name_or_class():
-    cfg = KFACConfig(damping=1e-3, layer_overrides=[
-        {"regex": "Linear", "damping": 0.1, "inv_update_steps": 20},
-        {"regex": r"^head\.", "damping": 0.2, "compute_method": "inverse"},
-        {"regex": r"^head\.out$", "compute_method": "skip"},
-    ])
+    cfg = KFACConfig(
+        damping=1e-3,
+        layer_overrides=[
+            {"regex": "Linear", "damping": 0.1, "inv_update_steps": 20},
+            {"regex": r"^head\.", "damping": 0.2, "compute_method": "inverse"},
+            {"regex": r"^head\.out$", "compute_method": "skip"},
+        ],
+    )
     assert layer_settings(cfg, "body.0", "Linear") == dict(
-        damping=0.1, factor_update_steps=10, inv_update_steps=20, compute_method="eigen")
+        damping=0.1, factor_update_steps=10, inv_update_steps=20, compute_method="eigen"
+    )
     assert layer_settings(cfg, "head.fc", "Linear") == dict(
-        damping=0.2, factor_update_steps=10, inv_update_steps=20, compute_method="inverse")
+        damping=0.2, factor_update_steps=10, inv_update_steps=20, compute_method="inverse"
+    )
     assert layer_settings(cfg, "head.out", "Linear")["compute_method"] == "skip"
     assert layer_settings(cfg, "conv", "Conv2d") == dict(
-        damping=1e-3, factor_update_steps=10, inv_update_steps=100, compute_method="eigen")
+        damping=1e-3, factor_update_steps=10, inv_update_steps=100, compute_method="eigen"
+    )
 
 
 def test_group_clocks_and_dampings_equal_brute_force():
@@ -111,17 +134,31 @@ def test_group_clocks_and_dampings_equal_brute_force():
     layer "2": factors every step, decompositions every 3, inverse with the global damping."""
     model = _mlp()
     decay = 0.7
-    pre = KFACPreconditioner(model, damping=0.02, factor_decay=decay, kl_clip=None,
-                             factor_update_steps=1, inv_update_steps=1, layer_overrides=[
-                                 {"regex": "^0$", "damping": 0.5, "factor_update_steps": 2,
-                                  "inv_update_steps": 4},
-                                 {"regex": "^2$", "inv_update_steps": 3,
-                                  "compute_method": "inverse"}])
+    pre = KFACPreconditioner(
+        model,
+        damping=0.02,
+        factor_decay=decay,
+        kl_clip=None,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        layer_overrides=[
+            {"regex": "^0$", "damping": 0.5, "factor_update_steps": 2, "inv_update_steps": 4},
+            {"regex": "^2$", "inv_update_steps": 3, "compute_method": "inverse"},
+        ],
+    )
     blocks = pre.layers
-    assert (blocks["0"].damping, blocks["0"].factor_update_steps, blocks["0"].inv_update_steps,
-            blocks["0"].compute_method) == (0.5, 2, 4, "eigen")
-    assert (blocks["2"].damping, blocks["2"].factor_update_steps, blocks["2"].inv_update_steps,
-            blocks["2"].compute_method) == (0.02, 1, 3, "inverse")
+    assert (
+        blocks["0"].damping,
+        blocks["0"].factor_update_steps,
+        blocks["0"].inv_update_steps,
+        blocks["0"].compute_method,
+    ) == (0.5, 2, 4, "eigen")
+    assert (
+        blocks["2"].damping,
+        blocks["2"].factor_update_steps,
+        blocks["2"].inv_update_steps,
+        blocks["2"].compute_method,
+    ) == (0.02, 1, 3, "inverse")
     steps = 7
     records = _train(model, pre, _batches(steps))
     est = {n: [r[0][n] for r in records] for n in NAMES}
@@ -139,13 +176,20 @@ def test_group_clocks_and_dampings_equal_brute_force():
 
 def test_skip_override_leaves_the_layer_raw_and_listed():
     model = _mlp()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None,
-                             layer_overrides=[{"regex": "^2$", "compute_method": "skip"}])
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        layer_overrides=[{"regex": "^2$", "compute_method": "skip"}],
+    )
     assert list(pre.layers) == ["0"]
-    assert [(s.name, s.reason) for s in pre.skipped] == [("2", "layer_overrides: compute_method=skip")]
+    assert [(s.name, s.reason) for s in pre.skipped] == [
+        ("2", "layer_overrides: compute_method=skip")
+    ]
     assert "skipped: layer_overrides: compute_method=skip" in pre.summary()
     records = _train(model, pre, _batches(2))
-    for brute, raw, after in records:
+    for _brute, raw, after in records:
         assert torch.equal(raw["2"], after["2"])
         assert not torch.equal(raw["0"], after["0"])
     assert set(pre.factors()) == {"0"}
@@ -155,8 +199,14 @@ def test_skip_override_leaves_the_layer_raw_and_listed():
 def test_group_damping_with_relative_mode_and_state_round_trip(mode):
     """A group's damping is relative too; block dampings and clocks survive a state round trip."""
     model = _mlp()
-    opts = dict(damping=0.01, damping_mode=mode, factor_update_steps=1, inv_update_steps=1,
-                kl_clip=None, layer_overrides=[{"regex": "^2$", "damping": 0.3}])
+    opts = dict(
+        damping=0.01,
+        damping_mode=mode,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        layer_overrides=[{"regex": "^2$", "damping": 0.3}],
+    )
     pre = KFACPreconditioner(model, **opts)
     records = _train(model, pre, _batches(1))
     for name, lam in (("0", 0.01), ("2", 0.3)):

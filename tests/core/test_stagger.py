@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_kfac import KFACConfig
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from lightning_kfac.core import stagger
 from tests.support import dense as D
 
@@ -23,12 +22,21 @@ DT = torch.float64
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(),
-                         nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    return nn.Sequential(
+        nn.Linear(12, 10),
+        nn.Tanh(),
+        nn.Linear(10, 8),
+        nn.Tanh(),
+        nn.Linear(8, 6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    ).to(DT)
 
 
 def test_offsets_balance_costs_on_the_factor_clock() -> None:
-    pre = KFACPreconditioner(_net(), factor_update_steps=2, inv_update_steps=8, stagger_refresh=True)
+    pre = KFACPreconditioner(
+        _net(), factor_update_steps=2, inv_update_steps=8, stagger_refresh=True
+    )
     offsets = stagger.refresh_offsets(pre.blocks.values(), 2, 8)
     # costs 13^3+10^3, 11^3+8^3, 9^3+6^3, 7^3+3^3: one layer per slot 0, 2, 4, 6 (largest first)
     assert offsets == {"0": 0, "2": 2, "4": 4, "6": 6}
@@ -37,15 +45,22 @@ def test_offsets_balance_costs_on_the_factor_clock() -> None:
     for t in range(1, 40):
         assert len(due[t]) <= 1  # no later step decomposes every layer
     for name, o in offsets.items():
-        assert [t for t in range(40) if name in due[t]] == [0] + [k * 8 + o for k in (1, 2, 3, 4)
-                                                                  if k * 8 + o < 40]
+        assert [t for t in range(40) if name in due[t]] == [0] + [
+            k * 8 + o for k in (1, 2, 3, 4) if k * 8 + o < 40
+        ]
 
 
 def test_engine_refreshes_each_layer_on_its_offset_with_its_current_factors() -> None:
     model = _net()
     damping = 1e-2
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=4, damping=damping,
-                             kl_clip=None, stagger_refresh=True)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=4,
+        damping=damping,
+        kl_clip=None,
+        stagger_refresh=True,
+    )
     offsets = stagger.refresh_offsets(pre.blocks.values(), 1, 4)
     assert sorted(offsets.values()) == [0, 1, 2, 3]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

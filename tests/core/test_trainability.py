@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import BackboneFinetuning, Callback
 from torch import nn
 
-from lightning_kfac import KFACPreconditioner
-
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACPreconditioner
 from tests.support import dense as D
 from tests.support.lightning import loader, make_dataset, make_trainer
 
@@ -76,12 +74,14 @@ class GradProbe(Callback):
 def test_backbone_finetuning_preconditions_backbone_after_unfreezing(tmp_path):
     model, kfac = Finetuned(), KFACCallback(**CLOCKS)
     raw, pre = GradProbe("raw"), GradProbe("pre", kfac)
-    finetune = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0,
-                                  initial_denom_lr=1.0)
+    finetune = BackboneFinetuning(
+        unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0, initial_denom_lr=1.0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, max_epochs=2, callbacks=[finetune, raw, kfac, pre]).fit(
-            model, loader(make_dataset(24), 8))  # 3 steps per epoch
+            model, loader(make_dataset(24), 8)
+        )  # 3 steps per epoch
     lines = {line.split()[0]: line for line in pre.summary.splitlines() if line.strip()}
     assert "frozen (for now)" in lines["backbone.0"] and "frozen" not in lines["head"]
     for t in (0, 1, 2):  # epoch 0: frozen, no gradient and no factors
@@ -105,16 +105,20 @@ def _mlp():
 
 def _batch(t: int):
     gen = torch.Generator().manual_seed(t)
-    return torch.randn(16, 5, generator=gen, dtype=torch.float64), \
-        torch.randint(0, 2, (16,), generator=gen)
+    return torch.randn(16, 5, generator=gen, dtype=torch.float64), torch.randint(
+        0, 2, (16,), generator=gen
+    )
 
 
 def _step(model, pre, opt, t):
     opt.zero_grad()
     x, y = _batch(t)
     F.cross_entropy(model(x), y).backward()
-    raw = {n: D.grad_matrix(model[i]) for n, i in (("0", 0), ("2", 2))
-           if model[i].weight.grad is not None}
+    raw = {
+        n: D.grad_matrix(model[i])
+        for n, i in (("0", 0), ("2", 2))
+        if model[i].weight.grad is not None
+    }
     snapshot = {n: (b.A.clone(), b.G.clone()) for n, b in pre.layers.items() if b.A is not None}
     pre.step(opt)
     after = {n: (b.A.clone(), b.G.clone()) for n, b in pre.layers.items() if b.A is not None}
@@ -125,9 +129,12 @@ def _step(model, pre, opt, t):
 def test_requires_grad_mid_fit_preconditioned_from_next_factor_update():
     model = _mlp()
     model[0].requires_grad_(False)
-    pre = KFACPreconditioner(model, factor_update_steps=2, inv_update_steps=50, kl_clip=None,
-                             damping=DAMPING)
-    assert "frozen (for now)" in [l for l in pre.summary().splitlines() if l.startswith("0 ")][0]
+    pre = KFACPreconditioner(
+        model, factor_update_steps=2, inv_update_steps=50, kl_clip=None, damping=DAMPING
+    )
+    assert "frozen (for now)" in next(
+        row for row in pre.summary().splitlines() if row.startswith("0 ")
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for t in range(3):
         _step(model, pre, opt, t)
@@ -165,8 +172,9 @@ def test_layer_leaving_the_optimizer_is_not_touched():
 
 def test_bias_frozen_mid_fit_restarts_the_factors():
     model = _mlp()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, kl_clip=None,
-                             damping=DAMPING)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=1, kl_clip=None, damping=DAMPING
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _step(model, pre, opt, 0)
     assert pre.layers["0"].A.shape == (6, 6)  # in + 1 (bias)
@@ -177,5 +185,7 @@ def test_bias_frozen_mid_fit_restarts_the_factors():
     assert A.shape == (5, 5)
     x, _ = _batch(1)
     assert D.rel_err(A, x.T @ x / x.shape[0]) <= 1e-12  # restarted: this batch's estimate alone
-    assert D.rel_err(D.grad_matrix(model[0]),
-                     D.eigen_precondition(A, G, raw["0"][:, :5], DAMPING)) <= 1e-10
+    assert (
+        D.rel_err(D.grad_matrix(model[0]), D.eigen_precondition(A, G, raw["0"][:, :5], DAMPING))
+        <= 1e-10
+    )

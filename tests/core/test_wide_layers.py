@@ -21,14 +21,19 @@ from lightning_kfac.core.budget import MemoryBudgetError
 from lightning_kfac.core.footprint import footprint
 from tests.support.peak_memory import measure
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def _llama(vocab: int = 32000):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
 
@@ -43,7 +48,7 @@ def test_llama_32000_defaults_choose_diagonal_vocabulary_sides() -> None:
     model = _llama()
     pre = KFACPreconditioner(model)  # defaults: max_dense_dim=2048, memory_budget_gib=2
     chosen = _structures(pre)
-    assert chosen.pop("lm_head") == ("dense", "diagonal")          # G: 32000 outputs
+    assert chosen.pop("lm_head") == ("dense", "diagonal")  # G: 32000 outputs
     assert chosen.pop("model.embed_tokens") == ("diagonal", "dense")  # A: token counts
     assert chosen and set(chosen.values()) == {("dense", "dense")}  # every projection / MLP
     peak = footprint(pre.blocks.values()).peak
@@ -56,8 +61,9 @@ def test_llama_32000_defaults_choose_diagonal_vocabulary_sides() -> None:
 def test_linear_50000_head_gets_a_diagonal_g_and_a_finite_step() -> None:
     torch.manual_seed(0)
     model = nn.Linear(64, 50000, bias=False)
-    pre = KFACPreconditioner(model, kl_clip=None, damping=1e-3, damping_mode="absolute",
-                             factor_init="batch")
+    pre = KFACPreconditioner(
+        model, kl_clip=None, damping=1e-3, damping_mode="absolute", factor_init="batch"
+    )
     assert _structures(pre) == {"": ("dense", "diagonal")}
     x, y = torch.randn(32, 64), torch.randint(0, 50000, (32,))
     out = model(x)
@@ -81,12 +87,12 @@ def test_linear_50000_head_gets_a_diagonal_g_and_a_finite_step() -> None:
 def test_budget_makes_the_widest_dense_sides_diagonal_and_warns() -> None:
     model = nn.Sequential(nn.Linear(1500, 900), nn.Tanh(), nn.Linear(900, 10))
     full = footprint(KFACPreconditioner(model, memory_budget_gib=None).blocks.values()).peak
-    budget = full * 0.6 / 2 ** 30
+    budget = full * 0.6 / 2**30
     with pytest.warns(RuntimeWarning, match="memory_budget_gib"):
         pre = KFACPreconditioner(model, memory_budget_gib=budget)
     assert _structures(pre) == {"0": ("diagonal", "dense"), "2": ("dense", "dense")}
     assert pre.blocks["0"].structure_reason["A"] == "memory budget"
-    assert footprint(pre.blocks.values()).peak <= budget * 2 ** 30
+    assert footprint(pre.blocks.values()).peak <= budget * 2**30
     assert "1501 diagonal (memory budget)" in pre.summary()
 
 
@@ -118,11 +124,18 @@ def test_callback_refuses_at_fit_start(tmp_path) -> None:
 
     data = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.randn(8, 64), torch.randint(0, 3000, (8,))),
-        batch_size=4)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path,
-                         callbacks=[KFACCallback(memory_budget_gib=1e-4)])
+        batch_size=4,
+    )
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[KFACCallback(memory_budget_gib=1e-4)],
+    )
     with pytest.raises(MisconfigurationException, match="memory_budget_gib"):
         trainer.fit(Module(), data)
 
@@ -143,8 +156,17 @@ def _check_peak(spec) -> dict:
 @pytest.mark.slow  # three 1200 x 1200 eighs in a fresh process
 def test_predicted_peak_within_25_percent_dense_head() -> None:
     """A 1200-wide dense G (eigen): factors, eigh workspace and products dominate."""
-    _check_peak(dict(model="head", d_in=64, d_out=1200, batch=16, steps=3, bias=True,
-                     options=dict(factor_update_steps=1, inv_update_steps=1)))
+    _check_peak(
+        dict(
+            model="head",
+            d_in=64,
+            d_out=1200,
+            batch=16,
+            steps=3,
+            bias=True,
+            options=dict(factor_update_steps=1, inv_update_steps=1),
+        )
+    )
 
 
 def test_predicted_peak_within_25_percent_wide_diagonal_head() -> None:
@@ -156,16 +178,24 @@ def test_predicted_peak_within_25_percent_wide_diagonal_head() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["inverse", "ekfac"])
 def test_predicted_peak_within_25_percent_other_methods(method) -> None:
-    _check_peak(dict(model="head", d_in=64, d_out=2000, batch=16, steps=3, bias=True,
-                     options=dict(compute_method=method, factor_update_steps=1,
-                                  inv_update_steps=1)))
+    _check_peak(
+        dict(
+            model="head",
+            d_in=64,
+            d_out=2000,
+            batch=16,
+            steps=3,
+            bias=True,
+            options=dict(compute_method=method, factor_update_steps=1, inv_update_steps=1),
+        )
+    )
 
 
 @pytest.mark.slow
 def test_llama_32000_defaults_peak_predicted_and_within_2_gib_of_plain() -> None:
     pytest.importorskip("transformers")
     result = _check_peak(dict(model="llama", vocab=32000, batch=4, seq=64, steps=3, options={}))
-    assert result["kfac"] - result["plain"] <= 2 * 2 ** 30
+    assert result["kfac"] - result["plain"] <= 2 * 2**30
 
 
 @pytest.mark.slow
@@ -188,14 +218,22 @@ def test_llama_32000_trains_with_callback_defaults(tmp_path) -> None:
 
     torch.manual_seed(0)
     data = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.randint(0, 32000, (12, 32))), batch_size=4)
+        torch.utils.data.TensorDataset(torch.randint(0, 32000, (12, 32))), batch_size=4
+    )
     callback = KFACCallback()
     module = LM()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=tmp_path, callbacks=[callback]).fit(module, data)
+        pl.Trainer(
+            max_steps=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[callback],
+        ).fit(module, data)
     factors = callback.factors()
     assert "model.lm_head" in factors and "model.model.embed_tokens" in factors
     A, G = factors["model.lm_head"]

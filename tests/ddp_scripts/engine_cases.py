@@ -14,7 +14,7 @@ Faults: ``"nan"`` poisons one layer's accumulated ``a a^T`` on rank 1 only at st
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +27,30 @@ STEPS = 10
 BATCH = 4
 FAULT_STEP = 3
 FAULT_LAYER = "3"
-OPTIONS = dict(factor_update_steps=1, inv_update_steps=3, damping=1e-2, factor_decay=0.8,
-               kl_clip=1e-2, damping_mode="absolute", factor_init="batch")
+OPTIONS = dict(
+    factor_update_steps=1,
+    inv_update_steps=3,
+    damping=1e-2,
+    factor_decay=0.8,
+    kl_clip=1e-2,
+    damping_mode="absolute",
+    factor_init="batch",
+)
 
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 7), nn.Tanh(),
-                         nn.Linear(7, 4)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 7), nn.Tanh(), nn.Linear(7, 4)
+    ).double()
 
 
 def batch(step: int, rank: int):
     gen = torch.Generator().manual_seed(100 * step + rank)
-    return (torch.randn(BATCH, 1, 6, 6, generator=gen, dtype=torch.float64),
-            torch.randint(0, 4, (BATCH,), generator=gen))
+    return (
+        torch.randn(BATCH, 1, 6, 6, generator=gen, dtype=torch.float64),
+        torch.randint(0, 4, (BATCH,), generator=gen),
+    )
 
 
 class FaultyPreconditioner(KFACPreconditioner):
@@ -54,8 +64,9 @@ class FaultyPreconditioner(KFACPreconditioner):
         return super()._decompose(block)
 
 
-def _train(model: nn.Module, pre: KFACPreconditioner, data, fault: Optional[str],
-           poison: bool, fail: bool) -> None:
+def _train(
+    model: nn.Module, pre: KFACPreconditioner, data, fault: str | None, poison: bool, fail: bool
+) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     pre.optimizer = opt
     for step in range(STEPS):
@@ -69,7 +80,7 @@ def _train(model: nn.Module, pre: KFACPreconditioner, data, fault: Optional[str]
         opt.step()
 
 
-def _snapshot(model: nn.Module, pre: KFACPreconditioner) -> Dict[str, Any]:
+def _snapshot(model: nn.Module, pre: KFACPreconditioner) -> dict[str, Any]:
     state = pre.state_dict()
     return {
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -80,7 +91,7 @@ def _snapshot(model: nn.Module, pre: KFACPreconditioner) -> Dict[str, Any]:
     }
 
 
-def run_case(mode: str, fault: Optional[str] = None, transport: str = "broadcast") -> Dict[str, Any]:
+def run_case(mode: str, fault: str | None = None, transport: str = "broadcast") -> dict[str, Any]:
     """One 2-rank run in an initialized process group; returns this rank's snapshot."""
     import torch.distributed as dist
 
@@ -94,12 +105,16 @@ def run_case(mode: str, fault: Optional[str] = None, transport: str = "broadcast
     _train(ddp, pre, lambda t: batch(t, rank), fault, poison=rank == 1, fail=rank == fail_rank)
     sent = dict(pre.comm.bytes)
     out = _snapshot(model, pre)
-    out.update(sent=sent, local_decompositions=pre.distributed.local_decompositions,
-               owners=dict(pre.distributed.owners()), memory=pre.memory_bytes())
+    out.update(
+        sent=sent,
+        local_decompositions=pre.distributed.local_decompositions,
+        owners=dict(pre.distributed.owners()),
+        memory=pre.memory_bytes(),
+    )
     return out
 
 
-def reference(fault: Optional[str] = None) -> Dict[str, Any]:
+def reference(fault: str | None = None) -> dict[str, Any]:
     """Single process on the concatenation of both ranks' batches (same faults, applied once)."""
     model = make_model()
     pre = FaultyPreconditioner(model, **OPTIONS)
@@ -112,9 +127,15 @@ def reference(fault: Optional[str] = None) -> Dict[str, Any]:
     return _snapshot(model, pre)
 
 
-CASES = [("replicate", None), ("decompositions", None), ("gradients", None),
-         ("decompositions", "nan"), ("decompositions", "fail"), ("replicate", "fail"),
-         ("gradients", "fail")]
+CASES = [
+    ("replicate", None),
+    ("decompositions", None),
+    ("gradients", None),
+    ("decompositions", "nan"),
+    ("decompositions", "fail"),
+    ("replicate", "fail"),
+    ("gradients", "fail"),
+]
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -122,8 +143,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {f"{mode}:{fault}": run_case(mode, fault) for mode, fault in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -1,7 +1,8 @@
 """Standalone ``strategy="ddp"`` run (2 CPU ranks, gloo) for
 tests/integrations/lightning/test_distributed_lightning.py.
 
-Lightning's "ddp" launcher re-runs this script for rank 1, so it cannot run inside pytest (Lightning 2.x behaviour).
+Lightning's "ddp" launcher re-runs this script for rank 1, so it cannot run inside pytest
+(Lightning 2.x behaviour).
 Usage: ``python tests/ddp_scripts/lightning_ddp.py OUT_DIR STEPS [NODES]``;
 each rank writes ``OUT_DIR/rank{r}.pt`` (params, factors, K-FAC state) at ``on_fit_end``. With
 NODES=2 the script is one "node" of 1 device: start it twice with ``NODE_RANK=0`` / ``1`` and the
@@ -31,10 +32,15 @@ from tests.support.lightning import MLP, make_dataset, make_trainer
 def main(out_dir: str, steps: int, nodes: int = 1) -> None:
     torch.set_num_threads(1)
     out = Path(out_dir)
-    trainer = make_trainer(out, strategy="ddp", devices=2 // nodes, num_nodes=nodes,
-                           max_steps=steps,
-                           use_distributed_sampler=False,
-                           callbacks=[KFACCallback(**OPTIONS), RankDump(out)])
+    trainer = make_trainer(
+        out,
+        strategy="ddp",
+        devices=2 // nodes,
+        num_nodes=nodes,
+        max_steps=steps,
+        use_distributed_sampler=False,
+        callbacks=[KFACCallback(**OPTIONS), RankDump(out)],
+    )
     trainer.fit(MLP(), rank_loader(make_dataset(N), BATCH))
 
 

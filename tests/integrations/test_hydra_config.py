@@ -1,4 +1,5 @@
-"""The Hydra config tree (conf/) and the structured K-FAC schema (lightning_kfac/integrations/hydra.py).
+"""The Hydra config tree (conf/) and the structured K-FAC schema
+(lightning_kfac/integrations/hydra.py).
 
 Every option of every group is composed with ``initialize_config_dir`` + ``compose`` (no argv, no
 chdir) and instantiated; the typo / wrong-type / out-of-range errors name the offending key.
@@ -19,12 +20,12 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[2]
-
 from examples.data import load_digits_tensors
 from examples.train import CONF_DIR, build_kfac_callback  # registers the schema
 from lightning_kfac import KFACConfig
 from lightning_kfac.integrations.hydra import KFACSchema
+
+ROOT = Path(__file__).resolve().parents[2]
 
 GROUPS = ("data", "model", "optimizer", "kfac", "trainer", "experiment")
 
@@ -65,8 +66,9 @@ def test_default_preset_equals_kfacconfig_defaults_and_documents_every_option():
     assert cfg.kfac._target_ == "lightning_kfac.KFACCallback"
     assert kfac_options(cfg.kfac) == KFACConfig().to_dict()
     text = (CONF_DIR / "kfac" / "default.yaml").read_text()
-    undocumented = [name for name in KFACConfig().to_dict()
-                    if not re.search(rf"^{name}: .*# \S", text, re.M)]
+    undocumented = [
+        name for name in KFACConfig().to_dict() if not re.search(rf"^{name}: .*# \S", text, re.M)
+    ]
     assert undocumented == []
 
 
@@ -74,7 +76,7 @@ def test_every_yaml_field_has_a_comment():
     missing = []
     for path in sorted(CONF_DIR.rglob("*.yaml")):
         for line in path.read_text().splitlines():
-            field = re.match(r"^\s*[A-Za-z_][\w.]*:\s*\S", line)   # a key with a value
+            field = re.match(r"^\s*[A-Za-z_][\w.]*:\s*\S", line)  # a key with a value
             if field and "#" not in line:
                 missing.append(f"{path.relative_to(CONF_DIR)}: {line.strip()}")
     assert missing == []
@@ -113,8 +115,9 @@ def check_component(group, cfg, name):
         assert trainer.max_epochs == cfg.trainer.max_epochs
         assert trainer.num_devices == cfg.trainer.devices
         assert trainer.strategy.__class__.__name__ == {
-            "ddp": "DDPStrategy", "ddp_spawn": "DDPStrategy"}.get(cfg.trainer.strategy,
-                                                                  "SingleDeviceStrategy")
+            "ddp": "DDPStrategy",
+            "ddp_spawn": "DDPStrategy",
+        }.get(cfg.trainer.strategy, "SingleDeviceStrategy")
         if cfg.trainer.strategy == "ddp_spawn":
             assert trainer.strategy._start_method == "spawn"
     elif group == "kfac":
@@ -151,13 +154,25 @@ def test_experiments_select_their_components_and_the_command_line_wins():
 
 def test_presets_hold_their_papers_settings():
     m = compose_cfg("kfac=martens2015").kfac
-    assert (m.compute_method, m.factor_decay, m.inv_update_steps, m.factor_update_steps,
-            m.fisher_type, m.adaptive_damping, m.adaptive_damping_interval, m.step_rule,
-            m.kl_clip) == ("inverse", 0.95, 20, 1, "mc", True, 5, "quadratic", None)
+    assert (
+        m.compute_method,
+        m.factor_decay,
+        m.inv_update_steps,
+        m.factor_update_steps,
+        m.fisher_type,
+        m.adaptive_damping,
+        m.adaptive_damping_interval,
+        m.step_rule,
+        m.kl_clip,
+    ) == ("inverse", 0.95, 20, 1, "mc", True, 5, "quadratic", None)
     k = compose_cfg("kfac=kaisa").kfac
-    assert (k.factor_update_steps, k.inv_update_steps, k.kl_clip, k.damping,
-            k.compute_method) == (10, 100, 1e-3, 1e-3, "eigen")
-
+    assert (k.factor_update_steps, k.inv_update_steps, k.kl_clip, k.damping, k.compute_method) == (
+        10,
+        100,
+        1e-3,
+        1e-3,
+        "eigen",
+    )
 
 
 # What each preset composed to before the presets were reduced to their differences (every other
@@ -167,10 +182,19 @@ PRESET_DIFFERENCES = {
     "digits_autoencoder": {"damping": 1e-2, "output_reduction": "sum"},
     "digits_classifier": {"damping": 3e-2},
     "kaisa": {"distribute": "decompositions"},
-    "martens2015": {"damping": 150.0, "factor_update_steps": 1, "inv_update_steps": 20,
-                    "kl_clip": None, "compute_method": "inverse", "fisher_type": "mc",
-                    "likelihood": "bernoulli", "output_reduction": "sum",
-                    "adaptive_damping": True, "min_damping": 1e-3, "step_rule": "quadratic"},
+    "martens2015": {
+        "damping": 150.0,
+        "factor_update_steps": 1,
+        "inv_update_steps": 20,
+        "kl_clip": None,
+        "compute_method": "inverse",
+        "fisher_type": "mc",
+        "likelihood": "bernoulli",
+        "output_reduction": "sum",
+        "adaptive_damping": True,
+        "min_damping": 1e-3,
+        "step_rule": "quadratic",
+    },
     "warm_start": {"damping": 0.1, "damping_mode": "relative", "factor_init": "identity"},
 }
 
@@ -194,9 +218,12 @@ def test_presets_extend_default_and_state_only_their_differences(preset):
     assert raw.pop("defaults") == ["default", "_self_"]
     defaults = KFACConfig().to_dict()
     restated = sorted(name for name, value in raw.items() if value == defaults[name])
-    assert restated == [], (f"conf/kfac/{preset}.yaml restates defaults {restated}: delete them "
-                            "(a preset states only what differs from conf/kfac/default.yaml)")
+    assert restated == [], (
+        f"conf/kfac/{preset}.yaml restates defaults {restated}: delete them "
+        "(a preset states only what differs from conf/kfac/default.yaml)"
+    )
     assert sorted(raw) == sorted(PRESET_DIFFERENCES[preset])
+
 
 # -- errors name the offending key --------------------------------------------------------------
 def test_typo_fails_at_composition_naming_the_key():
@@ -207,7 +234,7 @@ def test_typo_fails_at_composition_naming_the_key():
 
 
 def test_appended_typo_fails_when_the_callback_is_built_naming_the_key():
-    cfg = compose_cfg("+kfac.dampng=1")   # `+` opens the struct; the callback still refuses it
+    cfg = compose_cfg("+kfac.dampng=1")  # `+` opens the struct; the callback still refuses it
     with pytest.raises(InstantiationException) as err:
         build_kfac_callback(cfg)
     assert "['dampng']" in full_message(err.value)
@@ -221,13 +248,16 @@ def test_wrong_type_fails_at_composition_naming_the_key():
     assert "Value 'abc' of type 'str' could not be converted to Integer" in message
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("kfac.damping=-1", "Invalid damping=-1.0"),
-    ("kfac.factor_decay=1.5", "Invalid factor_decay=1.5"),
-    ("kfac.compute_method=cholesky", "Invalid compute_method='cholesky'"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("kfac.damping=-1", "Invalid damping=-1.0"),
+        ("kfac.factor_decay=1.5", "Invalid factor_decay=1.5"),
+        ("kfac.compute_method=cholesky", "Invalid compute_method='cholesky'"),
+    ],
+)
 def test_out_of_range_fails_when_the_callback_is_built_naming_the_option(override, expected):
-    cfg = compose_cfg(override)   # composes: the schema checks keys and types, not ranges
+    cfg = compose_cfg(override)  # composes: the schema checks keys and types, not ranges
     with pytest.raises(InstantiationException) as err:
         build_kfac_callback(cfg)
     assert expected in full_message(err.value)
@@ -242,11 +272,17 @@ def test_kfac_options_cannot_be_set_when_kfac_is_off():
 # -- hydra stays out of `import lightning_kfac` -------------------------------------------------
 def test_only_lightning_kfac_hydra_imports_hydra():
     package = ROOT / "lightning_kfac"
-    importers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
-                       if re.search(r"^\s*(import hydra|from hydra\b)", p.read_text(), re.M))
+    importers = sorted(
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if re.search(r"^\s*(import hydra|from hydra\b)", p.read_text(), re.M)
+    )
     assert importers == ["integrations/hydra.py"]
-    code = ("import sys, lightning_kfac; lightning_kfac.KFACConfig(); "
-            "print(sorted(m for m in sys.modules if m == 'hydra' or m.startswith('hydra.')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, lightning_kfac; lightning_kfac.KFACConfig(); "
+        "print(sorted(m for m in sys.modules if m == 'hydra' or m.startswith('hydra.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

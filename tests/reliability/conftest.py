@@ -7,7 +7,7 @@ the rows as one table under ``make reliability``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,8 +20,10 @@ def reliability_row(request) -> Callable[[str, int, int, str], None]:
     """``reliability_row(name, injected, survived, figure)`` records this test's row."""
 
     def record(name: str, injected: int, survived: int, figure: str) -> None:
-        record_row(request.config, Row(name, int(injected), int(survived), str(figure),
-                                       request.node.nodeid))
+        record_row(
+            request.config,
+            Row(name, int(injected), int(survived), str(figure), request.node.nodeid),
+        )
 
     return record
 

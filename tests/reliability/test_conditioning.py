@@ -19,26 +19,26 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
-from tests.support import dense as D
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from tests.reliability.common import all_finite, batch, factors_finite
+from tests.support import dense as D
 
 pytestmark = pytest.mark.reliability
 
 CONDITIONS = [1e4, 1e8, 1e12, 1e16]
 CASES = ["batch size 1", "dead units", "duplicated features", "zero features"] + [
-    f"condition {c:.0e}" for c in CONDITIONS]
+    f"condition {c:.0e}" for c in CONDITIONS
+]
 
 
 def relu_mlp(dtype=torch.float32, dead: int = 3) -> nn.Sequential:
     """6 -> 8 -> 8 -> 3 with ReLU; the first ``dead`` units of layer 0 never fire (bias -10)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                          nn.Linear(8, 3)).to(dtype)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).to(dtype)
     with torch.no_grad():
         model[0].bias[:dead] = -10.0
     return model
@@ -65,16 +65,25 @@ def _reference(model, pre, raw: dict, method: str, damping: float) -> float:
     errs = []
     for name, (A, G) in pre.factors().items():
         module = dict(model.named_modules())[name]
-        ref = (D.eigen_precondition(A, G, raw[name], damping) if method == "eigen"
-               else D.inverse_precondition(A, G, raw[name], damping))
+        ref = (
+            D.eigen_precondition(A, G, raw[name], damping)
+            if method == "eigen"
+            else D.inverse_precondition(A, G, raw[name], damping)
+        )
         errs.append(D.rel_err(D.grad_matrix(module), ref))
     return max(errs)
 
 
 def _run_case(case: str, method: str, dtype, steps: int = 5, damping: float = 1e-3):
     model = relu_mlp(dtype, dead=3 if case == "dead units" else 0)
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=damping,
-                             compute_method=method, kl_clip=None if dtype == torch.float64 else 1e-3)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        damping=damping,
+        compute_method=method,
+        kl_clip=None if dtype == torch.float64 else 1e-3,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     worst = 0.0
     for t in range(steps):
@@ -86,12 +95,19 @@ def _run_case(case: str, method: str, dtype, steps: int = 5, damping: float = 1e
         if dtype == torch.float64:
             worst = max(worst, _reference(model, pre, raw, method, damping))
         opt.step()
-    eig_ok = all(bool((v >= 0).all()) for b in pre.layers.values()
-                 for k, v in b.decomposition.items() if k in ("eA", "eG"))
-    finite = (all_finite(model.parameters()) and factors_finite(pre)
-              and all(all_finite(b.decomposition.values()) for b in pre.layers.values())
-              and pre.counters["nonfinite_gradients"] == 0
-              and pre.counters["decomposition_failures"] == 0)
+    eig_ok = all(
+        bool((v >= 0).all())
+        for b in pre.layers.values()
+        for k, v in b.decomposition.items()
+        if k in ("eA", "eG")
+    )
+    finite = (
+        all_finite(model.parameters())
+        and factors_finite(pre)
+        and all(all_finite(b.decomposition.values()) for b in pre.layers.values())
+        and pre.counters["nonfinite_gradients"] == 0
+        and pre.counters["decomposition_failures"] == 0
+    )
     return finite and eig_ok, worst
 
 
@@ -108,17 +124,22 @@ def test_ill_conditioned_factors(reliability_row) -> None:
                 if case.startswith("condition"):
                     largest = max(largest, float(case.split()[1]))
             else:
-                failures.append(f"{case}/{method}: float32 ok={ok32}, float64 ok={ok64} "
-                                f"err={err:.1e}")
+                failures.append(
+                    f"{case}/{method}: float32 ok={ok32}, float64 ok={ok64} err={err:.1e}"
+                )
     assert not failures, failures
     assert largest >= 1e12
-    reliability_row("ill-conditioning", injected, survived,
-                    f"largest condition survived {largest:.0e} (float32 and float64)")
+    reliability_row(
+        "ill-conditioning",
+        injected,
+        survived,
+        f"largest condition survived {largest:.0e} (float32 and float64)",
+    )
 
 
 def test_damping_sweep(reliability_row) -> None:
     """Damping 1e-12 ... 1e2 (15 values) x {eigen, inverse} x {kl_clip 1e-3, none}, 20 steps."""
-    dampings = [10.0 ** k for k in range(-12, 3)]
+    dampings = [10.0**k for k in range(-12, 3)]
     finite = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -126,9 +147,14 @@ def test_damping_sweep(reliability_row) -> None:
             for kl_clip in (1e-3, None):
                 for damping in dampings:
                     model = relu_mlp()
-                    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1,
-                                             damping=damping, compute_method=method,
-                                             kl_clip=kl_clip)
+                    pre = KFACPreconditioner(
+                        model,
+                        factor_update_steps=1,
+                        inv_update_steps=1,
+                        damping=damping,
+                        compute_method=method,
+                        kl_clip=kl_clip,
+                    )
                     opt = torch.optim.SGD(model.parameters(), lr=0.1)
                     ok = True
                     for t in range(20):
@@ -152,13 +178,18 @@ def test_damping_sweep(reliability_row) -> None:
 
     unclipped = max(smallest_safe("eigen"), smallest_safe("inverse"))
     assert unclipped <= 1e-2
-    reliability_row("damping sweep", len(clipped), sum(clipped),
-                    f"smallest safe damping 1e-12 with kl_clip=1e-3 (every step finite); "
-                    f"without KL clip {unclipped:.0e}")
+    reliability_row(
+        "damping sweep",
+        len(clipped),
+        sum(clipped),
+        f"smallest safe damping 1e-12 with kl_clip=1e-3 (every step finite); "
+        f"without KL clip {unclipped:.0e}",
+    )
 
 
-@pytest.mark.parametrize("value", [0.0, -1e-3, float("nan"), float("inf"), -float("inf"),
-                                   "1e-3", True, None, [1e-3]])
+@pytest.mark.parametrize(
+    "value", [0.0, -1e-3, float("nan"), float("inf"), -float("inf"), "1e-3", True, None, [1e-3]]
+)
 def test_invalid_damping_rejected(value, reliability_row) -> None:
     with pytest.raises(ValueError, match=r"damping=") as err:
         KFACConfig(damping=value)

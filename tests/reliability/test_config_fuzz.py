@@ -17,7 +17,7 @@ import enum
 import os
 import warnings
 from collections import Counter
-from typing import Any, Dict
+from typing import Any
 
 import pytest
 import torch
@@ -25,9 +25,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
 
 pytestmark = pytest.mark.reliability
@@ -35,9 +33,13 @@ pytestmark = pytest.mark.reliability
 FIELDS = [f.name for f in dataclasses.fields(KFACConfig)]
 DEFAULTS = KFACConfig()
 EXAMPLES = int(os.environ.get("KFAC_FUZZ_EXAMPLES", "100"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None,
-                    derandomize="KFAC_FUZZ_EXAMPLES" not in os.environ, database=None,
-                    suppress_health_check=list(HealthCheck))
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize="KFAC_FUZZ_EXAMPLES" not in os.environ,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 def _enum_values(name: str):
@@ -49,15 +51,27 @@ def arbitrary(name: str) -> st.SearchStrategy:
     """Values of every kind, biased toward the option's own type and enum values."""
     words = _enum_values(name) + [v.upper() for v in _enum_values(name)] + ["bogus", "", "skip"]
     generic = st.one_of(
-        st.none(), st.booleans(), st.integers(-3, 40),
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 40),
         st.floats(allow_nan=True, allow_infinity=True, width=64),
-        st.sampled_from(words), st.text(max_size=4),
+        st.sampled_from(words),
+        st.text(max_size=4),
         st.lists(st.sampled_from(["fc0", "Linear", "[", "fc.*", 3]), max_size=2),
-        st.lists(st.dictionaries(st.sampled_from(["regex", "damping", "compute_method",
-                                                  "factor_update_steps", "bogus"]),
-                                 st.one_of(st.sampled_from(["fc1", "skip", "eigen", "("]),
-                                           st.floats(-1, 1), st.integers(-1, 3)),
-                                 max_size=3), max_size=2),
+        st.lists(
+            st.dictionaries(
+                st.sampled_from(
+                    ["regex", "damping", "compute_method", "factor_update_steps", "bogus"]
+                ),
+                st.one_of(
+                    st.sampled_from(["fc1", "skip", "eigen", "("]),
+                    st.floats(-1, 1),
+                    st.integers(-1, 3),
+                ),
+                max_size=3,
+            ),
+            max_size=2,
+        ),
         st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
     )
     if words[:-3]:
@@ -70,7 +84,7 @@ def _names_an_option(err: ValueError, changed) -> bool:
     return any(name in message for name in changed)
 
 
-def _train(options: Dict[str, Any], steps: int = 3) -> str:
+def _train(options: dict[str, Any], steps: int = 3) -> str:
     """Build the config and the engine, train; return an outcome, raise on a crash."""
     model = mlp()
     try:
@@ -115,28 +129,37 @@ def test_one_option_arbitrary_value(reliability_row) -> None:
             raise
         except Exception as err:  # a crash other than ValueError
             stats["crash"] += 1
-            raise AssertionError(f"{name}={value!r} crashed with {type(err).__name__}: {err}")
+            raise AssertionError(
+                f"{name}={value!r} crashed with {type(err).__name__}: {err}"
+            ) from err
 
     try:
         _run(prop, stats)
     finally:
         total = sum(stats.values())
-        reliability_row("config fuzz", total, total - stats["crash"],
-                        f"crashes other than ValueError {stats['crash']} "
-                        f"({stats['rejected']} one-option values rejected naming the option, "
-                        f"{stats['trained']} accepted and trained)")
+        reliability_row(
+            "config fuzz",
+            total,
+            total - stats["crash"],
+            f"crashes other than ValueError {stats['crash']} "
+            f"({stats['rejected']} one-option values rejected naming the option, "
+            f"{stats['trained']} accepted and trained)",
+        )
     assert stats["rejected"] > 0 and stats["trained"] > 0, stats
 
 
-def _valid_strategies() -> Dict[str, st.SearchStrategy]:
+def _valid_strategies() -> dict[str, st.SearchStrategy]:
     """A valid value for every option (the ranges KFACConfig documents)."""
     damping = st.floats(1e-6, 10.0)
-    override = st.fixed_dictionaries({"regex": st.sampled_from(LAYERS + ["Linear"])},
-                                     optional={"damping": damping,
-                                               "factor_update_steps": st.integers(1, 3),
-                                               "inv_update_steps": st.integers(1, 3),
-                                               "compute_method": st.sampled_from(
-                                                   _enum_values("compute_method") + ["skip"])})
+    override = st.fixed_dictionaries(
+        {"regex": st.sampled_from([*LAYERS, "Linear"])},
+        optional={
+            "damping": damping,
+            "factor_update_steps": st.integers(1, 3),
+            "inv_update_steps": st.integers(1, 3),
+            "compute_method": st.sampled_from([*_enum_values("compute_method"), "skip"]),
+        },
+    )
     return {
         "damping": damping,
         "factor_update_steps": st.integers(1, 3),
@@ -174,12 +197,11 @@ def _valid_strategies() -> Dict[str, st.SearchStrategy]:
 # options the valid strategy leaves at their default: they need a model-specific value
 # (output_module), are bounds/factors of the damping options, or need a loss closure in
 # pre.step (step_rule="quadratic", tested in tests/test_step_rule.py)
-DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_damping",
-             "step_rule"}
+DEFAULTED = {"output_module", "adaptive_damping_factor", "min_damping", "max_damping", "step_rule"}
 
 
 def valid_options() -> st.SearchStrategy:
-    def build(d: Dict[str, Any]) -> Dict[str, Any]:
+    def build(d: dict[str, Any]) -> dict[str, Any]:
         d["inv_update_steps"] *= d["factor_update_steps"]
         if d.get("adaptive_damping"):
             d["damping_schedule"], d["loss_reduction"] = "constant", "mean"
@@ -202,7 +224,7 @@ def test_valid_combinations_train_finite_steps(reliability_row) -> None:
             raise
         except Exception as err:
             stats["crash"] += 1
-            raise AssertionError(f"{options} crashed with {type(err).__name__}: {err}")
+            raise AssertionError(f"{options} crashed with {type(err).__name__}: {err}") from err
         stats[outcome] += 1
         assert outcome == "trained", f"a valid configuration was rejected: {options}"
 
@@ -210,8 +232,12 @@ def test_valid_combinations_train_finite_steps(reliability_row) -> None:
         _run(prop, stats)
     finally:
         total = sum(stats.values())
-        reliability_row("config fuzz", total, total - stats["crash"],
-                        f"{stats['trained']} valid combinations trained finite steps")
+        reliability_row(
+            "config fuzz",
+            total,
+            total - stats["crash"],
+            f"{stats['trained']} valid combinations trained finite steps",
+        )
     assert not missing, f"options without a valid-value strategy: {missing}"
 
 

@@ -11,15 +11,15 @@ names the layer and suggests a damping.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, List
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_kfac import KFACPreconditioner
-from tests.support import dense as D
 from tests.reliability.common import all_finite, batch, mlp
+from tests.support import dense as D
 
 pytestmark = pytest.mark.reliability
 
@@ -27,8 +27,9 @@ TARGET_DIM = 7  # fc0's A factor (6 inputs + bias) is the only 7 x 7 matrix of t
 DAMPING = 1e-2
 
 
-def _faulty(real: Callable, mode: str, when: Callable[[torch.Tensor], bool], log: List):
+def _faulty(real: Callable, mode: str, when: Callable[[torch.Tensor], bool], log: list):
     """Wrap ``real`` so that it raises or returns NaN for matrices where ``when(m)`` holds."""
+
     def fake(m, *args, **kwargs):
         log.append((m.shape[0], m.dtype))
         if m.shape[0] == TARGET_DIM and when(m):
@@ -37,6 +38,7 @@ def _faulty(real: Callable, mode: str, when: Callable[[torch.Tensor], bool], log
             out = real(m, *args, **kwargs)
             return type(out)(torch.full_like(t, float("nan")) for t in out)
         return real(m, *args, **kwargs)
+
     return fake
 
 
@@ -55,10 +57,11 @@ def test_float32_failure_rescued_by_float64_retry(mode, monkeypatch, reliability
     model = mlp()  # float32 model: factors are float32, so the retry is a real dtype change
     pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=DAMPING)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    log: List = []
+    log: list = []
     real = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh",
-                        _faulty(real, mode, lambda m: m.dtype == torch.float32, log))
+    monkeypatch.setattr(
+        torch.linalg, "eigh", _faulty(real, mode, lambda m: m.dtype == torch.float32, log)
+    )
     steps = 5
     for t in range(steps):
         opt.zero_grad()
@@ -75,29 +78,41 @@ def test_float32_failure_rescued_by_float64_retry(mode, monkeypatch, reliability
     assert pre.counters["decompositions"] == steps * 3
     assert dec["QA"].dtype == torch.float32 and bool((dec["eA"] >= 0).all())
     assert D.rel_err(rebuilt, A) <= 1e-5
-    reliability_row("decomposition failure", steps, retries,
-                    "float64 retry rescued every float32 failure")
+    reliability_row(
+        "decomposition failure", steps, retries, "float64 retry rescued every float32 failure"
+    )
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_failures_keep_previous_decomposition_then_recover(method, mode, monkeypatch,
-                                                            reliability_row) -> None:
+def test_failures_keep_previous_decomposition_then_recover(
+    method, mode, monkeypatch, reliability_row
+) -> None:
     """Both attempts fail at steps 4 and 5 (n=2 < 3): old decomposition used, step 6 recovers."""
     fail_steps = {4, 5}
     model = mlp(dtype=torch.float64)
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=DAMPING,
-                             compute_method=method, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        damping=DAMPING,
+        compute_method=method,
+        kl_clip=None,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     name = "eigh" if method == "eigen" else "cholesky_ex"
     real = getattr(torch.linalg, name)
     clock = {"t": 0}
-    log: List = []
-    monkeypatch.setattr(torch.linalg, name,
-                        _faulty(real, mode, lambda m: clock["t"] in fail_steps, log))
+    log: list = []
+    monkeypatch.setattr(
+        torch.linalg, name, _faulty(real, mode, lambda m: clock["t"] in fail_steps, log)
+    )
     if method == "inverse":  # the LU fallback of a failed Cholesky must fail as well
-        monkeypatch.setattr(torch.linalg, "inv", _faulty(
-            torch.linalg.inv, mode, lambda m: clock["t"] in fail_steps, log))
+        monkeypatch.setattr(
+            torch.linalg,
+            "inv",
+            _faulty(torch.linalg.inv, mode, lambda m: clock["t"] in fail_steps, log),
+        )
     kept, recovered_at, used_old = 0, None, 0
     snapshot, factors_at_snapshot = None, None
     with warnings.catch_warnings(record=True) as records:
@@ -112,8 +127,11 @@ def test_failures_keep_previous_decomposition_then_recover(method, mode, monkeyp
                 kept += int(same)
                 # the gradient was preconditioned with the decomposition of the older factors
                 A_old, G_old = factors_at_snapshot
-                ref = (D.eigen_precondition(A_old, G_old, raw, DAMPING) if method == "eigen"
-                       else D.inverse_precondition(A_old, G_old, raw, DAMPING))
+                ref = (
+                    D.eigen_precondition(A_old, G_old, raw, DAMPING)
+                    if method == "eigen"
+                    else D.inverse_precondition(A_old, G_old, raw, DAMPING)
+                )
                 err = D.rel_err(D.grad_matrix(model.fc0), ref)
                 used_old += int(err <= 1e-8)
             else:
@@ -129,31 +147,42 @@ def test_failures_keep_previous_decomposition_then_recover(method, mode, monkeyp
     assert pre.counters["decomposition_failures"] == len(fail_steps)
     assert len(fails) == 1  # warned once for the layer
     assert any(dt == torch.float64 for d, dt in log if d == TARGET_DIM)  # the retry was tried
-    reliability_row("decomposition failure", len(fail_steps), kept,
-                    f"previous kept, recovery step {recovered_at} (eigen/inverse x raise/NaN)")
+    reliability_row(
+        "decomposition failure",
+        len(fail_steps),
+        kept,
+        f"previous kept, recovery step {recovered_at} (eigen/inverse x raise/NaN)",
+    )
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
 def test_repeated_failures_raise_naming_the_layer(method, monkeypatch, reliability_row) -> None:
     """``max_decomposition_failures=3`` consecutive failures: RuntimeError naming 'fc0'."""
     model = mlp(dtype=torch.float64)
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1, damping=DAMPING,
-                             compute_method=method, max_decomposition_failures=3)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        damping=DAMPING,
+        compute_method=method,
+        max_decomposition_failures=3,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     _step(model, pre, opt, 0)
-    log: List = []
+    log: list = []
     name = "eigh" if method == "eigen" else "cholesky_ex"
-    monkeypatch.setattr(torch.linalg, name,
-                        _faulty(getattr(torch.linalg, name), "raise", lambda m: True, log))
+    monkeypatch.setattr(
+        torch.linalg, name, _faulty(getattr(torch.linalg, name), "raise", lambda m: True, log)
+    )
     if method == "inverse":
-        monkeypatch.setattr(torch.linalg, "inv",
-                            _faulty(torch.linalg.inv, "raise", lambda m: True, log))
+        monkeypatch.setattr(
+            torch.linalg, "inv", _faulty(torch.linalg.inv, "raise", lambda m: True, log)
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _step(model, pre, opt, 1)
         _step(model, pre, opt, 2)
-        with pytest.raises(RuntimeError, match=r"layer 'fc0' failed 3 times .* damping") as err:
+        with pytest.raises(RuntimeError, match=r"layer 'fc0' failed 3 times .* damping"):
             _step(model, pre, opt, 3)
     assert pre.counters["decomposition_failures"] == 3
-    reliability_row("decomposition failure", 1, 1,
-                    "3 failures in a row: error names the layer")
+    reliability_row("decomposition failure", 1, 1, "3 failures in a row: error names the layer")

@@ -1,8 +1,8 @@
 """Lightning rows: fit twice / no leak, eval is silent, the Lightning matrix, and the resume sweep
 through real checkpoints (including a crash in the middle of gradient accumulation).
 
-Must hold (docs/reliability.md): hook handles per module constant during fit and zero after every fit,
-validate, test, predict and crash, and nothing captured kept by the engine; no factor update
+Must hold (docs/reliability.md): hook handles per module constant during fit and zero after every
+fit, validate, test, predict and crash, and nothing captured kept by the engine; no factor update
 outside training (sanity check, validation, predict, ``no_grad`` and eval-mode forwards inside
 ``training_step``, a ``training_step`` returning None); every cell of the matrix works or raises
 ``MisconfigurationException`` naming the reason; a run resumed from the checkpoint of any step of
@@ -14,7 +14,7 @@ checked on the strategy objects (``check_strategy`` is what ``on_fit_start`` run
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -23,25 +23,28 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac import KFACCallback
+from lightning_kfac.integrations.lightning.callback import check_strategy
 from lightning_kfac.summary import predicted_memory_bytes
 from tests.reliability.test_memory import held_bytes
 from tests.reliability.test_resume import mismatches
-from tests.support.lightning import (MLP, Recorder, count_hooks, loader, make_dataset,
-                                         make_trainer)
+from tests.support.lightning import MLP, Recorder, count_hooks, loader, make_dataset, make_trainer
 
-pytestmark = [pytest.mark.reliability,
-              pytest.mark.filterwarnings("ignore::UserWarning"),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
 
 CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2)
 LAYERS = {"net.0", "net.2"}
 
 
-def _per_module_hooks(module) -> Dict[str, int]:
-    return {n: len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-            for n, m in module.named_modules()}
+def _per_module_hooks(module) -> dict[str, int]:
+    return {
+        n: len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for n, m in module.named_modules()
+    }
 
 
 class Crashing(MLP):
@@ -56,7 +59,7 @@ def test_fit_twice_no_leak(tmp_path, reliability_row) -> None:
     model = MLP()
     callback = KFACCallback(**CLOCKS)
     during = Recorder(lambda trainer, module: _per_module_hooks(module))
-    events: List[str] = []
+    events: list[str] = []
     leaked = 0
 
     def after(event: str, target) -> None:
@@ -85,8 +88,12 @@ def test_fit_twice_no_leak(tmp_path, reliability_row) -> None:
     assert all(r == first for r in during.records) and len(during.records) == 8
     assert leaked == 0, f"hooks left after {events}"
     assert held_after_fit == predicted_memory_bytes(callback.preconditioner.layers)
-    reliability_row("fit twice, no leak", len(events), len(events) - (leaked > 0),
-                    f"leaked hooks {leaked} after {len(events)} lifecycle events")
+    reliability_row(
+        "fit twice, no leak",
+        len(events),
+        len(events) - (leaked > 0),
+        f"leaked hooks {leaked} after {len(events)} lifecycle events",
+    )
 
 
 class Noisy(MLP):
@@ -115,18 +122,25 @@ def test_eval_is_silent(tmp_path, reliability_row) -> None:
     quiet, noisy = Quiet(), Noisy()
     cb_quiet, cb_noisy = KFACCallback(**CLOCKS), KFACCallback(**CLOCKS)
     make_trainer(tmp_path, max_steps=6, callbacks=[cb_quiet]).fit(quiet, loader(data, 8))
-    in_val: List[int] = []
+    in_val: list[int] = []
 
     class ValProbe(pl.Callback):
         def on_validation_start(self, trainer, module):
             self.before = dict(cb_noisy.preconditioner.counters)
 
         def on_validation_end(self, trainer, module):
-            in_val.append(cb_noisy.preconditioner.counters["factor_updates"]
-                          - self.before["factor_updates"])
+            in_val.append(
+                cb_noisy.preconditioner.counters["factor_updates"] - self.before["factor_updates"]
+            )
 
-    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[cb_noisy, ValProbe()],
-                           num_sanity_val_steps=2, limit_val_batches=2, val_check_interval=2)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=6,
+        callbacks=[cb_noisy, ValProbe()],
+        num_sanity_val_steps=2,
+        limit_val_batches=2,
+        val_check_interval=2,
+    )
     trainer.fit(noisy, loader(data, 8), loader(data, 8))
     outside = sum(in_val)
     quiet_f, noisy_f = cb_quiet.factors(), cb_noisy.factors()
@@ -141,8 +155,12 @@ def test_eval_is_silent(tmp_path, reliability_row) -> None:
     assert len(in_val) >= 3  # the sanity check and two in-fit validations ran
     assert equal and unchanged and outside == 0
     assert cb_noisy.preconditioner.counters["factor_updates"] == 5 * len(LAYERS)  # 6 - None step
-    reliability_row("eval is silent", 8, 8 if (equal and unchanged) else 0,
-                    f"updates outside training {outside}")
+    reliability_row(
+        "eval is silent",
+        8,
+        8 if (equal and unchanged) else 0,
+        f"updates outside training {outside}",
+    )
 
 
 class ManualTwo(MLP):
@@ -162,8 +180,10 @@ class ManualTwo(MLP):
             opt.step()
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1),
-                torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+            torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+        ]
 
 
 class WithLBFGS(MLP):
@@ -171,7 +191,7 @@ class WithLBFGS(MLP):
         return torch.optim.LBFGS(self.parameters(), lr=0.1)
 
 
-def _cells(tmp_path) -> Dict[str, Callable[[], None]]:
+def _cells(tmp_path) -> dict[str, Callable[[], None]]:
     data = make_dataset(4 * 8)
 
     def fast_dev_run():
@@ -198,12 +218,16 @@ def _cells(tmp_path) -> Dict[str, Callable[[], None]]:
         before = [p.detach().clone() for p in model.parameters()]
         make_trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, loader(data, 8))
         assert set(cb.factors()) == LAYERS and cb.preconditioner.steps == 4
-        assert all(not torch.equal(p, q) and torch.isfinite(p).all()
-                   for p, q in zip(model.parameters(), before))
+        assert all(
+            not torch.equal(p, q) and torch.isfinite(p).all()
+            for p, q in zip(model.parameters(), before)
+        )
 
     def two_instances_disjoint():
-        cbs = [KFACCallback(**CLOCKS, skip_layers=["^net\\.2$"]),
-               KFACCallback(**dict(CLOCKS, skip_layers=["^net\\.0$"], damping=3e-2))]
+        cbs = [
+            KFACCallback(**CLOCKS, skip_layers=["^net\\.2$"]),
+            KFACCallback(**dict(CLOCKS, skip_layers=["^net\\.0$"], damping=3e-2)),
+        ]
         make_trainer(tmp_path, max_steps=2, callbacks=cbs).fit(MLP(), loader(data, 8))
         assert set(cbs[0].factors()) == {"net.0"} and set(cbs[1].factors()) == {"net.2"}
 
@@ -229,10 +253,20 @@ def _cells(tmp_path) -> Dict[str, Callable[[], None]]:
             trainer.fit(model, loader(data, 8))
         assert trainer.global_step == 0 and count_hooks(model) == 0
 
-    return {f.__name__: f for f in (fast_dev_run, no_validation, endless_epochs_max_steps,
-                                   manual_optimization, two_instances_disjoint,
-                                   two_instances_same_layers, fsdp_refused, deepspeed_refused,
-                                   lbfgs_refused_at_fit_start)}
+    return {
+        f.__name__: f
+        for f in (
+            fast_dev_run,
+            no_validation,
+            endless_epochs_max_steps,
+            manual_optimization,
+            two_instances_disjoint,
+            two_instances_same_layers,
+            fsdp_refused,
+            deepspeed_refused,
+            lbfgs_refused_at_fit_start,
+        )
+    }
 
 
 def test_lightning_matrix(tmp_path, reliability_row) -> None:
@@ -244,12 +278,13 @@ def test_lightning_matrix(tmp_path, reliability_row) -> None:
         except (Exception, pytest.fail.Exception) as err:  # collect every cell's outcome
             failures[name] = f"{type(err).__name__}: {str(err)[:200]}"
     passing = len(cells) - len(failures)
-    reliability_row("Lightning matrix", len(cells), passing,
-                    f"cells passing {passing}/{len(cells)}")
+    reliability_row(
+        "Lightning matrix", len(cells), passing, f"cells passing {passing}/{len(cells)}"
+    )
     assert not failures, failures
 
 
-# -- resume sweep through Lightning checkpoints -----------------------------------------------------
+# -- resume sweep through Lightning checkpoints ----------------------------------------------------
 ACCUMULATE, TOTAL = 2, 12
 RESUME_KFAC = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=4, kl_clip=1e-2)
 
@@ -271,15 +306,25 @@ def _resume_trainer(tmp_path, callback, ckpt_dir=None):
     callbacks = [callback]
     if ckpt_dir is not None:
         # saved at the batch end that completes each step (= each epoch's last batch)
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{step}",
-                                         every_n_train_steps=1, save_top_k=-1))
-    return make_trainer(tmp_path, max_steps=TOTAL, accumulate_grad_batches=ACCUMULATE,
-                        callbacks=callbacks, enable_checkpointing=ckpt_dir is not None)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1
+            )
+        )
+    return make_trainer(
+        tmp_path,
+        max_steps=TOTAL,
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None,
+    )
 
 
 def _final(model, callback) -> dict:
-    return {"model": {k: v.clone() for k, v in model.state_dict().items()},
-            "kfac": callback.preconditioner.state_dict()}
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "kfac": callback.preconditioner.state_dict(),
+    }
 
 
 def test_resume_sweep_through_checkpoints(tmp_path, reliability_row) -> None:
@@ -309,8 +354,12 @@ def test_resume_sweep_through_checkpoints(tmp_path, reliability_row) -> None:
     if bad:
         failures["mid-accumulation"] = bad[:4]
     passing = tried - len(failures)
-    reliability_row("resume sweep", tried, passing,
-                    f"Lightning checkpoints incl. mid-accumulation: {passing}/{tried}")
+    reliability_row(
+        "resume sweep",
+        tried,
+        passing,
+        f"Lightning checkpoints incl. mid-accumulation: {passing}/{tried}",
+    )
     assert not failures, failures
 
 
@@ -335,20 +384,32 @@ def test_nonfinite_counted_in_callback_state_and_logs(tmp_path, reliability_row)
 
     bad = [2, 5, 6]
     model, callback = HugeInput(bad), KFACCallback(**CLOCKS)
-    trainer = make_trainer(tmp_path, max_steps=8, callbacks=[callback], log_every_n_steps=1,
-                           logger=CSVLogger(tmp_path / "logs"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=8,
+        callbacks=[callback],
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path / "logs"),
+    )
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         trainer.fit(model, loader(make_dataset(8 * 8, dtype=torch.float32), 8))
-    warned = [w for w in records if "non-finite factor estimate for layer 'net.0'" in str(w.message)]
+    warned = [
+        w for w in records if "non-finite factor estimate for layer 'net.0'" in str(w.message)
+    ]
     path = tmp_path / "end.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["callbacks"][callback.state_key]
     logged = float(trainer.logged_metrics["kfac/nonfinite_estimates"])
     finite = all(torch.isfinite(p).all() for p in model.parameters()) and all(
-        torch.isfinite(t).all() for pair in callback.factors().values() for t in pair)
+        torch.isfinite(t).all() for pair in callback.factors().values() for t in pair
+    )
     assert finite and len(warned) == 1
     assert callback.preconditioner.counters["nonfinite_estimates"] == len(bad)
     assert state["counters"]["nonfinite_estimates"] == len(bad) and logged == len(bad)
-    reliability_row("non-finite gradients", len(bad), len(bad) if finite else 0,
-                    "Lightning: counted in checkpoint state and kfac/nonfinite_estimates log")
+    reliability_row(
+        "non-finite gradients",
+        len(bad),
+        len(bad) if finite else 0,
+        "Lightning: counted in checkpoint state and kfac/nonfinite_estimates log",
+    )

@@ -14,7 +14,6 @@ does (the symptom: the penalty was dropped).
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -45,11 +44,12 @@ def _loss(model: nn.Module, x: Tensor, lam: float) -> Tensor:
     return loss
 
 
-def _state() -> Tuple[nn.Module, dict]:
+def _state() -> tuple[nn.Module, dict]:
     """Three steps on the full path (factor every step, decompose every 2): a fixed state."""
     model = _model()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=2, damping=1e-3,
-                             kl_clip=None, low_rank=False)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=2, damping=1e-3, kl_clip=None, low_rank=False
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for t in range(3):
         opt.zero_grad()
@@ -63,15 +63,23 @@ def _state() -> Tuple[nn.Module, dict]:
 def _precondition(base: nn.Module, state: dict, lam: float, low_rank: bool):
     """One step at t = 3 (no factor update, decompositions from the state): the gradients."""
     model = copy.deepcopy(base)
-    pre = KFACPreconditioner(model, factor_update_steps=1000, inv_update_steps=1000,
-                             damping=1e-3, kl_clip=None, low_rank=low_rank)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1000,
+        inv_update_steps=1000,
+        damping=1e-3,
+        kl_clip=None,
+        low_rank=low_rank,
+    )
     pre.load_state_dict(state)
-    rows: Dict[str, List[Tensor]] = {}
+    rows: dict[str, list[Tensor]] = {}
     hooks = []
     for name in LAYERS:
+
         def forward_hook(module, args, out, name=name):
             rows[name] = [torch.cat([args[0], torch.ones(ROWS, 1)], 1).detach()]
             out.register_hook(lambda g: rows[name].append(g.detach()))
+
         hooks.append(model[int(name)].register_forward_hook(forward_hook))
     model.zero_grad()
     _loss(model, _x(3), lam).backward()
@@ -79,12 +87,13 @@ def _precondition(base: nn.Module, state: dict, lam: float, low_rank: bool):
         h.remove()
     pre.step()
     pre.remove()
-    grads = {n: (model[int(n)].weight.grad.clone(), model[int(n)].bias.grad.clone())
-             for n in LAYERS}
+    grads = {
+        n: (model[int(n)].weight.grad.clone(), model[int(n)].bias.grad.clone()) for n in LAYERS
+    }
     return grads, rows, pre.counters.get("low_rank_steps", 0)
 
 
-def _above_rounding(base: nn.Module, rows: Dict[str, List[Tensor]], lam: float) -> Dict[str, bool]:
+def _above_rounding(base: nn.Module, rows: dict[str, list[Tensor]], lam: float) -> dict[str, bool]:
     """Per layer: does some entry of the penalty's gradient exceed the float32 rounding bound?"""
     eps = torch.finfo(torch.float32).eps
     out = {}
@@ -112,18 +121,29 @@ def test_penalties_above_rounding_take_the_full_path(reliability_row) -> None:
                 wrong.append((lam, name))
         figures.append(f"{lam:g}:{used}")
     failed = len({lam for lam, _ in wrong})
-    reliability_row("low-rank with penalties", len(LAMBDAS), len(LAMBDAS) - failed,
-                    "low-rank layers per penalty " + " ".join(figures))
+    reliability_row(
+        "low-rank with penalties",
+        len(LAMBDAS),
+        len(LAMBDAS) - failed,
+        "low-rank layers per penalty " + " ".join(figures),
+    )
     assert not wrong, f"(penalty, layer) where a term above rounding was dropped: {wrong}"
 
 
 def test_penalized_run_ends_on_the_full_path(reliability_row) -> None:
     """30 steps with lam = 1e-5: low_rank=True ends within float rounding of low_rank=False, and
     visibly away from the unpenalized run."""
+
     def run(lam, low_rank):
         model = _model()
-        pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=5, damping=1e-3,
-                                 kl_clip=None, low_rank=low_rank)
+        pre = KFACPreconditioner(
+            model,
+            factor_update_steps=1,
+            inv_update_steps=5,
+            damping=1e-3,
+            kl_clip=None,
+            low_rank=low_rank,
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for t in range(30):
             opt.zero_grad()
@@ -137,7 +157,10 @@ def test_penalized_run_ends_on_the_full_path(reliability_row) -> None:
     to_full = float((low - full).norm() / full.norm())
     penalty_effect = float((full - plain).norm() / full.norm())
     ok = to_full < 1e-2 * penalty_effect
-    reliability_row("low-rank with penalties", 1, int(ok),
-                    f"30 steps, penalty 1e-5: |low - full| / |penalty effect| "
-                    f"{to_full / penalty_effect:.1e}")
+    reliability_row(
+        "low-rank with penalties",
+        1,
+        int(ok),
+        f"30 steps, penalty 1e-5: |low - full| / |penalty effect| {to_full / penalty_effect:.1e}",
+    )
     assert ok, (to_full, penalty_effect)

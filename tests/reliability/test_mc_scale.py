@@ -17,7 +17,6 @@ update, ``factor_decay=0``, so each step's G is that batch's estimate), and
 from __future__ import annotations
 
 import math
-from typing import Dict, List
 
 import pytest
 import torch
@@ -37,16 +36,23 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, C)).to(DT)
 
 
-def _traces(likelihood: str, fisher: str) -> Dict[str, Tensor]:
+def _traces(likelihood: str, fisher: str) -> dict[str, Tensor]:
     model = _model()
     x = torch.randn(N, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
     loss_fn = nn.BCEWithLogitsLoss() if likelihood == "bernoulli" else nn.MSELoss()
     torch.manual_seed(11)
-    pre = KFACPreconditioner(model, fisher_type=fisher, likelihood=likelihood,
-                             gaussian_variance=VAR, factor_decay=0.0, factor_update_steps=1,
-                             inv_update_steps=10 ** 6, kl_clip=None)
+    pre = KFACPreconditioner(
+        model,
+        fisher_type=fisher,
+        likelihood=likelihood,
+        gaussian_variance=VAR,
+        factor_decay=0.0,
+        factor_update_steps=1,
+        inv_update_steps=10**6,
+        kl_clip=None,
+    )
     gen = torch.Generator().manual_seed(7)
-    traces: Dict[str, List[float]] = {}
+    traces: dict[str, list[float]] = {}
     for _ in range(K):
         model.zero_grad()
         f = model(x)
@@ -69,29 +75,37 @@ def _exact_last_layer_trace(likelihood: str, model: nn.Module, x: Tensor) -> flo
     if likelihood == "bernoulli":
         with torch.no_grad():
             p = torch.sigmoid(model(x))
-        return float((p * (1 - p)).sum(1).mean()) / C ** 2
-    return C * 4 * VAR / C ** 2
+        return float((p * (1 - p)).sum(1).mean()) / C**2
+    return C * 4 * VAR / C**2
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_mc_and_empirical_G_agree_for_losses_averaged_over_outputs(likelihood,
-                                                                    reliability_row) -> None:
+def test_mc_and_empirical_G_agree_for_losses_averaged_over_outputs(
+    likelihood, reliability_row
+) -> None:
     mc, model, x = _traces(likelihood, "mc")
     emp, _, _ = _traces(likelihood, "empirical")
     ratios, worst = [], 0.0
     for name in mc:
         a, b = mc[name], emp[name]
         ratio = float(a.mean() / b.mean())
-        rel_se = math.sqrt(float(a.var()) / (K * float(a.mean()) ** 2)
-                           + float(b.var()) / (K * float(b.mean()) ** 2))
+        rel_se = math.sqrt(
+            float(a.var()) / (K * float(a.mean()) ** 2)
+            + float(b.var()) / (K * float(b.mean()) ** 2)
+        )
         assert rel_se < 0.05, (name, rel_se)  # the test can tell 1 from 1.25, let alone 25
         worst = max(worst, abs(ratio - 1) / rel_se)
         ratios.append(f"{name} {ratio:.3f}")
     exact = _exact_last_layer_trace(likelihood, model, x)
-    z_exact = [abs(float(t["2"].mean()) - exact) / (float(t["2"].std()) / math.sqrt(K))
-               for t in (mc, emp)]
+    z_exact = [
+        abs(float(t["2"].mean()) - exact) / (float(t["2"].std()) / math.sqrt(K)) for t in (mc, emp)
+    ]
     ok = worst < 5 and max(z_exact) < 5
-    reliability_row("MC/empirical scale", 1, int(ok),
-                    f"{likelihood}, C={C}: tr G_mc / tr G_emp " + ", ".join(ratios))
+    reliability_row(
+        "MC/empirical scale",
+        1,
+        int(ok),
+        f"{likelihood}, C={C}: tr G_mc / tr G_emp " + ", ".join(ratios),
+    )
     assert worst < 5, ratios
     assert max(z_exact) < 5, (z_exact, exact)

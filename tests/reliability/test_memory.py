@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import types
 import warnings
-from typing import Dict, Iterator, Set
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,15 +28,16 @@ from tests.reliability.common import batch, small_cnn
 pytestmark = pytest.mark.reliability
 
 
-def engine_tensors(pre) -> Dict[int, Tensor]:
+def engine_tensors(pre) -> dict[int, Tensor]:
     """Tensors reachable from the engine object, not through the model or the optimizer."""
-    seen: Set[int] = set()
-    found: Dict[int, Tensor] = {}
+    seen: set[int] = set()
+    found: dict[int, Tensor] = {}
     stack = [pre]
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, (nn.Module, torch.optim.Optimizer, type,
-                                               types.ModuleType)):
+        if id(obj) in seen or isinstance(
+            obj, (nn.Module, torch.optim.Optimizer, type, types.ModuleType)
+        ):
             continue
         seen.add(id(obj))
         if isinstance(obj, Tensor):
@@ -69,8 +70,10 @@ def live_tensors() -> int:
 
 
 def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               for m in model.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
 
 
 def _steps(model, pre, opt, start: int, stop: int, keep: list | None = None) -> Iterator[int]:
@@ -79,11 +82,16 @@ def _steps(model, pre, opt, start: int, stop: int, keep: list | None = None) -> 
         x, y = batch(t, n=8, shape=(1, 8, 8), classes=10)
         handles = []
         if keep is not None:  # keep the captured tensors alive here, so no address is reused
+
             def hook(mod, args, out):
                 keep.extend([args[0], out])
                 out.register_hook(keep.append)
-            handles = [m.register_forward_hook(hook) for m in pre.model.modules()
-                       if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+            handles = [
+                m.register_forward_hook(hook)
+                for m in pre.model.modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear))
+            ]
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         for h in handles:
@@ -96,13 +104,16 @@ def _steps(model, pre, opt, start: int, stop: int, keep: list | None = None) -> 
 @pytest.mark.parametrize("method", ["eigen", "inverse", "ekfac"])
 def test_factor_memory_equals_formula(method, reliability_row) -> None:
     model = small_cnn()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=1,
-                             compute_method=method)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=1, compute_method=method
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     captured: list = []
     for _ in _steps(model, pre, opt, 0, 3, keep=captured):
         pass
-    factor_bytes = sum(t.numel() * t.element_size() for b in pre.layers.values() for t in (b.A, b.G))
+    factor_bytes = sum(
+        t.numel() * t.element_size() for b in pre.layers.values() for t in (b.A, b.G)
+    )
     formula = sum((b.kind.a_dim() ** 2 + b.kind.g_dim() ** 2) * 4 for b in pre.layers.values())
     predicted = predicted_memory_bytes(pre.layers)
     held = held_bytes(pre)
@@ -134,8 +145,12 @@ def _soak(steps: int, reliability_row) -> None:
     predicted = predicted_memory_bytes(pre.layers)
     assert peak == end_held == base_held == predicted
     assert end_live <= base_live, f"live tensors grew from {base_live} to {end_live}"
-    reliability_row("memory soak", 1, 1, f"{steps} steps: peak held {peak} B = predicted, "
-                    f"live tensors {base_live}->{end_live}")
+    reliability_row(
+        "memory soak",
+        1,
+        1,
+        f"{steps} steps: peak held {peak} B = predicted, live tensors {base_live}->{end_live}",
+    )
 
 
 def test_memory_no_growth_200_steps(reliability_row) -> None:

@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Dict, List, Set
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_kfac import KFACPreconditioner
-from tests.support import dense as D
 from tests.reliability.common import LAYERS, all_finite, batch, factors_finite, mlp
+from tests.support import dense as D
 
 pytestmark = pytest.mark.reliability
 
 DECAY = 0.9
 
 
-def _expected_skips(model, store, scale: float) -> Set[str]:
+def _expected_skips(model, store, scale: float) -> set[str]:
     """Layers whose brute-force batch estimate (docs/conventions.md definitions) is not finite."""
     brute = D.brute_factors(model, store)
     return {n for n, (a, g) in brute.items() if not all_finite([a, g / scale**2])}
 
 
-def _check_update(pre, before, after, brute, skipped: Set[str], scale: float) -> bool:
+def _check_update(pre, before, after, brute, skipped: set[str], scale: float) -> bool:
     """Skipped layers bit-identical; the others follow the running-average formula."""
     ok = True
     for name in LAYERS:
@@ -49,9 +48,11 @@ def _check_update(pre, before, after, brute, skipped: Set[str], scale: float) ->
     return ok
 
 
-def _warnings_per_layer(records, fragment: str) -> Dict[str, int]:
-    return {n: sum(fragment in str(w.message) and f"layer {n!r}" in str(w.message)
-                   for w in records) for n in LAYERS}
+def _warnings_per_layer(records, fragment: str) -> dict[str, int]:
+    return {
+        n: sum(fragment in str(w.message) and f"layer {n!r}" in str(w.message) for w in records)
+        for n in LAYERS
+    }
 
 
 def test_random_nan_inf_faults_skip_updates_warn_once(reliability_row) -> None:
@@ -60,15 +61,26 @@ def test_random_nan_inf_faults_skip_updates_warn_once(reliability_row) -> None:
     gen = torch.Generator().manual_seed(7)
     fault_steps = sorted((1 + torch.randperm(steps - 1, generator=gen)[:n_faults]).tolist())
     kinds = ["act-nan", "act-inf", "grad-nan", "grad-inf"]
-    plan = {t: (kinds[int(torch.randint(4, (1,), generator=gen))],
-                int(torch.randint(2, (1,), generator=gen))) for t in fault_steps}
+    plan = {
+        t: (
+            kinds[int(torch.randint(4, (1,), generator=gen))],
+            int(torch.randint(2, (1,), generator=gen)),
+        )
+        for t in fault_steps
+    }
     model = mlp()
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=2, damping=1e-2,
-                             kl_clip=1e-2, factor_decay=DECAY)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=2,
+        damping=1e-2,
+        kl_clip=1e-2,
+        factor_decay=DECAY,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     survived, skipped_updates = 0, 0
-    faulty_layers: Set[str] = set()
+    faulty_layers: set[str] = set()
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         for t in range(steps):
@@ -90,9 +102,13 @@ def test_random_nan_inf_faults_skip_updates_warn_once(reliability_row) -> None:
             scaler.step(opt)
             scaler.update()
             after = pre.factors()
-            healthy = (all_finite(model.parameters()) and factors_finite(pre)
-                       and _check_update(pre, before, after, D.brute_factors(model, store),
-                                         expected, scale))
+            healthy = (
+                all_finite(model.parameters())
+                and factors_finite(pre)
+                and _check_update(
+                    pre, before, after, D.brute_factors(model, store), expected, scale
+                )
+            )
             assert healthy, f"step {t} ({kind} at inj{where}): expected skips {sorted(expected)}"
             if kind:
                 assert expected, f"fault {kind} at step {t} did not reach any layer's statistics"
@@ -110,9 +126,13 @@ def test_random_nan_inf_faults_skip_updates_warn_once(reliability_row) -> None:
     fresh = KFACPreconditioner(mlp(), factor_update_steps=1, inv_update_steps=2)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert fresh.counters["nonfinite_estimates"] == skipped_updates
-    reliability_row("non-finite gradients", n_faults, survived,
-                    f"{skipped_updates} layer updates skipped, "
-                    f"{sum(per_layer.values())} warnings for {len(faulty_layers)} layers")
+    reliability_row(
+        "non-finite gradients",
+        n_faults,
+        survived,
+        f"{skipped_updates} layer updates skipped, "
+        f"{sum(per_layer.values())} warnings for {len(faulty_layers)} layers",
+    )
 
 
 def test_overflowing_statistics_with_finite_gradients(reliability_row) -> None:
@@ -125,8 +145,14 @@ def test_overflowing_statistics_with_finite_gradients(reliability_row) -> None:
     faults = {3: "input x1e20", 6: "grad x1e25", 9: "grad x1e30"}
     model = mlp()
     kl_clip, lr = 1e-2, 0.1
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=2, damping=1e-2,
-                             kl_clip=kl_clip, factor_decay=DECAY)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=2,
+        damping=1e-2,
+        kl_clip=kl_clip,
+        factor_decay=DECAY,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     survived, largest = 0, 0.0
     with warnings.catch_warnings():
@@ -149,21 +175,35 @@ def test_overflowing_statistics_with_finite_gradients(reliability_row) -> None:
             expected = _expected_skips(model, store, 1.0)
             pre.step(opt)
             nu = pre.last_stats["kl_clip_factor"]
-            quad = nu * lr**2 * sum(float((p.grad.double() * r).sum())
-                                    for p, r in zip(model.parameters(), raw))
+            quad = (
+                nu
+                * lr**2
+                * sum(float((p.grad.double() * r).sum()) for p, r in zip(model.parameters(), raw))
+            )
             opt.step()
-            moved = max(float((p.detach() - q).abs().max()) for p, q in zip(model.parameters(), params))
-            ok = (all_finite(model.parameters()) and factors_finite(pre)
-                  and _check_update(pre, before, pre.factors(), D.brute_factors(model, store),
-                                    expected, 1.0)
-                  and quad <= kl_clip * (1 + 1e-3) and moved < 1.0)
+            moved = max(
+                float((p.detach() - q).abs().max()) for p, q in zip(model.parameters(), params)
+            )
+            ok = (
+                all_finite(model.parameters())
+                and factors_finite(pre)
+                and _check_update(
+                    pre, before, pre.factors(), D.brute_factors(model, store), expected, 1.0
+                )
+                and quad <= kl_clip * (1 + 1e-3)
+                and moved < 1.0
+            )
             assert ok, f"step {t} ({fault}): KL quad {quad:.3g}, max |dtheta| {moved:.3g}"
             if fault:
                 assert expected, f"{fault} did not overflow any statistic"
                 survived += 1
                 largest = max(largest, moved)
-    reliability_row("non-finite statistics, finite gradients", len(faults), survived,
-                    f"largest parameter change at a fault step {largest:.2f}")
+    reliability_row(
+        "non-finite statistics, finite gradients",
+        len(faults),
+        survived,
+        f"largest parameter change at a fault step {largest:.2f}",
+    )
 
 
 def test_nonfinite_raise_policy_names_layer(reliability_row) -> None:

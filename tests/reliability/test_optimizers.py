@@ -1,10 +1,10 @@
 """Wrapped optimizers: SGD, SGD+Nesterov, Adam, AdamW, two param groups, an LR scheduler; LBFGS.
 
-Must hold (docs/reliability.md, "wrapped optimizers"): through ``pre.wrap(optimizer)`` training works
-(the loss on a teacher-labelled set drops), the inner optimizer receives the KL-clipped
+Must hold (docs/reliability.md, "wrapped optimizers"): through ``pre.wrap(optimizer)`` training
+works (the loss on a teacher-labelled set drops), the inner optimizer receives the KL-clipped
 preconditioned gradient with the lr of the param group holding each layer (when the clip is
-active ``nu = kl_clip / sum_layers lr^2 <P_clipped, grad>``, docs/conventions.md), its state_dict keeps
-the structure of the same optimizer without K-FAC and resumes bit-identically; closure-based
+active ``nu = kl_clip / sum_layers lr^2 <P_clipped, grad>``, docs/conventions.md), its state_dict
+keeps the structure of the same optimizer without K-FAC and resumes bit-identically; closure-based
 optimizers (LBFGS) are refused with a ValueError naming them, before any hook is installed.
 LR schedulers attach to the inner optimizer (``torch.optim.lr_scheduler`` accepts only
 ``torch.optim.Optimizer``); the engine reads the scheduled lr from it at every step.
@@ -13,7 +13,7 @@ LR schedulers attach to the inner optimizer (``torch.optim.lr_scheduler`` accept
 from __future__ import annotations
 
 import io
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.reliability
 KL_CLIP = 1e-3
 
 
-def _data() -> Tuple[torch.Tensor, torch.Tensor]:
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(128, 6, generator=gen)
     teacher = torch.randn(6, 3, generator=gen)
@@ -35,14 +35,15 @@ def _data() -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _groups(model, lrs=(0.1, 0.02)):
-    return [{"params": [*model.fc0.parameters(), *model.fc1.parameters()], "lr": lrs[0]},
-            {"params": list(model.fc2.parameters()), "lr": lrs[1]}]
+    return [
+        {"params": [*model.fc0.parameters(), *model.fc1.parameters()], "lr": lrs[0]},
+        {"params": list(model.fc2.parameters()), "lr": lrs[1]},
+    ]
 
 
-OPTIMIZERS: Dict[str, Callable] = {
+OPTIMIZERS: dict[str, Callable] = {
     "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-    "SGD+Nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
-                                              nesterov=True),
+    "SGD+Nesterov": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True),
     "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
     "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=1e-2),
     "two param groups": lambda m: torch.optim.SGD(_groups(m), momentum=0.9),
@@ -53,10 +54,14 @@ OPTIMIZERS: Dict[str, Callable] = {
 def _make(name: str):
     model = mlp(seed=1)
     inner = OPTIMIZERS[name](model)
-    scheduler = (torch.optim.lr_scheduler.StepLR(inner, step_size=10, gamma=0.5)
-                 if name == "LR scheduler" else None)
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=5, damping=1e-2,
-                             kl_clip=KL_CLIP)
+    scheduler = (
+        torch.optim.lr_scheduler.StepLR(inner, step_size=10, gamma=0.5)
+        if name == "LR scheduler"
+        else None
+    )
+    pre = KFACPreconditioner(
+        model, factor_update_steps=1, inv_update_steps=5, damping=1e-2, kl_clip=KL_CLIP
+    )
     return model, inner, scheduler, pre, pre.wrap(inner)
 
 
@@ -80,28 +85,33 @@ def _loss(model) -> float:
 
 
 def _state(model, opt, scheduler) -> dict:
-    return {"model": model.state_dict(), "opt": opt.state_dict(),
-            "sched": scheduler.state_dict() if scheduler is not None else {}}
+    return {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": scheduler.state_dict() if scheduler is not None else {},
+    }
 
 
-def _check_optimizer(name: str) -> List[str]:
+def _check_optimizer(name: str) -> list[str]:
     """Run the checks for one optimizer; return the list of what failed."""
-    problems: List[str] = []
+    problems: list[str] = []
     model, inner, scheduler, pre, opt = _make(name)
     params = list(model.parameters())
-    raw: List[torch.Tensor] = []
-    kl_errors: List[float] = []
+    raw: list[torch.Tensor] = []
+    kl_errors: list[float] = []
 
     def record(_):
         raw[:] = [p.grad.detach().double().clone() for p in params]
 
     def at_inner_step(optimizer, args, kwargs):  # sees exactly what the inner optimizer uses
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        quad = sum(lr_of[id(p)] ** 2 * float((p.grad.double() * r).sum())
-                   for p, r in zip(params, raw))
+        quad = sum(
+            lr_of[id(p)] ** 2 * float((p.grad.double() * r).sum()) for p, r in zip(params, raw)
+        )
         nu = pre.last_stats["kl_clip_factor"]
-        kl_errors.append(abs(nu * quad - KL_CLIP) / KL_CLIP if nu < 1 else
-                         max(0.0, quad - KL_CLIP) / KL_CLIP)
+        kl_errors.append(
+            abs(nu * quad - KL_CLIP) / KL_CLIP if nu < 1 else max(0.0, quad - KL_CLIP) / KL_CLIP
+        )
 
     inner.register_step_pre_hook(at_inner_step)
     before = _loss(model)
@@ -111,19 +121,22 @@ def _check_optimizer(name: str) -> List[str]:
         problems.append(f"loss {before:.3f} -> {after:.3f}")
     if max(kl_errors) > 1e-6:
         problems.append(f"KL clip inconsistent with the group lr: {max(kl_errors):.2e}")
-    if scheduler is not None and inner.param_groups[0]["lr"] != pytest.approx(0.2 * 0.5 ** 3):
+    if scheduler is not None and inner.param_groups[0]["lr"] != pytest.approx(0.2 * 0.5**3):
         problems.append(f"scheduled lr {inner.param_groups[0]['lr']}")
     # the inner state_dict keeps the layout of the same optimizer trained without K-FAC
     plain_model = mlp(seed=1)
     plain = OPTIMIZERS[name](plain_model)
-    plain_scheduler = (torch.optim.lr_scheduler.StepLR(plain, step_size=10, gamma=0.5)
-                       if scheduler is not None else None)
+    plain_scheduler = (
+        torch.optim.lr_scheduler.StepLR(plain, step_size=10, gamma=0.5)
+        if scheduler is not None
+        else None
+    )
     _train(plain_model, plain, plain_scheduler, 0, 2)
     ours, theirs = inner.state_dict(), plain.state_dict()
     layout = {k: sorted(v) for k, v in ours["state"].items()}
-    if layout != {k: sorted(v) for k, v in theirs["state"].items()} or \
-            [sorted(g) for g in ours["param_groups"]] != [sorted(g) for g in
-                                                         theirs["param_groups"]]:
+    if layout != {k: sorted(v) for k, v in theirs["state"].items()} or [
+        sorted(g) for g in ours["param_groups"]
+    ] != [sorted(g) for g in theirs["param_groups"]]:
         problems.append("optimizer state_dict layout differs from the plain optimizer's")
     # resume through the wrapper's state_dict (weights_only) is bit-identical
     buffer = io.BytesIO()
@@ -131,7 +144,7 @@ def _check_optimizer(name: str) -> List[str]:
     _train(model, opt, scheduler, 30, 35)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    model2, inner2, scheduler2, pre2, opt2 = _make(name)
+    model2, _inner2, scheduler2, _pre2, opt2 = _make(name)
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])
     if scheduler2 is not None:
@@ -146,8 +159,12 @@ def test_wrapped_optimizer_matrix(reliability_row) -> None:
     failures = {name: _check_optimizer(name) for name in OPTIMIZERS}
     failures = {k: v for k, v in failures.items() if v}
     passing = len(OPTIMIZERS) - len(failures)
-    reliability_row("wrapped optimizers", len(OPTIMIZERS), passing,
-                    f"optimizers passing {passing}/{len(OPTIMIZERS)}")
+    reliability_row(
+        "wrapped optimizers",
+        len(OPTIMIZERS),
+        passing,
+        f"optimizers passing {passing}/{len(OPTIMIZERS)}",
+    )
     assert not failures, failures
 
 

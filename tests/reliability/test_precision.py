@@ -17,9 +17,11 @@ from lightning_kfac import KFACCallback
 from tests.support import dense as D
 from tests.support.lightning import MLP, Recorder, loader, make_dataset, make_trainer
 
-pytestmark = [pytest.mark.reliability,
-              pytest.mark.filterwarnings("ignore::UserWarning"),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
 
 KFAC = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
 STEPS = 12
@@ -39,11 +41,16 @@ class Overflowing(MLP):
 
 def _fit(tmp_path, model, steps: int, **trainer_options):
     callback = KFACCallback(**KFAC)
-    snapshots = Recorder(lambda trainer, module: (
-        callback.factors(), {k: v.clone() for k, v in module.state_dict().items()}))
+    snapshots = Recorder(
+        lambda trainer, module: (
+            callback.factors(),
+            {k: v.clone() for k, v in module.state_dict().items()},
+        )
+    )
     data = loader(make_dataset(STEPS * 16, dtype=torch.float32), 16)
-    make_trainer(tmp_path, max_steps=steps, callbacks=[callback, snapshots],
-                 **trainer_options).fit(model, data)
+    make_trainer(tmp_path, max_steps=steps, callbacks=[callback, snapshots], **trainer_options).fit(
+        model, data
+    )
     return callback, snapshots.records
 
 
@@ -67,15 +74,22 @@ def test_fp16_forced_overflow_at_random_steps(tmp_path, reliability_row) -> None
     assert survived == len(bad)
     assert counters["overflow_steps"] == len(bad) and counters["nonfinite_estimates"] == 0
     assert counters["factor_updates"] == (STEPS - len(bad)) * 2
-    assert all(t.dtype == torch.float32 and torch.isfinite(t).all()
-               for pair in factors.values() for t in pair)
+    assert all(
+        t.dtype == torch.float32 and torch.isfinite(t).all()
+        for pair in factors.values()
+        for t in pair
+    )
     # G unscaled: the first step's factors match a 32-true run (scale 65536 would be 4e9 x)
     _, reference = _fit(tmp_path, Overflowing(), 1)
     err = _max_rel_err(records[0][0], reference[0][0])
     assert err < 2e-2
-    reliability_row("mixed precision", len(bad), survived,
-                    f"overflow steps survived {survived}/{len(bad)} (16-mixed, steps {bad}); "
-                    f"factors fp32, vs 32-true {err:.1e}")
+    reliability_row(
+        "mixed precision",
+        len(bad),
+        survived,
+        f"overflow steps survived {survived}/{len(bad)} (16-mixed, steps {bad}); "
+        f"factors fp32, vs 32-true {err:.1e}",
+    )
 
 
 def test_bf16_mixed_factors_fp32_close_to_full_precision(tmp_path, reliability_row) -> None:

@@ -13,25 +13,33 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import List, Tuple
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from lightning_kfac import KFACCallback
-from tests.support.lightning import (MLP, assert_factors_equal, assert_params_equal,
-                                         hand_loop, loader, make_dataset, make_trainer)
+from tests.support.lightning import (
+    MLP,
+    assert_factors_equal,
+    assert_params_equal,
+    hand_loop,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
-pytestmark = [pytest.mark.reliability,
-              pytest.mark.filterwarnings("ignore::UserWarning"),
-              pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
 
 CLOCKS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=2, kl_clip=1e-2)
 LAYERS = 2  # MLP: net.0, net.2
 
 
-def _checkpoint(tmp_path, steps: int, callbacks) -> Tuple[str, MLP]:
+def _checkpoint(tmp_path, steps: int, callbacks) -> tuple[str, MLP]:
     model = MLP()
     trainer = make_trainer(tmp_path, max_steps=steps, callbacks=callbacks)
     trainer.fit(model, loader(make_dataset(4 * 8), 8))
@@ -41,8 +49,9 @@ def _checkpoint(tmp_path, steps: int, callbacks) -> Tuple[str, MLP]:
 
 
 @pytest.mark.parametrize("entry", ["validate", "test", "predict"])
-def test_eval_with_ckpt_path_leaves_no_state_for_the_next_fit(tmp_path, entry,
-                                                              reliability_row) -> None:
+def test_eval_with_ckpt_path_leaves_no_state_for_the_next_fit(
+    tmp_path, entry, reliability_row
+) -> None:
     """A reused callback: ``<entry>(ckpt_path=...)`` then ``fit`` without ckpt_path starts from
     empty factors, like a fresh callback (also on a wider model the state could not fit)."""
     data = loader(make_dataset(4 * 8), 8)
@@ -66,16 +75,19 @@ def test_eval_with_ckpt_path_leaves_no_state_for_the_next_fit(tmp_path, entry,
     # ... while a fit from the checkpoint still restores it: 4 saved steps + 2 more
     make_trainer(tmp_path, max_steps=6, callbacks=[callback]).fit(MLP(), data, ckpt_path=path)
     restored = callback.preconditioner.counters["factor_updates"]
-    reliability_row("refit after validate/test", 3, int(same) + int(wider_ok)
-                    + int(restored == 6 * LAYERS),
-                    f"{entry}(ckpt_path) then fit: factor updates {updates} (fresh run "
-                    f"{4 * LAYERS})")
+    reliability_row(
+        "refit after validate/test",
+        3,
+        int(same) + int(wider_ok) + int(restored == 6 * LAYERS),
+        f"{entry}(ckpt_path) then fit: factor updates {updates} (fresh run {4 * LAYERS})",
+    )
     assert same and wider_ok
     assert restored == 6 * LAYERS
 
 
-def test_kfac_added_on_resume_decomposes_at_its_first_factor_update(tmp_path,
-                                                                    reliability_row) -> None:
+def test_kfac_added_on_resume_decomposes_at_its_first_factor_update(
+    tmp_path, reliability_row
+) -> None:
     """Resume at step 3 a run saved without K-FAC (factor every 2, inverse every 100): step 4
     updates the factors and decomposes, so steps 4.. are preconditioned."""
     path, _ = _checkpoint(tmp_path, 3, [])
@@ -86,18 +98,27 @@ def test_kfac_added_on_resume_decomposes_at_its_first_factor_update(tmp_path,
     make_trainer(tmp_path, max_steps=6, callbacks=[callback]).fit(with_kfac, data, ckpt_path=path)
     make_trainer(tmp_path, max_steps=6).fit(plain, data, ckpt_path=path)
     counters = callback.preconditioner.counters
-    changed = any(not torch.equal(p, q) for p, q in zip(with_kfac.parameters(),
-                                                        plain.parameters()))
-    reliability_row("add-K-FAC resume", 1, int(counters["decompositions"] == LAYERS and changed),
-                    f"decompositions after resume {counters['decompositions']} "
-                    f"(factor updates {counters['factor_updates']})")
+    changed = any(not torch.equal(p, q) for p, q in zip(with_kfac.parameters(), plain.parameters()))
+    reliability_row(
+        "add-K-FAC resume",
+        1,
+        int(counters["decompositions"] == LAYERS and changed),
+        f"decompositions after resume {counters['decompositions']} "
+        f"(factor updates {counters['factor_updates']})",
+    )
     assert counters["factor_updates"] == 1 * LAYERS  # step 4 (steps 3 and 5 are off the clock)
     assert counters["decompositions"] == LAYERS
     assert changed, "the resumed run with K-FAC equals the run without it"
 
 
-@pytest.mark.parametrize("new", [dict(compute_method="inverse"), dict(compute_method="ekfac"),
-                                 dict(compute_method="eigen", damping_mode="relative")])
+@pytest.mark.parametrize(
+    "new",
+    [
+        dict(compute_method="inverse"),
+        dict(compute_method="ekfac"),
+        dict(compute_method="eigen", damping_mode="relative"),
+    ],
+)
 def test_lightning_resume_with_another_method(tmp_path, new, reliability_row) -> None:
     """An eigen checkpoint resumed with another method or damping mode: the decompositions are
     recomputed at load (a warning names the option); the run continues with finite weights.
@@ -107,11 +128,15 @@ def test_lightning_resume_with_another_method(tmp_path, new, reliability_row) ->
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(tmp_path, max_steps=7, callbacks=[callback]).fit(
-            model, loader(make_dataset(4 * 8), 8), ckpt_path=path)
+            model, loader(make_dataset(4 * 8), 8), ckpt_path=path
+        )
     option = next(iter(new)) if "damping_mode" not in new else "damping_mode"
     named = [str(w.message) for w in caught if "recomputed from the restored" in str(w.message)]
-    ok = bool(named) and option in named[0] and all(torch.isfinite(p).all()
-                                                    for p in model.parameters())
+    ok = (
+        bool(named)
+        and option in named[0]
+        and all(torch.isfinite(p).all() for p in model.parameters())
+    )
     reliability_row("option change on resume", 1, int(ok), "")
     assert named and option in named[0], [str(w.message) for w in caught]
     assert callback.preconditioner.steps == 7
@@ -135,7 +160,7 @@ class BatchLog(pl.Callback):
     """The batch index of every completed training batch."""
 
     def __init__(self):
-        self.done: List[int] = []
+        self.done: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.done.append(batch_idx)
@@ -156,14 +181,18 @@ def test_interrupted_step_refit_equals_uninterrupted(tmp_path, at, reliability_r
         trainer.fit(model, data)
     assert trainer.global_step == at
     trainer.fit(model, data)
-    batches = [dataset[i * 8:(i + 1) * 8] for i in log.done]
+    batches = [dataset[i * 8 : (i + 1) * 8] for i in log.done]
     pre = hand_loop(reference, batches, steps=len(batches), **CLOCKS)
     counters = callback.preconditioner.counters
     updates = counters["factor_updates"]
     equal = all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
-    reliability_row("interrupted step", 1, int(equal and counters == pre.counters),
-                    f"interrupt at step {at}: factor updates {updates} (uninterrupted "
-                    f"{pre.counters['factor_updates']})")
+    reliability_row(
+        "interrupted step",
+        1,
+        int(equal and counters == pre.counters),
+        f"interrupt at step {at}: factor updates {updates} (uninterrupted "
+        f"{pre.counters['factor_updates']})",
+    )
     assert len(batches) == 8 and trainer.global_step == 8
     assert counters == pre.counters
     assert_params_equal(model, reference)

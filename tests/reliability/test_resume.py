@@ -1,7 +1,7 @@
 """State round trip and the resume sweep (engine level, plain PyTorch loop).
 
-Must hold (docs/reliability.md, "state round trip", "resume sweep"; docs/conventions.md: a resumed run
-continues bit-identically): save model + optimizer + ``pre.state_dict()``, load them into fresh
+Must hold (docs/reliability.md, "state round trip", "resume sweep"; docs/conventions.md: a resumed
+run continues bit-identically): save model + optimizer + ``pre.state_dict()``, load them into fresh
 objects with ``torch.load(weights_only=True)`` and continue; every tensor (parameters, optimizer
 state, factors, decompositions, scalings) is ``torch.equal`` to an uninterrupted run. The sweep
 crashes after each step of one inverse interval (factor_update_steps=2, inv_update_steps=4), runs
@@ -14,15 +14,13 @@ import copy
 import io
 import math
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_kfac import KFACConfig
-
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACConfig, KFACPreconditioner
 from tests.reliability.common import batch, small_cnn
 
 pytestmark = pytest.mark.reliability
@@ -32,14 +30,17 @@ CRASH_STEPS = [8, 9, 10, 11]  # one inverse interval: 8 decomposes, 9-11 reuse i
 MORE = 20
 
 VARIANTS = {
-    "eigen+SGD-momentum": ({"compute_method": "eigen"},
-                           lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    "eigen+SGD-momentum": (
+        {"compute_method": "eigen"},
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    ),
     "inverse+Adam": ({"compute_method": "inverse"}, lambda p: torch.optim.Adam(p, lr=1e-3)),
     "ekfac+AdamW": ({"compute_method": "ekfac"}, lambda p: torch.optim.AdamW(p, lr=1e-3)),
     "mc-fisher+SGD": ({"fisher_type": "mc"}, lambda p: torch.optim.SGD(p, lr=0.05)),
-    "damping-schedule": ({"damping_schedule": "exponential", "damping_decay": 0.8,
-                          "damping_step_size": 3},
-                         lambda p: torch.optim.SGD(p, lr=0.05)),
+    "damping-schedule": (
+        {"damping_schedule": "exponential", "damping_decay": 0.8, "damping_step_size": 3},
+        lambda p: torch.optim.SGD(p, lr=0.05),
+    ),
 }
 
 
@@ -47,8 +48,9 @@ def _make(variant: str):
     options, make_opt = VARIANTS[variant]
     model = small_cnn()
     opt = make_opt(model.parameters())
-    pre = KFACPreconditioner(model, factor_update_steps=FUS, inv_update_steps=INV,
-                             damping=1e-2, kl_clip=1e-2, **options)
+    pre = KFACPreconditioner(
+        model, factor_update_steps=FUS, inv_update_steps=INV, damping=1e-2, kl_clip=1e-2, **options
+    )
     return model, opt, pre
 
 
@@ -64,21 +66,24 @@ def _train(model, opt, pre, start: int, stop: int) -> None:
         opt.step()
 
 
-def _checkpoint(model, opt, pre) -> Dict[str, Any]:
+def _checkpoint(model, opt, pre) -> dict[str, Any]:
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "kfac": pre.state_dict()}
 
 
-def _leaves(obj: Any, prefix: str = "") -> List[Tuple[str, Any]]:
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Every (path, leaf) of a nested dict/list structure."""
     if isinstance(obj, dict):
-        return [x for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))
-                for x in _leaves(v, f"{prefix}/{k}")]
+        return [
+            x
+            for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))
+            for x in _leaves(v, f"{prefix}/{k}")
+        ]
     if isinstance(obj, (list, tuple)):
         return [x for i, v in enumerate(obj) for x in _leaves(v, f"{prefix}/{i}")]
     return [(prefix, obj)]
 
 
-def mismatches(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+def mismatches(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Paths whose tensors are not ``torch.equal`` (or whose other leaves differ)."""
     la, lb = dict(_leaves(a)), dict(_leaves(b))
     bad = sorted(set(la) ^ set(lb))
@@ -95,7 +100,7 @@ def mismatches(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return bad
 
 
-def _resume(variant: str, crash: int, via_bytes: bool, total: int) -> Dict[str, Any]:
+def _resume(variant: str, crash: int, via_bytes: bool, total: int) -> dict[str, Any]:
     model, opt, pre = _make(variant)
     _train(model, opt, pre, 0, crash)
     saved = _checkpoint(model, opt, pre)
@@ -103,8 +108,11 @@ def _resume(variant: str, crash: int, via_bytes: bool, total: int) -> Dict[str, 
         buffer = io.BytesIO()
         torch.save(saved, buffer)
     else:  # in memory: the K-FAC state must not alias live tensors (the lost steps mutate them)
-        saved = {"model": copy.deepcopy(saved["model"]),
-                 "optimizer": copy.deepcopy(saved["optimizer"]), "kfac": saved["kfac"]}
+        saved = {
+            "model": copy.deepcopy(saved["model"]),
+            "optimizer": copy.deepcopy(saved["optimizer"]),
+            "kfac": saved["kfac"],
+        }
     _train(model, opt, pre, crash, crash + 2)  # work lost in the crash
     del model, opt, pre
     if via_bytes:
@@ -129,13 +137,16 @@ def test_resume_sweep_bit_identical(variant, reliability_row) -> None:
         assert pre.counters["decompositions"] > 0 and pre.factors()
         passing, failures = 0, {}
         for i, crash in enumerate(CRASH_STEPS):
-            bad = mismatches(_resume(variant, crash, via_bytes=i % 2 == 0, total=total),
-                             reference)
+            bad = mismatches(_resume(variant, crash, via_bytes=i % 2 == 0, total=total), reference)
             passing += not bad
             if bad:
                 failures[crash] = bad[:5]
-    reliability_row("resume sweep", len(CRASH_STEPS), passing,
-                    f"steps passing / tried: {passing}/{len(CRASH_STEPS)} per variant")
+    reliability_row(
+        "resume sweep",
+        len(CRASH_STEPS),
+        passing,
+        f"steps passing / tried: {passing}/{len(CRASH_STEPS)} per variant",
+    )
     assert not failures, f"{variant}: crash step -> mismatched tensors {failures}"
 
 

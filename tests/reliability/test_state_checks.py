@@ -46,7 +46,7 @@ def _saved(dtype=torch.float32, steps: int = 3, **options):
 
 
 def test_unknown_version_and_misfit_shapes_are_refused_by_layer(reliability_row) -> None:
-    model, state = _saved()
+    _model, state = _saved()
     refused = 0
     target = KFACPreconditioner(mlp(), **CLOCKS)
     with pytest.raises(ValueError, match="version 99"):
@@ -63,12 +63,17 @@ def test_unknown_version_and_misfit_shapes_are_refused_by_layer(reliability_row)
     with pytest.raises(ValueError, match="layer 'fc0'"):
         wider.load_state_dict(state)
     refused += 1
-    reliability_row("state checks", 3, refused, "version, frozen bias, resized layer refused "
-                    "at load, naming the layer")
+    reliability_row(
+        "state checks",
+        3,
+        refused,
+        "version, frozen bias, resized layer refused at load, naming the layer",
+    )
 
 
-@pytest.mark.parametrize("saved,resumed", [(torch.float32, torch.float64),
-                                           (torch.float64, torch.float32)])
+@pytest.mark.parametrize(
+    "saved,resumed", [(torch.float32, torch.float64), (torch.float64, torch.float32)]
+)
 def test_state_is_cast_to_the_run_dtype(saved, resumed, reliability_row) -> None:
     """A state saved in one dtype resumes in the other: every tensor in the run's dtype, and the
     next steps equal a run whose state was cast by hand."""
@@ -76,13 +81,16 @@ def test_state_is_cast_to_the_run_dtype(saved, resumed, reliability_row) -> None
     target_model = copy.deepcopy(model).to(resumed)
     pre = KFACPreconditioner(target_model, **CLOCKS)
     pre.load_state_dict(state)
-    dtypes = {t.dtype for b in pre.layers.values()
-              for t in [b.A, b.G, *b.decomposition.values()]}
+    dtypes = {t.dtype for b in pre.layers.values() for t in [b.A, b.G, *b.decomposition.values()]}
     opt = torch.optim.SGD(target_model.parameters(), lr=0.05)
     _train(target_model, pre, opt, 3, 6)
     finite = all(torch.isfinite(p).all() for p in target_model.parameters())
-    reliability_row("state checks", 1, int(dtypes == {resumed} and finite),
-                    f"{str(saved)[6:]} -> {str(resumed)[6:]} resume")
+    reliability_row(
+        "state checks",
+        1,
+        int(dtypes == {resumed} and finite),
+        f"{str(saved)[6:]} -> {str(resumed)[6:]} resume",
+    )
     assert dtypes == {resumed}
     assert finite and pre.steps == 6
 
@@ -92,19 +100,28 @@ def _inverse_reference(A, G, damping):
     A, G = A.double(), G.double()
     pi = math.sqrt((A.trace() / A.shape[0]) / (G.trace() / G.shape[0]))
     root = math.sqrt(damping)
-    return (torch.linalg.inv(A + pi * root * torch.eye(A.shape[0], dtype=A.dtype)),
-            torch.linalg.inv(G + root / pi * torch.eye(G.shape[0], dtype=G.dtype)))
+    return (
+        torch.linalg.inv(A + pi * root * torch.eye(A.shape[0], dtype=A.dtype)),
+        torch.linalg.inv(G + root / pi * torch.eye(G.shape[0], dtype=G.dtype)),
+    )
 
 
-@pytest.mark.parametrize("before,after,option", [
-    (dict(), dict(compute_method="inverse"), "compute_method"),
-    (dict(), dict(compute_method="ekfac"), "compute_method"),
-    (dict(compute_method="inverse"), dict(compute_method="inverse", damping=100.0), "damping"),
-    (dict(compute_method="inverse"), dict(compute_method="inverse", damping_mode="relative"),
-     "damping_mode"),
-])
-def test_changed_options_recompute_the_decompositions(before, after, option,
-                                                      reliability_row) -> None:
+@pytest.mark.parametrize(
+    "before,after,option",
+    [
+        (dict(), dict(compute_method="inverse"), "compute_method"),
+        (dict(), dict(compute_method="ekfac"), "compute_method"),
+        (dict(compute_method="inverse"), dict(compute_method="inverse", damping=100.0), "damping"),
+        (
+            dict(compute_method="inverse"),
+            dict(compute_method="inverse", damping_mode="relative"),
+            "damping_mode",
+        ),
+    ],
+)
+def test_changed_options_recompute_the_decompositions(
+    before, after, option, reliability_row
+) -> None:
     """Resume at step 3 (a step that reuses the step-2 decomposition) under other options: the
     decompositions in use are those of the restored factors under the new options."""
     model, state = _saved(dtype=torch.float64, **before)
@@ -122,8 +139,11 @@ def test_changed_options_recompute_the_decompositions(before, after, option,
             if after.get("damping_mode") == "relative":
                 damping *= float(A.trace() / A.shape[0] * G.trace() / G.shape[0])
             A_inv, G_inv = _inverse_reference(A, G, damping)
-            worst = max(worst, float((dec["A_inv"] - A_inv).abs().max() / A_inv.abs().max()),
-                        float((dec["G_inv"] - G_inv).abs().max() / G_inv.abs().max()))
+            worst = max(
+                worst,
+                float((dec["A_inv"] - A_inv).abs().max() / A_inv.abs().max()),
+                float((dec["G_inv"] - G_inv).abs().max() / G_inv.abs().max()),
+            )
         else:  # ekfac: the eigenbasis of the restored factors, scaling e_G e_A^T
             basis = torch.kron(dec["QA"], dec["QG"])  # column-stacking vec: A (x) G
             dense = basis @ torch.diag(dec["scale"].T.reshape(-1)) @ basis.T
@@ -131,8 +151,12 @@ def test_changed_options_recompute_the_decompositions(before, after, option,
             worst = max(worst, float((dense - fisher).abs().max() / fisher.abs().max()))
     opt = torch.optim.SGD(pre.model.parameters(), lr=0.05)
     _train(pre.model, pre, opt, 3, 5)  # and it trains on (no KeyError)
-    reliability_row("option change on resume", 1, int(worst < 1e-10),
-                    f"{option}: decomposition vs float64 reference, rel. error {worst:.1e}")
+    reliability_row(
+        "option change on resume",
+        1,
+        int(worst < 1e-10),
+        f"{option}: decomposition vs float64 reference, rel. error {worst:.1e}",
+    )
     assert worst < 1e-10, worst
 
 
@@ -140,6 +164,7 @@ def test_interrupt_inside_a_decomposition_leaves_the_state(monkeypatch, reliabil
     """Ctrl+C (KeyboardInterrupt) inside step 4's eigendecomposition: the engine is as before
     the step (factors, counters, clock); retrying the step ends bit-identical to a run that was
     never interrupted."""
+
     def run(interrupt_at):
         torch.manual_seed(0)
         model = mlp(dtype=torch.float64)
@@ -170,8 +195,12 @@ def test_interrupt_inside_a_decomposition_leaves_the_state(monkeypatch, reliabil
         return {"model": model.state_dict(), "kfac": pre.state_dict()}
 
     bad = mismatches(run(interrupt_at=4), run(interrupt_at=None))
-    reliability_row("interrupted step", 1, int(not bad), "Ctrl+C inside a decomposition: "
-                    f"mismatched tensors after retry {len(bad)}")
+    reliability_row(
+        "interrupted step",
+        1,
+        int(not bad),
+        f"Ctrl+C inside a decomposition: mismatched tensors after retry {len(bad)}",
+    )
     assert not bad, bad
 
 
@@ -193,6 +222,7 @@ def test_wrapped_optimizer_failure_undoes_the_kfac_step(reliability_row) -> None
     """``pre.wrap(opt).step()`` where the inner ``step`` raises at step 3 (a factor-only step):
     the K-FAC step is undone, so running that batch again ends bit-identical to a run where the
     optimizer never failed."""
+
     def run(fail_at):
         model = mlp(dtype=torch.float64)
         pre = KFACPreconditioner(model, **CLOCKS)
@@ -210,6 +240,10 @@ def test_wrapped_optimizer_failure_undoes_the_kfac_step(reliability_row) -> None
         return {"model": model.state_dict(), "kfac": pre.state_dict()}
 
     bad = mismatches(run(fail_at=4), run(fail_at=0))
-    reliability_row("interrupted step", 1, int(not bad), "wrapped optimizer raising at step 3: "
-                    f"mismatched tensors after the retry {len(bad)}")
+    reliability_row(
+        "interrupted step",
+        1,
+        int(not bad),
+        f"wrapped optimizer raising at step 3: mismatched tensors after the retry {len(bad)}",
+    )
     assert not bad, bad

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ def unvec(v: Tensor, rows: int) -> Tensor:
     return v.reshape(-1, rows).T
 
 
-def weight_matrix(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def weight_matrix(weight: Tensor, bias: Tensor | None) -> Tensor:
     """``W~ = [W b]`` with W flattened to (out, -1); no bias column without bias."""
     W = weight.reshape(weight.shape[0], -1)
     return W if bias is None else torch.cat([W, bias.reshape(-1, 1)], dim=1)
@@ -58,8 +58,9 @@ def rel_err(x: Tensor, ref: Tensor) -> float:
 # per-example gradients and the exact Fisher block (torch.func)
 
 
-def per_example_grads(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                      x: Tensor, y: Tensor, layer: str) -> Tensor:
+def per_example_grads(
+    model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, layer: str
+) -> Tensor:
     """``vec(dW~_n)`` for every example n of the batch, shape (B, out * (in [+1])).
 
     ``l_n = loss_fn(model(x_n[None]), y_n[None])`` is one example's loss term, differentiated
@@ -69,7 +70,7 @@ def per_example_grads(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tens
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
-    def loss_one(p: Dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+    def loss_one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         return loss_fn(out, yi.unsqueeze(0))
 
@@ -92,19 +93,25 @@ def exact_fisher_block(per_example: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def record(model: nn.Module, names: Sequence[str]) -> Iterator[Dict[str, List[Tuple[Tensor, Tensor]]]]:
+def record(
+    model: nn.Module, names: Sequence[str]
+) -> Iterator[dict[str, list[tuple[Tensor, Tensor]]]]:
     """Record ``(input, output)`` of the named modules in every forward; outputs retain grad.
 
     After ``backward()``, ``output.grad`` holds autograd's gradient of the loss with respect to
     the layer output. The hooks are removed on exit.
     """
     modules = dict(model.named_modules())
-    store: Dict[str, List[Tuple[Tensor, Tensor]]] = {n: [] for n in names}
+    store: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names}
     handles = []
     for name in names:
-        def hook(mod: nn.Module, inputs: Tuple[Tensor, ...], output: Tensor, name: str = name) -> None:
+
+        def hook(
+            mod: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, name: str = name
+        ) -> None:
             output.retain_grad()
             store[name].append((inputs[0].detach(), output))
+
         handles.append(modules[name].register_forward_hook(hook))
     try:
         yield store
@@ -121,8 +128,9 @@ def _append_one(a: Tensor, bias: bool) -> Tensor:
     return torch.cat([a, torch.ones_like(a[:, :1])], dim=1) if bias else a
 
 
-def linear_rows(module: nn.Linear, inp: Tensor, out: Tensor, reduction: str = "mean",
-                rows: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+def linear_rows(
+    module: nn.Linear, inp: Tensor, out: Tensor, reduction: str = "mean", rows: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-row ``a_n`` (trailing 1 with bias) and ``g_n`` (N x autograd grad for "mean").
 
     Every leading dimension counts as an example (KFAC-expand). ``rows`` is the N of the mean
@@ -135,8 +143,9 @@ def linear_rows(module: nn.Linear, inp: Tensor, out: Tensor, reduction: str = "m
     return a, g * scale
 
 
-def linear_factors(module: nn.Linear, calls: Sequence[Tuple[Tensor, Tensor]],
-                   reduction: str = "mean") -> Tuple[Tensor, Tensor]:
+def linear_factors(
+    module: nn.Linear, calls: Sequence[tuple[Tensor, Tensor]], reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
     """``A^ = (1/N) sum a a^T``, ``G^ = (1/N) sum g g^T`` over all rows of all recorded calls."""
     N = sum(inp.reshape(-1, inp.shape[-1]).shape[0] for inp, _ in calls)
     A = G = 0
@@ -154,13 +163,19 @@ def conv_patches_loop(module: nn.Module, x: Tensor) -> Tensor:
     output grid, matching ``output.reshape(B, C_out, T)``; patch entries are channel-major.
     """
     d = x.dim() - 2
-    k, s, p, dil = (tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
-                    tuple(module.dilation))
+    k, s, p, dil = (
+        tuple(module.kernel_size),
+        tuple(module.stride),
+        tuple(module.padding),
+        tuple(module.dilation),
+    )
     pad = []
     for i in reversed(range(d)):
         pad += [p[i], p[i]]
     xp = F.pad(x, pad)
-    out_sizes = [(x.shape[2 + i] + 2 * p[i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(d)]
+    out_sizes = [
+        (x.shape[2 + i] + 2 * p[i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(d)
+    ]
     patches = []
     for loc in torch.cartesian_prod(*[torch.arange(o) for o in out_sizes]).reshape(-1, d).tolist():
         idx = [torch.arange(k[i]) * dil[i] + loc[i] * s[i] for i in range(d)]
@@ -174,14 +189,21 @@ def conv_patches_loop(module: nn.Module, x: Tensor) -> Tensor:
 
 def conv2d_patches_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
     """Patches of a Conv2d by ``F.unfold``: (B, T, C_in * kh * kw)."""
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                    stride=module.stride)
+    cols = F.unfold(
+        x,
+        module.kernel_size,
+        dilation=module.dilation,
+        padding=module.padding,
+        stride=module.stride,
+    )
     return cols.transpose(1, 2)
 
 
-def conv_rows(module: nn.Module, inp: Tensor, out: Tensor, reduction: str = "mean",
-              batch: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """``a_{n,t}`` (B, T, d_in [+1]) and ``g_{n,t}`` (B, T, C_out), g = B x autograd grad for mean."""
+def conv_rows(
+    module: nn.Module, inp: Tensor, out: Tensor, reduction: str = "mean", batch: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``a_{n,t}`` (B, T, d_in [+1]) and ``g_{n,t}`` (B, T, C_out), g = B x
+    autograd grad for mean."""
     a = conv_patches_loop(module, inp)
     B, T = a.shape[0], a.shape[1]
     if module.bias is not None:
@@ -191,8 +213,9 @@ def conv_rows(module: nn.Module, inp: Tensor, out: Tensor, reduction: str = "mea
     return a, g * scale
 
 
-def conv_factors(module: nn.Module, calls: Sequence[Tuple[Tensor, Tensor]],
-                 reduction: str = "mean") -> Tuple[Tensor, Tensor]:
+def conv_factors(
+    module: nn.Module, calls: Sequence[tuple[Tensor, Tensor]], reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
     """KFC factors: ``A = (1/B) sum_n sum_t a a^T``, ``G = (1/(B T)) sum_n sum_t g g^T``."""
     B = sum(inp.shape[0] for inp, _ in calls)
     A = G = 0
@@ -206,8 +229,9 @@ def conv_factors(module: nn.Module, calls: Sequence[Tuple[Tensor, Tensor]],
     return A / B, G / (B * T)
 
 
-def brute_factors(model: nn.Module, store: Mapping[str, Sequence[Tuple[Tensor, Tensor]]],
-                  reduction: str = "mean") -> Dict[str, Tuple[Tensor, Tensor]]:
+def brute_factors(
+    model: nn.Module, store: Mapping[str, Sequence[tuple[Tensor, Tensor]]], reduction: str = "mean"
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Brute-force ``(A^, G^)`` for every recorded Linear/Conv module, after ``backward()``."""
     modules = dict(model.named_modules())
     out = {}
@@ -246,7 +270,7 @@ def inverse_precondition(A: Tensor, G: Tensor, grad_wt: Tensor, damping: float) 
     return torch.linalg.solve(Ad.T, left.T).T
 
 
-def kl_clip_factor(pairs: Sequence[Tuple[Tensor, Tensor, float]], kl_clip: float) -> float:
+def kl_clip_factor(pairs: Sequence[tuple[Tensor, Tensor, float]], kl_clip: float) -> float:
     """``nu = min(1, sqrt(c / |sum_l lr_l^2 sum(P_l * grad_l)|))`` over (P, grad W~, lr) triples."""
-    total = sum(lr ** 2 * float((P * g).sum()) for P, g, lr in pairs)
+    total = sum(lr**2 * float((P * g).sum()) for P, g, lr in pairs)
     return min(1.0, math.sqrt(kl_clip / abs(total)))

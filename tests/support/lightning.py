@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -23,15 +23,24 @@ from lightning_kfac import KFACPreconditioner
 
 def make_trainer(tmp_path, **overrides) -> pl.Trainer:
     """A CPU Trainer with logging, checkpointing, progress bar, summary and validation off."""
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=str(tmp_path), num_sanity_val_steps=0, limit_val_batches=0)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     options.update(overrides)
     return pl.Trainer(**options)
 
 
-def make_dataset(n: int, d_in: int = 6, classes: int = 3, dtype=torch.float64,
-                 seed: int = 0) -> TensorDataset:
+def make_dataset(
+    n: int, d_in: int = 6, classes: int = 3, dtype=torch.float64, seed: int = 0
+) -> TensorDataset:
     """Deterministic classification data: ``x`` ~ N(0, 1), labels from a fixed random projection."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=gen, dtype=dtype)
@@ -46,12 +55,21 @@ def loader(dataset, batch_size: int) -> DataLoader:
 class MLP(pl.LightningModule):
     """Linear -> Tanh -> Linear classifier (cross-entropy), float64 by default."""
 
-    def __init__(self, d_in: int = 6, hidden: int = 8, classes: int = 3, lr: float = 0.1,
-                 optimizer: str = "sgd", dtype=torch.float64, seed: int = 0):
+    def __init__(
+        self,
+        d_in: int = 6,
+        hidden: int = 8,
+        classes: int = 3,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        dtype=torch.float64,
+        seed: int = 0,
+    ):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, classes)).to(dtype)
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(
+            dtype
+        )
         self.lr = lr
         self.optimizer_name = optimizer
 
@@ -89,7 +107,8 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def hand_loop(model: MLP, batches, steps: int, **kfac_options) -> KFACPreconditioner:
-    """The reference: ``zero_grad; loss.backward(); pre.step(opt); opt.step()`` without Lightning."""
+    """The reference: ``zero_grad; loss.backward(); pre.step(opt);
+    opt.step()`` without Lightning."""
     model = model.train()
     pre = KFACPreconditioner(model, **kfac_options)
     optimizer = make_optimizer(model.optimizer_name, model.parameters(), model.lr)
@@ -114,8 +133,9 @@ def assert_params_equal(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(pa[name], pb[name]), f"parameter {name} differs"
 
 
-def assert_factors_equal(fa: Dict[str, Tuple[Tensor, Tensor]],
-                         fb: Dict[str, Tuple[Tensor, Tensor]]) -> None:
+def assert_factors_equal(
+    fa: dict[str, tuple[Tensor, Tensor]], fb: dict[str, tuple[Tensor, Tensor]]
+) -> None:
     assert fa.keys() == fb.keys() and fa
     for name in fa:
         assert torch.equal(fa[name][0], fb[name][0]), f"A of {name} differs"
@@ -124,8 +144,10 @@ def assert_factors_equal(fa: Dict[str, Tuple[Tensor, Tensor]],
 
 def count_hooks(module: nn.Module) -> int:
     """Forward, forward-pre and backward hooks on every submodule."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               for m in module.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in module.modules()
+    )
 
 
 class Recorder(Callback):
@@ -133,7 +155,7 @@ class Recorder(Callback):
 
     def __init__(self, fn: Callable):
         self.fn = fn
-        self.records: List = []
+        self.records: list = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.records.append(self.fn(trainer, pl_module))

@@ -5,11 +5,12 @@ writing "5" to /proc/self/clear_refs and read back, around forward/backward and 
 of the step, for the same steps (model, batches, optimizer with lr 0) without and with K-FAC.
 K-FAC's peak is the largest of: its forward/backward peak minus the plain one, and its
 ``pre.step`` + ``opt.step`` peak minus what the plain run holds after its backward (the model's
-activations are gone by then, so this is K-FAC's own memory, not hidden behind theirs). The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then
-serves every tensor above 64 KiB with its own mapping and returns it to the system when freed,
-so resident memory follows the live tensors (with glibc's default, adaptive threshold, freed
-blocks up to 32 MiB stay in the heap and are reused without showing in the peak). A warm-up run
-first pages in the LAPACK code, so that its one-off cost is not counted.
+activations are gone by then, so this is K-FAC's own memory, not hidden behind theirs). The child
+runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every tensor above 64 KiB with its own
+mapping and returns it to the system when freed, so resident memory follows the live tensors (with
+glibc's default, adaptive threshold, freed blocks up to 32 MiB stay in the heap and are reused
+without showing in the peak). A warm-up run first pages in the LAPACK code, so that its one-off cost
+is not counted.
 
 Usage: ``measure(spec)`` returns ``{"plain": bytes, "kfac": bytes, "extra": bytes,
 "predicted": bytes, "structures": ..., "cpu_plain": s, "cpu_first": s}``; ``spec`` is a dict
@@ -24,7 +25,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import Any, Dict
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -137,12 +138,21 @@ print("RESULT" + json.dumps({
 '''
 
 
-def measure(spec: Dict[str, Any], timeout: float = 600) -> Dict[str, Any]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=timeout)
+def measure(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"measurement child failed:\n{out.stderr[-3000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])

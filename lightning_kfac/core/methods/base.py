@@ -30,10 +30,11 @@ import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import ClassVar, Self
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from lightning_kfac.core import linalg
 from lightning_kfac.core.factors import FactorStructure
@@ -43,7 +44,6 @@ LayoutEntry = tuple[str, tuple[int, ...], torch.dtype, bool]
 Layout = list[LayoutEntry]
 #: The rank-R rows ``(Am, Gm)`` of a Linear layer's gradient ``grad = Gm^T Am`` (core/lowrank.py).
 Rows = tuple[Tensor, Tensor]
-
 
 
 #: Field metadata of a matrix LAPACK returns column-major (``eigh``'s eigenvectors, the Cholesky
@@ -69,8 +69,9 @@ class Decomposition(Mapping[str, Tensor]):
 
     def to_state(self) -> dict[str, Tensor]:
         """The checkpoint dict: ``{key: tensor}`` for every field that is set."""
-        return {name: value for name in self.state_keys()
-                if (value := getattr(self, name)) is not None}
+        return {
+            name: value for name in self.state_keys() if (value := getattr(self, name)) is not None
+        }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Tensor]) -> Self:
@@ -79,8 +80,9 @@ class Decomposition(Mapping[str, Tensor]):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(state) - names)
         if unknown:
-            raise ValueError(f"K-FAC: {cls.__name__} has no entries {unknown} "
-                             f"(it holds {sorted(names)}).")
+            raise ValueError(
+                f"K-FAC: {cls.__name__} has no entries {unknown} (it holds {sorted(names)})."
+            )
         return cls(**dict(state))
 
     @classmethod
@@ -144,12 +146,14 @@ class Decomposition(Mapping[str, Tensor]):
 def _state_keys(cls: type[Decomposition]) -> tuple[str, ...]:
     names = [f.name for f in dataclasses.fields(cls)]
     # damping_scale (declared first, in the base) is written last, as it always was
-    return tuple([n for n in names if n != "damping_scale"]
-                 + [n for n in names if n == "damping_scale"])
+    return tuple(
+        [n for n in names if n != "damping_scale"] + [n for n in names if n == "damping_scale"]
+    )
 
 
-def layout_entry(cls: type[Decomposition], key: str, shape: tuple[int, ...],
-                 dtype: torch.dtype) -> LayoutEntry:
+def layout_entry(
+    cls: type[Decomposition], key: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> LayoutEntry:
     """One transfer entry; column-major only for a matrix the type declares column-major."""
     return (key, tuple(shape), dtype, cls.is_column_major(key) and len(shape) == 2)
 
@@ -172,20 +176,28 @@ class Method(ABC):
     low_rank: ClassVar[bool] = False
 
     @abstractmethod
-    def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
-                  damping: float) -> Decomposition:
+    def decompose(
+        self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure, damping: float
+    ) -> Decomposition:
         """The decomposition of ``A (x) G``; ``damping`` is used only when
         ``damping_in_decomposition`` (the layer's absolute damping at this step)."""
 
     @abstractmethod
-    def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
-                     sa: FactorStructure, sg: FactorStructure,
-                     rows: Rows | None = None) -> Tensor:
+    def precondition(
+        self,
+        grad: Tensor,
+        dec: Decomposition,
+        damping: float,
+        sa: FactorStructure,
+        sg: FactorStructure,
+        rows: Rows | None = None,
+    ) -> Tensor:
         """``P`` for ``grad`` (g_dim x a_dim). ``damping`` is the absolute damping in use (unused
         when ``damping_in_decomposition``); ``rows`` as in the module docstring."""
 
-    def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Layout | None:
+    def layout(
+        self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype, relative: bool
+    ) -> Layout | None:
         """The tensors an owner sends (core/kaisa.py), or None: never shared (the default)."""
         return None
 
@@ -223,5 +235,5 @@ class Method(ABC):
 def with_damping_scale(layout: Layout, relative: bool) -> Layout:
     """``layout`` plus the relative damping's float64 scale when ``relative``."""
     if relative:
-        return layout + [("damping_scale", (), torch.float64, False)]
+        return [*layout, ("damping_scale", (), torch.float64, False)]
     return layout

@@ -48,14 +48,17 @@ class EigenDecomposition(Decomposition):
     A_support_Q: Tensor | None = None
 
 
-def eigen_layout(sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-                 relative: bool) -> Layout:
+def eigen_layout(
+    sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype, relative: bool
+) -> Layout:
     """``QA eA QG eG`` (no ``Q`` for a diagonal side); the support block is not sent."""
     a, g, cls = sa.dim, sg.dim, EigenDecomposition
-    layout = ([layout_entry(cls, "QA", (a, a), dtype)] if sa.has_basis else []) \
-        + [layout_entry(cls, "eA", (a,), dtype)] \
-        + ([layout_entry(cls, "QG", (g, g), dtype)] if sg.has_basis else []) \
+    layout = (
+        ([layout_entry(cls, "QA", (a, a), dtype)] if sa.has_basis else [])
+        + [layout_entry(cls, "eA", (a,), dtype)]
+        + ([layout_entry(cls, "QG", (g, g), dtype)] if sg.has_basis else [])
         + [layout_entry(cls, "eG", (g,), dtype)]
+    )
     return with_damping_scale(layout, relative)
 
 
@@ -66,19 +69,28 @@ class EigenMethod(Method):
     decomposition_type = EigenDecomposition
     low_rank = True
 
-    def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
-                  damping: float) -> EigenDecomposition:
+    def decompose(
+        self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure, damping: float
+    ) -> EigenDecomposition:
         return EigenDecomposition.from_state(linalg.eigen_decomposition(A, G, sa, sg))
 
-    def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
-                     sa: FactorStructure, sg: FactorStructure,
-                     rows: Rows | None = None) -> Tensor:
+    def precondition(
+        self,
+        grad: Tensor,
+        dec: Decomposition,
+        damping: float,
+        sa: FactorStructure,
+        sg: FactorStructure,
+        rows: Rows | None = None,
+    ) -> Tensor:
         if rows is not None:
             rotated = lowrank.rotated_gradient(dec, *rows)
             return linalg.precondition_eigen_rotated(rotated, dec, damping, sa, sg)
         return linalg.precondition_eigen(grad, dec, damping, sa, sg)
 
-    def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Layout | None:
+    def layout(
+        self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype, relative: bool
+    ) -> Layout | None:
         return eigen_layout(sa, sg, dtype, relative)
+
     # cost model (held_numel, product_numel, decompose_side): Method's defaults are eigen's

@@ -38,8 +38,9 @@ class EKFACDecomposition(EigenDecomposition):
     updated_in_place: ClassVar[tuple[str, ...]] = ("scale", "scale_updates")
 
 
-def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
-                        sg: FactorStructure) -> EKFACDecomposition:
+def ekfac_decomposition(
+    A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure
+) -> EKFACDecomposition:
     """Eigenbases of A and G and the initial scaling ``e_G e_A^T`` (K-FAC's own eigenvalues)."""
     dec = EKFACDecomposition.from_state(linalg.eigen_decomposition(A, G, sa, sg))
     dec.scale = torch.outer(dec.eG, dec.eA)
@@ -47,8 +48,9 @@ def ekfac_decomposition(A: Tensor, G: Tensor, sa: FactorStructure,
     return dec
 
 
-def precondition_ekfac(grad: Tensor, dec: Decomposition, damping: float,
-                       sa: FactorStructure, sg: FactorStructure) -> Tensor:
+def precondition_ekfac(
+    grad: Tensor, dec: Decomposition, damping: float, sa: FactorStructure, sg: FactorStructure
+) -> Tensor:
     """``Q_G [(Q_G^T grad Q_A) / (s + damping)] Q_A^T`` (a diagonal side has no ``Q``)."""
     QA, QG = dec.get("QA"), dec.get("QG")
     scale = dec["scale"] if "scale" in dec else torch.outer(dec["eG"], dec["eA"])
@@ -65,13 +67,20 @@ class EKFACMethod(Method):
     needs_pairs = True
     extra_held_bytes = 8  # the float64 scale_updates
 
-    def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
-                  damping: float) -> EKFACDecomposition:
+    def decompose(
+        self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure, damping: float
+    ) -> EKFACDecomposition:
         return ekfac_decomposition(A, G, sa, sg)
 
-    def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
-                     sa: FactorStructure, sg: FactorStructure,
-                     rows: Rows | None = None) -> Tensor:
+    def precondition(
+        self,
+        grad: Tensor,
+        dec: Decomposition,
+        damping: float,
+        sa: FactorStructure,
+        sg: FactorStructure,
+        rows: Rows | None = None,
+    ) -> Tensor:
         return precondition_ekfac(grad, dec, damping, sa, sg)
 
     def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:

@@ -51,23 +51,35 @@ class InverseMethod(Method):
     damping_in_decomposition = True
     low_rank = True
 
-    def decompose(self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure,
-                  damping: float) -> InverseDecomposition:
-        return InverseDecomposition.from_state(
-            linalg.inverse_decomposition(A, G, damping, sa, sg))
+    def decompose(
+        self, A: Tensor, G: Tensor, sa: FactorStructure, sg: FactorStructure, damping: float
+    ) -> InverseDecomposition:
+        return InverseDecomposition.from_state(linalg.inverse_decomposition(A, G, damping, sa, sg))
 
-    def precondition(self, grad: Tensor, dec: Decomposition, damping: float,
-                     sa: FactorStructure, sg: FactorStructure,
-                     rows: Rows | None = None) -> Tensor:
+    def precondition(
+        self,
+        grad: Tensor,
+        dec: Decomposition,
+        damping: float,
+        sa: FactorStructure,
+        sg: FactorStructure,
+        rows: Rows | None = None,
+    ) -> Tensor:
         if rows is not None:
             return lowrank.inverse_product(dec, *rows)
         return linalg.precondition_inverse(grad, dec, sa, sg)
 
-    def layout(self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype,
-               relative: bool) -> Layout | None:
+    def layout(
+        self, sa: FactorStructure, sg: FactorStructure, dtype: torch.dtype, relative: bool
+    ) -> Layout | None:
         cls = InverseDecomposition
-        return with_damping_scale([layout_entry(cls, "A_inv", sa.shape(), dtype),
-                                   layout_entry(cls, "G_inv", sg.shape(), dtype)], relative)
+        return with_damping_scale(
+            [
+                layout_entry(cls, "A_inv", sa.shape(), dtype),
+                layout_entry(cls, "G_inv", sg.shape(), dtype),
+            ],
+            relative,
+        )
 
     def held_numel(self, sa: FactorStructure, sg: FactorStructure) -> int:
         return sa.inverse_numel() + sg.inverse_numel()

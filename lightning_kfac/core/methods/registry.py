@@ -27,8 +27,10 @@ def method_names() -> tuple[str, ...]:
 def register(method: type[Method]) -> type[Method]:
     """Add ``method`` under its ``name`` (usable as a class decorator); a name is taken once."""
     if method.name in METHODS and METHODS[method.name] is not method:
-        raise ValueError(f"Invalid compute method {method.name!r}: the name is already taken by "
-                         f"{METHODS[method.name].__name__}.")
+        raise ValueError(
+            f"Invalid compute method {method.name!r}: the name is already taken by "
+            f"{METHODS[method.name].__name__}."
+        )
     METHODS[method.name] = method
     return method
 
@@ -60,6 +62,8 @@ def method_of_state(state: Mapping[str, object]) -> Method | None:
         return None
     fits = [cls for cls in METHODS.values() if keys <= set(cls.decomposition_type.state_keys())]
     if not fits:
-        raise ValueError(f"K-FAC: a saved decomposition with entries {sorted(state)} fits no "
-                         f"compute method ({list(METHODS)}).")
+        raise ValueError(
+            f"K-FAC: a saved decomposition with entries {sorted(state)} fits no "
+            f"compute method ({list(METHODS)})."
+        )
     return method_for(min(fits, key=lambda cls: len(cls.decomposition_type.state_keys())).name)

@@ -68,6 +68,7 @@ from typing_extensions import override
 from lightning_kfac.config import KFACConfig
 from lightning_kfac.core.budget import MemoryBudgetError
 from lightning_kfac.core.distributed import Communicator, TorchDistributedCommunicator
+from lightning_kfac.core.linalg import all_finite
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.integrations.lightning import cli_errors
 from lightning_kfac.integrations.lightning.diagnostics_callback import (
@@ -567,9 +568,7 @@ def _has_nonfinite_grad(optimizer: torch.optim.Optimizer) -> bool:
     grads: list[Tensor] = [
         p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
     ]
-    if not grads:
-        return False
-    return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    return not all_finite(*grads)  # one aminmax pass per gradient, one host sync
 
 
 #: The engine's per-step timings (``KFACPreconditioner.last_stats``), logged as ``kfac/<key>``.

@@ -100,9 +100,11 @@ def adapt_damping(
         return None
     before = step_loss(outputs) * trainer.accumulate_grad_batches
     if not math.isfinite(before):  # training_step returned no loss: nothing to compare
-        return pre.update_damping(before, before)
+        rho: float | None = pre.update_damping(before, before)
+        return rho
     context = trainer.precision_plugin.train_step_context()
-    return pre.update_damping(before, lambda: training_loss(module, batch, batch_idx, context))
+    rho = pre.update_damping(before, lambda: training_loss(module, batch, batch_idx, context))
+    return rho
 
 
 def lightning_closure(module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], Any]:

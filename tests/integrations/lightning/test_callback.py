@@ -14,12 +14,20 @@ from pytorch_lightning.strategies import FSDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_kfac import KFACPreconditioner
+from lightning_kfac import KFACCallback, KFACPreconditioner
 from lightning_kfac.integrations.lightning.callback import check_strategy
-from lightning_kfac import KFACCallback
-from tests.support.lightning import (MLP, Recorder, assert_factors_equal, assert_params_equal,
-                                         clone_module, count_hooks, hand_loop, loader,
-                                         make_dataset, make_trainer)
+from tests.support.lightning import (
+    MLP,
+    Recorder,
+    assert_factors_equal,
+    assert_params_equal,
+    clone_module,
+    count_hooks,
+    hand_loop,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 CLOCKS = dict(damping=1e-2, factor_update_steps=2, inv_update_steps=4, kl_clip=1e-2)
 
@@ -75,8 +83,9 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     big, small = MLP(), MLP()
     cb_big, cb_small = KFACCallback(**options), KFACCallback(**options)
     make_trainer(tmp_path, max_steps=3, callbacks=[cb_big]).fit(big, loader(data, 32))
-    make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=4,
-                 callbacks=[cb_small]).fit(small, loader(data, 8))
+    make_trainer(tmp_path, max_steps=3, accumulate_grad_batches=4, callbacks=[cb_small]).fit(
+        small, loader(data, 8)
+    )
 
     fa, fb = cb_big.factors(), cb_small.factors()
     assert fa.keys() == fb.keys() == {"net.0", "net.2"}
@@ -102,15 +111,18 @@ def test_resume_is_bit_identical(tmp_path, batches_per_epoch, resume_step):
     data = loader(make_dataset(batches_per_epoch * 8), batch_size=8)
     model = MLP(optimizer="adam", lr=1e-2)
     fresh = clone_module(model)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1,
-                           save_top_k=-1)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
     full = KFACCallback(**CLOCKS)
-    make_trainer(tmp_path, max_steps=10, callbacks=[full, ckpt],
-                 enable_checkpointing=True).fit(model, data)
+    make_trainer(tmp_path, max_steps=10, callbacks=[full, ckpt], enable_checkpointing=True).fit(
+        model, data
+    )
 
     resumed = KFACCallback(**CLOCKS)
     make_trainer(tmp_path, max_steps=10, callbacks=[resumed]).fit(
-        fresh, data, ckpt_path=str(tmp_path / "ckpt" / f"step={resume_step}.ckpt"))
+        fresh, data, ckpt_path=str(tmp_path / "ckpt" / f"step={resume_step}.ckpt")
+    )
     assert_params_equal(model, fresh)
     assert_factors_equal(full.factors(), resumed.factors())
     assert resumed.preconditioner.steps == full.preconditioner.steps == 10
@@ -129,8 +141,9 @@ def test_checkpoint_state_round_trip(tmp_path):
     saved = torch.load(path, weights_only=True)["callbacks"][callback.state_key]
     assert saved["steps"] == 3 and saved["config"] == callback.config.to_dict()
     assert set(saved["layers"]) == {"net.0", "net.2"}
-    torch.testing.assert_close(saved["layers"]["net.2"]["G"], callback.factors()["net.2"][1],
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        saved["layers"]["net.2"]["G"], callback.factors()["net.2"][1], rtol=0, atol=0
+    )
     assert saved["layers"]["net.2"]["decomposition"]
 
 
@@ -141,8 +154,14 @@ def test_validation_test_predict_change_no_factor(tmp_path):
     quiet, noisy = MLP(), MLP()
     cb_quiet, cb_noisy = KFACCallback(**CLOCKS), KFACCallback(**CLOCKS)
     make_trainer(tmp_path, max_steps=6, callbacks=[cb_quiet]).fit(quiet, loader(data, 8))
-    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[cb_noisy], num_sanity_val_steps=2,
-                           limit_val_batches=2, val_check_interval=2)
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=6,
+        callbacks=[cb_noisy],
+        num_sanity_val_steps=2,
+        limit_val_batches=2,
+        val_check_interval=2,
+    )
     trainer.fit(noisy, loader(data, 8), loader(data, 8))
     assert trainer.sanity_checking is False and trainer.fit_loop.epoch_loop.val_loop.run
     assert_factors_equal(cb_quiet.factors(), cb_noisy.factors())
@@ -166,10 +185,15 @@ def test_training_step_returning_none_leaves_params_and_factors(tmp_path):
             return None if batch_idx == 1 else super().training_step(batch, batch_idx)
 
     callback = KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=1)
-    snapshots = Recorder(lambda trainer, module: (
-        callback.factors(), {k: v.clone() for k, v in module.state_dict().items()}))
+    snapshots = Recorder(
+        lambda trainer, module: (
+            callback.factors(),
+            {k: v.clone() for k, v in module.state_dict().items()},
+        )
+    )
     make_trainer(tmp_path, max_steps=3, callbacks=[callback, snapshots]).fit(
-        Skipping(), loader(make_dataset(24), 8))
+        Skipping(), loader(make_dataset(24), 8)
+    )
     (f0, p0), (f1, p1), (f2, p2) = snapshots.records
     assert_factors_equal(f0, f1)
     for key in p0:
@@ -236,15 +260,18 @@ def test_two_instances_coexist_and_restore_their_own_state(tmp_path):
     fresh = clone_module(model)
     cbs = [KFACCallback(**first), KFACCallback(**second)]
     assert cbs[0].state_key != cbs[1].state_key
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2,
-                           save_top_k=-1)
-    make_trainer(tmp_path, max_steps=4, callbacks=[*cbs, ckpt],
-                 enable_checkpointing=True).fit(model, data)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=2, save_top_k=-1
+    )
+    make_trainer(tmp_path, max_steps=4, callbacks=[*cbs, ckpt], enable_checkpointing=True).fit(
+        model, data
+    )
     assert set(cbs[0].factors()) == {"net.0"} and set(cbs[1].factors()) == {"net.2"}
 
     again = [KFACCallback(**first), KFACCallback(**second)]
     make_trainer(tmp_path, max_steps=4, callbacks=again).fit(
-        fresh, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+        fresh, data, ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt")
+    )
     for done, resumed in zip(cbs, again):
         assert_factors_equal(done.factors(), resumed.factors())
     assert_params_equal(model, fresh)
@@ -262,11 +289,14 @@ def test_resume_with_changed_options_adopts_state_with_warning(tmp_path):
 
     changed = KFACCallback(**dict(CLOCKS, kl_clip=5e-2))
     with pytest.warns(UserWarning, match="saved with other options"):
-        make_trainer(tmp_path, max_steps=3, callbacks=[changed]).fit(MLP(), data,
-                                                                    ckpt_path=str(path))
+        make_trainer(tmp_path, max_steps=3, callbacks=[changed]).fit(
+            MLP(), data, ckpt_path=str(path)
+        )
     assert changed.preconditioner.steps == 3
-    assert changed.preconditioner.counters["factor_updates"] == \
-        saved.preconditioner.counters["factor_updates"] + 2  # step 2 updates both layers
+    assert (
+        changed.preconditioner.counters["factor_updates"]
+        == saved.preconditioner.counters["factor_updates"] + 2
+    )  # step 2 updates both layers
 
 
 def test_logging_through_the_trainer_logger(tmp_path):
@@ -278,8 +308,13 @@ def test_logging_through_the_trainer_logger(tmp_path):
 
     options = dict(damping=1e4, kl_clip=None, factor_update_steps=1, inv_update_steps=1)
     callback = KFACCallback(**options)
-    trainer = make_trainer(tmp_path, max_steps=4, callbacks=[callback], log_every_n_steps=2,
-                           logger=CSVLogger(tmp_path, name="logs"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=4,
+        callbacks=[callback],
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path, name="logs"),
+    )
     trainer.fit(MLP(), loader(make_dataset(32), 8))
     with open(trainer.logger.experiment.metrics_file_path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("kfac/layers")]
@@ -303,8 +338,13 @@ def test_kl_clip_factor_is_logged_below_one_when_clipping(tmp_path):
 
     callback = KFACCallback(damping=1e-2, kl_clip=1e-8, factor_update_steps=1, inv_update_steps=1)
     seen = Recorder(lambda trainer, module: callback.preconditioner.last_stats["kl_clip_factor"])
-    trainer = make_trainer(tmp_path, max_steps=1, callbacks=[callback, seen], log_every_n_steps=1,
-                           logger=CSVLogger(tmp_path, name="logs"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=1,
+        callbacks=[callback, seen],
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="logs"),
+    )
     trainer.fit(MLP(), loader(make_dataset(8), 8))
     assert 0.0 < seen.records[0] < 1.0
     assert float(trainer.logged_metrics["kfac/kl_clip_factor"]) == pytest.approx(seen.records[0])
@@ -337,7 +377,8 @@ def test_model_without_supported_layer_raises(tmp_path):
     model = NoLayer()
     with pytest.raises(MisconfigurationException, match="no layer to precondition"):
         make_trainer(tmp_path, max_steps=1, callbacks=[KFACCallback()]).fit(
-            model, loader(make_dataset(8), 8))
+            model, loader(make_dataset(8), 8)
+        )
     assert count_hooks(model) == 0
 
 
@@ -362,7 +403,8 @@ def test_summary_is_printed_on_fit_start(tmp_path):
         logger.addHandler(handler)
     try:
         make_trainer(tmp_path, max_steps=1, callbacks=[KFACCallback()]).fit(
-            MLP(), loader(make_dataset(8), 8))
+            MLP(), loader(make_dataset(8), 8)
+        )
     finally:
         for logger in loggers:
             logger.removeHandler(handler)

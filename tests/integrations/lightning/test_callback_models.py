@@ -18,11 +18,16 @@ from pytorch_lightning.demos.transformer import LightningTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kfac import KFACPreconditioner
-from lightning_kfac import KFACCallback
-from tests.support.lightning import (assert_factors_equal, assert_params_equal,
-                                         clone_module, engine_bug_step_drops_other_optimizers_layers,
-                                         loader, make_dataset, make_trainer)
+from lightning_kfac import KFACCallback, KFACPreconditioner
+from tests.support.lightning import (
+    assert_factors_equal,
+    assert_params_equal,
+    clone_module,
+    engine_bug_step_drops_other_optimizers_layers,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
 EVERY_STEP = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=1)
 VOCAB, SEQ, BATCH = 16, 6, 4
@@ -73,8 +78,9 @@ def test_boring_model(tmp_path):
     """BoringModel: its one Linear is preconditioned (100% covered) and the loss goes down."""
     torch.manual_seed(0)
     model = BoringModel()
-    data = DataLoader(torch.randn(64, 32, generator=torch.Generator().manual_seed(1)),
-                      batch_size=16)
+    data = DataLoader(
+        torch.randn(64, 32, generator=torch.Generator().manual_seed(1)), batch_size=16
+    )
     before = _mean_loss(model, data)
     callback = KFACCallback(**EVERY_STEP)
     make_trainer(tmp_path, max_steps=4, callbacks=[callback]).fit(model, data)
@@ -113,8 +119,11 @@ def test_lightning_transformer_skips_mha_projections_with_the_reason(tmp_path):
         assert "output projection of MultiheadAttention" in lines[name]
         assert "functionally" in lines[name]
     in_proj = "model.transformer.encoder.layers.0.self_attn"  # owns in_proj_weight
-    (mha,) = [line for line in summary.splitlines()
-              if (f"{in_proj}," in line or f"{in_proj} " in line) and "skipped" in line]
+    (mha,) = [
+        line
+        for line in summary.splitlines()
+        if (f"{in_proj}," in line or f"{in_proj} " in line) and "skipped" in line
+    ]
     assert "MultiheadAttention" in mha
     loss = _mean_loss(model, data)
     assert torch.isfinite(torch.tensor(loss))
@@ -134,8 +143,11 @@ def test_lightning_lstm_skips_recurrent_weights(tmp_path):
     summary = callback.preconditioner.summary()
     lines = {line.split()[0]: line for line in summary.splitlines() if line.strip()}
     assert "skipped" in lines["model.rnn"] and "LSTM" in lines["model.rnn"]
-    covered = sum(p.numel() for name in layers
-                  for p in model.model.get_submodule(name.removeprefix("model.")).parameters())
+    covered = sum(
+        p.numel()
+        for name in layers
+        for p in model.model.get_submodule(name.removeprefix("model.")).parameters()
+    )
     total = sum(p.numel() for p in model.parameters())
     assert covered < total and f"{covered:,} of {total:,}" in summary
     assert torch.isfinite(torch.tensor(_mean_loss(model, data)))
@@ -202,14 +214,21 @@ class ManualTwo(LightningModule):
             opt.step()
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.first.parameters(), lr=0.05),
-                torch.optim.Adam(self.second.parameters(), lr=1e-2)]
+        return [
+            torch.optim.SGD(self.first.parameters(), lr=0.05),
+            torch.optim.Adam(self.second.parameters(), lr=1e-2),
+        ]
 
 
-@pytest.mark.xfail(engine_bug_step_drops_other_optimizers_layers(), strict=True, reason=(
-    "engine bug (reported): pre.step(opt_first) updates factors of every block and drops the "
-    "second optimizer's layers, which have not run yet in this batch ('never ran in a training "
-    "forward'); step(optimizer) should only update/drop blocks whose weight is in optimizer"))
+@pytest.mark.xfail(
+    engine_bug_step_drops_other_optimizers_layers(),
+    strict=True,
+    reason=(
+        "engine bug (reported): pre.step(opt_first) updates factors of every block and drops the "
+        "second optimizer's layers, which have not run yet in this batch ('never ran in a training "
+        "forward'); step(optimizer) should only update/drop blocks whose weight is in optimizer"
+    ),
+)
 def test_manual_optimization_two_optimizers_equals_two_preconditioners(tmp_path):
     """One callback over both sub-networks == two independent preconditioners, one per
     sub-network, each stepped with its own optimizer once per batch (same clock t per batch)."""
@@ -222,10 +241,14 @@ def test_manual_optimization_two_optimizers_equals_two_preconditioners(tmp_path)
     trainer.fit(model, data)
     assert trainer.global_step == 16  # Lightning counts both optimizers' steps
 
-    pres = [KFACPreconditioner(reference.first, **options),
-            KFACPreconditioner(reference.second, **options)]
-    opts = [torch.optim.SGD(reference.first.parameters(), lr=0.05),
-            torch.optim.Adam(reference.second.parameters(), lr=1e-2)]
+    pres = [
+        KFACPreconditioner(reference.first, **options),
+        KFACPreconditioner(reference.second, **options),
+    ]
+    opts = [
+        torch.optim.SGD(reference.first.parameters(), lr=0.05),
+        torch.optim.Adam(reference.second.parameters(), lr=1e-2),
+    ]
     for x, y in data:
         for net, pre, opt in zip((reference.first, reference.second), pres, opts):
             opt.zero_grad()

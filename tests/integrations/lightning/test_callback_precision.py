@@ -2,8 +2,8 @@
 
 16-mixed multiplies the loss by the scaler's scale s before backward, so the captured output
 gradients are s times too large; the callback sets ``grad_scale = s`` and the engine divides G
-by s^2 (Lightning's 16-mixed precision plugin). An overflow step (inf gradients, skipped by the scaler)
-must leave the running factors and the parameters untouched.
+by s^2 (Lightning's 16-mixed precision plugin). An overflow step (inf gradients, skipped by the
+scaler) must leave the running factors and the parameters untouched.
 """
 
 from __future__ import annotations
@@ -13,12 +13,23 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_kfac import KFACCallback
-from tests.support.lightning import (MLP, Recorder, engine_bug_autocast_capture, loader,
-                                         make_dataset, make_trainer)
+from tests.support.lightning import (
+    MLP,
+    Recorder,
+    engine_bug_autocast_capture,
+    loader,
+    make_dataset,
+    make_trainer,
+)
 
-autocast_bug = pytest.mark.xfail(engine_bug_autocast_capture(), strict=True, reason=(
-    "engine bug (reported): capture hooks run inside the autocast region, so a a^T is computed "
-    "in bf16/fp16 and the factor/decomposition dtypes mismatch the float32 gradient"))
+autocast_bug = pytest.mark.xfail(
+    engine_bug_autocast_capture(),
+    strict=True,
+    reason=(
+        "engine bug (reported): capture hooks run inside the autocast region, so a a^T is computed "
+        "in bf16/fp16 and the factor/decomposition dtypes mismatch the float32 gradient"
+    ),
+)
 
 ONE_STEP = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=1, kl_clip=1e-2)
 
@@ -27,13 +38,15 @@ def _fit_one_step(tmp_path, **trainer_options):
     model = MLP(dtype=torch.float32, hidden=16)
     callback = KFACCallback(**ONE_STEP)
     make_trainer(tmp_path, max_steps=1, callbacks=[callback], **trainer_options).fit(
-        model, loader(make_dataset(32, dtype=torch.float32), 32))
+        model, loader(make_dataset(32, dtype=torch.float32), 32)
+    )
     return callback
 
 
-def _fp16_plugin(init_scale: float = 2.0 ** 16) -> MixedPrecision:
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu",
-                                                                          init_scale=init_scale))
+def _fp16_plugin(init_scale: float = 2.0**16) -> MixedPrecision:
+    return MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale)
+    )
 
 
 @autocast_bug
@@ -76,13 +89,17 @@ class _Overflowing(MLP):
 @autocast_bug
 def test_fp16_overflow_step_leaves_factors_and_params_untouched(tmp_path):
     callback = KFACCallback(**ONE_STEP)
-    snapshots = Recorder(lambda trainer, module: (
-        callback.factors(), {k: v.clone() for k, v in module.state_dict().items()},
-        trainer.precision_plugin.scaler.get_scale()))
+    snapshots = Recorder(
+        lambda trainer, module: (
+            callback.factors(),
+            {k: v.clone() for k, v in module.state_dict().items()},
+            trainer.precision_plugin.scaler.get_scale(),
+        )
+    )
     model = _Overflowing(bad_step=1)
-    make_trainer(tmp_path, max_steps=3, callbacks=[callback, snapshots],
-                 plugins=[_fp16_plugin()]).fit(model, loader(make_dataset(96, dtype=torch.float32),
-                                                             32))
+    make_trainer(
+        tmp_path, max_steps=3, callbacks=[callback, snapshots], plugins=[_fp16_plugin()]
+    ).fit(model, loader(make_dataset(96, dtype=torch.float32), 32))
     (f0, p0, s0), (f1, p1, s1), (f2, p2, _) = snapshots.records
     assert s1 == s0 / 2  # the scaler saw the overflow and backed off
     for name in f0:
@@ -102,5 +119,6 @@ def test_64_true_keeps_factors_in_float64(tmp_path):
     model = MLP(dtype=torch.float32)
     callback = KFACCallback(**ONE_STEP)
     make_trainer(tmp_path, max_steps=1, precision="64-true", callbacks=[callback]).fit(
-        model, loader(make_dataset(16, dtype=torch.float64), 16))
+        model, loader(make_dataset(16, dtype=torch.float64), 16)
+    )
     assert {a.dtype for a, _ in callback.factors().values()} == {torch.float64}

@@ -12,7 +12,7 @@ import enum
 import inspect
 import types
 import typing
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import pytest
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -27,8 +27,13 @@ PARAMS = inspect.signature(KFACCallback.__init__).parameters
 
 
 def _type_text(hint: Any) -> str:
-    return repr(hint).replace("typing.", "").replace("NoneType", "None").replace(
-        "<class '", "").replace("'>", "")
+    return (
+        repr(hint)
+        .replace("typing.", "")
+        .replace("NoneType", "None")
+        .replace("<class '", "")
+        .replace("'>", "")
+    )
 
 
 def spelling_free(hint: Any) -> Any:
@@ -51,7 +56,7 @@ def expected_annotation(name: str) -> Any:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return Literal[tuple(member.value for member in hint)]
     if typing.get_origin(hint) is list:
-        return Optional[hint]
+        return hint | None
     return hint
 
 
@@ -65,8 +70,11 @@ def expected_default(name: str) -> Any:
 
 def suggested_line(name: str) -> str:
     annotation = expected_annotation(name)
-    text = (f"Literal{list(typing.get_args(annotation))}".replace("[[", "[").replace("]]", "]")
-            if typing.get_origin(annotation) is Literal else _type_text(annotation))
+    text = (
+        f"Literal{list(typing.get_args(annotation))}".replace("[[", "[").replace("]]", "]")
+        if typing.get_origin(annotation) is Literal
+        else _type_text(annotation)
+    )
     return f"{name}: {text} = {expected_default(name)!r},"
 
 
@@ -75,21 +83,29 @@ def test_every_kfacconfig_option_is_a_typed_keyword_with_its_default():
     assert not missing, (
         "KFACConfig has options that KFACCallback.__init__ does not list; add these keyword-only "
         "parameters to its signature (lightning_kfac/integrations/lightning/callback.py), before "
-        "`prog_bar`:\n    "
-        + "\n    ".join(suggested_line(name) for name in missing))
-    extra = [name for name, p in PARAMS.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-             and name not in FIELDS and name not in CALLBACK_ONLY_OPTIONS]
+        "`prog_bar`:\n    " + "\n    ".join(suggested_line(name) for name in missing)
+    )
+    extra = [
+        name
+        for name, p in PARAMS.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        and name not in FIELDS
+        and name not in CALLBACK_ONLY_OPTIONS
+    ]
     assert not extra, f"KFACCallback.__init__ has keywords {extra} that KFACConfig lacks"
     for name in FIELDS:
         param = PARAMS[name]
         assert param.kind is inspect.Parameter.KEYWORD_ONLY, name
         assert spelling_free(INIT_HINTS[name]) == spelling_free(expected_annotation(name)), (
             f"KFACCallback.__init__: {name} is typed {_type_text(INIT_HINTS[name])}; KFACConfig "
-            f"types it {_type_text(CONFIG_HINTS[name])}: write `{suggested_line(name)}`")
-        assert param.default == expected_default(name) \
-            and type(param.default) is type(expected_default(name)), (
+            f"types it {_type_text(CONFIG_HINTS[name])}: write `{suggested_line(name)}`"
+        )
+        assert param.default == expected_default(name) and type(param.default) is type(
+            expected_default(name)
+        ), (
             f"KFACCallback.__init__: {name} defaults to {param.default!r}, KFACConfig to "
-            f"{expected_default(name)!r}: write `{suggested_line(name)}`")
+            f"{expected_default(name)!r}: write `{suggested_line(name)}`"
+        )
 
 
 def test_the_suggested_line_is_valid_python_for_the_right_annotation_and_default():
@@ -109,10 +125,17 @@ def test_every_option_has_a_help_line():
 
 def test_keywords_at_their_defaults_leave_the_config_mapping_alone():
     """What jsonargparse does: every keyword passed, at its default, next to ``config``."""
-    defaults = {name: p.default for name, p in PARAMS.items()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    mapping = {"damping": 2e-2, "compute_method": "inverse", "low_rank": False, "kl_clip": None,
-               "skip_layers": ["head"], "diagnostics_every_n_steps": 5}
+    defaults = {
+        name: p.default for name, p in PARAMS.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    mapping = {
+        "damping": 2e-2,
+        "compute_method": "inverse",
+        "low_rank": False,
+        "kl_clip": None,
+        "skip_layers": ["head"],
+        "diagnostics_every_n_steps": 5,
+    }
     callback = KFACCallback(mapping, **defaults)
     assert callback.config == KFACConfig(**mapping)
     overridden = KFACCallback(mapping, **dict(defaults, damping=5e-2, compute_method="ekfac"))
@@ -122,8 +145,10 @@ def test_keywords_at_their_defaults_leave_the_config_mapping_alone():
     assert KFACCallback(KFACConfig(**mapping), **defaults).config == KFACConfig(**mapping)
 
 
-@pytest.mark.parametrize("option, value", [("adaptive_damping", 0), ("mc_samples", True),
-                                           ("low_rank", 1), ("damping", "1e-3")])
+@pytest.mark.parametrize(
+    "option, value",
+    [("adaptive_damping", 0), ("mc_samples", True), ("low_rank", 1), ("damping", "1e-3")],
+)
 def test_a_wrong_type_equal_to_the_default_is_still_rejected(option, value):
     with pytest.raises(MisconfigurationException, match=f"Invalid {option}="):
         KFACCallback(**{option: value})

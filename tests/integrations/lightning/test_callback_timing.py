@@ -28,8 +28,13 @@ def read_rows(path):
 def test_timing_metrics_are_written_by_a_csv_logger(tmp_path):
     callback = KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=2)
     engine = Recorder(lambda trainer, module: dict(callback.preconditioner.last_stats))
-    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[callback, engine],
-                           log_every_n_steps=1, logger=CSVLogger(tmp_path, name="logs"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=6,
+        callbacks=[callback, engine],
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="logs"),
+    )
     trainer.fit(MLP(), loader(make_dataset(6 * 8), 8))
 
     rows = read_rows(tmp_path / "logs" / "version_0" / "metrics.csv")
@@ -42,14 +47,16 @@ def test_timing_metrics_are_written_by_a_csv_logger(tmp_path):
         assert sum(values[key] for key in PHASES) <= values["kfac/time_ms"] * (1 + 1e-6)
         assert values["kfac/time_ms"] <= values["kfac/step_ms"] * (1 + 1e-6)
         assert values["kfac/overhead_share"] == pytest.approx(
-            values["kfac/time_ms"] / values["kfac/step_ms"], rel=1e-5)
+            values["kfac/time_ms"] / values["kfac/step_ms"], rel=1e-5
+        )
     assert "kfac/overhead_share" not in trainer.progress_bar_metrics
 
 
 def test_prog_bar_shows_the_overhead_share_without_a_logger(tmp_path):
     callback = KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=2, prog_bar=True)
-    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[callback], log_every_n_steps=1,
-                           enable_progress_bar=True)
+    trainer = make_trainer(
+        tmp_path, max_steps=2, callbacks=[callback], log_every_n_steps=1, enable_progress_bar=True
+    )
     trainer.fit(MLP(), loader(make_dataset(2 * 8), 8))
     share = trainer.progress_bar_metrics["kfac/overhead_share"]
     assert 0.0 < share <= 1.0
@@ -60,14 +67,21 @@ def test_accumulated_batches_share_one_step_time(tmp_path):
     """With accumulate_grad_batches=2, step_ms covers both micro-batches of the optimizer step:
     one logged row per optimizer step, and the share stays time_ms / step_ms."""
     callback = KFACCallback(damping=1e-2, factor_update_steps=1, inv_update_steps=1)
-    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[callback], log_every_n_steps=1,
-                           accumulate_grad_batches=2, logger=CSVLogger(tmp_path, name="logs"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=3,
+        callbacks=[callback],
+        log_every_n_steps=1,
+        accumulate_grad_batches=2,
+        logger=CSVLogger(tmp_path, name="logs"),
+    )
     trainer.fit(MLP(), loader(make_dataset(6 * 8), 8))
     rows = read_rows(tmp_path / "logs" / "version_0" / "metrics.csv")
     assert len(rows) == 3
     for row in rows:
         assert float(row["kfac/overhead_share"]) == pytest.approx(
-            float(row["kfac/time_ms"]) / float(row["kfac/step_ms"]), rel=1e-5)
+            float(row["kfac/time_ms"]) / float(row["kfac/step_ms"]), rel=1e-5
+        )
 
 
 def test_logged_times_are_means_over_the_steps_since_the_last_write(tmp_path):
@@ -76,8 +90,13 @@ def test_logged_times_are_means_over_the_steps_since_the_last_write(tmp_path):
     is the ratio of the sums."""
     callback = KFACCallback(damping=1e-2, factor_update_steps=3, inv_update_steps=6)
     engine = Recorder(lambda trainer, module: dict(callback.preconditioner.last_stats))
-    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[callback, engine],
-                           log_every_n_steps=3, logger=CSVLogger(tmp_path, name="logs"))
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=6,
+        callbacks=[callback, engine],
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path, name="logs"),
+    )
     trainer.fit(MLP(), loader(make_dataset(6 * 8), 8))
     rows = read_rows(tmp_path / "logs" / "version_0" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [2, 5]
@@ -86,4 +105,5 @@ def test_logged_times_are_means_over_the_steps_since_the_last_write(tmp_path):
             mean = sum(s[key] for s in steps) / 3
             assert float(row[f"kfac/{key}"]) == pytest.approx(mean, rel=1e-6)
         assert float(row["kfac/overhead_share"]) == pytest.approx(
-            float(row["kfac/time_ms"]) / float(row["kfac/step_ms"]), rel=1e-5)
+            float(row["kfac/time_ms"]) / float(row["kfac/step_ms"]), rel=1e-5
+        )

@@ -18,8 +18,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_kfac import KFACConfig
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACConfig
 from lightning_kfac.diagnostics import diagnose
 
 LAYERS = ["net.0", "net.3"]
@@ -68,11 +67,16 @@ def fit(tmp_path, *, steps=5, dropout=0.0, logger=True, accumulate=1, **options)
     model = TinyNet(dropout)
     cb = KFACCallback(factor_update_steps=1, inv_update_steps=2, damping=1e-2, **options)
     snap = Snapshot()
-    trainer = pl.Trainer(max_steps=steps, accumulate_grad_batches=accumulate,
-                         logger=CSVLogger(str(tmp_path), name="", version="") if logger else False,
-                         callbacks=[cb, snap], enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False,
-                         log_every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        logger=CSVLogger(str(tmp_path), name="", version="") if logger else False,
+        callbacks=[cb, snap],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(model, loader())
     return model, cb, snap, trainer
 
@@ -101,16 +105,27 @@ def test_logged_at_every_nth_step_and_equal_to_diagnose_by_hand(tmp_path):
     logs = logged(tmp_path)
     assert sorted(logs) == [0, 2, 4]  # the K-FAC clock: t % 2 == 0, step 0 included
     for t, metrics in logs.items():
-        (state, batch), = snap.seen[t]
+        ((state, batch),) = snap.seen[t]
         expected = by_hand(state, batch, method="dense")  # exact: the full 4-D block
         assert set(expected) == set(LAYERS)
-        keys = {f"kfac_diag/{layer}/{stat}" for layer in LAYERS for stat in
-                ("kronecker_error", "kronecker_error_population", "mean_grad_norm",
-                 "mean_grad_ratio")}
+        keys = {
+            f"kfac_diag/{layer}/{stat}"
+            for layer in LAYERS
+            for stat in (
+                "kronecker_error",
+                "kronecker_error_population",
+                "mean_grad_norm",
+                "mean_grad_ratio",
+            )
+        }
         assert set(metrics) == keys  # no std: the exact method has none
         for layer, stats in expected.items():
-            for stat in ("kronecker_error", "kronecker_error_population", "mean_grad_norm",
-                         "mean_grad_ratio"):
+            for stat in (
+                "kronecker_error",
+                "kronecker_error_population",
+                "mean_grad_norm",
+                "mean_grad_ratio",
+            ):
                 # the same float64 rows as diagnose's own forward/backward: equal, not close
                 assert metrics[f"kfac_diag/{layer}/{stat}"] == stats[stat], stat
             assert 0.0 < stats["kronecker_error"] < 1.0 and stats["mean_grad_norm"] > 0.0
@@ -123,8 +138,9 @@ def test_logged_at_every_nth_step_and_equal_to_diagnose_by_hand(tmp_path):
 def test_mc_fisher_and_accumulation_diagnose_the_users_loss_over_every_micro_batch(tmp_path):
     # fisher_type="mc" back-propagates a sampled loss through the same outputs: the recorder
     # must keep the user's gradient; with accumulate_grad_batches=2 both micro-batches count.
-    _, _, snap, _ = fit(tmp_path, steps=3, accumulate=2, diagnostics_every_n_steps=2,
-                        fisher_type="mc")
+    _, _, snap, _ = fit(
+        tmp_path, steps=3, accumulate=2, diagnostics_every_n_steps=2, fisher_type="mc"
+    )
     logs = logged(tmp_path)
     assert sorted(logs) == [0, 2]
     for t in (0, 2):
@@ -135,17 +151,20 @@ def test_mc_fisher_and_accumulation_diagnose_the_users_loss_over_every_micro_bat
             for stat in ("kronecker_error", "mean_grad_norm"):
                 # one 16-row batch vs two 8-row micro-batches: float32 rounding differs
                 assert logs[t][f"kfac_diag/{layer}/{stat}"] == pytest.approx(
-                    expected[layer][stat], rel=1e-5), (t, layer, stat)
+                    expected[layer][stat], rel=1e-5
+                ), (t, layer, stat)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(fisher_type="mc", accumulate=2)],
-                         ids=["empirical", "mc-accumulate"])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(fisher_type="mc", accumulate=2)], ids=["empirical", "mc-accumulate"]
+)
 def test_diagnostics_leave_training_bit_identical(tmp_path, options):
     # dropout draws from the global RNG: any draw by the diagnostics would change the masks
     runs = {}
     for every in (None, 1):
-        model, cb, _, _ = fit(tmp_path / str(every), steps=4, dropout=0.3,
-                              diagnostics_every_n_steps=every, **options)
+        model, cb, _, _ = fit(
+            tmp_path / str(every), steps=4, dropout=0.3, diagnostics_every_n_steps=every, **options
+        )
         runs[every] = (model, cb.factors(), torch.get_rng_state())
     (m0, f0, rng0), (m1, f1, rng1) = runs[None], runs[1]
     assert sorted(logged(tmp_path / "1")) == [0, 1, 2, 3]
@@ -168,8 +187,11 @@ def test_without_a_logger_nothing_is_installed(tmp_path):
 
 @pytest.mark.parametrize("value", [0, -3, 1.5, "often", True])
 def test_a_bad_value_is_rejected_naming_the_option(value):
-    with pytest.raises(ValueError, match=r"Invalid diagnostics_every_n_steps=.*None \(off\) or an "
-                                         r"integer >= 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid diagnostics_every_n_steps=.*None \(off\) or an "
+        r"integer >= 1",
+    ):
         KFACConfig(diagnostics_every_n_steps=value)
     with pytest.raises(MisconfigurationException, match="diagnostics_every_n_steps"):
         KFACCallback(diagnostics_every_n_steps=value)
@@ -191,14 +213,20 @@ class TinyCNN(TinyNet):
 def test_conv_rows_equal_diagnose_by_hand(tmp_path):
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(1)
-    data = torch.utils.data.TensorDataset(torch.randn(16, 16, generator=g),
-                                          torch.randint(0, 3, (16,), generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(16, 16, generator=g), torch.randint(0, 3, (16,), generator=g)
+    )
     cb, snap = KFACCallback(diagnostics_every_n_steps=1, factor_update_steps=1), Snapshot()
-    pl.Trainer(max_steps=2, logger=CSVLogger(str(tmp_path), name="", version=""),
-               callbacks=[cb, snap], enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False).fit(TinyCNN(), torch.utils.data.DataLoader(data, 8))
+    pl.Trainer(
+        max_steps=2,
+        logger=CSVLogger(str(tmp_path), name="", version=""),
+        callbacks=[cb, snap],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(TinyCNN(), torch.utils.data.DataLoader(data, 8))
     t, result = cb._diagnostics.last
-    (state, (x, y)), = snap.seen[t]
+    ((state, (x, y)),) = snap.seen[t]
     model = TinyCNN()
     model.load_state_dict(state)
     expected = diagnose(model, x, lambda out: F.cross_entropy(out, y), layers=["conv", "head"])

@@ -26,8 +26,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_kfac.integrations.lightning.callback import KFACCallback, check_strategy
-from tests.support.lightning import MLP, make_dataset, make_trainer
 from tests.support.compare import nested_equal
+from tests.support.lightning import MLP, make_dataset, make_trainer
 
 OPTIONS = dict(damping=1e-2, factor_update_steps=1, inv_update_steps=3, kl_clip=1e-2)
 N, BATCH, STEPS = 32, 4, 10
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 class RankSlice(Sampler):
-    """Examples ``rank, rank + world, ...`` of the current process group (all when there is none)."""
+    """Examples ``rank, rank + world, ...`` of the current process group
+    (all when there is none)."""
 
     def __init__(self, n: int):
         self.n = n
@@ -68,21 +69,39 @@ class RankDump(Callback):
     def on_fit_end(self, trainer, pl_module):
         kfac = next(cb for cb in trainer.callbacks if isinstance(cb, KFACCallback))
         state = kfac.preconditioner.state_dict()  # collective with distribute="gradients"
-        torch.save({"params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-                    "factors": kfac.factors(), "state": state,
-                    "names": [n for n, _ in pl_module.named_modules()]},
-                   os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+        torch.save(
+            {
+                "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "factors": kfac.factors(),
+                "state": state,
+                "names": [n for n, _ in pl_module.named_modules()],
+            },
+            os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"),
+        )
         if self.checkpoint:
             trainer.save_checkpoint(self.checkpoint)
 
 
-def _fit(out_dir, strategy, devices, max_steps, ckpt_path=None, checkpoint=None, batch=BATCH,
-         dataset=None, **options):
+def _fit(
+    out_dir,
+    strategy,
+    devices,
+    max_steps,
+    ckpt_path=None,
+    checkpoint=None,
+    batch=BATCH,
+    dataset=None,
+    **options,
+):
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(out_dir, strategy=strategy, devices=devices, max_steps=max_steps,
-                           use_distributed_sampler=False,
-                           callbacks=[KFACCallback(**OPTIONS, **options),
-                                      RankDump(out_dir, checkpoint)])
+    trainer = make_trainer(
+        out_dir,
+        strategy=strategy,
+        devices=devices,
+        max_steps=max_steps,
+        use_distributed_sampler=False,
+        callbacks=[KFACCallback(**OPTIONS, **options), RankDump(out_dir, checkpoint)],
+    )
     trainer.fit(MLP(), rank_loader(dataset or make_dataset(N), batch), ckpt_path=ckpt_path)
     return [torch.load(p, weights_only=False) for p in sorted(out_dir.glob("rank*.pt"))]
 
@@ -90,8 +109,12 @@ def _fit(out_dir, strategy, devices, max_steps, ckpt_path=None, checkpoint=None,
 def _concatenated() -> TensorDataset:
     """Examples in the order [rank 0's batch 0, rank 1's batch 0, rank 0's batch 1, ...]."""
     x, y = make_dataset(N).tensors
-    order = [r + 2 * (BATCH * k + j) for k in range(N // (2 * BATCH))
-             for r in range(2) for j in range(BATCH)]
+    order = [
+        r + 2 * (BATCH * k + j)
+        for k in range(N // (2 * BATCH))
+        for r in range(2)
+        for j in range(BATCH)
+    ]
     return TensorDataset(x[order], y[order])
 
 
@@ -111,9 +134,14 @@ def _layers(dump):
     return {n: (s["A"], s["G"], s["decomposition"]) for n, s in dump["state"]["layers"].items()}
 
 
-@pytest.mark.parametrize("strategy,distribute", [
-    ("ddp_fork", "gradients"), ("ddp_fork", "decompositions"),
-    pytest.param("ddp_spawn", "gradients", marks=pytest.mark.slow)])  # spawn: ~6 s a fit
+@pytest.mark.parametrize(
+    "strategy,distribute",
+    [
+        ("ddp_fork", "gradients"),
+        ("ddp_fork", "decompositions"),
+        pytest.param("ddp_spawn", "gradients", marks=pytest.mark.slow),
+    ],
+)  # spawn: ~6 s a fit
 def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path, strategy, distribute):
     """10 steps, different data per rank: both ranks bit-identical; = 1 process x 8 within 1e-6."""
     ranks = _fit(tmp_path / "ddp", strategy, 2, STEPS, distribute=distribute)
@@ -122,8 +150,15 @@ def test_ddp_ranks_identical_and_equal_to_one_process(tmp_path, strategy, distri
         assert _equal(ranks[0][key], ranks[1][key]), key
     assert _equal(_layers(ranks[0]), _layers(ranks[1]))
     assert ranks[0]["state"]["steps"] == STEPS
-    (single,) = _fit(tmp_path / "single", "auto", 1, STEPS, batch=2 * BATCH,
-                     dataset=_concatenated(), distribute=distribute)
+    (single,) = _fit(
+        tmp_path / "single",
+        "auto",
+        1,
+        STEPS,
+        batch=2 * BATCH,
+        dataset=_concatenated(),
+        distribute=distribute,
+    )
     assert _max_diff(ranks[0]["factors"], single["factors"]) < 1e-6
     assert _max_diff(ranks[0]["params"], single["params"]) < 1e-6
     # every layer's decomposition is in the (gathered) state, and equals the single process's
@@ -148,8 +183,14 @@ def test_checkpoint_ddp_to_single_and_back(tmp_path):
     assert set(layers) == {"net.0", "net.2"} and set(layers) <= set(ranks[0]["names"])
     assert all(s["decomposition"] and "A" in s for s in layers.values())
     # DDP -> 1 process (max_steps reached: nothing trains, the restored state is what it holds)
-    (single,) = _fit(tmp_path / "single", "auto", 1, 6, ckpt_path=ddp_ckpt,
-                     checkpoint=str(tmp_path / "single.ckpt"))
+    (single,) = _fit(
+        tmp_path / "single",
+        "auto",
+        1,
+        6,
+        ckpt_path=ddp_ckpt,
+        checkpoint=str(tmp_path / "single.ckpt"),
+    )
     assert _equal(_layers(single), _layers(ranks[0]))
     assert _equal(single["params"], ranks[0]["params"]) and single["state"]["steps"] == 6
     # 1 process -> DDP: each rank restores the same factors and decompositions
@@ -177,13 +218,24 @@ def _free_port() -> int:
 def test_plain_ddp_strategy_from_a_script(tmp_path, nodes):
     """``strategy="ddp"``, 1 node x 2 devices (the launcher re-runs the script) or 2 "nodes" x 1
     device (``num_nodes=2``, two launches with NODE_RANK 0/1): ranks identical, = 1 process x 8."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     script = ROOT / "tests" / "ddp_scripts" / "lightning_ddp.py"
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(STEPS), str(nodes)],
-                              env=dict(env, NODE_RANK=str(node)), cwd=str(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node in range(nodes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(STEPS), str(nodes)],
+            env=dict(env, NODE_RANK=str(node)),
+            cwd=str(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in range(nodes)
+    ]
     for proc in procs:
         try:
             _, err = proc.communicate(timeout=300)
@@ -196,7 +248,8 @@ def test_plain_ddp_strategy_from_a_script(tmp_path, nodes):
     assert _equal(ranks[0]["params"], ranks[1]["params"])
     assert _equal(ranks[0]["factors"], ranks[1]["factors"])
     assert _equal(_layers(ranks[0]), _layers(ranks[1]))
-    (single,) = _fit(tmp_path / "single", "auto", 1, STEPS, batch=2 * BATCH,
-                     dataset=_concatenated())
+    (single,) = _fit(
+        tmp_path / "single", "auto", 1, STEPS, batch=2 * BATCH, dataset=_concatenated()
+    )
     assert _max_diff(ranks[0]["params"], single["params"]) < 1e-6
     assert _max_diff(ranks[0]["factors"], single["factors"]) < 1e-6

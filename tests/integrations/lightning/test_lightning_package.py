@@ -24,9 +24,15 @@ def _fit(package, boring_model_cls):
     torch.manual_seed(0)
     model = boring_model_cls()
     callback = KFACCallback(**OPTIONS)
-    trainer = package.Trainer(max_steps=10, callbacks=[callback], logger=False,
-                              enable_checkpointing=False, enable_progress_bar=False,
-                              enable_model_summary=False, limit_val_batches=0)
+    trainer = package.Trainer(
+        max_steps=10,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model)
     return [p.detach().clone() for p in model.parameters()], callback.factors()
 

@@ -30,8 +30,9 @@ class Classifier(pl.LightningModule):
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(),
-                                 nn.Linear(6, 3))
+        self.net = nn.Sequential(
+            nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -57,18 +58,22 @@ class Recorder(pl.Callback):
             self.steps.append({"params": params, "grads": grads})
             return
         kfac = next(cb for cb in trainer.callbacks if isinstance(cb, KFACCallback))
-        self.steps.append({"moved": params, "factors": kfac.factors(),
-                           "damping": kfac.preconditioner.damping,
-                           "stats": dict(kfac.preconditioner.last_stats),
-                           "grad_none": [n for n, p in pl_module.named_parameters()
-                                         if p.grad is None],
-                           "state": {n for n, p in pl_module.named_parameters()
-                                     if p in optimizer.state}})
+        self.steps.append(
+            {
+                "moved": params,
+                "factors": kfac.factors(),
+                "damping": kfac.preconditioner.damping,
+                "stats": dict(kfac.preconditioner.last_stats),
+                "grad_none": [n for n, p in pl_module.named_parameters() if p.grad is None],
+                "state": {n for n, p in pl_module.named_parameters() if p in optimizer.state},
+            }
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.when == "after":
-            self.steps[-1]["final"] = {n: p.detach().clone()
-                                       for n, p in pl_module.named_parameters()}
+            self.steps[-1]["final"] = {
+                n: p.detach().clone() for n, p in pl_module.named_parameters()
+            }
 
 
 def _loader():
@@ -79,17 +84,31 @@ def _loader():
 
 
 def _trainer(callbacks, **kwargs):
-    return pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                      callbacks=callbacks, **kwargs)
+    return pl.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def test_callback_moves_preconditioned_params_by_alpha_delta_plus_mu_delta0():
     torch.manual_seed(0)
     model = Classifier().double()
     before, after = Recorder("before"), Recorder("after")
-    kfac = KFACCallback(step_rule="quadratic", damping=LAMBDA, factor_update_steps=1,
-                        inv_update_steps=1, kl_clip=None, low_rank=False, skip_layers=["^net.4$"])
+    kfac = KFACCallback(
+        step_rule="quadratic",
+        damping=LAMBDA,
+        factor_update_steps=1,
+        inv_update_steps=1,
+        kl_clip=None,
+        low_rank=False,
+        skip_layers=["^net.4$"],
+    )
     _trainer([before, kfac, after]).fit(model, _loader())
     assert len(before.steps) == len(after.steps) == 3
     previous = {n: torch.zeros_like(before.steps[0]["params"][n]) for n in PRECONDITIONED}
@@ -99,13 +118,18 @@ def test_callback_moves_preconditioned_params_by_alpha_delta_plus_mu_delta0():
         assert alpha > 0 and (mu == 0.0) == (step == 0)
         for layer in ("net.0", "net.2"):
             A, G = a["factors"][layer]
-            g = D.weight_matrix(grads[f"{layer}.weight"] + WD * theta[f"{layer}.weight"],
-                                grads[f"{layer}.bias"] + WD * theta[f"{layer}.bias"])
+            g = D.weight_matrix(
+                grads[f"{layer}.weight"] + WD * theta[f"{layer}.weight"],
+                grads[f"{layer}.bias"] + WD * theta[f"{layer}.bias"],
+            )
             Delta = -D.eigen_precondition(A, G, g, a["damping"])
-            expected = alpha * Delta + mu * D.weight_matrix(previous[f"{layer}.weight"],
-                                                            previous[f"{layer}.bias"])
-            moved = D.weight_matrix(a["moved"][f"{layer}.weight"] - theta[f"{layer}.weight"],
-                                    a["moved"][f"{layer}.bias"] - theta[f"{layer}.bias"])
+            expected = alpha * Delta + mu * D.weight_matrix(
+                previous[f"{layer}.weight"], previous[f"{layer}.bias"]
+            )
+            moved = D.weight_matrix(
+                a["moved"][f"{layer}.weight"] - theta[f"{layer}.weight"],
+                a["moved"][f"{layer}.bias"] - theta[f"{layer}.bias"],
+            )
             assert D.rel_err(moved, expected) <= 1e-9
         for n in PRECONDITIONED:  # the optimizer left them alone
             previous[n] = a["moved"][n] - theta[n]
