@@ -15,7 +15,6 @@ has failed ``max_decomposition_failures`` times in a row.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping, MutableSet, Sequence
-from typing import Any, cast
 
 import torch
 
@@ -71,14 +70,8 @@ def update_decompositions(
     ``RuntimeError`` naming the layer after ``max_failures`` failures in a row."""
     retries = refresh.retries
     refresh.begin(step, len(due))
-    run: Callable[[Any], Any] = decompose_block  # the monitor is typed for any decomposition
-
-    def watched(block: KFACBlock) -> Decomposition:
-        result: object = refresh.run(block, run)
-        return cast(Decomposition, result)
-
     try:
-        results = distributed.decompose(due, watched)
+        results = distributed.decompose(due, lambda b: refresh.run(b, decompose_block))
     finally:
         refresh.end()
         counters["decomposition_retries"] += refresh.retries - retries
