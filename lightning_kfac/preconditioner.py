@@ -12,6 +12,12 @@ Usage in a plain PyTorch loop::
 At optimizer step t (0-based): factors are updated when ``t % factor_update_steps == 0``,
 decompositions recomputed when ``t % inv_update_steps == 0``, in that order, then the gradient is
 preconditioned with the decompositions in use and KL-clipped (docs/conventions.md, "Clocks").
+
+This class is the orchestrator (the clocks, the public API, the state); the steps themselves
+live in core/: factor_step.py (batch estimates -> all-reduce -> running averages),
+decomposition_step.py (refreshes and their damping), precondition_step.py (which layers, their
+gradients and P), kl_clip.py (the KL clip and the write-back). ``KFACOptimizer`` (the optimizer
+wrapper) lives in optimizer_wrapper.py and is re-exported here.
 """
 
 from __future__ import annotations
@@ -19,35 +25,50 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_kfac.config import KFACConfig
-from lightning_kfac.core import coverage, lowrank, stagger
+from lightning_kfac.core import (
+    coverage,
+    decomposition_step,
+    factor_step,
+    kl_clip,
+    precondition_step,
+    stagger,
+    state_checks,
+)
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.budget import apply_memory_budget
 from lightning_kfac.core.capture import Capture
 from lightning_kfac.core.damping import DampingControl, Loss, model_device
 from lightning_kfac.core.discovery import discover
+from lightning_kfac.core.distributed import Communicator, default_communicator
 from lightning_kfac.core.ekfac import EKFACScaling
+from lightning_kfac.core.kaisa import DistributedWork
 from lightning_kfac.core.mc import MCFisher
-from lightning_kfac.core.distributed import Communicator, all_reduce_factors_, default_communicator
-from lightning_kfac.core.kaisa import FACTOR_FLAGS, DistributedWork
-from lightning_kfac.core.linalg import all_finite
 from lightning_kfac.core.methods import Decomposition
 from lightning_kfac.core.optim_check import check_optimizer
 from lightning_kfac.core.refresh import RefreshMonitor
-from lightning_kfac.core import state_checks
 from lightning_kfac.core.state_checks import STATE_VERSION
 from lightning_kfac.core.transaction import StepParts, StepUndo, discard_captured
-from lightning_kfac.core.trainability import is_trainable, restart_if_reshaped
+from lightning_kfac.optimizer_wrapper import KFACOptimizer
 from lightning_kfac.step_rule import QuadraticStepRule
 from lightning_kfac.summary import format_summary
 
-_COUNTERS = ("factor_updates", "decompositions", "nonfinite_estimates", "nonfinite_gradients",
-             "decomposition_failures", "dropped_layers", "decomposition_retries")
+__all__ = ["KFACOptimizer", "KFACPreconditioner"]  # KFACOptimizer: optimizer_wrapper.py
+
+_COUNTERS = (
+    "factor_updates",
+    "decompositions",
+    "nonfinite_estimates",
+    "nonfinite_gradients",
+    "decomposition_failures",
+    "dropped_layers",
+    "decomposition_retries",
+)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -68,18 +89,28 @@ class KFACPreconditioner:
         **options: any ``KFACConfig`` option (``damping=1e-2``, ``compute_method="inverse"``...).
     """
 
-    def __init__(self, model: nn.Module, config: Any = None, *,
-                 optimizer: Optional[torch.optim.Optimizer] = None,
-                 communicator: Optional[Communicator] = None, **options: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Any = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        communicator: Communicator | None = None,
+        **options: Any,
+    ):
         self.config = KFACConfig.from_any(config, **options)
         check_optimizer(optimizer)  # closure-based (LBFGS) refused, before any hook is installed
         self.model = _unwrap(model)
         self.blocks, self.skipped = discover(self.model, self.config)
         demoted = apply_memory_budget(self.blocks, self.config.memory_budget_gib)  # or refuse
         if demoted:
-            warnings.warn(f"K-FAC: to fit memory_budget_gib={self.config.memory_budget_gib:g}, "
-                          f"these factor sides are kept diagonal: {demoted} (raise "
-                          "memory_budget_gib to keep them dense).", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"K-FAC: to fit memory_budget_gib={self.config.memory_budget_gib:g}, "
+                f"these factor sides are kept diagonal: {demoted} (raise "
+                "memory_budget_gib to keep them dense).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         for message in coverage.registration_messages(self.model, self.blocks, self.skipped):
             warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=2)
         self._first_interval = coverage.FirstIntervalCheck()  # never silently off (coverage.py)
@@ -87,36 +118,44 @@ class KFACPreconditioner:
         # assignment); it holds the communicator (``comm``).
         self.distributed = DistributedWork(
             communicator if communicator is not None else default_communicator(),
-            self.config.distribute, self.config.damping_mode == "relative", self.blocks)
+            self.config.distribute,
+            self.config.damping_mode == "relative",
+            self.blocks,
+        )
         self.refresh = RefreshMonitor()  # retries counted + logged, slow refreshes reported
-        self._offsets: Optional[Dict[str, int]] = None  # stagger_refresh (core/stagger.py)
+        self._offsets: dict[str, int] | None = None  # stagger_refresh (core/stagger.py)
         self.capture = Capture(self.blocks, mean_reduction=self.config.loss_reduction == "mean")
-        self.mc: Optional[MCFisher] = None  # fisher_type="mc" (core/mc.py)
+        self.mc: MCFisher | None = None  # fisher_type="mc" (core/mc.py)
         if self.config.fisher_type == "mc":
             self.mc = MCFisher(self.model, self.capture, self.config, rank=self.comm.rank)
-        self.ekfac: Optional[EKFACScaling] = None  # compute_method="ekfac" (core/ekfac.py)
+        self.ekfac: EKFACScaling | None = None  # compute_method="ekfac" (core/ekfac.py)
         if any(b.method.needs_pairs for b in self.blocks.values()):
             self.ekfac = EKFACScaling()  # its refresh_due set follows the clock (_set_capture)
             self.capture.pair_sink = self.ekfac.add_pair
         self.capture.install()
-        self._enable_low_rank()
+        # rank-R path (core/lowrank.py); not under DDP (the gradient is then the ranks' average)
+        precondition_step.enable_low_rank(
+            self.blocks.values(), self.config.low_rank and self.comm.world_size == 1
+        )
         self.optimizer = optimizer
         self.steps = 0
         # schedule / LM rule (core/damping.py)
         self.damping_control = DampingControl(self.config, self.comm)
-        self.counters: Dict[str, int] = {k: 0 for k in _COUNTERS}
-        self.last_stats: Dict[str, float] = {}
-        self._warned: Set[str] = set()
+        self.counters: dict[str, int] = {k: 0 for k in _COUNTERS}
+        self.last_stats: dict[str, float] = {}
+        self._warned: set[str] = set()
         self._undecomposed = set(self.blocks)  # no decomposition yet: next update makes one
         self.undoable = False  # keep each step's StepUndo until commit_step (core/transaction.py)
-        self._undo: Optional[StepUndo] = None
-        self._parts = StepParts(self.blocks, self.counters, self.damping_control, self.mc,
-                                self.ekfac)  # what a step changes, for StepUndo
+        self._undo: StepUndo | None = None
+        self._parts = StepParts(
+            self.blocks, self.counters, self.damping_control, self.mc, self.ekfac
+        )  # what a step changes, for StepUndo
         # step_rule="quadratic" (step_rule.py): alpha, mu from the exact quadratic model.
-        self.step_rule: Optional[QuadraticStepRule] = None
+        self.step_rule: QuadraticStepRule | None = None
         if self.config.step_rule == "quadratic":
-            self.step_rule = QuadraticStepRule(self.model, self.config, self.comm,
-                                               self.damping_control, self.counters)
+            self.step_rule = QuadraticStepRule(
+                self.model, self.config, self.comm, self.damping_control, self.counters
+            )
         self._set_capture()
 
     # -- public API ------------------------------------------------------------------------------
@@ -130,7 +169,7 @@ class KFACPreconditioner:
         self.distributed.comm = value
 
     @property
-    def layers(self) -> Dict[str, KFACBlock]:
+    def layers(self) -> dict[str, KFACBlock]:
         """Qualified module name -> block, for every preconditioned layer.
 
         The public name of the engine's block dictionary: ``pre.layers is pre.blocks`` (the same
@@ -160,7 +199,7 @@ class KFACPreconditioner:
         """True after an adaptation step's ``step()`` until ``update_damping`` is called."""
         return self.damping_control.pending is not None
 
-    def update_damping(self, loss_before: Loss, loss_after: Loss) -> Optional[float]:
+    def update_damping(self, loss_before: Loss, loss_after: Loss) -> float | None:
         """Levenberg-Marquardt damping update (``adaptive_damping=True``; M&G 2015, sec. 6.5).
 
         Call it after ``optimizer.step()`` on every step; it acts only after the adaptation steps
@@ -179,7 +218,7 @@ class KFACPreconditioner:
         self.steps = int(step)
         self._set_capture()
 
-    def mc_backward(self, output: Optional[Tensor] = None) -> None:
+    def mc_backward(self, output: Tensor | None = None) -> None:
         """``fisher_type="mc"``: G from labels sampled from the model's predictive distribution.
 
         Call it after the forward and BEFORE ``loss.backward()`` (the graph must be alive)::
@@ -193,12 +232,15 @@ class KFACPreconditioner:
         ``KFACCallback`` it is called automatically in ``on_before_backward``. See core/mc.py.
         """
         if self.mc is None:
-            raise ValueError(f"Invalid fisher_type={self.config.fisher_type.value!r} for "
-                             "mc_backward(): it needs fisher_type='mc'.")
+            raise ValueError(
+                f"Invalid fisher_type={self.config.fisher_type.value!r} for "
+                "mc_backward(): it needs fisher_type='mc'."
+            )
         self.mc.backward(output)
 
-    def step(self, optimizer: Optional[torch.optim.Optimizer] = None,
-             closure: Optional[Any] = None) -> None:
+    def step(
+        self, optimizer: torch.optim.Optimizer | None = None, closure: Any | None = None
+    ) -> None:
         """Update factors / decompositions on their clocks, then precondition the gradients.
 
         ``step_rule="quadratic"`` (step_rule.py) needs ``closure`` (re-computes the batch loss):
@@ -213,15 +255,16 @@ class KFACPreconditioner:
             return self._quadratic_step(optimizer, closure)
         self._atomic_step(optimizer)
 
-    def _quadratic_step(self, optimizer: Optional[torch.optim.Optimizer],
-                        closure: Optional[Any]) -> None:
+    def _quadratic_step(self, optimizer: torch.optim.Optimizer | None, closure: Any | None) -> None:
         """``step_rule="quadratic"`` (step_rule.py): the rule prepares, this engine preconditions,
         the rule chooses alpha and mu and moves the preconditioned parameters."""
         rule = self.step_rule
         assert rule is not None
         start = time.perf_counter()
         t = self.steps
-        pending = rule.prepare(optimizer, closure, self._blocks_of(optimizer))
+        pending = rule.prepare(
+            optimizer, closure, precondition_step.stepped_blocks(self.blocks.values(), optimizer)
+        )
         self._atomic_step(optimizer)
         stats = rule.finish(pending, t, self.blocks.values())
         if stats is None:
@@ -230,7 +273,7 @@ class KFACPreconditioner:
         self.last_stats["damping"] = self.damping_control.value
         self.last_stats["time_ms"] = 1e3 * (time.perf_counter() - start)  # the engine's and ours
 
-    def _atomic_step(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    def _atomic_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The step itself; an exception inside restores the state (core/transaction.py)."""
         start = time.perf_counter()
         optimizer = optimizer if optimizer is not None else self.optimizer
@@ -253,7 +296,7 @@ class KFACPreconditioner:
         """The optimizer step of the last ``step()`` happened: forget its undo information."""
         self._undo = None
 
-    def abort_step(self, step: Optional[int] = None) -> bool:
+    def abort_step(self, step: int | None = None) -> bool:
         """Forget the step in progress: what was captured for it, its MC draws and, when
         ``step()`` already ran at clock ``step`` with ``undoable=True``, everything it changed.
 
@@ -275,37 +318,53 @@ class KFACPreconditioner:
         self._undecomposed = undo.restore(keep_captured)
         self.set_step(undo.t)
 
-    def _step(self, optimizer: Optional[torch.optim.Optimizer], t: int, undo: StepUndo) -> None:
+    def _step(self, optimizer: torch.optim.Optimizer | None, t: int, undo: StepUndo) -> None:
         self.damping_control.at_step(t)
         if self.mc is not None:
-            self.mc.finish_step(any(b.kind.weight.grad is not None
-                                    for b in self.blocks.values()))
-        active = self._blocks_of(optimizer)
+            self.mc.finish_step(any(b.kind.weight.grad is not None for b in self.blocks.values()))
+        active = precondition_step.stepped_blocks(self.blocks.values(), optimizer)
         first = {b.name for b in active if b.A is None}  # rank-consistent (factors all-reduced)
         factors_due = [b for b in active if t % b.factor_update_steps == 0]
         undo.save_blocks(self.blocks.values(), factors_due)
         factors_start = time.perf_counter()
         self._update_factors(factors_due)
         decompose_start = time.perf_counter()
-        self._update_decompositions([b for b in active if b.A is not None and (
-            self._decomposition_due(b, t)  # first factors came late (unfrozen): decompose now
-            or (b.name in first and t >= self.config.warmup_steps))])
+        # also decomposed at once: a block whose first factors came late (it was frozen)
+        first_now = first if t >= self.config.warmup_steps else set()
+        self._update_decompositions(
+            [
+                b
+                for b in active
+                if b.A is not None and (self._decomposition_due(b, t) or b.name in first_now)
+            ]
+        )
         if self.ekfac is not None:
-            self._update_ekfac_scaling(t)
+            factor_step.update_ekfac_scaling(
+                self.ekfac,
+                self.blocks.values(),
+                t,
+                self.config.factor_decay,
+                self.comm,
+                self._nonfinite,
+            )
         precondition_start = time.perf_counter()
         if t >= self.config.warmup_steps:
             if self.damping_control.due(t):
                 self.damping_control.snapshot(self.blocks.values(), self.model, optimizer, t)
             self._precondition(optimizer)
         else:
-            self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
+            self.last_stats = dict(kl_clip.NO_CLIP)
         for block in active:
             block.clear_rows()
-        late = self._first_interval.late(t, [b for b in active if b.name in self.blocks],
-                                         self.config.warmup_steps)
+        late = self._first_interval.late(
+            t, [b for b in active if b.name in self.blocks], self.config.warmup_steps
+        )
         if late:
-            warnings.warn(coverage.late_message(self.model, late, t),
-                          coverage.KFACCoverageWarning, stacklevel=2)
+            warnings.warn(
+                coverage.late_message(self.model, late, t),
+                coverage.KFACCoverageWarning,
+                stacklevel=2,
+            )
         self.steps = t + 1
         self._set_capture()
         end = time.perf_counter()
@@ -315,7 +374,7 @@ class KFACPreconditioner:
         self.last_stats["time_decompose_ms"] = 1e3 * (precondition_start - decompose_start)
         self.last_stats["time_precondition_ms"] = 1e3 * (end - precondition_start)
 
-    def factors(self) -> Dict[str, Tuple[Tensor, Tensor]]:
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Name -> ``(A, G)``: detached copies of the running factors of every updated layer."""
         # A diagonal side (nn.Embedding's A, a wide side) is returned as the matrix diag(F):
         # dense up to 4096 rows, a sparse COO matrix above (core/factors.py, DENSE_VIEW_LIMIT).
@@ -327,7 +386,7 @@ class KFACPreconditioner:
         if self.mc is not None:
             self.mc.remove()
 
-    def wrap(self, optimizer: torch.optim.Optimizer) -> "KFACOptimizer":
+    def wrap(self, optimizer: torch.optim.Optimizer) -> KFACOptimizer:
         """An optimizer-like object whose ``step()`` preconditions, then steps ``optimizer``."""
         check_optimizer(optimizer)
         self.optimizer = optimizer
@@ -337,7 +396,7 @@ class KFACPreconditioner:
         """Registration summary: covered modules, skipped modules and why, parameter share."""
         return format_summary(self.model, self.blocks, self.skipped)
 
-    def coverage(self) -> Dict[str, float]:
+    def coverage(self) -> dict[str, float]:
         """``{"covered", "trainable", "share"}``: trainable parameters of the preconditioned
         layers (frozen-for-now ones excluded), all trainable parameters, and their ratio."""
         return coverage.coverage(self.model, self.blocks)
@@ -347,9 +406,9 @@ class KFACPreconditioner:
         return sum(b.memory_bytes() for b in self.blocks.values())
 
     # -- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything a bit-identical resume needs; tensors and Python primitives only."""
-        state = {
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
             "steps": self.steps,
             "counters": dict(self.counters),
@@ -359,10 +418,12 @@ class KFACPreconditioner:
             **({"mc": self.mc.state_dict()} if self.mc is not None else {}),
             **({"step_rule": self.step_rule.state_dict()} if self.step_rule is not None else {}),
         }
-        self.distributed.complete_state(state["layers"])  # distribute="gradients": collective gather
+        self.distributed.complete_state(
+            state["layers"]
+        )  # distribute="gradients": collective gather
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict``; every saved layer must exist here (no silent partial load).
 
         Checked before anything changes (core/state_checks.py): the state's version, and every
@@ -379,7 +440,8 @@ class KFACPreconditioner:
             raise ValueError(
                 f"K-FAC state has layers {missing} that this model does not precondition "
                 f"(preconditioned here: {sorted(self.blocks)}). Was the checkpoint made with "
-                "another model or other skip_layers?")
+                "another model or other skip_layers?"
+            )
         for name, block_state in layers.items():
             state_checks.check_layer(name, self.blocks[name], block_state)
         stale = state_checks.stale_decompositions(self.blocks, self.config, state)
@@ -388,8 +450,9 @@ class KFACPreconditioner:
             self.damping_control.load_state_dict(state["damping"])
         self.counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
         for name, block_state in layers.items():
-            self.blocks[name].load_state_dict(state_checks.cast_layer(self.blocks[name],
-                                                                      block_state))
+            self.blocks[name].load_state_dict(
+                state_checks.cast_layer(self.blocks[name], block_state)
+            )
         self._undecomposed = {name for name, b in self.blocks.items() if not b.decomposition}
         if self.mc is not None and "mc" in state:
             self.mc.load_state_dict(state["mc"])
@@ -401,13 +464,15 @@ class KFACPreconditioner:
         if stale:
             self._recompute_stale(stale)
 
-    def _recompute_stale(self, stale: Dict[str, str]) -> None:
+    def _recompute_stale(self, stale: dict[str, str]) -> None:
         """Decompose again, from the restored factors, the layers whose options changed."""
         warnings.warn(
             "K-FAC: options changed since the state was saved ("
             + "; ".join(f"{name}: {why}" for name, why in sorted(stale.items()))
             + "); these decompositions are recomputed from the restored factors.",
-            UserWarning, stacklevel=3)
+            UserWarning,
+            stacklevel=3,
+        )
         blocks = [self.blocks[name] for name in self.blocks if name in stale]
         for block in blocks:
             block.decomposition = None
@@ -417,41 +482,6 @@ class KFACPreconditioner:
         self._track_refreshes()
 
     # -- internals -------------------------------------------------------------------------------
-    def _enable_low_rank(self) -> None:
-        """Keep per-step rows of Linear layers where the rank-R path can pay (core/lowrank.py).
-
-        Not under DDP: there the gradient is the average over ranks, not the local rows' product.
-        """
-        if not self.config.low_rank or self.comm.world_size > 1:
-            return
-        for block in self.blocks.values():
-            if block.kind.name == "Linear" and block.method.low_rank \
-                    and block.a_structure.has_basis and block.g_structure.has_basis:
-                block.row_limit = lowrank.max_rows(block.kind.a_dim(), block.kind.g_dim())
-
-    def _low_rank_rows(self, block: KFACBlock, grad: Tensor):
-        """``(Am, Gm)`` when this step's rows reproduce ``grad`` exactly, else None."""
-        if not block.a_rows:
-            return None
-        pair = lowrank.stack_rows(block.a_rows, block.g_rows, grad.dtype)
-        if pair is None or not lowrank.gradient_matches(grad, *pair):
-            return None
-        self.counters["low_rank_steps"] = self.counters.get("low_rank_steps", 0) + 1
-        return pair
-
-    def _blocks_of(self, optimizer: Optional[torch.optim.Optimizer]) -> List[KFACBlock]:
-        """The trainable blocks whose weight ``optimizer`` steps (all trainable ones when there is
-        none). Frozen-for-now layers and layers that left the optimizer are not touched.
-
-        With several optimizers (manual optimization) each ``step(opt)`` touches only its own
-        layers, so layers of an optimizer that has not run yet are neither updated nor dropped.
-        """
-        trainable = [b for b in self.blocks.values() if is_trainable(b)]
-        if optimizer is None:
-            return trainable
-        params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [b for b in trainable if id(b.kind.weight) in params]
-
     def _set_capture(self) -> None:
         for block in self.blocks.values():
             block.capturing = self.steps % block.factor_update_steps == 0
@@ -461,15 +491,8 @@ class KFACPreconditioner:
         """EKFAC: tell the scaling which blocks refresh their eigenbasis at the current clock."""
         if self.ekfac is not None:
             self.ekfac.refresh_due = frozenset(
-                b.name for b in self.blocks.values() if self._decomposition_due(b, self.steps))
-
-    def _update_ekfac_scaling(self, t: int) -> None:
-        """EKFAC: running average of the eigenbasis scaling on factor-update steps."""
-        due = [b for b in self.blocks.values() if t % b.factor_update_steps == 0]
-        for name in self.ekfac.update(due, self.config.factor_decay, self.comm):
-            self._nonfinite("nonfinite_estimates", f"nonfinite-ekfac:{name}",
-                            f"K-FAC: non-finite EKFAC scaling estimate for layer {name!r} at step "
-                            f"{t}; this scaling update is skipped (previous scaling kept).")
+                b.name for b in self.blocks.values() if self._decomposition_due(b, self.steps)
+            )
 
     def _nonfinite(self, counter: str, key: str, message: str) -> None:
         """Count a non-finite event; raise (``nonfinite="raise"``) or warn once per layer."""
@@ -483,78 +506,39 @@ class KFACPreconditioner:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _update_factors(self, due: List[KFACBlock]) -> None:
-        """Batch estimates -> all-reduce (one flattened call) -> running averages."""
-        if not due:
-            return
-        estimates: List[Tensor] = []
-        flags = torch.zeros(FACTOR_FLAGS * len(due), dtype=torch.float64)  # seen, bad, ever seen
-        for i, block in enumerate(due):
-            f = FACTOR_FLAGS * i
-            a_hat, g_hat = block.batch_estimates()
-            seen = block.has_estimates()
-            finite = seen and all_finite(a_hat, g_hat)
-            if seen and not finite:
-                a_hat, g_hat = torch.zeros_like(a_hat), torch.zeros_like(g_hat)
-            flags[f], flags[f + 1] = float(seen), float(seen and not finite)
-            flags[f + 2] = float(block.seen)  # a training forward ever ran (even w/o backward)
-            estimates += [a_hat, g_hat]
-            block.reset_accumulators()
-        all_reduce_factors_(self.comm, flags, estimates)  # upper triangles + flags, one call
-        dropped = []
-        for i, block in enumerate(due):
-            f = FACTOR_FLAGS * i
-            seen, bad = int(flags[f]), int(flags[f + 1])  # ranks with estimates / non-finite
-            a_hat, g_hat = estimates[2 * i], estimates[2 * i + 1]
-            if seen == 0:
-                if block.A is None and int(flags[f + 2]) == 0:
-                    dropped.append(block.name)
-                continue
-            if bad > 0:
-                self._nonfinite("nonfinite_estimates", f"nonfinite-est:{block.name}",
-                                f"K-FAC: non-finite factor estimate for layer {block.name!r} at "
-                                f"step {self.steps}; this factor update is skipped (running "
-                                "factors kept).")
-                continue
-            if seen > 1:  # mean over the ranks that ran the layer this step
-                a_hat.div_(seen)
-                g_hat.div_(seen)
-            restart_if_reshaped(block, a_hat, g_hat)  # a bias changed trainability
-            block.update_factors(a_hat, g_hat, self.config.factor_decay,
-                                 str(self.config.factor_init))
-            self.counters["factor_updates"] += 1
+    def _update_factors(self, due: list[KFACBlock]) -> None:
+        """The factor step (core/factor_step.py); layers that never ran anywhere are dropped."""
+        dropped = factor_step.update_factors(
+            due,
+            self.comm,
+            self.config.factor_decay,
+            str(self.config.factor_init),
+            self.steps,
+            self.counters,
+            self._nonfinite,
+        )
         if dropped:
             self._drop(dropped)
 
-    def _drop(self, names: List[str]) -> None:
+    def _drop(self, names: list[str]) -> None:
         """Forget layers whose hooks never fired in a training forward (e.g. MHA's out_proj)."""
         self.capture.remove(names)
         message = coverage.dropped_message(self.model, [self.blocks[n] for n in names])
         for name in names:
             block = self.blocks.pop(name)
             self._undecomposed.discard(name)
-            self.skipped.append(_skipped_unseen(block))
+            self.skipped.append(factor_step.skipped_unseen(block))
         self.counters["dropped_layers"] += len(names)
         warnings.warn(message, coverage.KFACCoverageWarning, stacklevel=3)
 
     def _decompose(self, block: KFACBlock) -> Decomposition:
-        method = block.method
-        damping = self.damping_control.layer_damping(block) \
-            if method.damping_in_decomposition else 0.0
-        dec = method.decompose(block.A, block.G, block.a_structure, block.g_structure, damping)
-        if self.config.damping_mode == "relative":
-            scale = block.a_structure.mean_eigenvalue(block.A) \
-                * block.g_structure.mean_eigenvalue(block.G)
-            dec.damping_scale = torch.tensor(scale, dtype=torch.float64)
-        return dec
+        """One layer's decomposition (core/decomposition_step.py)."""
+        relative = self.config.damping_mode == "relative"
+        return decomposition_step.decompose(block, self.damping_control, relative)
 
     def _effective_damping(self, block: KFACBlock) -> float:
         """The absolute damping the block's decomposition in use is applied with."""
-        damping = block.damping * self.damping_control.multiplier
-        dec = block.decomposition
-        scale_t = None if dec is None else dec.damping_scale
-        scale = 0.0 if scale_t is None else float(scale_t)  # one device sync per layer and step
-        return damping * scale if scale > 0 else damping
+        return decomposition_step.effective_damping(block, self.damping_control.multiplier)
 
     def _decomposition_due(self, block: KFACBlock, t: int) -> bool:
         """On the block's clock, and once at the end of warm-up (t == warmup_steps > 0), so the
@@ -568,164 +552,48 @@ class KFACPreconditioner:
         if self.config.stagger_refresh:
             if self._offsets is None:
                 self._offsets = stagger.refresh_offsets(
-                    self.blocks.values(), self.config.factor_update_steps,
-                    self.config.inv_update_steps)
+                    self.blocks.values(),
+                    self.config.factor_update_steps,
+                    self.config.inv_update_steps,
+                )
             if stagger.due(self._offsets.get(block.name, 0), block.inv_update_steps, t):
                 return True
         elif t % block.inv_update_steps == 0:
             return True
-        return (block.name in self._undecomposed and block.failures == 0
-                and t % block.factor_update_steps == 0)
+        return (
+            block.name in self._undecomposed
+            and block.failures == 0
+            and t % block.factor_update_steps == 0
+        )
 
-    def _update_decompositions(self, due: List[KFACBlock]) -> None:
-        # core/kaisa.py: owner ranks decompose and share; a failure anywhere fails everywhere.
-        # core/refresh.py: float64 retries are counted and logged, a slow refresh reports progress.
-        retries = self.refresh.retries
-        self.refresh.begin(self.steps, len(due))
-        try:
-            results = self.distributed.decompose(due, lambda b: self.refresh.run(b, self._decompose))
-        finally:
-            self.refresh.end()
-            self.counters["decomposition_retries"] += self.refresh.retries - retries
-        for block, err in results:
-            if err is None:
-                block.failures = 0
-                self.counters["decompositions"] += 1
-                self._undecomposed.discard(block.name)
-            else:
-                block.failures += 1
-                self.counters["decomposition_failures"] += 1
-                if block.failures >= self.config.max_decomposition_failures:
-                    raise RuntimeError(
-                        f"K-FAC: the decomposition of layer {block.name!r} failed "
-                        f"{block.failures} times in a row ({err}). Try a larger damping "
-                        f"(now {block.damping:g}, e.g. {block.damping * 10:g}) or skip the "
-                        "layer with skip_layers.") from err
-                self._warn_once(f"decomp:{block.name}",
-                                f"K-FAC: decomposition of layer {block.name!r} failed ({err}); "
-                                "keeping the previous one.")
+    def _update_decompositions(self, due: list[KFACBlock]) -> None:
+        """A decomposition refresh of ``due`` (core/decomposition_step.py)."""
+        decomposition_step.update_decompositions(
+            due,
+            self.distributed,
+            self.refresh,
+            self._decompose,
+            self.steps,
+            self.counters,
+            self._undecomposed,
+            self.config.max_decomposition_failures,
+            self._warn_once,
+        )
 
     def _precondition_block(self, block: KFACBlock, grad: Tensor) -> Tensor:
         dec, method = block.decomposition, block.method
         assert dec is not None  # _precondition skips blocks without a decomposition
-        rows = self._low_rank_rows(block, grad)
+        rows = precondition_step.low_rank_rows(block, grad, self.counters)
         damping = 0.0 if method.damping_in_decomposition else self._effective_damping(block)
         return method.precondition(grad, dec, damping, block.a_structure, block.g_structure, rows)
 
-    def _precondition(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        lr_of: Optional[Dict[int, float]] = None
-        if optimizer is not None:
-            lr_of = {id(p): float(group.get("lr", 1.0))
-                     for group in optimizer.param_groups for p in group["params"]}
-        work = []
-        for block in self.blocks.values():
-            weight = block.kind.weight
-            if not block.decomposition or not is_trainable(block) \
-                    or (lr_of is not None and id(weight) not in lr_of):
-                continue
-            raw = block.kind.grad_matrix()
-            if raw is None:
-                continue
-            grad = raw.to(block.dtype)
-            work.append((block, grad, self._precondition_block(block, grad),
-                         1.0 if lr_of is None else lr_of[id(weight)]))
+    def _precondition(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Precondition, exchange (distribute="gradients"), KL-clip and write back the gradients."""
+        lr_of = precondition_step.learning_rates(optimizer)
+        work = precondition_step.gradient_work(
+            self.blocks.values(), lr_of, self._precondition_block
+        )
         work = self.distributed.exchange_gradients(work, lr_of)  # distribute="gradients": owners' P
-        if not work:
-            self.last_stats = {"kl_clip_factor": 1.0, "grad_norm_ratio": 1.0}
-            return
-        # One host sync for every layer's (<P, grad>, |grad|^2, |P|^2) (a sync per float() would
-        # stall a GPU once per layer and statistic). P is finite iff |P|^2 is, except when the
-        # squares overflow: only then is P scanned entry by entry (a separate isfinite pass cost
-        # as much as the three sums together).
-        sums = torch.stack([torch.stack([(p * g).sum().double(), _dot(g, g), _dot(p, p)])
-                            for _, g, p, _ in work]).tolist()
-        finite = [math.isfinite(row[2]) or bool(torch.isfinite(p).all())
-                  for (_, _, p, _), row in zip(work, sums)]
-        vg_sum, raw_sq, pre_sq = 0.0, 0.0, 0.0
-        for (_, grad, pre, lr), ok, (vg, _, _) in zip(work, finite, sums):
-            if ok:
-                if not math.isfinite(vg):  # P * grad overflowed float32: a NaN here disabled the clip
-                    vg = float((pre.double() * grad.double()).sum())
-                vg_sum += vg * lr * lr
-        nu = 1.0
-        if self.config.kl_clip is not None and vg_sum != 0.0:
-            nu = min(1.0, math.sqrt(self.config.kl_clip / abs(vg_sum)))
-        for (block, grad, pre, lr), ok, (_, g_sq, p_sq) in zip(work, finite, sums):
-            if not ok:
-                self._nonfinite("nonfinite_gradients", f"nonfinite-grad:{block.name}",
-                                f"K-FAC: non-finite preconditioned gradient for layer "
-                                f"{block.name!r} at step {self.steps}; the raw gradient is used "
-                                "for this step.")
-                continue
-            if nu != 1.0:
-                pre = pre * nu
-            raw_sq += g_sq
-            pre_sq += p_sq * nu * nu
-            block.kind.set_grad(pre.to(block.kind.weight.grad.dtype))
-        ratio = math.sqrt(pre_sq / raw_sq) if raw_sq > 0 else 1.0
-        self.last_stats = {"kl_clip_factor": nu, "grad_norm_ratio": ratio}
-
-
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """``<x, y>`` in float64 (one pass, no temporary; for the norm statistics only)."""
-    return torch.dot(x.reshape(-1), y.reshape(-1)).double()
-
-
-def _skipped_unseen(block: KFACBlock):
-    from lightning_kfac.core.discovery import Skipped
-
-    module = block.kind.module
-    n = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-    return Skipped(block.name, type(module).__name__, "never ran in a training forward", n)
-
-
-class KFACOptimizer:
-    """Optimizer wrapper for plain PyTorch: ``step()`` preconditions, then steps the inner one.
-
-    Example:
-        >>> opt = KFACPreconditioner(model).wrap(torch.optim.SGD(model.parameters(), lr=0.1))
-        >>> loss.backward(); opt.step(); opt.zero_grad()
-    """
-
-    def __init__(self, preconditioner: KFACPreconditioner, optimizer: torch.optim.Optimizer):
-        self.preconditioner = preconditioner
-        self.optimizer = optimizer
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def step(self, closure=None):
-        """Precondition, then step the inner optimizer; if that raises, the K-FAC step is undone
-        (core/transaction.py), so running the batch again does not count its factors twice."""
-        if closure is not None:
-            raise ValueError("Invalid closure: KFACOptimizer needs the gradients before step(); "
-                             "call loss.backward() first and step() without a closure.")
-        pre = self.preconditioner
-        kept, pre.undoable = pre.undoable, True
-        try:
-            pre.step(self.optimizer)
-            try:
-                result = self.optimizer.step()
-            except BaseException:
-                pre.abort_step(pre.steps - 1)
-                raise
-            pre.commit_step()
-        finally:
-            pre.undoable = kept
-        return result
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
-                "kfac": self.preconditioner.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.preconditioner.load_state_dict(state["kfac"])
+        self.last_stats = kl_clip.clip_and_apply(
+            work, self.config.kl_clip, self.steps, self._nonfinite
+        )  # sets the gradients
