@@ -12,10 +12,17 @@ from lightning_kfac.core import lowrank
 def _run(low_rank, method, loss_extra=None, steps=3, batch=6, dtype=torch.float64, shared=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 50)).to(dtype)
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=2, kl_clip=None,
-                             compute_method=method, low_rank=low_rank, damping=1e-2)
+    pre = KFACPreconditioner(
+        model,
+        factor_update_steps=1,
+        inv_update_steps=2,
+        kl_clip=None,
+        compute_method=method,
+        low_rank=low_rank,
+        damping=1e-2,
+    )
     grads = []
-    for step in range(steps):
+    for _step in range(steps):
         x = torch.randn(batch, 40, dtype=dtype)
         model.zero_grad()
         h = model[0](x)
