@@ -91,6 +91,12 @@ def test_cast_without_subnormals_copies_and_keeps_every_other_entry() -> None:
     assert torch.equal(
         linalg.cast_without_subnormals(x, torch.float64).nan_to_num(), x.double().nan_to_num()
     )
+    assert bool(torch.signbit(linalg.without_subnormals(x)[3, 4]))  # a -0 stays -0
+    clean = torch.randn(4, 3).t()  # no subnormals: the tensor itself, strides and all
+    assert linalg.without_subnormals(clean) is clean
+    assert linalg.cast_without_subnormals(clean, torch.float32) is clean
+    elsewhere = torch.empty(3, device="meta")  # not a CPU tensor: as is, no host sync
+    assert linalg.without_subnormals(elsewhere) is elsewhere
     index = torch.tensor([1, 2])  # integer rows pass through
     assert linalg.without_subnormals(index) is index
 
