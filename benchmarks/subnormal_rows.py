@@ -15,12 +15,15 @@ other products of a step that see such rows (factor accumulation ``Gm^T Gm``, EK
 ``Gm Q_G``), raw and flushed.
 
 ``long``: the MLP 784-1000-500-250-10 (ReLU), batch 128, one fixed batch, SGD lr 1e-3 momentum
-0.9, default clocks, low-rank path on, trained ``--steps`` steps. Per method, three copies train
-in lock-step (same seed): ``raw`` (the flush disabled: what the engine did before),
-``flush`` (the engine as is) and ``ftz`` (the flush disabled, ``torch.set_flush_denormal(True)``
-around that copy's whole step: the hardware flush, a user-side option, the floor any fix can
-reach). Printed: engine CPU ms per step (``pre.step`` only), percentiles over all steps and over
-the steps after the batch is fit, and the share of subnormal entries in the kept rows at the end.
+0.9, default clocks, low-rank path on, trained ``--steps`` steps. Per method, four copies train
+in lock-step (same seed): ``raw`` (every flush disabled), ``rank-R`` (only the rank-R rows
+flushed, ``lowrank.stack_rows``: the engine before the full-path and accumulation flushes),
+``flush`` (the engine as is: also the full-path gradient copy and the rows before factor
+accumulation, ``linalg.cast_without_subnormals``) and ``ftz`` (every flush disabled,
+``torch.set_flush_denormal(True)`` around that copy's whole step: the hardware flush, a
+user-side option, the floor any fix can reach). Printed: engine CPU ms per step (``pre.step``
+only), percentiles over all steps and over the steps after the batch is fit, and the share of
+subnormal entries in the kept rows at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac import KFACPreconditioner
-from lightning_kfac.core import lowrank
+from lightning_kfac.core import linalg, lowrank
 
 
 def subnormal_share(rows: Tensor) -> float:
@@ -160,12 +163,16 @@ def _no_flush(rows: Tensor) -> Tensor:
     return rows
 
 
+def _cast_only(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype)
+
+
 def long_run(steps: int, methods: list[str], fit_after: int) -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 784, generator=gen), torch.randint(0, 10, (128,), generator=gen)
-    flush = lowrank.flush_subnormals
-    variants = ["raw", "flush", "ftz"]
+    flush, cast = lowrank.flush_subnormals, linalg.cast_without_subnormals
+    variants = ["raw", "rank-R", "flush", "ftz"]
     print(
         f"MLP 784-1000-500-250-10, batch 128 (one fixed batch), {steps} steps, 1 thread, "
         f"thread CPU ms per step; engine = pre.step only; 'fit' = steps {fit_after}..{steps - 1}"
@@ -181,7 +188,8 @@ def long_run(steps: int, methods: list[str], fit_after: int) -> None:
         try:
             for _ in range(steps):
                 for v, copy in copies.items():
-                    lowrank.flush_subnormals = flush if v == "flush" else _no_flush
+                    lowrank.flush_subnormals = flush if v in ("rank-R", "flush") else _no_flush
+                    linalg.cast_without_subnormals = cast if v == "flush" else _cast_only
                     ftz = v == "ftz" and torch.set_flush_denormal(True)
                     try:
                         copy.step(x, y)
@@ -189,7 +197,7 @@ def long_run(steps: int, methods: list[str], fit_after: int) -> None:
                         if ftz:
                             torch.set_flush_denormal(False)
         finally:
-            lowrank.flush_subnormals = flush
+            lowrank.flush_subnormals, linalg.cast_without_subnormals = flush, cast
         for v, c in copies.items():
             print(
                 f"| {method} | {v} | {_percentiles(c.engine)} | "

@@ -31,6 +31,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lightning_kfac.core.linalg import flush_subnormals
+
 # Use the low-rank path only when it saves at least this factor of the full path's flops.
 MIN_SAVING = 1.5
 
@@ -50,20 +52,10 @@ def stack_rows(
         return None
     if any(a.shape[0] != g.shape[0] for a, g in zip(a_rows, g_rows)):
         return None
-    return (
+    return (  # the concatenations are copies made here: flushed in place (core/linalg.py)
         flush_subnormals(torch.cat(a_rows).to(dtype)),
         flush_subnormals(torch.cat(g_rows).to(dtype)),
     )
-
-
-def flush_subnormals(rows: Tensor) -> Tensor:
-    """``rows`` with every entry of magnitude below the smallest normal number set to 0, in place.
-
-    Only for a tensor the caller owns (``stack_rows``' concatenation). One O(size) pass.
-    """
-    if rows.is_floating_point():
-        rows.masked_fill_(rows.abs() < torch.finfo(rows.dtype).tiny, 0.0)
-    return rows
 
 
 def max_rows(d_a: int, d_g: int) -> int:
