@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 import torch
 from torch import Tensor
 
-from lightning_kfac.core import linalg, lowrank
+from lightning_kfac.core import lowrank
 from lightning_kfac.core.blocks import KFACBlock
 from lightning_kfac.core.kaisa import WorkItem
 from lightning_kfac.core.methods.base import Rows
@@ -44,16 +44,7 @@ def gradient_work(
     precondition: Callable[[KFACBlock, Tensor], Tensor],
 ) -> list[WorkItem]:
     """``(block, grad, precondition(block, grad), lr)`` for every layer this step preconditions
-    (in ``blocks`` order).
-
-    ``grad`` is a copy of ``grad W~`` in the block's dtype with subnormal entries set to 0
-    (``linalg.cast_without_subnormals``): once a batch is fit, a fifth of a weight gradient can
-    underflow and ``G_inv grad A_inv`` / ``Q_G^T grad Q_A`` on it run several times slower on
-    x86. Each flushed entry was below ``tiny``, so an entry of ``P = M grad N`` (``M``, ``N``: the
-    damped inverses, or the bases with the damped eigenvalues) moves by less than
-    ``tiny sum_kl |M_ik| |N_lj|``: under 1e-25 for any damping above 1e-6, far below the float32
-    rounding of a gradient that has not itself underflowed.
-    """
+    (in ``blocks`` order)."""
     work: list[WorkItem] = []
     for block in blocks:
         weight = block.kind.weight
@@ -66,7 +57,7 @@ def gradient_work(
         raw = block.kind.grad_matrix()
         if raw is None:
             continue
-        grad = linalg.cast_without_subnormals(raw, block.dtype)  # a copy: .grad untouched
+        grad = raw.to(block.dtype)
         work.append(
             (block, grad, precondition(block, grad), 1.0 if lr_of is None else lr_of[id(weight)])
         )
