@@ -79,7 +79,6 @@ class KFACBlock:
         self.kind = kind
         self.dtype = dtype
         self.damping = damping
-        self.compute_method = compute_method
         self.method = method_for(compute_method)  # core/methods: chosen once, here
         self.factor_update_steps = factor_update_steps
         self.inv_update_steps = inv_update_steps
@@ -111,6 +110,11 @@ class KFACBlock:
         self.decomposition: Decomposition | None = None  # the one in use (None: none yet)
         self.seen = False  # the forward hook fired at least once in a training forward
         self.reset_accumulators()
+
+    @property
+    def compute_method(self) -> str:
+        """The registered name of the layer's compute method (for summaries and messages)."""
+        return self.method.name
 
     def clear_rows(self) -> None:
         """Drop the rows kept for the low-rank path (core/lowrank.py)."""

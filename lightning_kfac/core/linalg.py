@@ -103,17 +103,13 @@ def all_finite(*tensors: Tensor) -> bool:
     return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
 
 
-def _finite(*tensors: Tensor) -> bool:
-    return all_finite(*tensors)
-
-
 def _retry(
     fn: Callable[[Tensor], dict[str, Tensor]], matrix: Tensor, what: str
 ) -> dict[str, Tensor]:
     """Run ``fn(matrix)``; on failure retry in float64 with jitter; cast back to matrix.dtype."""
     try:
         out = fn(matrix)
-        if _finite(*out.values()):
+        if all_finite(*out.values()):
             return out
         reason = "non-finite output"
     except RuntimeError as err:
@@ -136,7 +132,7 @@ def _retry(
         out = fn(m64)
     except RuntimeError as err:
         raise DecompositionError(f"{what} failed in float64 with jitter: {err}") from err
-    if not _finite(*out.values()):
+    if not all_finite(*out.values()):
         raise DecompositionError(f"{what} returned non-finite values in float64 with jitter")
     return {k: v.to(matrix.dtype) for k, v in out.items()}
 
